@@ -1,0 +1,27 @@
+"""siss: data unlearning for diffusion models with Subtracted Importance Sampled Scores.
+
+The core (this package's top level) depends on torch only; ``siss.adapters`` brings diffusers in.
+"""
+
+from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss, siss_terms
+from siss.sampler import mixture_sample
+from siss.schedule import NoiseSchedule
+from siss.targets import PREDICTION_TYPES, prediction_target
+from siss.weights import DEFAULT_MAX_WEIGHT, importance_weights, log_density_ratio
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_WEIGHT",
+    "PREDICTION_TYPES",
+    "LossTerms",
+    "NoiseSchedule",
+    "SISSDraw",
+    "SISSLoss",
+    "UnlearningLoss",
+    "importance_weights",
+    "log_density_ratio",
+    "mixture_sample",
+    "prediction_target",
+    "siss_terms",
+]

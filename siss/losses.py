@@ -1,0 +1,338 @@
+"""Unlearning losses: the shared protocol and the SISS loss (Eqs. 8 and 15).
+
+Every loss is used the same way inside an ordinary training loop::
+
+    draw = loss_fn.sample(x0, a0, generator=generator)   # noisy batch + bookkeeping
+    model_output = model(draw.noisy, draw.timesteps)      # ONE forward pass
+    loss = loss_fn(model_output, draw)                    # scalar
+    loss.backward()
+
+``loss_fn.terms(model_output, draw)`` returns the keep and forget terms separately, with
+``loss = keep - superfactor * forget``, for gradient-norm balancing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from siss import _random
+from siss._checks import (
+    append_dims,
+    check_choice,
+    check_model_output,
+    check_nonnegative,
+    check_pair,
+    check_probability,
+    check_set_sizes,
+    work_dtype,
+)
+from siss.sampler import mixture_sample
+from siss.schedule import NoiseSchedule, TimestepSpec
+from siss.targets import PREDICTION_TYPES, PredictionType, prediction_target
+from siss.weights import DEFAULT_MAX_WEIGHT, importance_weights
+
+Reduction = Literal["mean", "sum", "none"]
+XFrom = Literal["retain", "all"]
+
+
+class LossTerms(NamedTuple):
+    """A loss and its two parts, with ``loss = keep - superfactor * forget``.
+
+    ``keep`` estimates the naive-deletion loss ``L_{X\\A}`` (Eq. 2) and ``forget`` estimates
+    ``k/(n-k) L_A`` (the NegGrad loss of Eq. 3 up to the constant of Eq. 4). Scalars for
+    ``reduction="mean"``/``"sum"``, ``(B,)`` for ``"none"``.
+    """
+
+    loss: Tensor
+    keep: Tensor
+    forget: Tensor
+
+
+@dataclass(frozen=True)
+class SISSDraw:
+    """One batch drawn from the defensive mixture, ready for a single model call.
+
+    Attributes:
+        noisy: model input ``m_t``, shape ``(B, ...)``, dtype of ``x0``.
+        timesteps: the model's timestep input, shape ``(B,)`` (scheduler convention: integer for
+            DDPM-style schedules, float for flow matching).
+        indices: grid index into the schedule, shape ``(B,)``, int64.
+        gamma, sigma: schedule values per row, shape ``(B,)``, float32.
+        x0, a0: the clean keep and forget points, shape ``(B, ...)``.
+        noise: ``eps`` with ``noisy = gamma * source + sigma * eps``, shape ``(B, ...)``.
+        from_forget: which rows took their source from ``a0``, shape ``(B,)``, bool.
+        weight_x, weight_a: importance weights of Eq. 8, shape ``(B,)``, float32, detached.
+    """
+
+    noisy: Tensor
+    timesteps: Tensor
+    indices: Tensor
+    gamma: Tensor
+    sigma: Tensor
+    x0: Tensor
+    a0: Tensor
+    noise: Tensor
+    from_forget: Tensor
+    weight_x: Tensor
+    weight_a: Tensor
+
+
+def siss_terms(
+    error_x: Tensor,
+    error_a: Tensor,
+    weight_x: Tensor,
+    weight_a: Tensor,
+    forget_ratio: float,
+    x_from: XFrom,
+) -> tuple[Tensor, Tensor]:
+    """Per-row keep and forget terms of the SISS loss; ``loss = keep - s * forget``.
+
+    With ``l_x``, ``l_a`` the squared errors against the targets of ``x`` and ``a`` and
+    ``ρ = k/(n-k)`` (``forget_ratio``):
+
+    * ``x_from="all"`` (Eq. 8, ``x ~ p_X``):
+      ``keep = n/(n-k) w_x l_x - ρ w_a l_a`` with ``n/(n-k) = 1 + ρ``, ``forget = ρ w_a l_a``,
+      so ``keep - s forget = n/(n-k) w_x l_x - (1+s) ρ w_a l_a``.
+    * ``x_from="retain"`` (Eq. 15, ``x ~ p_{X\\A}``): ``keep = w_x l_x``, ``forget = ρ w_a l_a``.
+
+    In both, ``E[keep] = L_{X\\A}`` (Eq. 7, Lemma 1) and ``E[forget] = ρ L_A``.
+
+    Args:
+        error_x, error_a: squared errors, shape ``(B,)``.
+        weight_x, weight_a: importance weights, shape ``(B,)``.
+        forget_ratio: ``ρ = k/(n-k)``.
+        x_from: where ``x`` is drawn from, ``"all"`` or ``"retain"``.
+    """
+    forget = forget_ratio * weight_a * error_a
+    keep = weight_x * error_x
+    if x_from == "all":
+        keep = (1 + forget_ratio) * keep - forget
+    return keep, forget
+
+
+class UnlearningLoss(nn.Module):
+    """Protocol shared by every unlearning loss of the library.
+
+    Subclasses implement ``sample(x0, a0, timesteps=None, generator=None)`` returning a draw with at
+    least ``.noisy`` and ``.timesteps``, and ``terms(model_output, draw)`` returning ``LossTerms``.
+
+    Args:
+        alphas_cumprod: the DDPM schedule ``ᾱ_t``, shape ``(T,)``, or a ``NoiseSchedule`` (e.g.
+            ``NoiseSchedule.from_flow_sigmas`` for flow matching).
+        superfactor: ``s >= 0`` in ``loss = keep - s * forget``.
+        prediction_type: what the model predicts; see ``siss.targets``.
+        reduction: ``"mean"`` (default, the diffusers convention), ``"sum"`` over the batch, or
+            ``"none"`` for per-row losses ``(B,)``.
+    """
+
+    def __init__(
+        self,
+        alphas_cumprod: Tensor | NoiseSchedule,
+        *,
+        superfactor: float = 0.0,
+        prediction_type: PredictionType = "epsilon",
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        if isinstance(alphas_cumprod, NoiseSchedule):
+            self.schedule = alphas_cumprod
+        else:
+            self.schedule = NoiseSchedule.from_alphas_cumprod(alphas_cumprod)
+        self.superfactor = check_nonnegative(superfactor, "superfactor")
+        self.prediction_type = check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+        self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
+
+    def forward(self, model_output: Tensor, draw: object) -> Tensor:
+        """The scalar loss (``(B,)`` with ``reduction="none"``) for ``model_output`` on ``draw``."""
+        return self.terms(model_output, draw).loss
+
+    def terms(self, model_output: Tensor, draw: object) -> LossTerms:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={len(self.schedule)}, superfactor={self.superfactor}, "
+            f"prediction_type={self.prediction_type!r}, reduction={self.reduction!r}"
+        )
+
+    def _schedule_rows(
+        self, x0: Tensor, timesteps: TimestepSpec, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Grid indices, ``gamma``, ``sigma`` (float32) and model timesteps, ``(B,)`` each."""
+        if self.schedule.gamma.device != x0.device:
+            raise ValueError(
+                f"the loss's schedule is on {self.schedule.gamma.device} but the batch is on "
+                f"{x0.device}: move the loss with `.to(device)`"
+            )
+        indices = self.schedule.sample_indices(x0.shape[0], timesteps, generator=generator)
+        return (
+            indices,
+            self.schedule.gamma[indices],
+            self.schedule.sigma[indices],
+            self.schedule.timesteps[indices],
+        )
+
+    def _squared_error(
+        self, prediction: Tensor, clean: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor
+    ) -> Tensor:
+        """Per-row MSE ``(B,)`` against the target for ``clean``; mean over non-batch dims."""
+        target = prediction_target(self.prediction_type, clean, noise, gamma, sigma)
+        return (prediction - target).square().flatten(1).mean(1)
+
+    def _combine(self, keep: Tensor, forget: Tensor) -> LossTerms:
+        loss = keep - self.superfactor * forget
+        if self.reduction == "none":
+            return LossTerms(loss, keep, forget)
+        reduce = torch.mean if self.reduction == "mean" else torch.sum
+        return LossTerms(reduce(loss), reduce(keep), reduce(forget))
+
+
+class SISSLoss(UnlearningLoss):
+    """Subtracted Importance Sampled Scores (paper, Eqs. 5, 8 and 15): one forward pass per step.
+
+    Each row pairs a keep point ``x`` with a forget point ``a``, draws ``m_t`` from the defensive
+    mixture ``(1-λ) q(·|x) + λ q(·|a)`` (Eq. 6) and scores the single model output against both
+    targets, importance-weighted so that the expectation of the loss and of its gradient equals the
+    naive-deletion loss on ``X \\ A`` minus ``s k/(n-k)`` times the NegGrad loss on ``A``
+    (Lemma 1; Eq. 12).
+
+    Args:
+        alphas_cumprod: ``ᾱ_t``, shape ``(T,)`` (e.g. ``DDPMScheduler.alphas_cumprod``), or a
+            ``NoiseSchedule``.
+        lam: mixture weight ``λ`` in ``[0, 1]``. ``0.5`` is the paper's choice; ``0`` behaves like
+            naive deletion and ``1`` like NegGrad (§4).
+        superfactor: ``s >= 0``, the extra weight on the NegGrad term (Eq. 8).
+        n: ``|X|``, the size of the whole training set.
+        k: ``|A|``, the number of points to forget. With ``n`` and ``k`` unset, ``k/(n-k)`` is
+            taken as 1 (and ``n/(n-k)`` as 2): the forget term's constant is then folded into
+            ``superfactor``, which is how the paper tunes it (§5).
+        x_from: ``"retain"`` (default) when the loader of ``x0`` yields ``X \\ A`` only (Eq. 15,
+            ``loss = w_x l_x - s k/(n-k) w_a l_a``), ``"all"`` when it yields all of ``X``
+            (Eq. 8, ``loss = n/(n-k) w_x l_x - (1+s) k/(n-k) w_a l_a``).
+        prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or
+            ``"flow_prediction"``; each term regresses on its own clean point's target.
+        max_weight: cap on the weight that is unbounded at ``λ = 0`` or ``λ = 1``
+            (see ``siss.importance_weights``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
+
+    Example:
+        >>> betas = torch.linspace(1e-4, 0.02, 1000)
+        >>> loss_fn = SISSLoss(torch.cumprod(1 - betas, 0), lam=0.5, superfactor=0.1)
+        >>> x0, a0 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+        >>> draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(0))
+        >>> model_output = torch.zeros_like(draw.noisy, requires_grad=True)  # your model here
+        >>> loss_fn(model_output, draw).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        alphas_cumprod: Tensor | NoiseSchedule,
+        lam: float = 0.5,
+        superfactor: float = 0.0,
+        n: int | None = None,
+        k: int | None = None,
+        x_from: XFrom = "retain",
+        *,
+        prediction_type: PredictionType = "epsilon",
+        max_weight: float = DEFAULT_MAX_WEIGHT,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__(
+            alphas_cumprod,
+            superfactor=superfactor,
+            prediction_type=prediction_type,
+            reduction=reduction,
+        )
+        self.lam = check_probability(lam, "lam")
+        self.n, self.k = check_set_sizes(n, k)
+        self.forget_ratio = 1.0 if n is None else k / (n - k)
+        self.x_from = check_choice(x_from, "x_from", ("retain", "all"))
+        if not (isinstance(max_weight, (int, float)) and 1 <= max_weight < float("inf")):
+            raise ValueError(f"`max_weight` must be a finite number >= 1, got {max_weight!r}")
+        self.max_weight = float(max_weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"lam={self.lam}, n={self.n}, k={self.k}, x_from={self.x_from!r}, "
+            f"max_weight={self.max_weight}, " + super().extra_repr()
+        )
+
+    def sample(
+        self,
+        x0: Tensor,
+        a0: Tensor,
+        timesteps: TimestepSpec = None,
+        generator: torch.Generator | None = None,
+    ) -> SISSDraw:
+        """Draw timesteps, mixture coins and noise for one batch.
+
+        Args:
+            x0: clean keep points, shape ``(B, ...)``: from ``X \\ A`` for ``x_from="retain"``,
+                from ``X`` for ``"all"``.
+            a0: clean forget points, shape of ``x0``, or ``(1, ...)`` to pair every row with the
+                same point (the usual case of forgetting one image).
+            timesteps: ``None`` (uniform over the schedule), an ``int`` (fixed), a ``(low, high)``
+                window (inclusive), or an integer tensor ``(B,)`` of grid indices.
+            generator: source of all randomness of the draw.
+        """
+        if isinstance(a0, Tensor) and isinstance(x0, Tensor) and a0.shape[:1] == (1,):
+            a0 = a0.expand_as(x0) if a0.shape[1:] == x0.shape[1:] else a0
+        check_pair(x0, a0)
+        indices, gamma, sigma, model_timesteps = self._schedule_rows(x0, timesteps, generator)
+        noise = _random.randn(
+            tuple(x0.shape), generator=generator, device=x0.device, dtype=x0.dtype
+        )
+        noisy, from_forget = mixture_sample(x0, a0, gamma, sigma, self.lam, generator, noise=noise)
+        weight_x, weight_a = importance_weights(
+            noisy, x0, a0, gamma, sigma, self.lam, max_weight=self.max_weight
+        )
+        return SISSDraw(
+            noisy=noisy,
+            timesteps=model_timesteps,
+            indices=indices,
+            gamma=gamma,
+            sigma=sigma,
+            x0=x0,
+            a0=a0,
+            noise=noise,
+            from_forget=from_forget,
+            weight_x=weight_x,
+            weight_a=weight_a,
+        )
+
+    def terms(self, model_output: Tensor, draw: SISSDraw) -> LossTerms:
+        """Keep and forget terms (``LossTerms``) of Eq. 8 / Eq. 15 for one model output.
+
+        Args:
+            model_output: the model's prediction on ``draw.noisy``, shape of ``draw.noisy``; any
+                float dtype (fp16/bf16 under autocast), reduced in float32.
+            draw: the result of ``sample``.
+        """
+        if not isinstance(draw, SISSDraw):
+            raise TypeError(f"`draw` must come from SISSLoss.sample, got {type(draw).__name__}")
+        check_model_output(model_output, draw.noisy.shape, draw.noisy.device)
+        dtype = work_dtype(draw.x0, model_output)
+        prediction = model_output.to(dtype)
+        x0, a0, noise = (t.to(dtype) for t in (draw.x0, draw.a0, draw.noise))
+        # The noise each clean point implies, (m - gamma c) / sigma, written so that the source's
+        # own term is exactly `noise` and the other adds gamma/sigma times the gap: no cancellation.
+        shift = append_dims(draw.gamma.to(dtype) / draw.sigma.to(dtype), x0.ndim) * (a0 - x0)
+        forget_rows = append_dims(draw.from_forget.to(dtype), x0.ndim)
+        noise_x = torch.addcmul(noise, forget_rows, shift)
+        noise_a = torch.addcmul(noise, 1 - forget_rows, shift, value=-1)
+        error_x = self._squared_error(prediction, x0, noise_x, draw.gamma, draw.sigma)
+        error_a = self._squared_error(prediction, a0, noise_a, draw.gamma, draw.sigma)
+        keep, forget = siss_terms(
+            error_x,
+            error_a,
+            draw.weight_x.to(dtype),
+            draw.weight_a.to(dtype),
+            self.forget_ratio,
+            self.x_from,
+        )
+        return self._combine(keep, forget)

@@ -1,0 +1,319 @@
+"""SISSLoss: Eqs. 8 and 15 transcribed, Lemma 1 by Monte Carlo, dtypes, protocol and errors.
+
+Lemma 1 is checked on an elementwise linear denoiser ``eps_θ(m) = w ⊙ m + b``, whose expected
+squared error under the forward process is closed form:
+
+    E_eps mean_i (eps_i - w_i (g c_i + s eps_i) - b_i)^2
+        = mean_i (1 - w_i s)^2 + (w_i g c_i + b_i)^2
+
+so ``L_{X\\A} - s k/(n-k) L_A`` and its gradient are known exactly (autograd of the closed form, in
+float64). The Monte Carlo mean over M independent batches is compared with a z-test against its
+standard error.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from siss import NoiseSchedule, SISSLoss, importance_weights
+
+Z_LOSS = 4.5  # one z-test on the loss: false-alarm probability 7e-6
+BATCHES, ROWS = 200, 128
+
+
+def linear_schedule(num_steps, beta_start, beta_end):
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def exact_loss(w, b, points, gamma, sigma):
+    """Mean over points and over the uniform timestep of the closed-form expected error."""
+    g, s = gamma[:, None, None], sigma[:, None, None]  # (T, 1, 1)
+    c = points.flatten(1)[None]  # (1, P, D)
+    per = (1 - w * s) ** 2 + (w * g * c + b) ** 2  # (T, P, D)
+    return per.mean()
+
+
+def gradient_z_bound(coordinates):
+    """Bonferroni: the family of `coordinates` two-sided z-tests has false-alarm prob. <= 1e-5."""
+    return torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - 1e-5 / (2 * coordinates))).item()
+
+
+@st.composite
+def problems(draw):
+    keep_count = draw(st.integers(1, 6))
+    k = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    num_steps = draw(st.integers(2, 60))
+    beta_start = draw(st.floats(1e-4, 0.05))
+    beta_end = draw(st.floats(beta_start, 0.4))
+    return {
+        "n": keep_count + k,
+        "k": k,
+        "shape": shape,
+        "alphas_cumprod": linear_schedule(num_steps, beta_start, beta_end),
+        "lam": draw(st.floats(0.1, 0.9)),
+        "superfactor": draw(st.floats(0.0, 2.0)),
+        "x_from": draw(st.sampled_from(["retain", "all"])),
+        # small gaps exercise unsaturated weights, large ones saturated
+        "gap": draw(st.sampled_from([0.05, 0.5, 2.0])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def make_data(problem):
+    g = torch.Generator().manual_seed(problem["seed"])
+    shape = problem["shape"]
+    keep = (
+        torch.rand((problem["n"] - problem["k"], *shape), generator=g, dtype=torch.float64) * 2 - 1
+    )
+    forget = keep[torch.randint(len(keep), (problem["k"],), generator=g)]
+    forget = forget + problem["gap"] * torch.randn(forget.shape, generator=g, dtype=torch.float64)
+    dims = math.prod(shape)
+    w = (1 + 0.3 * torch.randn(dims, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.2 * torch.randn(dims, generator=g, dtype=torch.float64)).requires_grad_()
+    return keep, forget, w, b, g
+
+
+def monte_carlo(loss_fn, problem, keep, forget, w, b, g, corrupt=None):
+    """Per-batch losses (M,) and gradients (M, 2D) of the SISS estimator.
+
+    The M batches are drawn at once; each batch gets its own copy of (w, b) so that one backward
+    pass yields every batch's gradient.
+    """
+    pool = torch.cat([keep, forget]) if problem["x_from"] == "all" else keep
+    x0 = pool[torch.randint(len(pool), (BATCHES * ROWS,), generator=g)]
+    a0 = forget[torch.randint(len(forget), (BATCHES * ROWS,), generator=g)]
+    draw = loss_fn.sample(x0, a0, generator=g)
+    if corrupt is not None:
+        draw = corrupt(draw)
+    w_copies = w.detach().repeat(BATCHES, 1).requires_grad_()
+    b_copies = b.detach().repeat(BATCHES, 1).requires_grad_()
+    noisy = draw.noisy.flatten(1).view(BATCHES, ROWS, -1)
+    model_output = w_copies[:, None] * noisy + b_copies[:, None]
+    loss_fn.reduction = "none"
+    rows = loss_fn(model_output.view_as(draw.noisy), draw)
+    losses = rows.view(BATCHES, ROWS).mean(1)
+    gw, gb = torch.autograd.grad(losses.sum(), (w_copies, b_copies))
+    return losses.detach(), torch.cat([gw, gb], dim=1)
+
+
+def expected(problem, keep, forget, w, b):
+    schedule = NoiseSchedule.from_alphas_cumprod(problem["alphas_cumprod"])
+    gamma, sigma = schedule.gamma.double(), schedule.sigma.double()
+    ratio = problem["k"] / (problem["n"] - problem["k"])
+    loss = exact_loss(w, b, keep, gamma, sigma) - problem["superfactor"] * ratio * exact_loss(
+        w, b, forget, gamma, sigma
+    )
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    return loss.detach(), torch.cat([gw, gb])
+
+
+def z_scores(samples, truth):
+    mean = samples.mean(0)
+    standard_error = samples.std(0) / math.sqrt(samples.shape[0])
+    return (mean - truth) / standard_error.clamp_min(1e-300)
+
+
+def build(problem):
+    return SISSLoss(
+        problem["alphas_cumprod"],
+        lam=problem["lam"],
+        superfactor=problem["superfactor"],
+        n=problem["n"],
+        k=problem["k"],
+        x_from=problem["x_from"],
+    )
+
+
+@settings(max_examples=100)
+@given(problems())
+def test_lemma1_loss_and_gradient_are_unbiased(problem):
+    """E[SISS] = L_{X\\A} - s k/(n-k) L_A and the same for the gradient (Lemma 1, Eqs. 8 and 15)."""
+    keep, forget, w, b, g = make_data(problem)
+    losses, grads = monte_carlo(build(problem), problem, keep, forget, w, b, g)
+    true_loss, true_grad = expected(problem, keep, forget, w, b)
+    assert abs(z_scores(losses, true_loss).item()) <= Z_LOSS
+    assert z_scores(grads, true_grad).abs().max().item() <= gradient_z_bound(grads.shape[1])
+
+
+FIXED_PROBLEM = {
+    "n": 5,
+    "k": 2,
+    "shape": (2, 3),
+    "alphas_cumprod": linear_schedule(20, 1e-3, 0.2),
+    "lam": 0.5,
+    "superfactor": 0.5,
+    "x_from": "all",
+    "gap": 0.5,
+    "seed": 11,
+}
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    [
+        pytest.param(
+            lambda d: d.__class__(**{**d.__dict__, "weight_x": torch.ones_like(d.weight_x)}),
+            id="no-importance-weight-on-keep",
+        ),
+        pytest.param(
+            lambda d: d.__class__(**{**d.__dict__, "weight_a": d.weight_a * 1.1}),
+            id="forget-weight-10%-off",
+        ),
+    ],
+)
+def test_lemma1_check_rejects_a_biased_estimator(corruption):
+    """The z-test has power: a slightly wrong estimator on the same problem fails it."""
+    problem = FIXED_PROBLEM
+    keep, forget, w, b, g = make_data(problem)
+    losses, grads = monte_carlo(build(problem), problem, keep, forget, w, b, g, corrupt=corruption)
+    true_loss, true_grad = expected(problem, keep, forget, w, b)
+    loss_z = abs(z_scores(losses, true_loss).item())
+    grad_z = z_scores(grads, true_grad).abs().max().item()
+    assert loss_z > Z_LOSS or grad_z > gradient_z_bound(grads.shape[1])
+
+
+def test_unset_sizes_take_ratio_one(alphas_cumprod):
+    with_sizes = SISSLoss(alphas_cumprod, superfactor=0.3, n=2, k=1)
+    without = SISSLoss(alphas_cumprod, superfactor=0.3)
+    assert without.forget_ratio == with_sizes.forget_ratio == 1.0
+    x0, a0 = torch.randn(8, 4), torch.randn(8, 4)
+    draw = without.sample(x0, a0, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(8, 4)
+    torch.testing.assert_close(without(out, draw), with_sizes(out, draw))
+
+
+def transcription(model_output, draw, lam, superfactor, n, k, x_from):
+    """Eq. 8 / Eq. 15 written out in float64 from the Gaussian densities themselves."""
+    m, x, a, out = (t.double().flatten(1) for t in (draw.noisy, draw.x0, draw.a0, model_output))
+    g, s = draw.gamma.double()[:, None], draw.sigma.double()[:, None]
+    log_qx = -((m - g * x) ** 2).sum(1) / (2 * s[:, 0] ** 2)
+    log_qa = -((m - g * a) ** 2).sum(1) / (2 * s[:, 0] ** 2)
+    log_mix = torch.logaddexp(math.log1p(-lam) + log_qx, math.log(lam) + log_qa)
+    w_x, w_a = (log_qx - log_mix).exp(), (log_qa - log_mix).exp()
+    l_x = (((m - g * x) / s - out) ** 2).mean(1)
+    l_a = (((m - g * a) / s - out) ** 2).mean(1)
+    if x_from == "all":
+        rows = n / (n - k) * w_x * l_x - (1 + superfactor) * k / (n - k) * w_a * l_a
+    else:
+        rows = w_x * l_x - superfactor * k / (n - k) * w_a * l_a
+    return rows.mean()
+
+
+@pytest.mark.parametrize("x_from", ["retain", "all"])
+@pytest.mark.parametrize("t", [None, 999, (0, 50)])
+def test_forward_equals_the_equation(alphas_cumprod, x_from, t):
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(16, 2, 4, 4, generator=g, dtype=torch.float64)
+    a0 = x0 + 0.1 * torch.randn(16, 2, 4, 4, generator=g, dtype=torch.float64)
+    loss_fn = SISSLoss(alphas_cumprod, lam=0.3, superfactor=0.7, n=10, k=3, x_from=x_from)
+    draw = loss_fn.sample(x0, a0, timesteps=t, generator=g)
+    out = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    expected_loss = transcription(out, draw, 0.3, 0.7, 10, 3, x_from)
+    torch.testing.assert_close(loss_fn(out, draw), expected_loss, rtol=1e-9, atol=1e-12)
+
+
+def test_terms_recombine_and_reductions(alphas_cumprod):
+    loss_fn = SISSLoss(alphas_cumprod, superfactor=0.4, n=9, k=3, x_from="all", reduction="none")
+    x0, a0 = torch.randn(6, 5), torch.randn(6, 5)
+    draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(1))
+    out = torch.randn(6, 5)
+    terms = loss_fn.terms(out, draw)
+    assert terms.loss.shape == terms.keep.shape == terms.forget.shape == (6,)
+    torch.testing.assert_close(terms.loss, terms.keep - 0.4 * terms.forget)
+    loss_fn.reduction = "sum"
+    torch.testing.assert_close(loss_fn(out, draw), terms.loss.sum())
+    loss_fn.reduction = "mean"
+    torch.testing.assert_close(loss_fn(out, draw), terms.loss.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_output_is_reduced_in_float32(alphas_cumprod, dtype):
+    loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
+    x0, a0 = torch.randn(4, 3, 8, 8).to(dtype), torch.randn(4, 3, 8, 8).to(dtype)
+    draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(2))
+    out = torch.randn(4, 3, 8, 8).to(dtype).requires_grad_()
+    loss = loss_fn(out, draw)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert out.grad.dtype == dtype and torch.isfinite(out.grad).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_lambda_extremes_give_finite_gradients(alphas_cumprod, lam):
+    loss_fn = SISSLoss(alphas_cumprod, lam=lam, superfactor=1.0)
+    x0, a0 = torch.randn(64, 3, 16, 16), torch.randn(64, 3, 16, 16)
+    out = torch.zeros(64, 3, 16, 16, requires_grad=True)
+    for t in (0, 500, 999):
+        draw = loss_fn.sample(x0, a0, timesteps=t, generator=torch.Generator().manual_seed(t))
+        loss_fn(out, draw).backward()
+    assert torch.isfinite(out.grad).all()
+
+
+def test_one_forget_point_broadcasts(alphas_cumprod):
+    loss_fn = SISSLoss(alphas_cumprod)
+    x0, a0 = torch.randn(5, 2, 3), torch.randn(1, 2, 3)
+    draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(0))
+    assert draw.a0.shape == x0.shape and torch.equal(draw.a0[3], a0[0])
+
+
+def test_draw_is_reproducible_and_consistent(alphas_cumprod):
+    loss_fn = SISSLoss(alphas_cumprod, lam=0.5)
+    x0, a0 = torch.randn(32, 4), torch.randn(32, 4)
+    first = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(5))
+    second = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first.noisy, second.noisy) and torch.equal(first.timesteps, second.timesteps)
+    w_x, w_a = importance_weights(first.noisy, x0, a0, first.gamma, first.sigma, 0.5)
+    assert torch.equal(first.weight_x, w_x) and torch.equal(first.weight_a, w_a)
+    assert torch.equal(first.timesteps, first.indices)
+
+
+def test_loss_moves_with_to(alphas_cumprod):
+    loss_fn = SISSLoss(alphas_cumprod).to(torch.device("cpu"))
+    assert {name for name, _ in loss_fn.named_buffers()} == {
+        "schedule.gamma",
+        "schedule.sigma",
+        "schedule.timesteps",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lam": 1.01}, "`lam`"),
+        ({"superfactor": -1.0}, "`superfactor`"),
+        ({"superfactor": float("nan")}, "`superfactor`"),
+        ({"n": 5, "k": 5}, "`k`"),
+        ({"n": 5}, "both `n`"),
+        ({"n": 5, "k": 0}, "`k` must be a positive int"),
+        ({"x_from": "forget"}, "`x_from`"),
+        ({"prediction_type": "score"}, "`prediction_type`"),
+        ({"reduction": "max"}, "`reduction`"),
+        ({"max_weight": 0.0}, "`max_weight`"),
+    ],
+)
+def test_bad_configuration_raises(alphas_cumprod, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SISSLoss(alphas_cumprod, **kwargs)
+
+
+def test_bad_batches_raise(alphas_cumprod):
+    loss_fn = SISSLoss(alphas_cumprod)
+    x0 = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="`a0` must have the shape"):
+        loss_fn.sample(x0, torch.randn(4, 5))
+    with pytest.raises(TypeError, match="`a0` must have the dtype"):
+        loss_fn.sample(x0, torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        loss_fn.sample(x0, x0, timesteps=1000)
+    draw = loss_fn.sample(x0, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="`model_output` must have the shape"):
+        loss_fn(torch.randn(4, 2), draw)
+    with pytest.raises(TypeError, match="`model_output` must be a floating"):
+        loss_fn(torch.zeros(4, 3, dtype=torch.long), draw)
+    with pytest.raises(TypeError, match=r"`draw` must come from SISSLoss\.sample"):
+        loss_fn(torch.randn(4, 3), {"noisy": x0})
