@@ -1,9 +1,19 @@
 """siss: data unlearning for diffusion models with Subtracted Importance Sampled Scores.
 
-The core (this package's top level) depends on torch only; ``siss.adapters`` brings diffusers in.
+The core (this package's top level) depends on torch only; ``siss.adapters`` brings diffusers in
+and ``siss.metrics`` holds the evaluation metrics.
 """
 
+from siss.balancer import BalanceStats, NormBalancer
+from siss.baselines import (
+    DenoisingDraw,
+    EraseDiffLoss,
+    NaiveDeletionLoss,
+    NegGradLoss,
+    SISSNoISLoss,
+)
 from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss, siss_terms
+from siss.registry import METHODS, make_loss
 from siss.sampler import mixture_sample
 from siss.schedule import NoiseSchedule
 from siss.targets import PREDICTION_TYPES, prediction_target
@@ -13,14 +23,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_WEIGHT",
+    "METHODS",
     "PREDICTION_TYPES",
+    "BalanceStats",
+    "DenoisingDraw",
+    "EraseDiffLoss",
     "LossTerms",
+    "NaiveDeletionLoss",
+    "NegGradLoss",
     "NoiseSchedule",
+    "NormBalancer",
     "SISSDraw",
     "SISSLoss",
+    "SISSNoISLoss",
     "UnlearningLoss",
     "importance_weights",
     "log_density_ratio",
+    "make_loss",
     "mixture_sample",
     "prediction_target",
     "siss_terms",

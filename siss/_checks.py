@@ -71,6 +71,18 @@ def check_floating(tensor: object, name: str) -> Tensor:
     return tensor
 
 
+def broadcast_forget(x0: Tensor, a0: Tensor) -> Tensor:
+    """``a0`` of batch 1 paired with every row of ``x0`` (forgetting one image); else ``a0``."""
+    if (
+        isinstance(a0, Tensor)
+        and isinstance(x0, Tensor)
+        and a0.shape[:1] == (1,)
+        and a0.shape[1:] == x0.shape[1:]
+    ):
+        return a0.expand_as(x0)
+    return a0
+
+
 def check_pair(x0: Tensor, a0: Tensor) -> None:
     """``x0`` (keep rows) and ``a0`` (forget rows): same shape, dtype and device."""
     check_floating(x0, "x0")

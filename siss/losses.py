@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from siss import _random
 from siss._checks import (
     append_dims,
+    broadcast_forget,
     check_choice,
     check_model_output,
     check_nonnegative,
@@ -280,8 +281,7 @@ class SISSLoss(UnlearningLoss):
                 window (inclusive), or an integer tensor ``(B,)`` of grid indices.
             generator: source of all randomness of the draw.
         """
-        if isinstance(a0, Tensor) and isinstance(x0, Tensor) and a0.shape[:1] == (1,):
-            a0 = a0.expand_as(x0) if a0.shape[1:] == x0.shape[1:] else a0
+        a0 = broadcast_forget(x0, a0)
         check_pair(x0, a0)
         indices, gamma, sigma, model_timesteps = self._schedule_rows(x0, timesteps, generator)
         noise = _random.randn(

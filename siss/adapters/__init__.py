@@ -1,0 +1,40 @@
+"""Diffusers adapters: losses from schedulers, one-call model adapters, latents, LoRA.
+
+The only part of ``siss`` that imports diffusers (``pip install siss[diffusers]``)::
+
+    loss_fn = loss_from_scheduler(SISSLoss, pipe.scheduler, lam=0.5, superfactor=0.1)
+    adapter = adapter_for(pipe.unet)
+    adapter.loss(latents_x, latents_a, loss_fn, encoder_hidden_states=embeds).loss.backward()
+"""
+
+from siss.adapters.latents import encode_latents
+from siss.adapters.models import (
+    DiTAdapter,
+    ModelAdapter,
+    SD3TransformerAdapter,
+    UNet2DAdapter,
+    UNet2DConditionAdapter,
+    adapter_for,
+    trainable_parameters,
+)
+from siss.adapters.schedulers import (
+    SUPPORTED_SCHEDULERS,
+    loss_from_scheduler,
+    prediction_type_from_scheduler,
+    schedule_from_scheduler,
+)
+
+__all__ = [
+    "SUPPORTED_SCHEDULERS",
+    "DiTAdapter",
+    "ModelAdapter",
+    "SD3TransformerAdapter",
+    "UNet2DAdapter",
+    "UNet2DConditionAdapter",
+    "adapter_for",
+    "encode_latents",
+    "loss_from_scheduler",
+    "prediction_type_from_scheduler",
+    "schedule_from_scheduler",
+    "trainable_parameters",
+]

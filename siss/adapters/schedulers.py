@@ -1,0 +1,213 @@
+"""Read the forward process and the prediction type from a diffusers scheduler.
+
+A diffusers scheduler carries two things a training loss needs: the *training* noise schedule
+(``num_train_timesteps`` points, fixed at construction) and what the model predicts
+(``config.prediction_type``). Both are read here without touching the scheduler's state: nothing
+is called that could move its tensors or step counters, and ``set_timesteps`` (which replaces
+``timesteps``/``sigmas`` by an inference grid) has no effect on what is read.
+
+* DDPM-style schedulers (``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler``,
+  ``EulerDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ...) share the variance-preserving
+  process ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) eps`` with ``ᾱ = cumprod(1 - betas)`` and integer
+  timesteps ``0 .. T-1``. Euler-type schedulers write the same process in the variance-exploding
+  form ``x_0 + s_t eps`` and divide the model input by ``sqrt(s_t^2 + 1)`` (``scale_model_input``);
+  the draw's ``noisy`` is that scaled model input.
+* ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux) is rectified flow, ``x_t = (1 - s) x_0 + s eps``,
+  with float timesteps ``s * num_train_timesteps`` after its ``shift``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from siss.losses import UnlearningLoss
+from siss.schedule import NoiseSchedule
+from siss.targets import PREDICTION_TYPES
+
+# Schedulers whose training process is the variance-preserving one defined by `betas`.
+VP_SCHEDULERS: tuple[str, ...] = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+# Schedulers whose training process is rectified flow with `shift`.
+FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
+SUPPORTED_SCHEDULERS: tuple[str, ...] = VP_SCHEDULERS + FLOW_SCHEDULERS
+
+_VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Diffusers' Euler-family schedulers accept "original_sample" as a synonym of "sample".
+_PREDICTION_ALIASES = {"original_sample": "sample"}
+
+
+def _scheduler_kind(scheduler: object) -> str:
+    """``"vp"`` or ``"flow"``; a ``ValueError`` naming the supported schedulers otherwise."""
+    import diffusers
+
+    for names, kind in ((FLOW_SCHEDULERS, "flow"), (VP_SCHEDULERS, "vp")):
+        classes = tuple(getattr(diffusers, name) for name in names if hasattr(diffusers, name))
+        if isinstance(scheduler, classes):
+            if kind == "vp" and _config(scheduler).get("use_flow_sigmas", False):
+                raise ValueError(
+                    f"{type(scheduler).__name__} with `use_flow_sigmas=True` is an inference "
+                    "sampler for a flow-matching model and carries no training schedule; build the "
+                    "loss from a FlowMatchEulerDiscreteScheduler with the model's `shift` instead"
+                )
+            return kind
+    raise ValueError(
+        f"unsupported scheduler {type(scheduler).__name__}; supported: "
+        f"{', '.join(SUPPORTED_SCHEDULERS)} (or build a `siss.NoiseSchedule` by hand)"
+    )
+
+
+def _config(scheduler: Any) -> dict[str, Any]:
+    return dict(scheduler.config)
+
+
+def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
+    """The training forward process of a diffusers scheduler, as a ``NoiseSchedule``.
+
+    DDPM-style schedulers give ``ᾱ = cumprod(1 - betas)`` formed in float64 from the scheduler's
+    ``betas`` (never from the inference grid that ``set_timesteps`` installs), ``gamma = sqrt(ᾱ)``,
+    ``sigma = sqrt(1 - ᾱ)`` and timesteps ``0 .. T-1`` (int64), or ``0.25 log(sigma_VE)`` (float)
+    for an ``EulerDiscreteScheduler`` with ``timestep_type="continuous"`` and v-prediction. With
+    ``rescale_betas_zero_snr`` the last step has ``gamma = 0`` exactly.
+
+    ``FlowMatchEulerDiscreteScheduler`` gives ``sigma_i = shift s_i / (1 + (shift - 1) s_i)`` with
+    ``s_i = i / T`` for ``i = 1 .. T`` (no shift when ``use_dynamic_shifting``, as in the
+    scheduler itself), ``gamma = 1 - sigma`` and the float timesteps ``sigma * T``, bit-for-bit the
+    scheduler's training ``timesteps`` (so ``scale_noise`` finds them). Grid index ``i`` always
+    grows with the noise level.
+
+    The schedule is built on the CPU; move the loss with ``.to(device)``.
+
+    Args:
+        scheduler: a diffusers scheduler instance; it is not modified.
+
+    Returns:
+        A ``NoiseSchedule`` of length ``num_train_timesteps``.
+
+    Raises:
+        ValueError: for a scheduler that is not in ``SUPPORTED_SCHEDULERS``.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> schedule = schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+        >>> len(schedule), schedule.timesteps.dtype
+        (1000, torch.int64)
+    """
+    kind = _scheduler_kind(scheduler)
+    config = _config(scheduler)
+    num_train_timesteps = int(config["num_train_timesteps"])
+    if kind == "flow":
+        # The scheduler's own float32 arithmetic (FlowMatchEulerDiscreteScheduler.__init__), in
+        # ascending order, so the timesteps equal the scheduler's exactly.
+        sigmas = torch.arange(1, num_train_timesteps + 1, dtype=torch.float32) / num_train_timesteps
+        if not config.get("use_dynamic_shifting", False):
+            shift = config.get("shift", 1.0)
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        return NoiseSchedule.from_flow_sigmas(sigmas, sigmas * num_train_timesteps)
+
+    betas = scheduler.betas.detach().to("cpu", torch.float64)
+    if betas.shape != (num_train_timesteps,):
+        raise ValueError(
+            f"{type(scheduler).__name__}.betas has shape {tuple(betas.shape)}, expected "
+            f"({num_train_timesteps},) from `num_train_timesteps`"
+        )
+    if not (torch.isfinite(betas).all() and (betas > 0).all() and (betas <= 1).all()):
+        raise ValueError(f"{type(scheduler).__name__}.betas must lie in (0, 1] at every timestep")
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    gamma, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    timesteps = None
+    if (
+        config.get("timestep_type", "discrete") == "continuous"
+        and config.get("prediction_type") == "v_prediction"
+    ):
+        # EulerDiscreteScheduler's continuous (EDM-style) timesteps, from its own alphas_cumprod.
+        scheduler_ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+        timesteps = 0.25 * (((1 - scheduler_ac) / scheduler_ac) ** 0.5).log()
+    return NoiseSchedule(gamma, sigma, timesteps)
+
+
+def prediction_type_from_scheduler(scheduler: Any) -> str:
+    """What the model predicts, read from ``scheduler.config.prediction_type``.
+
+    Returns ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` for DDPM-style schedulers and
+    ``"flow_prediction"`` (the velocity ``eps - x_0``) for ``FlowMatchEulerDiscreteScheduler``.
+
+    Args:
+        scheduler: a diffusers scheduler instance.
+
+    Raises:
+        ValueError: for an unsupported scheduler or prediction type, naming the supported ones.
+
+    Example:
+        >>> from diffusers import DDIMScheduler
+        >>> prediction_type_from_scheduler(DDIMScheduler(prediction_type="v_prediction"))
+        'v_prediction'
+    """
+    if _scheduler_kind(scheduler) == "flow":
+        return "flow_prediction"
+    prediction_type = _config(scheduler).get("prediction_type", "epsilon")
+    prediction_type = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
+    if prediction_type not in _VP_PREDICTION_TYPES:
+        raise ValueError(
+            f"unsupported prediction_type {prediction_type!r} on {type(scheduler).__name__}; "
+            f"supported: {', '.join(_VP_PREDICTION_TYPES)} (and flow_prediction through "
+            "FlowMatchEulerDiscreteScheduler)"
+        )
+    return prediction_type
+
+
+def loss_from_scheduler(
+    method: type[UnlearningLoss] | str, scheduler: Any, **kwargs: Any
+) -> UnlearningLoss:
+    """Build an unlearning loss whose schedule and prediction type come from ``scheduler``.
+
+    Args:
+        method: an ``UnlearningLoss`` subclass (e.g. ``siss.SISSLoss``) or a registered method
+            name (``"siss"``, ``"siss-nois"``, ``"naive"``, ``"neggrad"``, ``"erasediff"``; see
+            ``siss.registry.make_loss``).
+        scheduler: a diffusers scheduler (see ``SUPPORTED_SCHEDULERS``); it is not modified.
+        **kwargs: the method's own options (``lam``, ``superfactor``, ``n``, ``k``, ...). An
+            explicit ``prediction_type`` overrides the scheduler's.
+
+    Returns:
+        The loss, on the CPU; move it with ``.to(device)``.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> from siss import SISSLoss
+        >>> loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), lam=0.5, superfactor=0.1)
+        >>> loss_fn.prediction_type, len(loss_fn.schedule)
+        ('epsilon', 1000)
+    """
+    schedule = schedule_from_scheduler(scheduler)
+    kwargs.setdefault("prediction_type", prediction_type_from_scheduler(scheduler))
+    if kwargs["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(
+            f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, "
+            f"got {kwargs['prediction_type']!r}"
+        )
+    if isinstance(method, str):
+        from siss.registry import make_loss
+
+        return make_loss(method, schedule, **kwargs)
+    if isinstance(method, type) and issubclass(method, UnlearningLoss):
+        return method(schedule, **kwargs)
+    raise TypeError(
+        "`method` must be an UnlearningLoss subclass (e.g. siss.SISSLoss) or a method name, got "
+        f"{method!r}"
+    )

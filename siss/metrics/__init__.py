@@ -1,0 +1,51 @@
+"""Evaluation metrics for data unlearning: likelihood, generation rate and sample quality.
+
+Nothing here imports diffusers: every metric takes plain tensors and callables.
+
+- :func:`bits_per_dim` / :func:`log_likelihood`: exact NLL through the probability-flow ODE.
+- :func:`generation_rate`: how often samples reproduce a target image, with a binomial CI.
+- :func:`is_score`, :func:`fid_score` (and the tensor-level :func:`inception_score`,
+  :func:`frechet_distance`): quality under an injectable feature extractor.
+- :class:`DigitClassifier`: the small CNN used as that extractor for the digits example.
+"""
+
+from siss.metrics.classifier import ClassifierOutput, DigitClassifier
+from siss.metrics.nll import VPSchedule, bits_per_dim, log_likelihood
+from siss.metrics.quality import (
+    ScoreEstimate,
+    extract,
+    fid_score,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    gaussian_statistics,
+    inception_score,
+    is_score,
+)
+from siss.metrics.rate import (
+    RateEstimate,
+    default_threshold,
+    generation_rate,
+    l2_distances,
+    proportion_ci,
+)
+
+__all__ = [
+    "ClassifierOutput",
+    "DigitClassifier",
+    "RateEstimate",
+    "ScoreEstimate",
+    "VPSchedule",
+    "bits_per_dim",
+    "default_threshold",
+    "extract",
+    "fid_score",
+    "frechet_distance",
+    "frechet_distance_from_statistics",
+    "gaussian_statistics",
+    "generation_rate",
+    "inception_score",
+    "is_score",
+    "l2_distances",
+    "log_likelihood",
+    "proportion_ci",
+]

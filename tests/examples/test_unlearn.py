@@ -1,0 +1,124 @@
+"""End-to-end runs of examples/unlearn.py on a tiny UNet: outputs, every method, --resume.
+
+The checkpoint is a tiny ``UNet2DModel`` built from config and saved with ``save_pretrained`` to
+a temporary folder, then loaded back by path, as users load theirs. Few steps and few samples:
+this checks the plumbing, not the science (examples/study.py does that).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import unlearn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    unet.save_pretrained(folder, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    return folder
+
+
+def argv(checkpoint, out, *extra):
+    return [
+        "--checkpoint", str(checkpoint), "--output-dir", str(out), "--steps", "4",
+        "--batch-size", "8", "--eval-every", "2", "--eval-samples", "8", "--eval-steps", "2",
+        "--nll-probes", "2", "--nll-tolerance", "1e-2", "--checkpoint-every", "2",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "siss", "--lam", "0.5"],
+        ["--method", "siss", "--lam", "0", "--superfactor", "0.5"],
+        ["--method", "siss-nois"],
+        ["--method", "naive"],
+        ["--method", "neggrad"],
+        ["--method", "erasediff"],
+    ],
+    ids=["siss-balanced", "siss-fixed", "nois", "naive", "neggrad", "erasediff"],
+)
+def test_every_method_runs_and_writes_its_outputs(checkpoint, tmp_path, method):
+    result = unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, *method)))
+    assert [row["step"] for row in result["history"]] == [0, 2, 4]
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["after"] == result["after"]
+    for key in ("outlier_rate", "outlier_nll_bpd", "inception_score", "fid"):
+        assert isinstance(result["after"][key], float)
+    assert 0 <= result["after"]["outlier_rate"] <= 1
+    assert (tmp_path / "samples_before.png").stat().st_size > 0
+    assert (tmp_path / "samples_after.png").stat().st_size > 0
+    weights = load_file(str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    before = load_file(str(checkpoint / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(weights[k], before[k]) for k in before)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    expected = unlearn.run(unlearn.parse_args(argv(checkpoint, whole)))
+    stopped = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--stop-after", "2")))
+    assert stopped == {"stopped_at": 2}
+    assert not (parts / "metrics.json").exists()
+    resumed = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--resume")))
+    name = "diffusion_pytorch_model.safetensors"
+    first = load_file(str(whole / "model" / name))
+    second = load_file(str(parts / "model" / name))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    def untimed(history):
+        return [{k: v for k, v in row.items() if k != "eval_wall_s"} for row in history]
+
+    assert untimed(resumed["history"]) == untimed(expected["history"])
+
+
+def test_checkpoints_are_pruned_and_complete(checkpoint, tmp_path):
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive")))
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert folders == ["step-0000002", "step-0000004"]  # no half-written temporaries left
+    for folder in folders:
+        files = {p.name for p in (tmp_path / "checkpoints" / folder).iterdir()}
+        assert {
+            "diffusion_pytorch_model.safetensors",
+            "optimizer.safetensors",
+            "generators.safetensors",
+            "state.json",
+        } <= files
+
+
+def test_help_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        unlearn.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--resume" in capsys.readouterr().out

@@ -1,0 +1,213 @@
+"""Exact likelihood by the probability-flow ODE, checked against closed-form Gaussian answers.
+
+Gaussian data ``N(mu, Sigma)`` under the VP-SDE has Gaussian marginals
+``p_t = N(gamma_t mu, gamma_t^2 Sigma + sigma_t^2 I)`` with ``gamma_t^2 = alpha_bar(t)``, so the
+exact noise prediction is ``eps(x, t) = sigma_t Sigma_t^{-1} (x - gamma_t mu)`` and the
+probability-flow ODE is affine: in the eigenbasis of Sigma every coordinate keeps its
+standardised value ``(x - m_t) / s_t``. Hence the ODE's end point ``x(1)`` and the value the
+method computes, ``log N(x(1); 0, I) + log p_eps(x) - log p_1(x(1))`` (the standard-normal prior
+replaces the true ``p_1``), are both closed form.
+"""
+
+import math
+
+import pytest
+import torch
+
+from siss.metrics import VPSchedule, bits_per_dim, log_likelihood
+from siss.metrics.nll import _dequantize
+
+T_EPS = 1e-5
+TOL = 1e-7  # ODE rtol = atol used where the answer is compared tightly
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The ODE runs thousands of tiny ops: with two threads on a shared 2-core machine OpenMP's
+    synchronisation made these tests 15x slower (50 s instead of 3 s), so use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gaussian_problem(alphas_cumprod, eigvals, rotation, mu):
+    """Exact eps-model and exact expected log-likelihood for N(mu, Q diag(eigvals) Q^T)."""
+    vp = VPSchedule(alphas_cumprod)
+    q = rotation
+
+    def moments(t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        gamma = torch.exp(0.5 * vp.log_alpha_cumprod(t))
+        sigma = vp.sigma(t)
+        return gamma, sigma, gamma**2 * eigvals + sigma**2  # variances in the eigenbasis
+
+    def eps_model(x, timesteps):
+        gamma, sigma, var = moments(timesteps[0] / (alphas_cumprod.numel() - 1))
+        y = (x.reshape(x.shape[0], -1) - gamma * mu) @ q  # eigenbasis coordinates
+        return (sigma * (y / var) @ q.T).reshape(x.shape)
+
+    def log_normal(y, var):
+        return (-0.5 * torch.log(2 * math.pi * var) - 0.5 * y**2 / var).sum(-1)
+
+    def expected(x):
+        x = x.reshape(x.shape[0], -1)
+        g0, _, v0 = moments(T_EPS)
+        g1, _, v1 = moments(1.0)
+        z = (x - g0 * mu) @ q / v0.sqrt()  # invariant along the flow
+        y1 = v1.sqrt() * z  # x(1) - g1 mu in the eigenbasis
+        x1 = g1 * mu + y1 @ q.T
+        log_p0 = log_normal((x - g0 * mu) @ q, v0)
+        return log_p0 + log_normal(x1, torch.ones_like(x1)) - log_normal(y1, v1)
+
+    return eps_model, expected
+
+
+def test_schedule_is_song_vp_sde_for_linear_betas(alphas_cumprod):
+    vp = VPSchedule(alphas_cumprod)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    song = -(0.5 * t**2 * (20.0 - 0.1) + 0.1 * t)  # log alpha_bar of beta(t) = 0.1 + 19.9 t
+    # The interpolation of a linear beta is exact; what is left is the round-off of recovering
+    # betas as 1 - a_i / a_{i-1} (1e-16 each, times T = 1000: observed 1.5e-13). A float32
+    # step anywhere in the evaluation would show as ~1e-8.
+    assert torch.allclose(vp.log_alpha_cumprod(t), song, rtol=0, atol=1e-11)
+    assert torch.allclose(vp.beta(t), 0.1 + 19.9 * t, rtol=0, atol=1e-11)
+    # The continuous schedule tracks the discrete one; they differ by sum(beta_i^2)/2 ~ 0.07
+    # in log alpha_bar at the end, the second-order term of log(1 - beta).
+    nodes = torch.arange(1000, dtype=torch.float64) / 999
+    gap = (vp.log_alpha_cumprod(nodes) - alphas_cumprod.log()).abs().max()
+    assert gap < 0.1
+
+
+def test_diagonal_gaussian_matches_closed_form(alphas_cumprod):
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 3)
+    dims = math.prod(shape)
+    mu = 0.5 * torch.randn(dims, generator=gen, dtype=torch.float64)
+    eigvals = (0.2 + 0.5 * torch.rand(dims, generator=gen, dtype=torch.float64)) ** 2
+    eps_model, expected = _gaussian_problem(
+        alphas_cumprod, eigvals, torch.eye(dims, dtype=torch.float64), mu
+    )
+    x = mu + 2 * eigvals.sqrt() * torch.randn(4, dims, generator=gen, dtype=torch.float64)
+    x = x.reshape(4, *shape)
+    ll = log_likelihood(eps_model, x, alphas_cumprod, rtol=TOL, atol=TOL, t_eps=T_EPS)
+    # The Jacobian of the drift is diagonal here, so one Rademacher probe gives the exact
+    # trace (v_i^2 = 1): the only error is the ODE solver's, observed ~2e-5 nats at 1e-7.
+    assert torch.allclose(ll, expected(x), rtol=0, atol=1e-3)
+    bpd = bits_per_dim(eps_model, x, alphas_cumprod, rtol=TOL, atol=TOL, t_eps=T_EPS)
+    # Song et al.'s offset for [-1, 1] data and 256 levels is log2(128) = 7 bits.
+    assert torch.allclose(bpd, -expected(x) / (dims * math.log(2)) + 7.0, rtol=0, atol=1e-4)
+    bpd01 = bits_per_dim(
+        eps_model, x, alphas_cumprod, rtol=TOL, atol=TOL, t_eps=T_EPS, data_range=(0.0, 1.0)
+    )
+    assert torch.allclose(bpd01 - bpd, torch.ones_like(bpd), atol=1e-6)  # 8 - 7 bits
+
+
+def test_default_tolerance_is_close_to_closed_form(alphas_cumprod):
+    """The paper's settings (rtol = atol = 1e-5, one probe) on an isotropic Gaussian."""
+    gen = torch.Generator().manual_seed(1)
+    dims = 16
+    mu = torch.randn(dims, generator=gen, dtype=torch.float64)
+    eigvals = torch.full((dims,), 0.3, dtype=torch.float64)
+    eps_model, expected = _gaussian_problem(
+        alphas_cumprod, eigvals, torch.eye(dims, dtype=torch.float64), mu
+    )
+    x = torch.randn(3, 1, 4, 4, generator=gen, dtype=torch.float64)
+    bpd = bits_per_dim(eps_model, x, alphas_cumprod, generator=gen)
+    ref = -expected(x) / (dims * math.log(2)) + 7.0
+    # Observed error 1e-4 bits/dim at tolerance 1e-5; 1e-3 leaves a 10x margin.
+    assert torch.allclose(bpd, ref, rtol=0, atol=1e-3)
+
+
+def test_hutchinson_estimate_is_unbiased_for_a_dense_jacobian(alphas_cumprod):
+    gen = torch.Generator().manual_seed(2)
+    dims, copies = 6, 256
+    q, _ = torch.linalg.qr(torch.randn(dims, dims, generator=gen, dtype=torch.float64))
+    eigvals = torch.tensor([0.01, 0.05, 0.2, 0.5, 1.0, 2.0], dtype=torch.float64)
+    mu = torch.randn(dims, generator=gen, dtype=torch.float64)
+    eps_model, expected = _gaussian_problem(alphas_cumprod, eigvals, q, mu)
+    x = (mu + torch.randn(dims, generator=gen, dtype=torch.float64)).expand(copies, dims)
+    # Every row draws its own probe, so the rows are independent one-probe estimates.
+    ll = log_likelihood(eps_model, x.clone(), alphas_cumprod, rtol=1e-6, atol=1e-6, generator=gen)
+    exact = expected(x[:1])
+    se = ll.std() / math.sqrt(copies)
+    assert ll.std() > 1e-3  # the rotated Jacobian is dense: single probes do vary
+    # Unbiased: the mean is within 4 standard errors (plus the ODE error, < 1e-3).
+    assert (ll.mean() - exact).abs() < 4 * se + 1e-3
+    four = log_likelihood(
+        eps_model,
+        x[:64].clone(),
+        alphas_cumprod,
+        num_probes=4,
+        rtol=1e-6,
+        atol=1e-6,
+        generator=gen,
+    )
+    # Averaging 4 probes divides the variance by 4 (sd by 2); 0.75 allows for the sampling
+    # error of two 64/256-sample standard deviations (relative sd error ~ 1/sqrt(2n) < 9%).
+    assert four.std() < 0.75 * ll.std()
+
+
+def test_tiny_network_float32_and_no_parameter_gradients(alphas_cumprod):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1)
+    )
+
+    def eps_model(x, timesteps):
+        assert timesteps.shape == (x.shape[0],)
+        assert float(timesteps.min()) >= 0 and float(timesteps.max()) <= 999
+        return net(x) * (1 + timesteps.view(-1, 1, 1, 1) / 1000)
+
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bpd = bits_per_dim(eps_model, x, alphas_cumprod.float(), rtol=1e-3, atol=1e-3)
+    assert bpd.shape == (3,) and bpd.dtype == torch.float64
+    assert torch.isfinite(bpd).all()
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_seeded_calls_are_reproducible(alphas_cumprod):
+    net = torch.nn.Linear(4, 4, dtype=torch.float64)
+    torch.nn.init.normal_(net.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+
+    def eps_model(x, timesteps):
+        return net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    kw = {"rtol": 1e-4, "atol": 1e-4, "dequantize": True}
+    a = bits_per_dim(eps_model, x, alphas_cumprod, generator=torch.Generator().manual_seed(5), **kw)
+    b = bits_per_dim(eps_model, x, alphas_cumprod, generator=torch.Generator().manual_seed(5), **kw)
+    c = bits_per_dim(eps_model, x, alphas_cumprod, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_dequantize_keeps_the_intensity_level():
+    levels = torch.arange(256, dtype=torch.float64)
+    x = levels / 255 * 2 - 1  # 8-bit images scaled to [-1, 1]
+    deq = _dequantize(x, -1.0, 1.0, 256, torch.Generator().manual_seed(0))
+    # Song et al.: (k + u) / 256 in [0, 1], so floor(256 * (deq + 1) / 2) recovers k.
+    assert torch.equal(torch.floor((deq + 1) / 2 * 256), levels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_probes": 0}, "num_probes"),
+        ({"t_eps": 1.0}, "t_eps"),
+        ({"data_range": (1.0, -1.0)}, "data_range"),
+        ({"num_bins": 1}, "num_bins"),
+        ({"num_bins": None, "dequantize": True}, "dequantize"),
+    ],
+)
+def test_invalid_arguments_raise(alphas_cumprod, kwargs, match):
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=match):
+        bits_per_dim(lambda x, t: x, x, alphas_cumprod, **kwargs)
+
+
+def test_invalid_schedule_raises():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPSchedule(torch.tensor([0.5, 0.9]))
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPSchedule(torch.tensor([0.9]))

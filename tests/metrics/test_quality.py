@@ -1,0 +1,164 @@
+"""Inception-Score- and FID-style scores, against closed forms and naive references."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy.linalg import sqrtm
+
+from siss.metrics import (
+    ClassifierOutput,
+    DigitClassifier,
+    extract,
+    fid_score,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    gaussian_statistics,
+    inception_score,
+    is_score,
+)
+
+
+def _random_spd(dim: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    return a @ a.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+
+
+def _naive_inception_score(logits: torch.Tensor) -> float:
+    """Textbook loop over samples in float64."""
+    p = torch.softmax(logits.double(), dim=1)
+    py = p.mean(0)
+    kl = [float((row * (row.log() - py.log())).sum()) for row in p]
+    return math.exp(sum(kl) / len(kl))
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    # float64 statistics and a symmetric eigen square root: zero up to round-off (~1e-13).
+    assert frechet_distance(f, f) < 1e-9
+
+
+def test_fid_matches_the_closed_form_for_commuting_covariances():
+    mu1, mu2 = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.5])
+    var1, var2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
+    expected = float((mu1 - mu2).square().sum() + (var1.sqrt() - var2.sqrt()).square().sum())
+    got = frechet_distance_from_statistics(mu1, torch.diag(var1), mu2, torch.diag(var2))
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_fid_matches_scipy_sqrtm_for_full_covariances():
+    gen = torch.Generator().manual_seed(1)
+    dim = 8
+    mu1 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    mu2 = torch.randn(dim, generator=gen, dtype=torch.float64)
+    s1, s2 = _random_spd(dim, gen), _random_spd(dim, gen)
+    cross = sqrtm((s1 @ s2).numpy()).real.trace()  # the textbook non-symmetric form
+    expected = float((mu1 - mu2).square().sum() + s1.trace() + s2.trace()) - 2 * cross
+    assert frechet_distance_from_statistics(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_samples_converges_to_the_population_value():
+    gen = torch.Generator().manual_seed(2)
+    n, dim = 20000, 2
+    a = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    b = 2.0 * torch.randn(n, dim, generator=gen, dtype=torch.float64) + torch.tensor([1.0, 0.0])
+    # Population: |mu|^2 + sum (1 - 2)^2 = 1 + 2 = 3. The plug-in estimate has standard error
+    # about sqrt(Var) / sqrt(n) with per-sample variance O(10) here: ~0.03; 0.15 is 5 SE.
+    assert frechet_distance(a, b) == pytest.approx(3.0, abs=0.15)
+    # A pure translation adds exactly |c|^2.
+    assert frechet_distance(a, a + torch.tensor([3.0, 4.0], dtype=torch.float64)) == (
+        pytest.approx(25.0, rel=1e-12)
+    )
+
+
+def test_gaussian_statistics_match_torch_cov():
+    f = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
+    mu, sigma = gaussian_statistics(f)
+    assert torch.allclose(mu, f.double().mean(0))
+    assert torch.allclose(sigma, torch.cov(f.double().T))
+
+
+def test_inception_score_of_confident_uniform_predictions_is_k():
+    for k in (2, 10):
+        logits = 100.0 * torch.eye(k).repeat(5, 1)
+        assert inception_score(logits).mean == pytest.approx(k, rel=1e-9)
+
+
+def test_inception_score_of_constant_predictions_is_one():
+    logits = torch.randn(1, 10, generator=torch.Generator().manual_seed(4)).repeat(64, 1)
+    score = inception_score(logits, splits=4)
+    assert score.mean == pytest.approx(1.0, abs=1e-12)
+    assert score.std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_matches_a_naive_loop_and_splits():
+    logits = 3 * torch.randn(120, 10, generator=torch.Generator().manual_seed(5))
+    assert inception_score(logits).mean == pytest.approx(_naive_inception_score(logits), rel=1e-10)
+    parts = [_naive_inception_score(chunk) for chunk in logits.split(40)]
+    score = inception_score(logits, splits=3)
+    assert score.mean == pytest.approx(sum(parts) / 3, rel=1e-10)
+    assert score.std == pytest.approx(
+        torch.tensor(parts, dtype=torch.float64).std(unbiased=False).item(), rel=1e-6
+    )
+    assert 1.0 <= score.mean <= 10.0
+
+
+def test_extract_batches_selects_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = DigitClassifier()
+    model.train()
+    images = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    full = extract(model, images, select="features", batch_size=100)
+    assert full.shape == (10, 128)
+    assert torch.allclose(extract(model, images, select="features", batch_size=3), full, atol=1e-6)
+    assert torch.allclose(extract(model, images, select=1, batch_size=4), full, atol=1e-6)
+    assert model.training  # eval mode only during the call (dropout off inside)
+    with pytest.raises(TypeError, match="select"):
+        extract(model, images)
+    model.eval()  # a plain callable is run as is: no mode switching for it
+    logits = extract(lambda x: model(x).logits, images)
+    assert logits.shape == (10, 10)
+    assert is_score(model, images, select="logits").mean == pytest.approx(
+        inception_score(logits).mean, rel=1e-6
+    )
+    assert fid_score(model, images, images, select="features") < 1e-6
+
+
+def test_digit_classifier_shapes_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = DigitClassifier().eval()
+    x = torch.zeros(3, 1, 16, 16)
+    out = model(x)
+    assert isinstance(out, ClassifierOutput)
+    assert out.logits.shape == (3, 10) and out.features.shape == (3, 128)
+    path = tmp_path / "clf.safetensors"
+    save_file(model.state_dict(), str(path))
+    loaded = DigitClassifier.from_file(path)
+    assert not loaded.training
+    assert torch.equal(loaded(x).logits, out.logits)
+    with pytest.raises(ValueError, match="expected"):
+        model(torch.zeros(3, 1, 28, 28))
+    with pytest.raises(ValueError, match="image_size"):
+        DigitClassifier(image_size=18)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: inception_score(torch.zeros(0, 10)), "logits"),
+        (lambda: inception_score(torch.zeros(4, 10), splits=5), "splits"),
+        (lambda: gaussian_statistics(torch.zeros(1, 3)), "features"),
+        (
+            lambda: frechet_distance_from_statistics(
+                torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(3)
+            ),
+            "shapes",
+        ),
+        (lambda: extract(lambda x: x, torch.zeros(0, 2)), "images"),
+        (lambda: extract(lambda x: x, torch.zeros(2, 2), batch_size=0), "batch_size"),
+    ],
+)
+def test_invalid_arguments_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
