@@ -39,7 +39,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from step_time import make_model  # the same small UNet2DModel as the step-time benchmark
 
 from siss import SISSLoss
 from siss.balancer import NormBalancer
@@ -77,20 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return parser.parse_args(argv)
-
-
-def make_model(channels: list[int], resolution: int, device: torch.device) -> UNet2DModel:
-    blocks = len(channels)
-    return UNet2DModel(
-        sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(channels),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * (blocks - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (blocks - 1),
-        norm_num_groups=8,
-    ).to(device)
 
 
 def authors_surgery(params: list[torch.nn.Parameter], keep, forget, ratio: float) -> None:

@@ -132,9 +132,22 @@ def _save_atomically(unet: UNet2DModel, scheduler: DDPMScheduler, info: dict, ou
             shutil.rmtree(tmp)
 
 
+def load_data(args: argparse.Namespace, exclude_outlier: bool = False):
+    """The training set the flags name: bundled digits (default), MNIST on disk, or a folder."""
+    return load_training_set(
+        source=args.data,
+        root=args.data_root,
+        outlier_path=args.outlier_image,
+        size=args.size,
+        channels=args.channels,
+        exclude_outlier=exclude_outlier,
+        seed=args.seed,
+    )
+
+
 def train(args: argparse.Namespace) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     torch.manual_seed(args.seed)
-    data = load_training_set(seed=args.seed, exclude_outlier=args.exclude_outlier)
+    data = load_data(args, exclude_outlier=args.exclude_outlier)
     images = data.images
     unet = build_unet(images.shape[-1], images.shape[1])
     scheduler = build_scheduler()
@@ -186,7 +199,11 @@ def train(args: argparse.Namespace) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     wall = time.time() - start
     ema.copy_to(unet.parameters())
     info = {
-        "args": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        "args": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k != "output_dir"
+        },
         "train_images": n,
         "outlier_copies": int(data.is_outlier.sum()),
         "epochs": args.steps * args.batch_size / n,
@@ -217,7 +234,7 @@ def evaluate(unet: UNet2DModel, scheduler_config: dict, args: argparse.Namespace
         progress=not args.no_progress,
     )
     wall = time.time() - start
-    data = load_training_set(seed=args.seed)
+    data = load_data(args)
     est = generation_rate(to_unit_range(samples), to_unit_range(data.outlier))
     result = {
         "sampler": args.sampler,
@@ -247,6 +264,11 @@ def is_near(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--exclude-outlier", action="store_true", help="train the retrain model")
+    p.add_argument("--data", choices=("sklearn", "mnist", "folder"), default="sklearn")
+    p.add_argument("--data-root", type=Path, default=None, help="MNIST or image folder")
+    p.add_argument("--outlier-image", type=Path, default=None, help="default: a drawn T-shirt")
+    p.add_argument("--size", type=int, default=16, help="image side length")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
     p.add_argument(
         "--output-dir", type=Path, default=None, help="default assets/{pretrained,retrain}"
     )

@@ -74,13 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/study"))
     p.add_argument("--docs", type=Path, default=None, help="also copy table and plots here")
     p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=100, help="outlier-rate tracking period")
+    p.add_argument("--track-samples", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-def run_method(label: str, seed: int, args: argparse.Namespace) -> dict:
+def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) -> dict:
     out = args.output_dir / f"{label}-seed{seed}"
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
@@ -97,13 +98,15 @@ def run_method(label: str, seed: int, args: argparse.Namespace) -> dict:
         str(args.eval_samples),
         "--eval-every",
         str(args.eval_every),
+        "--track-samples",
+        str(args.track_samples),
         "--resume",
     ]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.no_progress:
         argv.append("--no-progress")
-    return run(unlearn_args(argv))
+    return run(unlearn_args(argv), before=before)
 
 
 def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict:
@@ -229,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     for label in ("pretrained", "retrain"):
         results[label] = [evaluate_checkpoint(label, seed, args) for seed in args.seeds]
     for label in args.methods:
-        results[label] = [run_method(label, seed, args) for seed in args.seeds]
+        results[label] = [
+            run_method(label, seed, args, before=pretrained["after"])
+            for seed, pretrained in zip(args.seeds, results["pretrained"], strict=True)
+        ]
     rows = summarize(results)
     table = table_markdown(rows)
     folders = [args.output_dir] + ([args.docs] if args.docs else [])

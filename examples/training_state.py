@@ -82,6 +82,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tensors, meta = _optimizer_tensors(optimizer)

@@ -5,11 +5,12 @@ This script is the "after" half of the paper's MNIST T-Shirt experiment (Hasanal
 (``examples/assets/pretrained``, trained by ``pretrain.py`` on scikit-learn's digits with a
 T-shirt injected at 1%), fine-tunes it with any method of the library (``--method siss``,
 ``siss-nois``, ``naive``, ``neggrad``, ``erasediff``; ``--lam`` for SISS's mixture weight) on
-``X \\ A`` (the digits) and ``A`` (the T-shirt copies), and every ``--eval-every`` steps measures
-how often the model still samples the T-shirt (with a 95% interval), the T-shirt's exact NLL in
-bits/dim along the probability-flow ODE, and the sample quality (IS- and FID-style scores under
-the shipped digit classifier). Checkpoints are written atomically in safetensors; a run that is
-interrupted and restarted with ``--resume`` ends with the same weights as an uninterrupted one.
+``X \\ A`` (the digits) and ``A`` (the T-shirt copies), and measures before and after how often
+the model samples the T-shirt (with a 95% interval), the T-shirt's exact NLL in bits/dim along
+the probability-flow ODE, and the sample quality (IS- and FID-style scores under the shipped digit
+classifier); ``--eval-every N`` also tracks the T-shirt rate every N steps. Checkpoints are
+written atomically in safetensors; a run that is interrupted and restarted with ``--resume`` ends
+with the same weights as an uninterrupted one.
 
     python examples/unlearn.py --method siss --lam 0.5 --steps 300
     python examples/unlearn.py --method neggrad --steps 100 --output-dir outputs/neggrad
@@ -77,8 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="fixed t, or a 'low high' window; default uniform over the schedule",
     )
-    p.add_argument("--eval-every", type=int, default=100, help="0: before and after only")
-    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument(
+        "--eval-every", type=int, default=0, help="outlier-rate tracking period; 0: none"
+    )
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples before and after")
+    p.add_argument("--track-samples", type=int, default=500, help="samples of the in-run rate")
     p.add_argument("--eval-steps", type=int, default=50, help="DDPM sampling steps")
     p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes for the NLL")
     p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol for the NLL")
@@ -143,26 +147,49 @@ def build_balancer(args: argparse.Namespace, params: list[torch.nn.Parameter]):
 
 
 class Evaluator:
-    """Outlier generation rate, outlier NLL and sample quality of a model, with fixed seeds."""
+    """Outlier generation rate, outlier NLL and sample quality of a model, with fixed seeds.
+
+    The quality scores use the shipped digit classifier, so they are measured on 16x16 grayscale
+    data only (digits, MNIST); on other data they are ``None`` (plug in your own features with
+    ``siss.metrics.fid_score`` / ``is_score``).
+    """
 
     def __init__(self, args: argparse.Namespace, outlier: torch.Tensor, reference: torch.Tensor):
         self.args = args
         self.outlier = outlier
         self.reference = reference
-        self.classifier = DigitClassifier.from_file(ASSETS / "digit_classifier.safetensors")
+        self.classifier = None
+        if tuple(outlier.shape) == (1, 16, 16):
+            self.classifier = DigitClassifier.from_file(ASSETS / "digit_classifier.safetensors")
 
     @torch.no_grad()
-    def samples(self, unet: UNet2DModel, scheduler_config: dict) -> torch.Tensor:
+    def samples(self, unet: UNet2DModel, scheduler_config: dict, count: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.args.seed + 1)  # same noise at every eval
         return sample_images(
             unet,
             scheduler_config,
-            self.args.eval_samples,
+            count,
             sampler="ddpm",
             num_inference_steps=self.args.eval_steps,
             generator=generator,
             progress=False,
         )
+
+    def track(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> dict[str, Any]:
+        """The outlier rate alone on ``--track-samples`` samples: the cheap in-run evaluation."""
+        was_training = unet.training
+        unet.eval()
+        start = time.perf_counter()
+        samples = self.samples(unet, scheduler.config, self.args.track_samples)
+        rate = generation_rate(to_unit_range(samples), to_unit_range(self.outlier))
+        unet.train(was_training)
+        return {
+            "outlier_rate": rate.rate,
+            "outlier_rate_ci95": [rate.low, rate.high],
+            "outlier_count": rate.count,
+            "samples": rate.total,
+            "eval_wall_s": round(time.perf_counter() - start, 1),
+        }
 
     def __call__(
         self, unet: UNet2DModel, scheduler: DDPMScheduler
@@ -171,7 +198,7 @@ class Evaluator:
         was_training = unet.training
         unet.eval()
         start = time.perf_counter()
-        samples = self.samples(unet, scheduler.config)
+        samples = self.samples(unet, scheduler.config, self.args.eval_samples)
         rate = generation_rate(to_unit_range(samples), to_unit_range(self.outlier))
         probes = self.outlier.expand(self.args.nll_probes, *self.outlier.shape)
         nll = bits_per_dim(
@@ -182,8 +209,10 @@ class Evaluator:
             atol=self.args.nll_tolerance,
             generator=torch.Generator().manual_seed(self.args.seed + 2),
         )
-        quality = is_score(self.classifier, samples, select="logits")
-        fid = fid_score(self.classifier, samples, self.reference, select="features")
+        score = fid = None
+        if self.classifier is not None:
+            score = is_score(self.classifier, samples, select="logits").mean
+            fid = fid_score(self.classifier, samples, self.reference, select="features")
         unet.train(was_training)
         return {
             "outlier_rate": rate.rate,
@@ -194,44 +223,73 @@ class Evaluator:
             "outlier_nll_bpd_se": (nll.std() / math.sqrt(len(nll))).item()
             if len(nll) > 1
             else None,
-            "inception_score": quality.mean,
+            "inception_score": score,
             "fid": fid,
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }, samples
 
 
-def save_grid(samples: torch.Tensor, path: Path, title: str, rows: int = 8) -> None:
-    """A ``rows x rows`` grid of the first samples, written atomically as PNG."""
+def _tiles(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(rows*cols, C, H, W)`` images in [-1, 1] as one ``(rows*(H+2), cols*(W+2))`` picture."""
+    from einops import rearrange
+
+    padded = torch.nn.functional.pad(to_unit_range(images), (1, 1, 1, 1), value=0.5)
+    return rearrange(padded.mean(1), "(r c) h w -> (r h) (c w)", r=rows)
+
+
+def save_grid(
+    samples: torch.Tensor, outlier: torch.Tensor, path: Path, title: str, rows: int = 8
+) -> None:
+    """PNG, written atomically: a grid of samples, and the samples nearest the outlier.
+
+    Left, the first ``rows * rows`` samples (the same noise before and after unlearning, so the
+    two pictures compare row by row); right, the outlier and the ``rows - 1`` samples closest to
+    it in L2, which are copies of it while the model still generates it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from einops import rearrange
 
-    count = rows * rows
-    grid = rearrange(to_unit_range(samples[:count]), "(r c) ch h w -> (r h) (c w) ch", r=rows)
-    fig, ax = plt.subplots(figsize=(4, 4.3))
-    ax.imshow(grid.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
+    distances = (samples - outlier).flatten(1).norm(dim=1)
+    nearest = samples[distances.argsort()[: rows - 1]]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(5.2, 4.4), gridspec_kw={"width_ratios": [rows, 1.4]}
+    )
+    left.imshow(_tiles(samples[: rows * rows], rows).numpy(), cmap="gray", vmin=0, vmax=1)
+    left.set_title(title, fontsize=9)
+    column = torch.cat([outlier[None], nearest])
+    right.imshow(_tiles(column, rows).numpy(), cmap="gray", vmin=0, vmax=1)
+    right.set_title("outlier and\nnearest samples", fontsize=7)
+    for ax in (left, right):
+        ax.axis("off")
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs (or resumes) one unlearning job; returns the metrics written to metrics.json."""
+def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) one unlearning job; returns the metrics written to metrics.json.
+
+    ``before``: the starting checkpoint's metrics under the same evaluation settings, when the
+    caller has them already (the study evaluates the pretrained model once per seed).
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.output_dir)
+    unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
     data = load_training_set(
-        source=args.data, root=args.data_root, outlier_path=args.outlier_image, seed=0
+        source=args.data,
+        root=args.data_root,
+        outlier_path=args.outlier_image,
+        size=unet.config.sample_size,
+        channels=unet.config.in_channels,
+        seed=0,
     )
     keep, forget = data.images[~data.is_outlier], data.images[data.is_outlier]
     n, k = len(data.images), len(forget)
-    unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
     scheduler = DDPMScheduler.from_pretrained(args.checkpoint)
     loss_fn = build_loss(args, scheduler, n, k).to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -252,10 +310,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume:
         print(f"no checkpoint under {out / 'checkpoints'}: starting from step 0")
     if step == 0 and not history:
-        metrics, samples = evaluator(unet, scheduler)
-        history.append({"step": 0, **metrics})
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(samples, out / "samples_before.png", "before unlearning")
+        if before is None:
+            before, samples = evaluator(unet, scheduler)
+            save_grid(samples, data.outlier, out / "samples_before.png", "before unlearning")
+        history.append({**before, "step": 0})
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
@@ -282,11 +341,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_wall += time.perf_counter() - started
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            metrics, _ = evaluator(unet, scheduler)
+            metrics = evaluator.track(unet, scheduler)
             history.append({"step": done, **metrics})
-            bar.set_postfix(
-                rate=f"{metrics['outlier_rate']:.2%}", nll=f"{metrics['outlier_nll_bpd']:.2f}"
-            )
+            bar.set_postfix(rate=f"{metrics['outlier_rate']:.2%}")
         if done % args.checkpoint_every == 0 or done == last:
             save_checkpoint(
                 out / "checkpoints",
@@ -304,7 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if history[-1]["step"] != args.steps:
         metrics, samples = evaluator(unet, scheduler)
         history.append({"step": args.steps, **metrics})
-        save_grid(samples, out / "samples_after.png", f"after {args.steps} steps of {out.name}")
+        title = f"after {args.steps} steps of {out.name}"
+        save_grid(samples, data.outlier, out / "samples_after.png", title)
     unet.save_pretrained(out / "model", safe_serialization=True)
     result = {
         "method": args.method,
@@ -326,14 +384,16 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     if "before" not in result:
         return
-    before, after = result["before"], result["after"]
-    print(f"\n{'':14}{'outlier rate':>24}{'outlier NLL (bpd)':>20}{'IS':>8}{'FID':>8}")
-    for name, row in (("before", before), ("after", after)):
+    print(f"\n{'':8}{'outlier rate [95% CI]':>26}{'outlier NLL (bpd)':>20}{'IS':>8}{'FID':>8}")
+    for name in ("before", "after"):
+        row = result[name]
         low, high = row["outlier_rate_ci95"]
-        print(
-            f"{name:14}{row['outlier_rate']:>9.2%} [{low:.2%}, {high:.2%}]"
-            f"{row['outlier_nll_bpd']:>20.2f}{row['inception_score']:>8.2f}{row['fid']:>8.2f}"
+        quality = "".join(
+            f"{'n/a':>8}" if row[key] is None else f"{row[key]:>8.2f}"
+            for key in ("inception_score", "fid")
         )
+        rate = f"{row['outlier_rate']:.2%} [{low:.2%}, {high:.2%}]"
+        print(f"{name:8}{rate:>26}{row['outlier_nll_bpd']:>20.2f}{quality}")
     print(
         f"\n{result['steps']} steps in {result['train_wall_s']:.0f} s of training; "
         f"pictures and metrics.json in {args.output_dir}"

@@ -42,7 +42,8 @@ def checkpoint(tmp_path_factory):
 def argv(checkpoint, out, *extra):
     return [
         "--checkpoint", str(checkpoint), "--output-dir", str(out), "--steps", "4",
-        "--batch-size", "8", "--eval-every", "2", "--eval-samples", "8", "--eval-steps", "2",
+        "--batch-size", "8", "--eval-every", "2", "--eval-samples", "8", "--track-samples", "4",
+        "--eval-steps", "2",
         "--nll-probes", "2", "--nll-tolerance", "1e-2", "--checkpoint-every", "2",
         "--no-progress", *extra,
     ]  # fmt: skip
@@ -122,3 +123,29 @@ def test_help_runs(capsys):
         unlearn.parse_args(["--help"])
     assert exit_info.value.code == 0
     assert "--resume" in capsys.readouterr().out
+
+
+def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
+    """The flags users take to their own data: pretrain.py and unlearn.py on an image folder."""
+    import pretrain
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(12):
+        pixels = (torch.rand(12, 12, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+    outlier = tmp_path / "outlier.png"
+    Image.fromarray(torch.full((12, 12, 3), 255, dtype=torch.uint8).numpy()).save(outlier)
+    data = ["--data", "folder", "--data-root", str(folder), "--outlier-image", str(outlier)]
+    checkpoint = tmp_path / "pretrained"
+    pretrain.main([
+        *data, "--size", "16", "--channels", "3", "--steps", "2", "--batch-size", "4",
+        "--warmup-steps", "1", "--eval-samples", "0", "--output-dir", str(checkpoint),
+        "--no-progress",
+    ])  # fmt: skip
+    assert UNet2DModel.from_pretrained(checkpoint).config.in_channels == 3
+    result = unlearn.run(unlearn.parse_args([*argv(checkpoint, tmp_path / "out"), *data]))
+    assert result["after"]["inception_score"] is None  # the digit classifier does not apply
+    assert 0 <= result["after"]["outlier_rate"] <= 1
