@@ -25,7 +25,7 @@ allocation and free of forward and backward; it runs in separate, untimed steps 
 tracker slows execution. At a small batch gradients rather than activations dominate, which is
 where gradient copies show.
 
-    python benchmarks/methods.py                    # CPU, 16x16x3, batch 8
+    python benchmarks/methods.py                    # CPU, 32x32x3, batch 16
     python benchmarks/methods.py --device cuda --batch-size 64 --resolution 64 --rounds 15
 """
 
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (one unit each)")
     parser.add_argument(

@@ -29,6 +29,7 @@ def write_json_atomically(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         with os.fdopen(handle, "w") as file:
             json.dump(payload, file, indent=2)
             file.write("\n")
