@@ -30,17 +30,10 @@ from siss.adapters import (
 )
 
 # diffusers' set_timesteps and some constructors trip NumPy 2 deprecations; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread; on a busy shared CPU, two threads spin-wait
-    (one forward+backward of the tiny SD UNet took ~8 s instead of ~0.05 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 VP_CASES = [

@@ -21,14 +21,7 @@ T_EPS = 1e-5
 TOL = 1e-7  # ODE rtol = atol used where the answer is compared tightly
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The ODE runs thousands of tiny ops: with two threads on a shared 2-core machine OpenMP's
-    synchronisation made these tests 15x slower (50 s instead of 3 s), so use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian_problem(alphas_cumprod, eigvals, rotation, mu):
