@@ -39,6 +39,18 @@ def check_nonnegative(value: float, name: str) -> float:
     return float(value)
 
 
+def check_max_weight(value: float) -> float:
+    """The importance-weight cap: a finite number >= 1 (a cap below 1 would bind on every row)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value < 1
+    ):
+        raise ValueError(f"`max_weight` must be a finite number >= 1, got {value!r}")
+    return float(value)
+
+
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}")

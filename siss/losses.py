@@ -24,6 +24,7 @@ from siss._checks import (
     append_dims,
     broadcast_forget,
     check_choice,
+    check_max_weight,
     check_model_output,
     check_nonnegative,
     check_pair,
@@ -253,9 +254,7 @@ class SISSLoss(UnlearningLoss):
         self.n, self.k = check_set_sizes(n, k)
         self.forget_ratio = 1.0 if n is None else k / (n - k)
         self.x_from = check_choice(x_from, "x_from", ("retain", "all"))
-        if not (isinstance(max_weight, (int, float)) and 1 <= max_weight < float("inf")):
-            raise ValueError(f"`max_weight` must be a finite number >= 1, got {max_weight!r}")
-        self.max_weight = float(max_weight)
+        self.max_weight = check_max_weight(max_weight)
 
     def extra_repr(self) -> str:
         return (

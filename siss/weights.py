@@ -24,7 +24,13 @@ import math
 import torch
 from torch import Tensor
 
-from siss._checks import check_pair, check_probability, check_rows, work_dtype
+from siss._checks import (
+    check_max_weight,
+    check_pair,
+    check_probability,
+    check_rows,
+    work_dtype,
+)
 
 DEFAULT_MAX_WEIGHT = 1e4
 """Cap on the one weight that is unbounded at ``λ = 0`` (``w_a``) or ``λ = 1`` (``w_x``)."""
@@ -94,8 +100,7 @@ def importance_weights(
     lam = check_probability(lam, "lam")
     check_rows(gamma, "gamma", x0)
     check_rows(sigma, "sigma", x0)
-    if not (isinstance(max_weight, (int, float)) and math.isfinite(max_weight) and max_weight >= 1):
-        raise ValueError(f"`max_weight` must be a finite number >= 1, got {max_weight!r}")
+    max_weight = check_max_weight(max_weight)
 
     r = log_density_ratio(noisy, x0, a0, gamma, sigma)
     log_keep = math.log1p(-lam) if lam < 1 else -math.inf
