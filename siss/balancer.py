@@ -18,7 +18,10 @@ mode            ``c``
 ==============  ==============================================================
 
 (``"absolute"`` is what the authors' code did, with the norm hand-tuned per data set: 500 on
-CelebA-HQ, 5 on MNIST. ``"bilevel"`` is EraseDiff's ``g_x + max(η - <g_x, g_a>/||g_a||², 0) g_a``
+CelebA-HQ, 5 on MNIST, 750 on Stable Diffusion, for a loss *summed* over the ``D`` values of an
+image. This library averages over them, so their numbers become ``target_norm = 5 / 784`` on
+1x28x28 MNIST, ``500 / 196_608`` on 3x256x256 CelebA-HQ and ``750 / 16_384`` on 4x64x64 SD latents.
+``"bilevel"`` is EraseDiff's ``g_x + max(η - <g_x, g_a>/||g_a||², 0) g_a``
 with ``g_a = -g_forget``, the gradient of the objective the forget term minimises: the step then
 moves the forget objective by at least ``η ||g_forget||²``.)
 
@@ -41,6 +44,15 @@ accumulates in place), so nothing is cloned. Norms, the dot product and the comb
 K optimizer steps and held in between, where a step is a single backward of ``keep - c * forget``.
 
 Without a balancer, a fixed superfactor is the loss's own: ``loss_fn(output, draw).backward()``.
+
+A forget gradient too small to measure (``||g_forget|| <= floor * ||g_keep||``, or ``<= eps``
+without a keep gradient) counts as zero. It is common: with SISS at low ``t`` the rows drawn
+from ``x`` have ``w_a ≈ 0``, so a batch with no forget row has a forget gradient of exact zero or of
+rounding noise, and ``ratio ||g_keep|| / ||g_forget||`` would rescale that noise to 10% of the keep
+gradient. On such a refresh, in every mode, ``c = 0`` is used (the step is the keep gradient, as
+the forget term contributes nothing measurable), ``BalanceStats.measured`` is ``False``, the
+coefficient held for amortized steps stays the last *measured* one, and the next step refreshes
+again: a coefficient is never held from a step that could not measure it.
 
 ``"fix"`` and ``"clip"`` measure the forget gradient against the keep gradient, so they need a loss
 with a keep term (``SISSLoss``, ``SISSNoISLoss``, ``EraseDiffLoss``); ``NegGradLoss`` has none
@@ -96,6 +108,10 @@ class BalanceStats(NamedTuple):
         skipped: a non-finite norm was found; every ``.grad`` was set to ``None`` so that
             ``optimizer.step()`` leaves the parameters (and optimizer state) untouched.
         refreshed: ``c`` was recomputed this step (two backward passes per micro-batch).
+        measured: the refresh measured a forget gradient above the floor, so ``c`` was computed
+            by the mode's rule and is held for the amortized steps that follow. ``False`` on
+            amortized steps and on refreshes whose forget gradient counted as zero (``c = 0``
+            was used, and the next step refreshes again).
     """
 
     coefficient: Tensor
@@ -103,6 +119,7 @@ class BalanceStats(NamedTuple):
     forget_norm: Tensor | None
     skipped: bool
     refreshed: bool
+    measured: bool = False
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -129,17 +146,55 @@ def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(_stack(_norms(tensors)))
 
 
+def _check_params(params: object) -> list[Tensor]:
+    """The trainable tensors of ``params``, an iterable of tensors (as ``torch.optim`` takes)."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "`params` must be an iterable of tensors (e.g. `model.parameters()`), got a single "
+            "Tensor: wrap it in a list"
+        )
+    try:
+        tensors = list(params)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"`params` must be an iterable of tensors, got {type(params).__name__}"
+        ) from None
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"`params` must hold tensors only, got a {type(tensor).__name__}")
+    return [p for p in tensors if p.requires_grad]
+
+
+def _has_reentrant_checkpoint(root: Tensor) -> bool:
+    """Whether the autograd graph of ``root`` holds a reentrant activation checkpoint."""
+    seen: set[object] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def _global_dot(first: list[Tensor], second: list[Tensor], device: torch.device) -> Tensor:
-    """``sum_i <a_i, b_i>`` without a product buffer: one ``(1, n) @ (n, 1)`` per pair."""
+    """``sum_i <a_i, b_i>`` without a product buffer: one ``(1, n) @ (n, 1)`` per pair.
+
+    Summed in float64 for float64 tensors, float32 otherwise (as the norms are).
+    """
     if not first:
         return torch.zeros((), device=device)
+    dtype = torch.float64 if first[0].dtype == torch.float64 else torch.float32
     rows = [a.reshape(1, -1) for a in first]
     cols = [b.reshape(-1, 1) for b in second]
     if hasattr(torch, "_foreach_mm"):
         products = torch._foreach_mm(rows, cols)
     else:  # pragma: no cover - torch without _foreach_mm
         products = [torch.mm(a, b) for a, b in zip(rows, cols, strict=True)]
-    return _stack([p.reshape(()).float() for p in products]).sum()
+    return _stack([p.reshape(()).to(dtype) for p in products]).sum()
 
 
 class NormBalancer:
@@ -157,8 +212,12 @@ class NormBalancer:
         eta: EraseDiff's ``η`` for ``"bilevel"`` (default 0.1).
         every: refresh ``c`` every this many optimizer steps (``K``); in between a step is one
             backward of ``keep - c * forget`` with the last ``c``. 1 (default) is exact every step.
-        eps: added to ``||g_forget||`` (``||g_forget||²`` for ``"bilevel"``) so that a zero forget
-            gradient gives a finite ``c`` (which then multiplies zero).
+        eps: added to ``||g_forget||`` (``||g_forget||²`` for ``"bilevel"``) in the rules, and the
+            floor of ``||g_forget||`` when there is no keep gradient.
+        floor: a forget gradient with ``||g_forget|| <= floor * ||g_keep||`` counts as zero (see
+            the module docstring): ``c = 0`` on that step, nothing held from it. The default,
+            ``1e-7``, is float32's resolution: added to the keep gradient, such a forget gradient
+            would not change a single float32 value of the plain ``keep - s * forget`` gradient.
         sync: all-reduce the forget gradient across the default (or ``process_group``) group;
             ``None`` (default) does so when ``torch.distributed`` is initialised with more than one
             process.
@@ -167,8 +226,13 @@ class NormBalancer:
             ``inputs`` keywords: ``torch.Tensor.backward`` (default), ``accelerator.backward``,
             or ``lambda t, **kw: scaler.scale(t).backward(**kw)``.
 
-    Host syncs: one ``bool`` read per ``step`` (is every norm finite?), the decision to skip the
-    update. Everything else, ``c`` included, stays on the device.
+    Host syncs: one read of two flags per ``step`` (is every norm finite? was the forget gradient
+    measured?), which decide whether to skip the update and whether to hold ``c``. Everything
+    else, ``c`` included, stays on the device.
+
+    Activation checkpointing must be non-reentrant (``use_reentrant=False``, diffusers' default):
+    a reentrant checkpoint hides its parameters from the forget backward's ``inputs=``, and the
+    first refresh raises a ``ValueError`` saying so.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -191,11 +255,12 @@ class NormBalancer:
         eta: float = 0.1,
         every: int = 1,
         eps: float = 1e-12,
+        floor: float = 1e-7,
         sync: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
         backward: Callable[..., object] | None = None,
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]
+        self.params = _check_params(params)
         if not self.params:
             raise ValueError("`params` must hold at least one parameter with requires_grad=True")
         self.mode = check_choice(mode, "mode", MODES)
@@ -215,6 +280,7 @@ class NormBalancer:
         if not (isinstance(eps, Real) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
         self.eps = float(eps)
+        self.floor = check_nonnegative(floor, "floor")
         self.sync = sync
         self.process_group = process_group
         self._backward = backward if backward is not None else Tensor.backward
@@ -222,17 +288,19 @@ class NormBalancer:
         self._refresh: bool | None = None  # this optimizer step's kind, set by its first backward
         self._coefficient: Tensor | None = None
         self._since_refresh = 0
+        self._graph_checked = False
 
     def __repr__(self) -> str:
         return (
             f"NormBalancer(mode={self.mode!r}, ratio={self.ratio}, target_norm={self.target_norm}, "
             f"superfactor={self.superfactor}, eta={self.eta}, every={self.every}, eps={self.eps}, "
+            f"floor={self.floor}, "
             f"params={len(self.params)})"
         )
 
     @property
     def coefficient(self) -> Tensor | None:
-        """The last ``c`` (0-dim tensor), ``None`` before the first refresh."""
+        """The ``c`` held for amortized steps: the last measured one, ``None`` before any."""
         return self._coefficient
 
     def _distributed(self) -> bool:
@@ -269,6 +337,16 @@ class NormBalancer:
         if not self._refresh:
             self._backward(keep - self._coefficient * forget)
             return
+        if not self._graph_checked:
+            # Once: walking the graph costs Python time per node.
+            if _has_reentrant_checkpoint(forget):
+                raise ValueError(
+                    "`forget` was computed through a reentrant activation checkpoint "
+                    "(torch.utils.checkpoint with use_reentrant=True), whose parameters the "
+                    "forget backward cannot reach: use `use_reentrant=False` (diffusers' "
+                    "default for `enable_gradient_checkpointing`)"
+                )
+            self._graph_checked = True
         self._backward(keep, retain_graph=True)
         params = self.params
         kept = [p.grad for p in params]
@@ -298,7 +376,7 @@ class NormBalancer:
             if skipped:
                 self._clear_grads()
             self._since_refresh += 1
-            return BalanceStats(self._coefficient, None, None, skipped, False)
+            return BalanceStats(self._coefficient, None, None, skipped, False, False)
 
         forget, self._forget = self._forget, None
         params = self.params
@@ -313,14 +391,20 @@ class NormBalancer:
         device = params[0].device
         keep_norm = _global_norm(keep_grads, device)
         forget_norm = _global_norm(forget_grads, device)
-        coefficient = self._rule(keep_norm, forget_norm, both, device)
+        floor = torch.clamp(self.floor * keep_norm, min=self.eps)
+        measurable = forget_norm > floor
+        coefficient = torch.where(
+            measurable, self._rule(keep_norm, forget_norm, both, device), 0.0
+        ).to(keep_norm.dtype)
         finite = torch.isfinite(keep_norm) & torch.isfinite(forget_norm)
-        skipped = not bool(finite & torch.isfinite(coefficient))  # host sync: the skip decision
-        if skipped:
+        finite = finite & torch.isfinite(coefficient)
+        flags = torch.stack([finite, measurable]).tolist()  # host sync: skip? hold c?
+        ok, measured = bool(flags[0]), bool(flags[1])
+        if not ok:
             self._clear_grads()
             del forget, pairs, both, forget_grads
             self._since_refresh = self.every  # refresh again at the next step
-            return BalanceStats(coefficient, keep_norm, forget_norm, True, True)
+            return BalanceStats(coefficient, keep_norm, forget_norm, True, True, False)
         if forget_grads:
             torch._foreach_mul_(forget_grads, coefficient)
         if both:
@@ -330,9 +414,13 @@ class NormBalancer:
             torch._foreach_neg_(scaled)
             for p, grad in zip([p for p, _ in forget_only], scaled, strict=True):
                 p.grad = grad
-        self._coefficient = coefficient.detach()
-        self._since_refresh = 1
-        return BalanceStats(self._coefficient, keep_norm, forget_norm, False, True)
+        coefficient = coefficient.detach()
+        if measured:
+            self._coefficient = coefficient
+            self._since_refresh = 1
+        else:
+            self._since_refresh = self.every  # nothing measured: refresh again at the next step
+        return BalanceStats(coefficient, keep_norm, forget_norm, False, True, measured)
 
     def _rule(
         self,

@@ -340,3 +340,151 @@ def test_with_the_library_losses(alphas_cumprod, name):
     balancer.backward(terms.keep, terms.forget)
     stats = balancer.step()
     assert (stats.coefficient * stats.forget_norm / stats.keep_norm).item() == pytest.approx(0.2)
+
+
+# --- Reliability review: coefficients never held from a step that could not measure them ---
+
+
+def _zero_forget_terms(net, x, a):
+    keep, forget = terms(net, x, a)
+    return keep, forget * 0  # connected zero: a batch with no forget rows (w_a = 0 at low t)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unmeasurable_refresh_is_not_held(mode):
+    """A refresh whose forget gradient is zero uses c = 0 and refreshes again next step.
+
+    Before the fix, ``fix`` held ``0.1 ||g_keep|| / 1e-12`` for the K-1 amortized steps after it
+    and the next step's gradient norm grew from ~1 to ~1e11.
+    """
+    net, x, a = make()
+    balancer = NormBalancer(net.parameters(), mode=mode, every=4, **options(mode))
+    balancer.backward(*_zero_forget_terms(net, x, a))
+    first = balancer.step()
+    assert not first.skipped and first.refreshed and not first.measured
+    assert first.coefficient.item() == 0.0
+    assert balancer.coefficient is None  # nothing held from a step that could not measure it
+    keep_only = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    reached = [p for p in net.parameters() if p.grad is not None]
+    g_keep = torch.autograd.grad(terms(net, x, a)[0], reached, allow_unused=True)
+    for got, expected in zip(keep_only, g_keep, strict=True):
+        torch.testing.assert_close(got, torch.zeros_like(got) if expected is None else expected)
+    net.zero_grad(set_to_none=True)
+    balancer.backward(*terms(net, x, a))
+    second = balancer.step()  # refreshes again: it must not amortize with an unmeasured c
+    assert second.refreshed and second.measured
+    expected, c, _, _ = brute_force(net, [(x, a)], mode, **options(mode))
+    assert second.coefficient.item() == pytest.approx(c, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unmeasurable_refresh_keeps_the_last_good_coefficient(mode):
+    net, x, a = make()
+    balancer = NormBalancer(net.parameters(), mode=mode, every=2, **options(mode))
+    balancer.backward(*terms(net, x, a))
+    good = balancer.step().coefficient
+    net.zero_grad(set_to_none=True)
+    balancer.backward(*terms(net, x, a))
+    assert not balancer.step().refreshed
+    net.zero_grad(set_to_none=True)
+    balancer.backward(*_zero_forget_terms(net, x, a))
+    stats = balancer.step()
+    assert stats.refreshed and not stats.measured and stats.coefficient.item() == 0.0
+    assert balancer.coefficient is good
+    net.zero_grad(set_to_none=True)
+    balancer.backward(*terms(net, x, a))
+    assert balancer.step().refreshed  # again, until a step measures one
+
+
+@pytest.mark.parametrize("mode", ["fix", "clip", "bilevel"])
+def test_rounding_noise_forget_gradient_counts_as_zero(mode):
+    """||g_forget|| = 1e-12 ||g_keep|| is rounding noise: c = 0, not a 1e11 rescaling of it."""
+    net, x, a = make()
+    balancer = NormBalancer(net.parameters(), mode=mode, **options(mode))
+    keep, forget = terms(net, x, a, forget_scale=1e-12)
+    balancer.backward(keep, forget)
+    stats = balancer.step()
+    assert not stats.measured and stats.coefficient.item() == 0.0
+    assert stats.forget_norm.item() < balancer.floor * stats.keep_norm.item()
+
+
+def test_forget_gradient_above_the_floor_is_measured():
+    net, x, a = make()
+    balancer = NormBalancer(net.parameters())
+    keep, forget = terms(net, x, a, forget_scale=1e-4)
+    balancer.backward(keep, forget)
+    stats = balancer.step()
+    assert stats.measured
+    assert (stats.coefficient * stats.forget_norm / stats.keep_norm).item() == pytest.approx(RATIO)
+
+
+def test_bare_tensor_params_raise():
+    """torch.optim raises here; iterating a tensor's rows would silently drop the forget grad."""
+    weight = nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="`params`"):
+        NormBalancer(weight)
+    with pytest.raises(TypeError, match="`params`"):
+        NormBalancer([weight, "bias"])
+
+
+def _checkpointed(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    head = nn.Linear(4, 4).double()
+
+    def forward(inputs):
+        hidden = checkpoint(body, inputs, use_reentrant=use_reentrant)
+        return head(hidden)
+
+    return nn.ModuleList([body, head]), forward
+
+
+def test_non_reentrant_checkpointing_is_exact():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    modules, forward = _checkpointed(use_reentrant=False)
+    params = list(modules.parameters())
+    out = forward(x)
+    keep, forget = out.square().mean(), out.sin().mean()
+    g_keep = torch.autograd.grad(keep, params, retain_graph=True)
+    g_forget = torch.autograd.grad(forget, params)
+    balancer = NormBalancer(params)
+    out = forward(x)
+    balancer.backward(out.square().mean(), out.sin().mean())
+    stats = balancer.step()
+    keep_norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in g_keep]))
+    forget_norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in g_forget]))
+    c = RATIO * keep_norm / forget_norm
+    assert stats.coefficient.item() == pytest.approx(c.item(), rel=1e-9)
+    for p, k, f in zip(params, g_keep, g_forget, strict=True):
+        torch.testing.assert_close(p.grad, k - c * f)
+
+
+def test_reentrant_checkpointing_raises_with_the_fix():
+    """Reentrant checkpointing hides its parameters from ``backward(inputs=...)``: before the
+    fix c came out 0.1316 instead of 0.1182 and the gradients were off by 5e-2."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    modules, forward = _checkpointed(use_reentrant=True)
+    balancer = NormBalancer(modules.parameters())
+    out = forward(x)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        balancer.backward(out.square().mean(), out.sin().mean())
+
+
+def test_bilevel_dot_product_in_float64_for_a_float64_model():
+    """The bilevel rule's <g_keep, g_forget> must be accumulated at the model's precision."""
+    params = [nn.Parameter(torch.zeros(4096, dtype=torch.float64))]
+    g = torch.Generator().manual_seed(0)
+    base = 1.0 + torch.rand(4096, generator=g, dtype=torch.float64)
+    keep_grad = base + 1e-9 * torch.randn(4096, generator=g, dtype=torch.float64)
+    forget_grad = base.clone()
+    balancer = NormBalancer(params, mode="bilevel", eta=0.0)
+    balancer.backward((params[0] * keep_grad).sum(), (params[0] * forget_grad).sum())
+    stats = balancer.step()
+    dot = float((keep_grad * forget_grad).sum())
+    expected = max(dot / float((forget_grad * forget_grad).sum()), 0.0)
+    assert stats.coefficient.dtype == torch.float64
+    assert stats.coefficient.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
