@@ -4,6 +4,7 @@ The core (this package's top level) depends on torch only; ``siss.adapters`` bri
 and ``siss.metrics`` holds the evaluation metrics.
 """
 
+from siss._checks import set_validate_values, validate_values_enabled
 from siss.balancer import BalanceStats, NormBalancer
 from siss.baselines import (
     DenoisingDraw,
@@ -12,6 +13,7 @@ from siss.baselines import (
     NegGradLoss,
     SISSNoISLoss,
 )
+from siss.loop import paired_batches, rank_generator
 from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss, siss_terms
 from siss.registry import METHODS, make_loss
 from siss.sampler import mixture_sample
@@ -41,6 +43,10 @@ __all__ = [
     "log_density_ratio",
     "make_loss",
     "mixture_sample",
+    "paired_batches",
     "prediction_target",
+    "rank_generator",
+    "set_validate_values",
     "siss_terms",
+    "validate_values_enabled",
 ]

@@ -36,13 +36,20 @@ from torch import Tensor
 from siss import _random
 from siss._checks import (
     broadcast_forget,
-    check_choice,
+    check_batch,
     check_model_output,
     check_pair,
-    check_set_sizes,
     work_dtype,
 )
-from siss.losses import LossTerms, Reduction, UnlearningLoss, XFrom, siss_terms
+from siss.losses import (
+    LossTerms,
+    Reduction,
+    UnlearningLoss,
+    XFrom,
+    check_subsets,
+    required_superfactor,
+    siss_terms,
+)
 from siss.schedule import NoiseSchedule, TimestepSpec
 from siss.targets import PredictionType
 
@@ -177,6 +184,7 @@ class NaiveDeletionLoss(_BaselineLoss):
         superfactor: accepted for a uniform interface; multiplies a zero term.
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or ``"flow_prediction"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
+        snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -196,12 +204,14 @@ class NaiveDeletionLoss(_BaselineLoss):
         *,
         prediction_type: PredictionType = "epsilon",
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
             superfactor=superfactor,
             prediction_type=prediction_type,
             reduction=reduction,
+            snr_gamma=snr_gamma,
         )
 
     def sample(
@@ -215,14 +225,16 @@ class NaiveDeletionLoss(_BaselineLoss):
         if a0 is not None:
             check_pair(x0, broadcast_forget(x0, a0))
         else:
-            check_pair(x0, x0)
+            check_batch(x0, "x0")
         return self._draw(x0, None, timesteps, generator)
 
-    def terms(self, model_output: Tensor, draw: DenoisingDraw) -> LossTerms:
+    def terms(
+        self, model_output: Tensor, draw: DenoisingDraw, weights: Tensor | None = None
+    ) -> LossTerms:
         """``keep = l_x`` (Eq. 2), ``forget = 0`` (connected); model output ``(B, ...)``."""
         draw, prediction = self._prediction(model_output, draw)
         keep = self._errors(prediction, draw, slice(None))
-        return self._combine(keep, _connected_zero(keep))
+        return self._combine(keep, _connected_zero(keep), draw, weights)
 
 
 class NegGradLoss(_BaselineLoss):
@@ -236,6 +248,7 @@ class NegGradLoss(_BaselineLoss):
         superfactor: ``s >= 0``, the ascent step's scale (default 1: plain NegGrad).
         prediction_type: see ``siss.targets``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
+        snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -255,12 +268,14 @@ class NegGradLoss(_BaselineLoss):
         *,
         prediction_type: PredictionType = "epsilon",
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
             superfactor=superfactor,
             prediction_type=prediction_type,
             reduction=reduction,
+            snr_gamma=snr_gamma,
         )
 
     def sample(
@@ -278,14 +293,16 @@ class NegGradLoss(_BaselineLoss):
             a0 = broadcast_forget(x0, a0)
             check_pair(x0, a0)
         else:
-            check_pair(a0, a0)
+            check_batch(a0, "a0")
         return self._draw(None, a0, timesteps, generator)
 
-    def terms(self, model_output: Tensor, draw: DenoisingDraw) -> LossTerms:
+    def terms(
+        self, model_output: Tensor, draw: DenoisingDraw, weights: Tensor | None = None
+    ) -> LossTerms:
         """``keep = 0`` (connected), ``forget = l_a`` (Eq. 3); model output ``(B, ...)``."""
         draw, prediction = self._prediction(model_output, draw)
         forget = self._errors(prediction, draw, slice(None))
-        return self._combine(_connected_zero(forget), forget)
+        return self._combine(_connected_zero(forget), forget, draw, weights)
 
 
 class _PairedLoss(_BaselineLoss):
@@ -325,11 +342,13 @@ class SISSNoISLoss(_PairedLoss):
 
     Args:
         alphas_cumprod: ``ᾱ_t``, shape ``(T,)``, or a ``NoiseSchedule``.
-        superfactor: ``s >= 0``.
-        n, k: ``|X|`` and ``|A|``; unset, ``k/(n-k)`` is taken as 1 (``n/(n-k)`` as 2).
+        superfactor: ``s >= 0``, required (see ``SISSLoss``).
+        n, k: ``|X|`` (the forget set included) and ``|A|``; unset (``x_from="retain"`` only),
+            ``k/(n-k)`` is taken as 1.
         x_from: ``"retain"`` (default) or ``"all"``, as for ``SISSLoss``.
         prediction_type: see ``siss.targets``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``, one value per pair).
+        snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -345,35 +364,37 @@ class SISSNoISLoss(_PairedLoss):
     def __init__(
         self,
         alphas_cumprod: Tensor | NoiseSchedule,
-        superfactor: float = 0.0,
+        superfactor: float | None = None,
         n: int | None = None,
         k: int | None = None,
         x_from: XFrom = "retain",
         *,
         prediction_type: PredictionType = "epsilon",
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
-            superfactor=superfactor,
+            superfactor=required_superfactor(superfactor, type(self).__name__),
             prediction_type=prediction_type,
             reduction=reduction,
+            snr_gamma=snr_gamma,
         )
-        self.n, self.k = check_set_sizes(n, k)
-        self.forget_ratio = 1.0 if n is None else k / (n - k)
-        self.x_from = check_choice(x_from, "x_from", ("retain", "all"))
+        self.n, self.k, self.x_from, self.forget_ratio = check_subsets(n, k, x_from)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, k={self.k}, x_from={self.x_from!r}, " + super().extra_repr()
 
-    def terms(self, model_output: Tensor, draw: DenoisingDraw) -> LossTerms:
+    def terms(
+        self, model_output: Tensor, draw: DenoisingDraw, weights: Tensor | None = None
+    ) -> LossTerms:
         """Keep and forget terms of Eq. 15 / Eq. 4; model output ``(2B, ...)``, terms per pair."""
         draw, prediction = self._prediction(model_output, draw)
         error_x = self._errors(prediction, draw, slice(None, draw.num_keep))
         error_a = self._errors(prediction, draw, slice(draw.num_keep, None))
         ones = torch.ones_like(error_x)
         keep, forget = siss_terms(error_x, error_a, ones, ones, self.forget_ratio, self.x_from)
-        return self._combine(keep, forget)
+        return self._combine(keep, forget, draw, weights)
 
 
 class EraseDiffLoss(_PairedLoss):
@@ -396,6 +417,7 @@ class EraseDiffLoss(_PairedLoss):
         superfactor: EraseDiff's ``λ >= 0`` (default 1).
         prediction_type: only ``"epsilon"``: the uniform targets are targets for predicted noise.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``, one value per pair).
+        snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -415,12 +437,14 @@ class EraseDiffLoss(_PairedLoss):
         *,
         prediction_type: PredictionType = "epsilon",
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
             superfactor=superfactor,
             prediction_type=prediction_type,
             reduction=reduction,
+            snr_gamma=snr_gamma,
         )
         if self.prediction_type != "epsilon":
             raise ValueError(
@@ -428,10 +452,12 @@ class EraseDiffLoss(_PairedLoss):
                 f"be 'epsilon', got {prediction_type!r}"
             )
 
-    def terms(self, model_output: Tensor, draw: DenoisingDraw) -> LossTerms:
+    def terms(
+        self, model_output: Tensor, draw: DenoisingDraw, weights: Tensor | None = None
+    ) -> LossTerms:
         """``keep = l_x``, ``forget = -l_u``; model output ``(2B, ...)``, terms per pair."""
         draw, prediction = self._prediction(model_output, draw)
         keep = self._errors(prediction, draw, slice(None, draw.num_keep))
         target = draw.uniform_target.to(prediction.dtype)
         fit = (prediction[draw.num_keep :] - target).square().flatten(1).mean(1)
-        return self._combine(keep, -fit)
+        return self._combine(keep, -fit, draw, weights)

@@ -9,6 +9,12 @@ Every loss is used the same way inside an ordinary training loop::
 
 ``loss_fn.terms(model_output, draw)`` returns the keep and forget terms separately, with
 ``loss = keep - superfactor * forget``, for gradient-norm balancing.
+
+Per-row loss weights (e.g. the min-SNR-γ weighting of diffusers' training scripts) apply to both
+terms of a row before the batch reduction: ``snr_gamma=5.0`` in the constructor, or
+``loss_fn(model_output, draw, weights=w)`` with any ``w`` of shape ``(B,)``. A weight that depends
+on the row's timestep only keeps Lemma 1: both terms of a row share ``t``, so the estimator is
+unbiased for the weighted objective ``E_t[w(t) (L_{X\\A,t} - s k/(n-k) L_{A,t})]``.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from siss._checks import (
     append_dims,
     broadcast_forget,
     check_choice,
+    check_loss_finite,
     check_max_weight,
     check_model_output,
     check_nonnegative,
     check_pair,
     check_probability,
+    check_rows,
     check_set_sizes,
     work_dtype,
 )
@@ -101,7 +109,19 @@ def siss_terms(
       so ``keep - s forget = n/(n-k) w_x l_x - (1+s) ρ w_a l_a``.
     * ``x_from="retain"`` (Eq. 15, ``x ~ p_{X\\A}``): ``keep = w_x l_x``, ``forget = ρ w_a l_a``.
 
-    In both, ``E[keep] = L_{X\\A}`` (Eq. 7, Lemma 1) and ``E[forget] = ρ L_A``.
+    For ``0 < λ < 1`` the weights are bounded (Eqs. 9–10) and ``E[keep] = L_{X\\A}``,
+    ``E[forget] = ρ L_A`` (Eq. 7, Lemma 1), with finite variance. At the extremes one weight is
+    unbounded and capped (``max_weight``), and only one term stays unbiased:
+
+    * ``λ = 0`` (every row noised from ``x``): ``w_x = 1`` exactly, so ``keep`` is unbiased;
+      ``w_a = q(m|a)/q(m|x)`` is unbounded, and ``forget`` is biased low — by the cap, and in
+      high dimension also because its mass sits in draws too rare to occur in a run (measured:
+      forget term 0.40 against 0.79, with any cap).
+    * ``λ = 1`` (every row noised from ``a``): ``forget`` is unbiased and ``keep`` is biased low
+      the same way (measured: 0.96 against 1.60, also with ``max_weight=1e30``).
+
+    So ``λ ∈ {0, 1}`` are the paper's ablations ("behaves like naive deletion / NegGrad"), not
+    unbiased estimators of Eq. 8.
 
     Args:
         error_x, error_a: squared errors, shape ``(B,)``.
@@ -114,6 +134,32 @@ def siss_terms(
     if x_from == "all":
         keep = (1 + forget_ratio) * keep - forget
     return keep, forget
+
+
+def required_superfactor(superfactor: float | None, owner: str) -> float:
+    """``s`` given explicitly: the shortest call must not silently be naive deletion."""
+    if superfactor is None:
+        raise ValueError(
+            f"{owner} needs `superfactor` (s >= 0, the weight of the NegGrad term, Eq. 8): the "
+            "paper tunes it so that the NegGrad gradient is ~10% of the naive-deletion gradient "
+            "(try 0.1, or siss.NormBalancer); s = 0 is naive deletion in expectation; with a "
+            "NormBalancer the loss's superfactor is not used (pass 0.0)"
+        )
+    return check_nonnegative(superfactor, "superfactor")
+
+
+def check_subsets(
+    n: int | None, k: int | None, x_from: str
+) -> tuple[int | None, int | None, XFrom, float]:
+    """``(n, k, x_from, k/(n-k))``; Eq. 8 (``x_from="all"``) needs ``n`` and ``k``."""
+    n, k = check_set_sizes(n, k)
+    x_from = check_choice(x_from, "x_from", ("retain", "all"))
+    if x_from == "all" and n is None:
+        raise ValueError(
+            "x_from='all' (Eq. 8) needs `n` (|X|, the forget set included) and `k` (|A|): its "
+            "keep weight n/(n-k) cannot be folded into the superfactor"
+        )
+    return n, k, x_from, 1.0 if n is None else k / (n - k)
 
 
 class UnlearningLoss(nn.Module):
@@ -138,6 +184,7 @@ class UnlearningLoss(nn.Module):
         superfactor: float = 0.0,
         prediction_type: PredictionType = "epsilon",
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(alphas_cumprod, NoiseSchedule):
@@ -147,18 +194,34 @@ class UnlearningLoss(nn.Module):
         self.superfactor = check_nonnegative(superfactor, "superfactor")
         self.prediction_type = check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
         self.reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
+        if snr_gamma is not None:
+            check_nonnegative(snr_gamma, "snr_gamma")
+            if snr_gamma == 0 or self.prediction_type == "flow_prediction":
+                raise ValueError(
+                    "`snr_gamma` (min-SNR-γ weighting) must be > 0 and is defined for the "
+                    "variance-preserving prediction types; for flow matching pass `weights=` "
+                    "(e.g. diffusers' compute_loss_weighting_for_sd3) to the loss"
+                )
+            snr_gamma = float(snr_gamma)
+        self.snr_gamma = snr_gamma
 
-    def forward(self, model_output: Tensor, draw: object) -> Tensor:
-        """The scalar loss (``(B,)`` with ``reduction="none"``) for ``model_output`` on ``draw``."""
-        return self.terms(model_output, draw).loss
+    def forward(self, model_output: Tensor, draw: object, weights: Tensor | None = None) -> Tensor:
+        """The scalar loss (``(B,)`` with ``reduction="none"``) for ``model_output`` on ``draw``.
 
-    def terms(self, model_output: Tensor, draw: object) -> LossTerms:  # pragma: no cover - abstract
+        ``weights`` (``(B,)``, optional) multiply each row's loss before the reduction.
+        """
+        return self.terms(model_output, draw, weights=weights).loss
+
+    def terms(
+        self, model_output: Tensor, draw: object, weights: Tensor | None = None
+    ) -> LossTerms:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (
             f"T={len(self.schedule)}, superfactor={self.superfactor}, "
-            f"prediction_type={self.prediction_type!r}, reduction={self.reduction!r}"
+            f"prediction_type={self.prediction_type!r}, reduction={self.reduction!r}, "
+            f"snr_gamma={self.snr_gamma}"
         )
 
     def _schedule_rows(
@@ -185,8 +248,32 @@ class UnlearningLoss(nn.Module):
         target = prediction_target(self.prediction_type, clean, noise, gamma, sigma)
         return (prediction - target).square().flatten(1).mean(1)
 
-    def _combine(self, keep: Tensor, forget: Tensor) -> LossTerms:
+    def _row_weights(self, draw: object, weights: Tensor | None, keep: Tensor) -> Tensor | None:
+        """Per-row weights ``(B,)``: the caller's ``weights`` times min-SNR-γ's, or ``None``."""
+        if weights is not None:
+            check_rows(weights, "weights", keep)
+            weights = weights.to(keep.dtype)
+        if self.snr_gamma is None:
+            return weights
+        rows = keep.shape[0]  # a 2B-row draw repeats its B timesteps: the first B are the pairs
+        gamma, sigma = (v[:rows].to(keep.dtype) for v in (draw.gamma, draw.sigma))
+        snr = (gamma / sigma).square()
+        # diffusers' train_text_to_image.py: min(snr, γ) / snr for epsilon, / (snr + 1) for v.
+        snr_weights = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            snr_weights = snr_weights / snr
+        elif self.prediction_type == "v_prediction":
+            snr_weights = snr_weights / (snr + 1)
+        return snr_weights if weights is None else snr_weights * weights
+
+    def _combine(
+        self, keep: Tensor, forget: Tensor, draw: object, weights: Tensor | None
+    ) -> LossTerms:
+        row_weights = self._row_weights(draw, weights, keep)
+        if row_weights is not None:
+            keep, forget = keep * row_weights, forget * row_weights
         loss = keep - self.superfactor * forget
+        check_loss_finite(loss)
         if self.reduction == "none":
             return LossTerms(loss, keep, forget)
         reduce = torch.mean if self.reduction == "mean" else torch.sum
@@ -207,19 +294,26 @@ class SISSLoss(UnlearningLoss):
             ``NoiseSchedule``.
         lam: mixture weight ``λ`` in ``[0, 1]``. ``0.5`` is the paper's choice; ``0`` behaves like
             naive deletion and ``1`` like NegGrad (§4).
-        superfactor: ``s >= 0``, the extra weight on the NegGrad term (Eq. 8).
-        n: ``|X|``, the size of the whole training set.
-        k: ``|A|``, the number of points to forget. With ``n`` and ``k`` unset, ``k/(n-k)`` is
-            taken as 1 (and ``n/(n-k)`` as 2): the forget term's constant is then folded into
-            ``superfactor``, which is how the paper tunes it (§5).
+        superfactor: ``s >= 0``, the extra weight on the NegGrad term (Eq. 8); required, as the
+            paper gives no default: ``s = 0`` is naive deletion in expectation, and §5 tunes ``s``
+            so that the NegGrad gradient is ~10% of the naive-deletion one (``NormBalancer``
+            does that; with a balancer the value here is not used, pass ``0.0``).
+        n: ``|X|``, the size of the whole training set, the forget set included.
+        k: ``|A|``, the number of points to forget. With ``n`` and ``k`` unset (allowed for
+            ``x_from="retain"`` only), ``k/(n-k)`` is taken as 1: the forget term's constant is
+            then folded into ``superfactor``, which is how the paper tunes it (§5).
         x_from: ``"retain"`` (default) when the loader of ``x0`` yields ``X \\ A`` only (Eq. 15,
             ``loss = w_x l_x - s k/(n-k) w_a l_a``), ``"all"`` when it yields all of ``X``
-            (Eq. 8, ``loss = n/(n-k) w_x l_x - (1+s) k/(n-k) w_a l_a``).
+            (Eq. 8, ``loss = n/(n-k) w_x l_x - (1+s) k/(n-k) w_a l_a``; needs ``n`` and ``k``,
+            because ``n/(n-k)`` cannot be folded into ``s``).
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or
             ``"flow_prediction"``; each term regresses on its own clean point's target.
         max_weight: cap on the weight that is unbounded at ``λ = 0`` or ``λ = 1``
-            (see ``siss.importance_weights``).
+            (see ``siss.importance_weights``; what then holds: ``siss_terms``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
+        snr_gamma: min-SNR-γ loss weighting of each row by its timestep, as diffusers'
+            ``--snr_gamma`` (``min(SNR, γ)/SNR`` for epsilon, ``/(SNR+1)`` for v-prediction);
+            ``None`` (default) for none.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -235,7 +329,7 @@ class SISSLoss(UnlearningLoss):
         self,
         alphas_cumprod: Tensor | NoiseSchedule,
         lam: float = 0.5,
-        superfactor: float = 0.0,
+        superfactor: float | None = None,
         n: int | None = None,
         k: int | None = None,
         x_from: XFrom = "retain",
@@ -243,17 +337,17 @@ class SISSLoss(UnlearningLoss):
         prediction_type: PredictionType = "epsilon",
         max_weight: float = DEFAULT_MAX_WEIGHT,
         reduction: Reduction = "mean",
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
-            superfactor=superfactor,
+            superfactor=required_superfactor(superfactor, type(self).__name__),
             prediction_type=prediction_type,
             reduction=reduction,
+            snr_gamma=snr_gamma,
         )
         self.lam = check_probability(lam, "lam")
-        self.n, self.k = check_set_sizes(n, k)
-        self.forget_ratio = 1.0 if n is None else k / (n - k)
-        self.x_from = check_choice(x_from, "x_from", ("retain", "all"))
+        self.n, self.k, self.x_from, self.forget_ratio = check_subsets(n, k, x_from)
         self.max_weight = check_max_weight(max_weight)
 
     def extra_repr(self) -> str:
@@ -275,7 +369,7 @@ class SISSLoss(UnlearningLoss):
             x0: clean keep points, shape ``(B, ...)``: from ``X \\ A`` for ``x_from="retain"``,
                 from ``X`` for ``"all"``.
             a0: clean forget points, shape of ``x0``, or ``(1, ...)`` to pair every row with the
-                same point (the usual case of forgetting one image).
+                same point (the usual case of forgetting one image); cast to ``x0``'s dtype.
             timesteps: ``None`` (uniform over the schedule), an ``int`` (fixed), a ``(low, high)``
                 window (inclusive), or an integer tensor ``(B,)`` of grid indices.
             generator: source of all randomness of the draw.
@@ -304,13 +398,16 @@ class SISSLoss(UnlearningLoss):
             weight_a=weight_a,
         )
 
-    def terms(self, model_output: Tensor, draw: SISSDraw) -> LossTerms:
+    def terms(
+        self, model_output: Tensor, draw: SISSDraw, weights: Tensor | None = None
+    ) -> LossTerms:
         """Keep and forget terms (``LossTerms``) of Eq. 8 / Eq. 15 for one model output.
 
         Args:
             model_output: the model's prediction on ``draw.noisy``, shape of ``draw.noisy``; any
                 float dtype (fp16/bf16 under autocast), reduced in float32.
             draw: the result of ``sample``.
+            weights: optional per-row loss weights, shape ``(B,)`` (times min-SNR-γ's, if set).
         """
         if not isinstance(draw, SISSDraw):
             raise TypeError(f"`draw` must come from SISSLoss.sample, got {type(draw).__name__}")
@@ -334,4 +431,4 @@ class SISSLoss(UnlearningLoss):
             self.forget_ratio,
             self.x_from,
         )
-        return self._combine(keep, forget)
+        return self._combine(keep, forget, draw, weights)

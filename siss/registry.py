@@ -49,7 +49,7 @@ def make_loss(
     Example:
         >>> import torch
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
-        >>> make_loss("siss", torch.cumprod(1 - betas, 0), lam=0.0).lam
+        >>> make_loss("siss", torch.cumprod(1 - betas, 0), lam=0.0, superfactor=0.1).lam
         0.0
     """
     try:

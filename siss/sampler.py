@@ -6,7 +6,15 @@ import torch
 from torch import Tensor
 
 from siss import _random
-from siss._checks import append_dims, check_pair, check_probability, check_rows, work_dtype
+from siss._checks import (
+    append_dims,
+    check_finite_values,
+    check_pair,
+    check_positive_values,
+    check_probability,
+    check_rows,
+    work_dtype,
+)
 
 
 def mixture_sample(
@@ -51,6 +59,11 @@ def mixture_sample(
     lam = check_probability(lam, "lam")
     check_rows(gamma, "gamma", x0)
     check_rows(sigma, "sigma", x0)
+    check_positive_values(sigma, "sigma")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError("`noise` must be a floating-point tensor of the shape of `x0`")
+        check_finite_values(noise, "noise")
     from_forget = _random.rand((x0.shape[0],), generator=generator, device=x0.device) < lam
     if noise is None:
         noise = _random.randn(

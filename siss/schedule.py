@@ -9,17 +9,25 @@ the importance weights of Eqs. 9–10 hold for either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from numbers import Integral
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from siss import _random
-from siss._checks import check_floating
+from siss._checks import check_floating, check_index, validate_values_enabled
 
 TimestepSpec = int | tuple[int, int] | Tensor | None
 
 
 class NoiseSchedule(nn.Module):
     """Per-timestep ``gamma_t`` and ``sigma_t`` held as float32 buffers (so ``.to(device)`` works).
+
+    The buffers keep their dtype whatever cast is applied to a module holding the schedule:
+    ``loss_fn.half()`` or ``loss_fn.to(torch.bfloat16)`` moves devices but would otherwise round
+    ``gamma``, ``sigma`` and so the importance weights to 3 significant digits.
 
     Args:
         gamma: signal scale ``gamma_t``, shape ``(T,)``, finite and >= 0.
@@ -96,6 +104,17 @@ class NoiseSchedule(nn.Module):
             timesteps = (s * len(s)).to(torch.float32)
         return cls(1 - s, s, timesteps)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> NoiseSchedule:
+        # nn.Module.to/half/double/bfloat16 all pass through here: follow the device, keep dtype.
+        for name, buffer in self._buffers.items():
+            if buffer is None:
+                continue
+            moved = fn(buffer)
+            if moved.dtype != buffer.dtype:
+                moved = buffer.to(device=moved.device)
+            self._buffers[name] = moved
+        return self
+
     def __len__(self) -> int:
         return self.gamma.shape[0]
 
@@ -120,23 +139,30 @@ class NoiseSchedule(nn.Module):
         last = len(self) - 1
         if timesteps is None:
             return _random.randint(0, last + 1, (batch_size,), generator=generator, device=device)
-        if isinstance(timesteps, bool):
+        if isinstance(timesteps, bool | np.bool_):
             raise TypeError("`timesteps` must be None, an int, a (low, high) pair or a tensor")
-        if isinstance(timesteps, int):
+        if isinstance(timesteps, Integral):
+            timesteps = check_index(timesteps, "timesteps")
             if not 0 <= timesteps <= last:
                 raise ValueError(f"`timesteps` must lie in [0, {last}], got {timesteps}")
             return torch.full((batch_size,), timesteps, dtype=torch.long, device=device)
         if isinstance(timesteps, tuple):
-            if len(timesteps) != 2 or not all(isinstance(t, int) for t in timesteps):
+            if len(timesteps) != 2 or not all(
+                isinstance(t, Integral) and not isinstance(t, bool | np.bool_) for t in timesteps
+            ):
                 raise TypeError(f"a `timesteps` window must be a pair of ints, got {timesteps!r}")
-            low, high = timesteps
+            low, high = (check_index(t, "timesteps") for t in timesteps)
             if not 0 <= low <= high <= last:
                 raise ValueError(
                     f"`timesteps` window must satisfy 0 <= low <= high <= {last}, got {timesteps}"
                 )
             return _random.randint(low, high + 1, (batch_size,), generator=generator, device=device)
         if isinstance(timesteps, Tensor):
-            if timesteps.dtype.is_floating_point or timesteps.dtype == torch.bool:
+            if (
+                timesteps.dtype.is_floating_point
+                or timesteps.dtype.is_complex
+                or timesteps.dtype == torch.bool
+            ):
                 raise TypeError(
                     "`timesteps` tensor must hold integer grid indices, "
                     f"got dtype {timesteps.dtype}"
@@ -146,10 +172,11 @@ class NoiseSchedule(nn.Module):
                     f"`timesteps` tensor must have shape ({batch_size},), "
                     f"got {tuple(timesteps.shape)}"
                 )
-            # Checking values on an accelerator would force a host sync; CPU tensors are free.
-            if timesteps.device.type == "cpu" and (
-                bool((timesteps < 0).any()) or bool((timesteps > last).any())
-            ):
+            # Checking values on an accelerator forces a host sync (value checks only); CPU is free.
+            checked = timesteps.device.type == "cpu" or (
+                validate_values_enabled() and timesteps.device.type != "meta"
+            )
+            if checked and (bool((timesteps < 0).any()) or bool((timesteps > last).any())):
                 raise ValueError(f"`timesteps` must lie in [0, {last}]")
             return timesteps.to(device=device, dtype=torch.long).expand(batch_size)
         raise TypeError(

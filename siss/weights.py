@@ -15,6 +15,11 @@ huge below t≈800 (their difference loses ~1e-2 absolute in float32), but one i
 
 and the weights are formed with ``logaddexp``, never ``exp(r)``: ``r`` reaches thousands at
 3x256x256 and overflows any float.
+
+Each row is first divided by a power of two that brings its values into ``[-2, 2]`` (exact, so the
+result is unchanged) and ``r`` is scaled back at the end: finite inputs of any size then give
+either a finite ``r`` or ``±inf`` (whose weights, ``0`` and the bound, are the exact limits),
+never ``inf - inf = NaN`` from products that overflow one by one.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import torch
 from torch import Tensor
 
 from siss._checks import (
+    check_batch,
     check_max_weight,
     check_pair,
+    check_positive_values,
     check_probability,
     check_rows,
     work_dtype,
@@ -54,10 +61,15 @@ def log_density_ratio(
     with torch.no_grad(), torch.autocast(noisy.device.type, enabled=False):
         m, x, a = (t.to(dtype).flatten(1) for t in (noisy, x0, a0))
         g = gamma.to(dtype)
+        largest = torch.stack([t.abs().amax(1) for t in (m, x, a)]).amax(0)
+        # 2^(e-1) <= largest < 2^e: values land in [-2, 2) and 2^(e-1) is representable.
+        scale = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 1)
+        m, x, a = (t / scale[:, None] for t in (m, x, a))
         # 2m - g(x + a) is O(1) per pixel whatever t is: no large sums get subtracted.
         centred = torch.addcmul(2 * m, g[:, None], x + a, value=-1)
-        inner = torch.linalg.vecdot(x - a, centred)
-        return g * inner / (2 * sigma.to(dtype).square())
+        scaled = g * torch.linalg.vecdot(x - a, centred) / (2 * sigma.to(dtype).square())
+        # scale² may overflow to inf; 0 * inf would be NaN where the true ratio is 0.
+        return torch.where(scaled == 0, 0.0, scaled * scale * scale)
 
 
 def importance_weights(
@@ -93,6 +105,7 @@ def importance_weights(
         True
     """
     check_pair(x0, a0)
+    check_batch(noisy, "noisy")
     if noisy.shape != x0.shape:
         raise ValueError(
             f"`noisy` must have the shape of `x0` {tuple(x0.shape)}, got {tuple(noisy.shape)}"
@@ -100,6 +113,7 @@ def importance_weights(
     lam = check_probability(lam, "lam")
     check_rows(gamma, "gamma", x0)
     check_rows(sigma, "sigma", x0)
+    check_positive_values(sigma, "sigma")
     max_weight = check_max_weight(max_weight)
 
     r = log_density_ratio(noisy, x0, a0, gamma, sigma)

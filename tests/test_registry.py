@@ -16,6 +16,9 @@ EXPECTED = {
     "erasediff": EraseDiffLoss,
 }
 
+# SISS and SISS (No IS) take no default superfactor; the baselines' defaults are their methods'.
+SUPERFACTOR = {"siss": {"superfactor": 0.1}, "siss-nois": {"superfactor": 0.1}}
+
 
 def test_methods_are_the_papers():
     assert METHODS == tuple(EXPECTED)
@@ -23,7 +26,7 @@ def test_methods_are_the_papers():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_each_name_builds_its_class_and_runs(alphas_cumprod, name):
-    loss_fn = make_loss(name, alphas_cumprod, reduction="sum")
+    loss_fn = make_loss(name, alphas_cumprod, reduction="sum", **SUPERFACTOR.get(name, {}))
     assert type(loss_fn) is EXPECTED[name] and isinstance(loss_fn, UnlearningLoss)
     assert loss_fn.reduction == "sum"
     x0, a0 = torch.randn(4, 3), torch.randn(4, 3)
@@ -59,4 +62,4 @@ def test_arguments_a_method_does_not_take_raise(alphas_cumprod):
     with pytest.raises(TypeError, match="lam"):
         make_loss("naive", alphas_cumprod, lam=0.5)
     with pytest.raises(ValueError, match="`lam`"):
-        make_loss("siss", alphas_cumprod, lam=2.0)
+        make_loss("siss", alphas_cumprod, lam=2.0, superfactor=0.1)

@@ -104,3 +104,25 @@ def test_bad_inputs_raise(kwargs, error, match):
         args["a0"] = kwargs["a0"]
     with pytest.raises(error, match=match):
         mixture_sample(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sigma": torch.tensor([1.0, 0.0, 1.0])}, ValueError, "`sigma`"),
+        ({"gamma": torch.tensor([1, 1, 1])}, TypeError, "`gamma`"),
+        ({"x0": torch.zeros(3), "a0": torch.ones(3)}, ValueError, "`x0`"),
+        ({"noise": torch.zeros(3, 2, dtype=torch.long)}, TypeError, "`noise`"),
+    ],
+)
+def test_bad_inputs_named_by_the_review(kwargs, error, match):
+    args = {
+        "x0": torch.zeros(3, 2),
+        "a0": torch.ones(3, 2),
+        "gamma": torch.ones(3),
+        "sigma": torch.ones(3),
+        "lam": 0.5,
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mixture_sample(**args)

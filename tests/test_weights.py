@@ -178,3 +178,59 @@ def test_bad_inputs_raise(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         importance_weights(**args)
+
+
+# --- Reliability review ---
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sigma": torch.tensor([1.0, 0.0])}, ValueError, "`sigma`"),
+        ({"sigma": torch.tensor([1.0, -1.0])}, ValueError, "`sigma`"),
+        ({"gamma": torch.tensor([1, 1])}, TypeError, "`gamma`"),
+        ({"sigma": torch.tensor([1, 1])}, TypeError, "`sigma`"),
+        ({"noisy": torch.zeros(2, 3, dtype=torch.long)}, TypeError, "`noisy`"),
+        ({"noisy": [[0.0] * 3] * 2}, TypeError, "`noisy`"),
+        ({"x0": torch.zeros(2), "a0": torch.ones(2), "noisy": torch.zeros(2)}, ValueError, "`x0`"),
+        (
+            {"x0": torch.zeros(0, 3), "a0": torch.ones(0, 3), "noisy": torch.zeros(0, 3)},
+            ValueError,
+            "`x0`",
+        ),
+    ],
+)
+def test_bad_inputs_named_by_the_review(kwargs, error, match):
+    args = {
+        "noisy": torch.zeros(2, 3),
+        "x0": torch.zeros(2, 3),
+        "a0": torch.ones(2, 3),
+        "gamma": torch.ones(2),
+        "sigma": torch.ones(2),
+        "lam": 0.5,
+    }
+    args.update(kwargs)
+    if args["x0"].shape[0] == 0:
+        args["gamma"], args["sigma"] = torch.ones(0), torch.ones(0)
+    with pytest.raises(error, match=match):
+        importance_weights(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("magnitude", [1e18, 1e30, 3e38])
+def test_huge_finite_inputs_give_finite_exact_weights(dtype, magnitude):
+    """Finite inputs never give NaN weights: the log-ratio may overflow to ±inf, which is exact."""
+    if dtype == torch.float32 and magnitude > 3.4e38:
+        pytest.skip("not representable")
+    x0 = torch.full((3, 8), magnitude, dtype=dtype)
+    a0 = -x0
+    alternating = x0[0] * torch.tensor([1.0, -1.0] * 4, dtype=dtype)
+    noisy = torch.stack([x0[0], a0[0], alternating])
+    gamma, sigma = torch.ones(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    w_x, w_a = importance_weights(noisy, x0, a0, gamma, sigma, 0.25)
+    assert torch.isfinite(w_x).all() and torch.isfinite(w_a).all()
+    # row 0 sits on x: w_x = 1/(1-λ); row 1 on a: w_a = 1/λ; row 2 is as far from both (r = 0,
+    # a sum of terms ±4 magnitude² that overflow float32 one by one): both weights 1
+    expected_x = torch.tensor([1 / 0.75, 0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(w_x.double(), expected_x)
+    torch.testing.assert_close(w_a.double(), torch.tensor([0.0, 4.0, 1.0], dtype=torch.float64))
