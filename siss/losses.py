@@ -230,8 +230,8 @@ class UnlearningLoss(nn.Module):
         """Grid indices, ``gamma``, ``sigma`` (float32) and model timesteps, ``(B,)`` each."""
         if self.schedule.gamma.device != x0.device:
             raise ValueError(
-                f"the loss's schedule is on {self.schedule.gamma.device} but the batch is on "
-                f"{x0.device}: move the loss with `.to(device)`"
+                f"`x0` is on {x0.device} but the loss's schedule is on "
+                f"{self.schedule.gamma.device}: move the loss with `loss_fn.to(device)`"
             )
         indices = self.schedule.sample_indices(x0.shape[0], timesteps, generator=generator)
         return (
@@ -258,11 +258,13 @@ class UnlearningLoss(nn.Module):
         rows = keep.shape[0]  # a 2B-row draw repeats its B timesteps: the first B are the pairs
         gamma, sigma = (v[:rows].to(keep.dtype) for v in (draw.gamma, draw.sigma))
         snr = (gamma / sigma).square()
-        # diffusers' train_text_to_image.py: min(snr, γ) / snr for epsilon, / (snr + 1) for v.
-        snr_weights = snr.clamp(max=self.snr_gamma)
+        # diffusers' train_text_to_image.py: min(snr, γ) / snr for epsilon, / (snr + 1) for v;
+        # written min(1, γ/snr) for epsilon so that a zero-SNR step (γ_t = 0) weighs 1, not 0/0.
         if self.prediction_type == "epsilon":
-            snr_weights = snr_weights / snr
-        elif self.prediction_type == "v_prediction":
+            snr_weights = (self.snr_gamma / snr).clamp(max=1.0)
+        else:
+            snr_weights = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "v_prediction":
             snr_weights = snr_weights / (snr + 1)
         return snr_weights if weights is None else snr_weights * weights
 

@@ -13,6 +13,7 @@ from siss._checks import (
     check_positive_values,
     check_probability,
     check_rows,
+    validate_values_enabled,
     work_dtype,
 )
 
@@ -81,4 +82,11 @@ def mixture_sample(
         append_dims(sigma.to(dtype), x0.ndim),
         noise.to(dtype),
     )
-    return noisy.to(x0.dtype), from_forget
+    noisy = noisy.to(x0.dtype)
+    if validate_values_enabled() and noisy.device.type != "meta":
+        if not bool(torch.isfinite(noisy).all()):
+            raise ValueError(
+                "the noisy batch gamma * source + sigma * noise overflowed although `x0`, `a0`, "
+                f"`gamma` and `sigma` are finite: their values are too large for {x0.dtype}"
+            )
+    return noisy, from_forget

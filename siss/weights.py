@@ -24,6 +24,7 @@ never ``inf - inf = NaN`` from products that overflow one by one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,6 +39,14 @@ from siss._checks import (
     check_rows,
     work_dtype,
 )
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled, where the device type has autocast at all (not "meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
 
 DEFAULT_MAX_WEIGHT = 1e4
 """Cap on the one weight that is unbounded at ``λ = 0`` (``w_a``) or ``λ = 1`` (``w_x``)."""
@@ -58,7 +67,7 @@ def log_density_ratio(
         ``(B,)``, float32 (float64 for float64 inputs), detached; autocast is disabled inside.
     """
     dtype = work_dtype(noisy, x0, a0)
-    with torch.no_grad(), torch.autocast(noisy.device.type, enabled=False):
+    with torch.no_grad(), _no_autocast(noisy.device.type):
         m, x, a = (t.to(dtype).flatten(1) for t in (noisy, x0, a0))
         g = gamma.to(dtype)
         largest = torch.stack([t.abs().amax(1) for t in (m, x, a)]).amax(0)
@@ -67,9 +76,13 @@ def log_density_ratio(
         m, x, a = (t / scale[:, None] for t in (m, x, a))
         # 2m - g(x + a) is O(1) per pixel whatever t is: no large sums get subtracted.
         centred = torch.addcmul(2 * m, g[:, None], x + a, value=-1)
-        scaled = g * torch.linalg.vecdot(x - a, centred) / (2 * sigma.to(dtype).square())
-        # scale² may overflow to inf; 0 * inf would be NaN where the true ratio is 0.
-        return torch.where(scaled == 0, 0.0, scaled * scale * scale)
+        inner = torch.linalg.vecdot(x - a, centred)
+        s = sigma.to(dtype)
+        # (g/s)(inner/s)/2 rather than g inner/(2 s²): no inf/inf when g and s are both huge.
+        # Multiplying by the finite scale twice then overflows to ±inf (the exact limit), never
+        # to NaN; an exact zero stays zero even where a factor overflowed.
+        scaled = (g / s) * (inner / s) / 2
+        return torch.where((g == 0) | (inner == 0), 0.0, scaled * scale * scale)
 
 
 def importance_weights(
@@ -121,6 +134,13 @@ def importance_weights(
     log_forget = math.log(lam) if lam > 0 else -math.inf
     log_cap = math.log(max_weight)
     with torch.no_grad():
-        log_w_x = -torch.logaddexp(torch.full_like(r, log_keep), log_forget - r)
-        log_w_a = -torch.logaddexp(log_keep + r, torch.full_like(r, log_forget))
+        # At λ = 0 (λ = 1) w_x (w_a) is exactly 1: never form -inf ± inf with an infinite r.
+        if lam == 0:
+            log_w_x = torch.zeros_like(r)
+        else:
+            log_w_x = -torch.logaddexp(torch.full_like(r, log_keep), log_forget - r)
+        if lam == 1:
+            log_w_a = torch.zeros_like(r)
+        else:
+            log_w_a = -torch.logaddexp(log_keep + r, torch.full_like(r, log_forget))
         return log_w_x.clamp(max=log_cap).exp(), log_w_a.clamp(max=log_cap).exp()

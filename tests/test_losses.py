@@ -476,3 +476,47 @@ def test_validation_switch_names_non_finite_values(alphas_cumprod):
         with pytest.raises(ValueError, match="overflow"):
             loss_fn(torch.zeros(4, 3), draw)
     assert not siss.validate_values_enabled()
+
+
+def test_min_snr_weighting_at_zero_snr_is_finite():
+    """Found by the fuzz test: min(snr, γ)/snr was 0/0 at a zero-SNR step (flow σ = 1)."""
+    schedule = NoiseSchedule.from_flow_sigmas(torch.linspace(0.1, 1.0, 10))
+    weighted = SISSLoss(schedule, superfactor=0.1, snr_gamma=5.0, reduction="none")
+    plain = SISSLoss(schedule, superfactor=0.1, reduction="none")
+    x0 = torch.randn(3, 2)
+    draw = plain.sample(x0, x0 + 1, timesteps=9)  # σ = 1, γ = 0: SNR 0, weight min(1, γ/0) = 1
+    output = torch.randn(3, 2)
+    torch.testing.assert_close(weighted(output, draw), plain(output, draw))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_what_holds_at_the_lambda_extremes(lam):
+    """The documented claim of ``siss_terms``: at λ = 0 only ``keep`` is unbiased, at λ = 1 only
+    ``forget``, at 0 < λ < 1 both (the cap binds nowhere there)."""
+    problem = {
+        "n": 9, "k": 1, "shape": (48,), "alphas_cumprod": linear_schedule(20, 1e-3, 0.2),
+        "lam": lam, "superfactor": 1.0, "x_from": "retain", "gap": 1.0, "seed": 5,
+    }  # fmt: skip
+    keep, forget, w, b, g = make_data(problem)
+    loss_fn = build(problem)
+    loss_fn.reduction = "none"
+    x0 = keep[torch.randint(len(keep), (BATCHES * ROWS,), generator=g)]
+    a0 = forget[torch.randint(len(forget), (BATCHES * ROWS,), generator=g)]
+    draw = loss_fn.sample(x0, a0, generator=g)
+    with torch.no_grad():
+        terms = loss_fn.terms(w * draw.noisy + b, draw)
+    schedule = NoiseSchedule.from_alphas_cumprod(problem["alphas_cumprod"])
+    gamma, sigma = schedule.gamma.double(), schedule.sigma.double()
+    with torch.no_grad():
+        truth = {
+            "keep": exact_loss(w, b, keep, gamma, sigma).item(),
+            "forget": loss_fn.forget_ratio * exact_loss(w, b, forget, gamma, sigma).item(),
+        }
+    for name in ("keep", "forget"):
+        batch_means = getattr(terms, name).view(BATCHES, ROWS).mean(1)
+        z = z_scores(batch_means[:, None], torch.tensor([truth[name]], dtype=torch.float64))
+        unbiased = lam == 0.5 or (lam == 0.0) == (name == "keep")
+        if unbiased:
+            assert abs(z.item()) <= Z_LOSS, (name, batch_means.mean().item(), truth[name])
+        else:  # biased low, far beyond the Monte Carlo error
+            assert batch_means.mean().item() < 0.8 * truth[name], (name, truth[name])

@@ -234,3 +234,17 @@ def test_huge_finite_inputs_give_finite_exact_weights(dtype, magnitude):
     expected_x = torch.tensor([1 / 0.75, 0.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(w_x.double(), expected_x)
     torch.testing.assert_close(w_a.double(), torch.tensor([0.0, 4.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_extreme_lambda_with_infinite_log_ratio_is_not_nan(lam):
+    """Found by the fuzz test: at λ = 1, log(1-λ) + r was -inf + inf = NaN for r = +inf."""
+    x0 = torch.full((2, 4), 1.5)
+    a0 = torch.full((2, 4), 1e30)
+    noisy = torch.stack([x0[0], a0[0]])
+    w_x, w_a = importance_weights(noisy, x0, a0, torch.ones(2), torch.ones(2), lam)
+    assert torch.isfinite(w_x).all() and torch.isfinite(w_a).all()
+    if lam == 1.0:
+        assert w_a.tolist() == [1.0, 1.0]
+    else:
+        assert w_x.tolist() == [1.0, 1.0]
