@@ -164,10 +164,10 @@ def check_floating(tensor: object, name: str) -> Tensor:
 def check_batch(tensor: object, name: str) -> Tensor:
     """A floating batch ``(B, ...)`` with ``B >= 1`` and at least one non-batch dimension."""
     check_floating(tensor, name)
-    if tensor.ndim < 2 or tensor.shape[0] == 0:
+    if tensor.ndim < 2 or tensor.numel() == 0:
         raise ValueError(
-            f"`{name}` must have shape (B, ...) with B >= 1 and at least one dimension per row "
-            f"(e.g. (B, C, H, W); a vector of B scalars is (B, 1)), got {tuple(tensor.shape)}"
+            f"`{name}` must have shape (B, ...) with B >= 1 and at least one dimension per row, "
+            f"none of size 0 (e.g. (B, C, H, W); B scalars are (B, 1)), got {tuple(tensor.shape)}"
         )
     check_finite_values(tensor, name)
     return tensor
@@ -240,8 +240,12 @@ def work_dtype(*tensors: Tensor) -> torch.dtype:
 def check_loss_finite(loss: Tensor) -> None:
     """With value checks on: a named error when finite inputs gave a non-finite loss."""
     if _validate_values and loss.device.type != "meta" and not bool(torch.isfinite(loss).all()):
+        hint = (
+            "(|values| above ~1e150); rescale the data"
+            if loss.dtype == torch.float64
+            else "(|values| above ~1e18); rescale the data or pass float64 tensors"
+        )
         raise ValueError(
             "the loss overflowed to inf or NaN although `x0`, `a0` and `model_output` are finite: "
-            "their values are too large for float32 squared errors (|values| above ~1e18); "
-            "rescale the data or pass float64 tensors"
+            f"their values are too large for {loss.dtype} squared errors {hint}"
         )

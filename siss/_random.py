@@ -12,6 +12,10 @@ from torch import Tensor
 
 
 def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if generator is None or generator.device.type == device.type:
         return device
     return generator.device

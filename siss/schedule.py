@@ -51,10 +51,10 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         check_floating(gamma, "gamma")
         check_floating(sigma, "sigma")
-        if gamma.ndim != 1 or sigma.shape != gamma.shape:
+        if gamma.ndim != 1 or sigma.shape != gamma.shape or len(gamma) == 0:
             raise ValueError(
-                f"`gamma` and `sigma` must both have shape (T,), got {tuple(gamma.shape)} and "
-                f"{tuple(sigma.shape)}"
+                f"`gamma` and `sigma` must both have shape (T,) with T >= 1, got "
+                f"{tuple(gamma.shape)} and {tuple(sigma.shape)}"
             )
         if not (torch.isfinite(gamma).all() and (gamma >= 0).all()):
             raise ValueError("`gamma` must be finite and >= 0 at every timestep")
@@ -67,6 +67,10 @@ class NoiseSchedule(nn.Module):
             timesteps = torch.arange(len(gamma), device=gamma.device)
         elif not isinstance(timesteps, Tensor) or timesteps.shape != gamma.shape:
             raise ValueError(f"`timesteps` must be a tensor of shape ({len(gamma)},)")
+        elif timesteps.dtype == torch.bool or timesteps.dtype.is_complex:
+            raise TypeError(f"`timesteps` must be real numbers, got dtype {timesteps.dtype}")
+        elif timesteps.is_floating_point() and not bool(torch.isfinite(timesteps).all()):
+            raise ValueError("`timesteps` (the model's timestep inputs) must be finite")
         self.register_buffer("gamma", gamma.detach().to(torch.float32))
         self.register_buffer("sigma", sigma.detach().to(torch.float32))
         self.register_buffer("timesteps", timesteps.detach().clone())
@@ -78,9 +82,10 @@ class NoiseSchedule(nn.Module):
         ``1 - ᾱ_t`` is formed in float64: in half precision it rounds to 0 near ``t = 0``.
         """
         check_floating(alphas_cumprod, "alphas_cumprod")
-        if alphas_cumprod.ndim != 1:
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) == 0:
             raise ValueError(
-                f"`alphas_cumprod` must have shape (T,), got {tuple(alphas_cumprod.shape)}"
+                f"`alphas_cumprod` must have shape (T,) with T >= 1, got "
+                f"{tuple(alphas_cumprod.shape)}"
             )
         ac = alphas_cumprod.detach().to(torch.float64)
         if not (torch.isfinite(ac).all() and (ac > 0).all() and (ac < 1).all()):
@@ -95,8 +100,10 @@ class NoiseSchedule(nn.Module):
         ``sigmas * num_train_timesteps``); they default to that with ``num_train_timesteps = T``.
         """
         check_floating(sigmas, "sigmas")
-        if sigmas.ndim != 1:
-            raise ValueError(f"`sigmas` must have shape (T,), got {tuple(sigmas.shape)}")
+        if sigmas.ndim != 1 or len(sigmas) == 0:
+            raise ValueError(
+                f"`sigmas` must have shape (T,) with T >= 1, got {tuple(sigmas.shape)}"
+            )
         s = sigmas.detach().to(torch.float64)
         if not (torch.isfinite(s).all() and (s > 0).all() and (s <= 1).all()):
             raise ValueError("flow-matching `sigmas` must lie in (0, 1] at every timestep")
@@ -167,6 +174,8 @@ class NoiseSchedule(nn.Module):
                     "`timesteps` tensor must hold integer grid indices, "
                     f"got dtype {timesteps.dtype}"
                 )
+            if timesteps.device.type == "meta" and device.type != "meta":
+                raise ValueError("`timesteps` is on the meta device and holds no indices")
             if timesteps.shape not in ((batch_size,), ()):
                 raise ValueError(
                     f"`timesteps` tensor must have shape ({batch_size},), "

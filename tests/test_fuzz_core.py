@@ -20,7 +20,7 @@ everything would fail here.
 The default run is seeded (conftest's derandomized "siss" profile) and small (about 600 examples
 in all, ~20 s). ``SISS_FUZZ_SCALE`` multiplies every test's example count; a nightly run::
 
-    SISS_FUZZ_SCALE=40 HYPOTHESIS_PROFILE=default python -m pytest -q tests/test_fuzz.py
+    SISS_FUZZ_SCALE=40 HYPOTHESIS_PROFILE=default python -m pytest -q tests/test_fuzz_core.py
 """
 
 from __future__ import annotations
