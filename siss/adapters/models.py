@@ -13,21 +13,101 @@ is broadcast to every row). When a method's draw holds ``2B`` rows (``torch.cat(
 e.g. EraseDiff or SISS without importance sampling), every conditioning tensor is duplicated the
 same way, so both halves see the same prompt or class.
 
+Conditioning and SISS: one conditioning per ``(x, a)`` pair, so x and a must share it. SISS makes
+one model call per pair: row ``j`` is ONE noisy point (from ``x_j`` or ``a_j``) scored under ONE
+conditioning ``cond_j`` against both ``x_j``'s and ``a_j``'s targets. The importance-sampling
+identity (Lemma 1) holds for the conditional model only when ``x_j`` and ``a_j`` share
+``cond_j``, as in the paper's Stable Diffusion experiment (one fixed memorized prompt for every
+row). With different prompts the forget term is evaluated under ``x_j``'s prompt, which is not
+NegGrad on ``(a_j, prompt_a)``. Use the same prompt for both; or, for different prompts, a
+two-pass method (``"siss-nois"``, ``"erasediff"``: rows ``cat([x_t, a_t])``) with the model
+called directly on ``torch.cat([cond_x, cond_a])``::
+
+    draw = loss_fn.sample(x0, a0)  # siss-nois: 2B rows
+    output = adapter.predict(draw.noisy, draw.timesteps, encoder_hidden_states=torch.cat([ex, ea]))
+    terms = loss_fn.terms(output, draw)
+
 The model may be wrapped by ``DistributedDataParallel``, ``torch.compile`` or a PEFT model; it may
 run in fp16/bf16 under ``torch.autocast``: the loss reduces in float32 whatever the output dtype.
 Without autocast, pass ``x0``/``a0`` in the model's dtype (the draw's ``noisy`` has their dtype).
+
+Errors: before the model is called, ``loss`` checks what the model family needs (``(B, C, H, W)``
+with the model's ``in_channels``, a spatial size the model can take, the model's device and dtype,
+conditioning rows, shapes and dtypes) and raises a ``ValueError``/``TypeError`` naming the
+argument, rather than letting a shape error escape from a kernel. NaN or inf *values* in ``x0``,
+``a0`` or the conditioning propagate to a NaN loss unless ``siss.set_validate_values(True)`` is in
+force; then they, and a non-finite model prediction from finite inputs, raise a ``ValueError``
+naming the input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from siss import _checks
 from siss.losses import LossTerms, UnlearningLoss
-from siss.schedule import TimestepSpec
+from siss.schedule import NoiseSchedule, TimestepSpec
+
+
+def _validating() -> bool:
+    """Whether ``siss.set_validate_values(True)`` is in force (value checks cost a host sync)."""
+    enabled = getattr(_checks, "validate_values_enabled", None)
+    return bool(enabled()) if callable(enabled) else False
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def _check_finite(value: Tensor, name: str) -> None:
+    """With value checks on: a named error for NaN or inf in a floating tensor (a host sync)."""
+    if (
+        _validating()
+        and value.is_floating_point()
+        and value.device.type != "meta"
+        and not bool(torch.isfinite(value).all())
+    ):
+        raise ValueError(f"`{name}` holds NaN or inf values")
+
+
+def _describe(value: object) -> str:
+    """``type name`` (``the class X`` for a class) for error messages, never a long repr."""
+    if isinstance(value, type):
+        return f"the class {value.__name__} (pass an instance)"
+    return type(value).__name__
+
+
+def _tensors(value: Any, name: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor inside a conditioning value (dicts, lists), with its name."""
+    if isinstance(value, Tensor):
+        return [(name, value)]
+    if isinstance(value, Mapping):
+        return [
+            item
+            for key, v in value.items()
+            for item in _tensors(v, f"{name}[{key!r}]" if name else str(key))
+        ]
+    if isinstance(value, list | tuple):
+        return [item for i, v in enumerate(value) for item in _tensors(v, f"{name}[{i}]")]
+    return []
+
+
+def _check_finite_prediction(prediction: Tensor) -> None:
+    if prediction.device.type != "meta" and not bool(torch.isfinite(prediction).all()):
+        raise ValueError(
+            "the model's prediction holds NaN or inf although `x0`, `a0` and the conditioning are "
+            "finite: their values overflow the model's dtype (rescale the data, or check the "
+            "model's weights)"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -62,9 +142,11 @@ def _match_batch(value: Any, name: str, batch: int, rows: int) -> Any:
         if value.shape[0] == 1 and batch != 1:
             return value.expand(rows, *value.shape[1:])
         if value.shape[0] != batch:
+            expected = f"{batch} (one per (x0, a0) pair)"
+            if batch != 1:
+                expected += " or 1 (shared by every row)"
             raise ValueError(
-                f"conditioning `{name}` has {value.shape[0]} rows; expected {batch} (one per "
-                "(x0, a0) pair) or 1 (shared by every row)"
+                f"conditioning `{name}` has {value.shape[0]} rows; expected {expected}"
             )
         return value if rows == batch else torch.cat([value, value])
     if isinstance(value, Mapping):
@@ -76,12 +158,22 @@ def _match_batch(value: Any, name: str, batch: int, rows: int) -> Any:
     return value
 
 
+def _expect_rows(value: Tensor, name: str, rows: int) -> None:
+    if value.shape[0] != rows:
+        raise ValueError(
+            f"`{name}` has {value.shape[0]} rows but the noisy batch has {rows}: one per row"
+        )
+
+
 class ModelAdapter(nn.Module):
     """Base of the model adapters: one ``predict`` hook, one ``loss`` call per training step.
 
     Subclasses set ``model_classes`` (the diffusers class names they accept) and implement
-    ``predict``. The adapter registers the model as a submodule, so ``adapter.parameters()`` and
-    ``adapter.to(device)`` reach it.
+    ``predict``; they may override ``check_input(value, name)`` to reject, with an error naming
+    ``name``, a clean batch their model cannot take (the built-in adapters check the shape, the
+    channels and the spatial size against the model's config), and use ``check_embedding`` /
+    ``check_labels`` on conditioning in ``predict``. The adapter registers the model as a
+    submodule, so ``adapter.parameters()`` and ``adapter.to(device)`` reach it.
 
     Args:
         model: the diffusers model (possibly wrapped by DDP, ``torch.compile`` or PEFT).
@@ -94,6 +186,11 @@ class ModelAdapter(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`model` must be a torch.nn.Module (a diffusers model instance), got "
+                f"{_describe(model)}"
+            )
         inner = _unwrap(model)
         names = {cls.__name__ for cls in type(inner).__mro__}
         if self.model_classes and not names.intersection(self.model_classes):
@@ -119,6 +216,118 @@ class ModelAdapter(nn.Module):
     def forward(self, noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
         return self.predict(noisy, timesteps, **conditioning)
 
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The (unwrapped) model's diffusers config; empty for a model without one."""
+        config = getattr(_unwrap(self.model), "config", None)
+        return config if isinstance(config, Mapping) else {}
+
+    def _parameter(self) -> Tensor | None:
+        """The model's first floating parameter: where and in which dtype it takes its input.
+
+        ``None`` (nothing to check against) for a model without one, or one whose weights
+        accelerate moves in at call time (CPU offload hooks, weights on the meta device).
+        """
+        if any(hasattr(m, "_hf_hook") for m in (self.model, _unwrap(self.model))):
+            return None
+        parameter = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if parameter is None or parameter.device.type == "meta":
+            return None
+        return parameter
+
+    def check_like_model(self, value: Tensor, name: str, *, dtype: bool = True) -> None:
+        """A named error when tensor ``value`` is not on the model's device or, with ``dtype`` and
+        outside ``torch.autocast``, is floating but not in the model's dtype: the model would fail
+        inside a kernel.
+        """
+        parameter = self._parameter()
+        if parameter is None:
+            return
+        if value.device != parameter.device:
+            raise ValueError(
+                f"`{name}` is on {value.device} but the model is on {parameter.device}: move it "
+                "(and the loss, with `loss_fn.to(device)`) to the model's device"
+            )
+        if not dtype or not value.is_floating_point() or value.dtype == parameter.dtype:
+            return
+        if _autocast_enabled(value.device.type) and value.dtype != torch.float64:
+            return  # autocast casts float32/16 inputs to its dtype; it never casts float64
+        raise TypeError(
+            f"`{name}` has dtype {value.dtype} but the model's parameters are {parameter.dtype}: "
+            "pass it in the model's dtype, or run the model under torch.autocast"
+        )
+
+    def check_embedding(
+        self, value: object, name: str, rows: int, ndim: int, width: object = None
+    ) -> Tensor:
+        """A named error unless ``value`` is a floating tensor ``(rows, ..., width)`` of ``ndim``
+        dimensions on the model's device and in its dtype (conditioning such as prompt embeds)."""
+        if not isinstance(value, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {_describe(value)}")
+        if not value.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
+        if value.ndim != ndim:
+            raise ValueError(f"`{name}` must have {ndim} dimensions, got {tuple(value.shape)}")
+        _expect_rows(value, name, rows)
+        if isinstance(width, int) and value.shape[-1] != width:
+            model = type(_unwrap(self.model)).__name__
+            raise ValueError(
+                f"`{name}` has last dimension {value.shape[-1]}; {model} expects {width} "
+                f"(shape {tuple(value.shape)})"
+            )
+        self.check_like_model(value, name)
+        return value
+
+    def check_labels(self, value: object, name: str, rows: int, classes: object) -> Tensor:
+        """A named error unless ``value`` is an integer tensor ``(rows,)`` of class indices in
+        ``[0, classes)`` (the range is checked on CPU tensors only: no host sync)."""
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"`{name}` must be a torch.Tensor of class indices, got {_describe(value)}"
+            )
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold integer class indices, got dtype {value.dtype}")
+        if value.ndim != 1:
+            raise ValueError(f"`{name}` must have shape ({rows},), got {tuple(value.shape)}")
+        _expect_rows(value, name, rows)
+        self.check_like_model(value, name)
+        if (
+            isinstance(classes, int)
+            and value.device.type == "cpu"
+            and value.numel()
+            and (int(value.min()) < 0 or int(value.max()) >= classes)
+        ):
+            raise ValueError(f"`{name}` must lie in [0, {classes - 1}]")
+        return value
+
+    def check_input(self, value: Tensor, name: str) -> None:
+        """A named error when the clean batch ``value`` (``x0`` or ``a0``) cannot go through the
+        model. The base class checks the device; subclasses add what their family needs (shape,
+        channels, spatial size). The dtype is checked on ``x0``, whose dtype the draw takes.
+        """
+        self.check_like_model(value, name, dtype=False)
+
+    def _check_image(self, value: Tensor, name: str, multiple: int = 1) -> None:
+        """``(B, C, H, W)``, ``in_channels`` channels, ``H`` and ``W`` multiples of ``multiple``."""
+        model = type(_unwrap(self.model)).__name__
+        if value.ndim != 4:
+            raise ValueError(
+                f"`{name}` must have shape (B, C, H, W) for {model}, got {tuple(value.shape)}"
+            )
+        channels = self.config.get("in_channels")
+        if isinstance(channels, int) and value.shape[1] != channels:
+            raise ValueError(
+                f"`{name}` has {value.shape[1]} channels but {model} takes in_channels={channels} "
+                f"(shape {tuple(value.shape)})"
+            )
+        height, width = value.shape[2:]
+        if min(height, width) < multiple or height % multiple or width % multiple:
+            raise ValueError(
+                f"`{name}` has spatial size {height}x{width}; {model} needs a height and width "
+                f"that are positive multiples of {multiple}"
+            )
+        ModelAdapter.check_input(self, value, name)
+
     def loss(
         self,
         x0: Tensor | None,
@@ -127,6 +336,7 @@ class ModelAdapter(nn.Module):
         *,
         timesteps: TimestepSpec = None,
         generator: torch.Generator | None = None,
+        weights: Tensor | Callable[[Any], Tensor] | None = None,
         **conditioning: Any,
     ) -> LossTerms:
         """Sample a draw, call the model once on it and return the loss terms.
@@ -139,23 +349,69 @@ class ModelAdapter(nn.Module):
                 of ``x0``.
             timesteps: grid indices, as in ``loss_fn.sample`` (``None``: uniform).
             generator: source of all randomness of the draw.
+            weights: per-row loss weights ``(B,)``, or a callable ``draw -> (B,)`` for weights
+                that depend on the draw's timesteps, e.g.
+                ``lambda draw: compute_snr(noise_scheduler, draw.timesteps)``; see
+                ``UnlearningLoss.terms`` (``snr_gamma`` in the loss needs neither).
             **conditioning: the model's conditioning, ``B`` rows each (or 1, shared), e.g.
                 ``encoder_hidden_states=(B, L, D)``; duplicated when the draw has ``2B`` rows.
+                Row ``j`` conditions BOTH ``x0[j]`` and ``a0[j]``: with SISS's one call per pair
+                the noisy point of row ``j`` is scored under this one conditioning against both
+                clean points' targets, so the importance-sampling identity (Lemma 1) holds for
+                the conditional model only when ``x0[j]`` and ``a0[j]`` share it (e.g. the
+                paper's fixed memorized prompt). Different prompts for ``x0`` and ``a0`` would
+                evaluate the forget term under ``x0``'s prompt, which is not NegGrad on
+                ``(a0, prompt_a)``: pass the same prompt, or use ``"siss-nois"`` and call
+                ``predict`` yourself with ``torch.cat([cond_x, cond_a])`` (module docstring).
 
         Returns:
             ``LossTerms(loss, keep, forget)``; call ``.loss.backward()``.
+
+        Raises:
+            ValueError, TypeError: naming the argument, for inputs the loss or the model cannot
+                take (see the module docstring); the model is not called then.
         """
+        if not (
+            callable(getattr(loss_fn, "sample", None)) and callable(getattr(loss_fn, "terms", None))
+        ):
+            raise TypeError(
+                "`loss_fn` must be an unlearning loss with `sample` and `terms` (e.g. from "
+                f"`loss_from_scheduler`), got {_describe(loss_fn)}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator or None, got {_describe(generator)}"
+            )
+        for value, name in ((x0, "x0"), (a0, "a0")):
+            if isinstance(value, Tensor) and value.is_floating_point():
+                self.check_input(value, name)
+        first = x0 if x0 is not None else a0
+        if isinstance(first, Tensor) and first.is_floating_point():
+            self.check_like_model(first, "x0" if x0 is not None else "a0")
+            schedule = getattr(loss_fn, "schedule", None)
+            if isinstance(schedule, NoiseSchedule) and schedule.gamma.device != first.device:
+                raise ValueError(
+                    f"`loss_fn` is on {schedule.gamma.device} but the batch is on {first.device}: "
+                    "move it with `loss_fn.to(device)`"
+                )
         draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
-        batch, rows = (a0 if x0 is None else x0).shape[0], draw.noisy.shape[0]
+        batch, rows = first.shape[0], draw.noisy.shape[0]
         if rows not in (batch, 2 * batch):
             raise ValueError(
-                f"the draw of {type(loss_fn).__name__} has {rows} rows for a batch of {batch}; "
-                f"adapters support {batch} (one forward row per pair) or {2 * batch} "
+                f"`loss_fn`: the draw of {type(loss_fn).__name__} has {rows} rows for a batch of "
+                f"{batch}; adapters support {batch} (one forward row per pair) or {2 * batch} "
                 "(torch.cat([keep rows, forget rows]))"
             )
         conditioning = {k: _match_batch(v, k, batch, rows) for k, v in conditioning.items()}
+        if _validating():
+            for name, value in _tensors(conditioning):
+                _check_finite(value, name)
         prediction = self.predict(draw.noisy, draw.timesteps, **conditioning)
-        return loss_fn.terms(prediction, draw)
+        if _validating() and isinstance(prediction, Tensor):
+            _check_finite_prediction(prediction)
+        if callable(weights):
+            weights = weights(draw)
+        return loss_fn.terms(prediction, draw, weights=weights)
 
 
 class UNet2DAdapter(ModelAdapter):
@@ -177,10 +433,26 @@ class UNet2DAdapter(ModelAdapter):
 
     model_classes = ("UNet2DModel",)
 
+    def check_input(self, value: Tensor, name: str) -> None:
+        # Every down block but the last halves the size, and the up path must double it back.
+        blocks = self.config.get("down_block_types") or ()
+        self._check_image(value, name, 2 ** max(len(blocks) - 1, 0))
+
     def predict(
         self, noisy: Tensor, timesteps: Tensor, class_labels: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
         """``model(noisy, timesteps, class_labels)``; ``class_labels`` shape ``(R,)`` if used."""
+        config = self.config
+        if class_labels is not None:
+            if config.get("class_embed_type") is None and config.get("num_class_embeds") is None:
+                raise ValueError(
+                    "`class_labels` given to an unconditional UNet2DModel (no `class_embed_type` "
+                    "or `num_class_embeds` in its config): leave them out"
+                )
+            if config.get("class_embed_type") is None:
+                self.check_labels(
+                    class_labels, "class_labels", noisy.shape[0], config.get("num_class_embeds")
+                )
         output = self.model(
             noisy, timesteps, class_labels=class_labels, return_dict=False, **kwargs
         )
@@ -213,6 +485,10 @@ class UNet2DConditionAdapter(ModelAdapter):
 
     model_classes = ("UNet2DConditionModel",)
 
+    def check_input(self, value: Tensor, name: str) -> None:
+        # UNet2DConditionModel pads its up path to any size (`forward_upsample_size`).
+        self._check_image(value, name)
+
     def predict(
         self,
         noisy: Tensor,
@@ -235,6 +511,21 @@ class UNet2DConditionAdapter(ModelAdapter):
                 "UNet2DConditionModel needs `encoder_hidden_states` (B, L, D): the prompt "
                 "embeddings, e.g. from `pipe.encode_prompt`"
             )
+        width = self.config.get("cross_attention_dim")
+        if self.config.get("encoder_hid_dim") is not None:
+            width = self.config.get("encoder_hid_dim")  # projected by the model first
+        self.check_embedding(
+            encoder_hidden_states, "encoder_hidden_states", noisy.shape[0], 3, width
+        )
+        if added_cond_kwargs is not None:
+            if not isinstance(added_cond_kwargs, Mapping):
+                raise TypeError(
+                    f"`added_cond_kwargs` must be a dict, got {_describe(added_cond_kwargs)}"
+                )
+            for key, value in added_cond_kwargs.items():
+                if isinstance(value, Tensor) and value.ndim >= 1:
+                    _expect_rows(value, f"added_cond_kwargs[{key!r}]", noisy.shape[0])
+                    self.check_like_model(value, f"added_cond_kwargs[{key!r}]")
         output = self.model(
             noisy,
             timesteps,
@@ -255,12 +546,19 @@ class DiTAdapter(ModelAdapter):
 
     model_classes = ("DiTTransformer2DModel", "Transformer2DModel")
 
+    def check_input(self, value: Tensor, name: str) -> None:
+        patch = self.config.get("patch_size")
+        self._check_image(value, name, patch if isinstance(patch, int) else 1)
+
     def predict(
         self, noisy: Tensor, timesteps: Tensor, class_labels: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
         """``model(noisy, timestep=timesteps, class_labels=class_labels)``."""
         if class_labels is None:
             raise ValueError("a DiT needs `class_labels` (B,): one class index per row")
+        self.check_labels(
+            class_labels, "class_labels", noisy.shape[0], self.config.get("num_embeds_ada_norm")
+        )
         output = self.model(
             noisy, timestep=timesteps, class_labels=class_labels, return_dict=False, **kwargs
         )
@@ -278,6 +576,19 @@ class SD3TransformerAdapter(ModelAdapter):
 
     model_classes = ("SD3Transformer2DModel",)
 
+    def check_input(self, value: Tensor, name: str) -> None:
+        config = self.config
+        patch = config.get("patch_size")
+        patch = patch if isinstance(patch, int) else 1
+        self._check_image(value, name, patch)
+        limit = config.get("pos_embed_max_size")
+        if isinstance(limit, int) and max(value.shape[2:]) > limit * patch:
+            raise ValueError(
+                f"`{name}` has spatial size {value.shape[2]}x{value.shape[3]}; this "
+                f"SD3Transformer2DModel takes at most {limit * patch} (pos_embed_max_size={limit} "
+                f"patches of {patch})"
+            )
+
     def predict(
         self,
         noisy: Tensor,
@@ -292,6 +603,17 @@ class SD3TransformerAdapter(ModelAdapter):
                 "SD3Transformer2DModel needs `encoder_hidden_states` (B, L, D) and "
                 "`pooled_projections` (B, D_pool)"
             )
+        rows, config = noisy.shape[0], self.config
+        self.check_embedding(
+            encoder_hidden_states,
+            "encoder_hidden_states",
+            rows,
+            3,
+            config.get("joint_attention_dim"),
+        )
+        self.check_embedding(
+            pooled_projections, "pooled_projections", rows, 2, config.get("pooled_projection_dim")
+        )
         output = self.model(
             hidden_states=noisy,
             timestep=timesteps,
@@ -317,14 +639,19 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     Raises:
         TypeError: for a model class no adapter handles, naming those that are handled.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module (a diffusers model instance), got "
+            f"{_describe(model)}"
+        )
     names = {cls.__name__ for cls in type(_unwrap(model)).__mro__}
     for adapter in ADAPTERS:
         if names.intersection(adapter.model_classes):
             return adapter(model)
     supported = ", ".join(name for adapter in ADAPTERS for name in adapter.model_classes)
     raise TypeError(
-        f"no adapter for {type(_unwrap(model)).__name__}; supported: {supported} (subclass "
-        "`siss.adapters.ModelAdapter` and implement `predict` for another model)"
+        f"no adapter for {type(_unwrap(model)).__name__} (`model`); supported: {supported} "
+        "(subclass `siss.adapters.ModelAdapter` and implement `predict` for another model)"
     )
 
 
@@ -338,4 +665,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Returns:
         The trainable parameters, in ``model.parameters()`` order, without duplicates.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {_describe(model)}")
     return [p for p in model.parameters() if p.requires_grad]

@@ -14,10 +14,25 @@ is called that could move its tensors or step counters, and ``set_timesteps`` (w
   the draw's ``noisy`` is that scaled model input.
 * ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux) is rectified flow, ``x_t = (1 - s) x_0 + s eps``,
   with float timesteps ``s * num_train_timesteps`` after its ``shift``.
+
+Grid indices (what ``loss_fn.sample(..., timesteps=...)`` takes) follow the scheduler's own order,
+so index ``i`` is the scheduler's training-grid entry ``i``:
+
+* DDPM-style: ascending noise, index ``i`` is timestep ``i`` (0 = least noise, ``T - 1`` = most);
+  ``timesteps=999`` is the authors' fixed t = 999.
+* Flow matching: DESCENDING noise, as diffusers stores it: index ``i`` is
+  ``scheduler.sigmas[i]`` / ``scheduler.timesteps[i]`` of a freshly built scheduler (index 0 is
+  ``sigma = 1``, pure noise; ``T - 1`` is the least noise). Code ported from diffusers' SD3/Flux
+  training scripts (``indices = (u * T).long(); timesteps = scheduler.timesteps[indices]``) passes
+  the same ``indices`` as ``timesteps=indices`` and gets the same noise levels. A fixed
+  ``timesteps=0`` is the noisiest point; a window ``(low, high)`` spans ``sigmas[high]`` (least
+  noise) to ``sigmas[low]`` (most), so "the noisiest 10%" is ``(0, T // 10 - 1)`` here and
+  ``(T - T // 10, T - 1)`` for a DDPM-style scheduler.
 """
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any
 
 import torch
@@ -66,8 +81,13 @@ def _scheduler_kind(scheduler: object) -> str:
                     "loss from a FlowMatchEulerDiscreteScheduler with the model's `shift` instead"
                 )
             return kind
+    if isinstance(scheduler, type):
+        raise TypeError(
+            f"`scheduler` must be a scheduler instance, got the class {scheduler.__name__}: "
+            f"build one, e.g. {scheduler.__name__}() or {scheduler.__name__}.from_config(...)"
+        )
     raise ValueError(
-        f"unsupported scheduler {type(scheduler).__name__}; supported: "
+        f"unsupported scheduler {type(scheduler).__name__} (`scheduler`); supported: "
         f"{', '.join(SUPPORTED_SCHEDULERS)} (or build a `siss.NoiseSchedule` by hand)"
     )
 
@@ -86,10 +106,16 @@ def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
     ``rescale_betas_zero_snr`` the last step has ``gamma = 0`` exactly.
 
     ``FlowMatchEulerDiscreteScheduler`` gives ``sigma_i = shift s_i / (1 + (shift - 1) s_i)`` with
-    ``s_i = i / T`` for ``i = 1 .. T`` (no shift when ``use_dynamic_shifting``, as in the
-    scheduler itself), ``gamma = 1 - sigma`` and the float timesteps ``sigma * T``, bit-for-bit the
-    scheduler's training ``timesteps`` (so ``scale_noise`` finds them). Grid index ``i`` always
-    grows with the noise level.
+    ``s_i = (T - i) / T`` for ``i = 0 .. T-1`` (no shift when ``use_dynamic_shifting``, as in the
+    scheduler itself: Flux shifts per resolution at inference only), ``gamma = 1 - sigma`` and the
+    float timesteps ``sigma * T``: bit-for-bit the ``sigmas`` and ``timesteps`` of a freshly built
+    scheduler, index for index (so ``scale_noise`` finds them).
+
+    Grid indices follow the scheduler's own order: ascending noise for DDPM-style schedulers
+    (index ``i`` is timestep ``i``), DESCENDING noise for flow matching, as in diffusers (index 0 is
+    ``sigma = 1``; ``timesteps=scheduler_indices`` from a diffusers SD3/Flux training script gives
+    the same sigmas). ``timesteps=int`` and a ``(low, high)`` window pick indices in that order;
+    see the module docstring.
 
     The schedule is built on the CPU; move the loss with ``.to(device)``.
 
@@ -100,35 +126,80 @@ def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
         A ``NoiseSchedule`` of length ``num_train_timesteps``.
 
     Raises:
-        ValueError: for a scheduler that is not in ``SUPPORTED_SCHEDULERS``.
+        ValueError: for a scheduler that is not in ``SUPPORTED_SCHEDULERS``, or whose config
+            gives no valid training schedule (``num_train_timesteps < 1``, betas outside
+            ``(0, 1]``, ``shift <= 0``, ...); the message names ``scheduler``.
+        TypeError: for a scheduler class instead of an instance.
 
     Example:
         >>> from diffusers import DDPMScheduler
         >>> schedule = schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000))
         >>> len(schedule), schedule.timesteps.dtype
         (1000, torch.int64)
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler
+        >>> flow = schedule_from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+        >>> flow.sigma[0].item(), flow.timesteps[0].item()  # index 0: pure noise, as in diffusers
+        (1.0, 1000.0)
     """
     kind = _scheduler_kind(scheduler)
+    name = type(scheduler).__name__
     config = _config(scheduler)
-    num_train_timesteps = int(config["num_train_timesteps"])
+    num_train_timesteps = config.get("num_train_timesteps")
+    if (
+        isinstance(num_train_timesteps, bool)
+        or not isinstance(num_train_timesteps, int)
+        or num_train_timesteps < 1
+    ):
+        raise ValueError(
+            f"`scheduler` ({name}) has num_train_timesteps={num_train_timesteps!r}; it must be an "
+            "int >= 1"
+        )
+    try:
+        return _training_schedule(scheduler, kind, config, num_train_timesteps)
+    except ValueError as error:
+        if "`scheduler`" in str(error):
+            raise
+        raise ValueError(f"`scheduler` ({name}) has no valid training schedule: {error}") from error
+
+
+def _training_schedule(
+    scheduler: Any, kind: str, config: dict[str, Any], num_train_timesteps: int
+) -> NoiseSchedule:
+    name = type(scheduler).__name__
     if kind == "flow":
-        # The scheduler's own float32 arithmetic (FlowMatchEulerDiscreteScheduler.__init__), in
-        # ascending order, so the timesteps equal the scheduler's exactly.
-        sigmas = torch.arange(1, num_train_timesteps + 1, dtype=torch.float32) / num_train_timesteps
+        # FlowMatchEulerDiscreteScheduler.__init__'s own float32 arithmetic and order (descending
+        # noise), so that sigma and timesteps equal a fresh scheduler's `sigmas`/`timesteps` bit
+        # for bit at every index, whatever `set_timesteps` has since done to this one.
+        sigmas = torch.arange(num_train_timesteps, 0, -1, dtype=torch.float32) / num_train_timesteps
         if not config.get("use_dynamic_shifting", False):
             shift = config.get("shift", 1.0)
+            if isinstance(shift, bool) or not isinstance(shift, Real) or not shift > 0:
+                raise ValueError(f"`scheduler` ({name}) has shift={shift!r}; it must be > 0")
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+            if not (torch.isfinite(sigmas).all() and (sigmas > 0).all() and (sigmas <= 1).all()):
+                raise ValueError(
+                    f"`scheduler` ({name}) has shift={shift!r}, whose sigmas fall outside (0, 1] "
+                    "in the scheduler's float32 arithmetic"
+                )
         return NoiseSchedule.from_flow_sigmas(sigmas, sigmas * num_train_timesteps)
 
-    betas = scheduler.betas.detach().to("cpu", torch.float64)
+    betas = getattr(scheduler, "betas", None)
+    if not isinstance(betas, torch.Tensor) or not betas.is_floating_point():
+        raise ValueError(f"`scheduler` ({name}) has no floating-point `betas` tensor")
+    betas = betas.detach().to("cpu", torch.float64)
     if betas.shape != (num_train_timesteps,):
         raise ValueError(
-            f"{type(scheduler).__name__}.betas has shape {tuple(betas.shape)}, expected "
+            f"`scheduler` ({name}): betas has shape {tuple(betas.shape)}, expected "
             f"({num_train_timesteps},) from `num_train_timesteps`"
         )
     if not (torch.isfinite(betas).all() and (betas > 0).all() and (betas <= 1).all()):
-        raise ValueError(f"{type(scheduler).__name__}.betas must lie in (0, 1] at every timestep")
+        raise ValueError(f"`scheduler` ({name}): betas must lie in (0, 1] at every timestep")
     alphas_cumprod = torch.cumprod(1 - betas, 0)
+    if not bool(alphas_cumprod[0] < 1):
+        raise ValueError(
+            f"`scheduler` ({name}): beta_0={betas[0].item()!r} is too small, 1 - alphas_cumprod "
+            "rounds to 0 at the first timestep (no noise, no density to importance-weight)"
+        )
     gamma, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     timesteps = None
     if (
@@ -161,8 +232,9 @@ def prediction_type_from_scheduler(scheduler: Any) -> str:
     if _scheduler_kind(scheduler) == "flow":
         return "flow_prediction"
     prediction_type = _config(scheduler).get("prediction_type", "epsilon")
-    prediction_type = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
-    if prediction_type not in _VP_PREDICTION_TYPES:
+    if isinstance(prediction_type, str):
+        prediction_type = _PREDICTION_ALIASES.get(prediction_type, prediction_type)
+    if not isinstance(prediction_type, str) or prediction_type not in _VP_PREDICTION_TYPES:
         raise ValueError(
             f"unsupported prediction_type {prediction_type!r} on {type(scheduler).__name__}; "
             f"supported: {', '.join(_VP_PREDICTION_TYPES)} (and flow_prediction through "

@@ -257,7 +257,9 @@ def test_adapter_looks_through_wrappers_and_rejects_other_models():
     assert isinstance(adapter_for(torch.nn.DataParallel(model)), UNet2DAdapter)
     with pytest.raises(TypeError, match="UNet2DConditionAdapter wraps UNet2DConditionModel"):
         UNet2DConditionAdapter(model)
-    with pytest.raises(TypeError, match="no adapter for Linear; supported: UNet2DModel"):
+    with pytest.raises(
+        TypeError, match=r"no adapter for Linear \(`model`\); supported: UNet2DModel"
+    ):
         adapter_for(torch.nn.Linear(2, 2))
 
 
@@ -325,7 +327,7 @@ def test_neggrad_without_keep_points_takes_the_forget_batch():
 def test_conditioning_of_one_row_is_shared_by_every_row():
     case = CASES["unet2d-condition"]
     model = _model(case, lora=False)
-    loss_fn = loss_from_scheduler(SISSLoss, case.scheduler(), lam=0.5)
+    loss_fn = loss_from_scheduler(SISSLoss, case.scheduler(), lam=0.5, superfactor=0.1)
     x0, a0, _ = _inputs(case)
     prompt = torch.randn(1, 5, 16)
     adapter = UNet2DConditionAdapter(model)
@@ -345,7 +347,7 @@ def test_conditioning_of_one_row_is_shared_by_every_row():
 def test_mismatched_rows_raise_clear_errors():
     case = CASES["unet2d-condition"]
     model = _model(case, lora=False)
-    loss_fn = loss_from_scheduler(SISSLoss, case.scheduler(), lam=0.5)
+    loss_fn = loss_from_scheduler(SISSLoss, case.scheduler(), lam=0.5, superfactor=0.1)
     x0, a0, _ = _inputs(case)
     adapter = UNet2DConditionAdapter(model)
     with pytest.raises(ValueError, match=r"`encoder_hidden_states` has 3 rows; expected 2"):
@@ -358,7 +360,9 @@ def test_mismatched_rows_raise_clear_errors():
             return SimpleNamespace(noisy=torch.cat([x0] * 3), timesteps=torch.zeros(3 * len(x0)))
 
     with pytest.raises(ValueError, match="has 6 rows for a batch of 2; adapters support 2"):
-        adapter.loss(x0, a0, TripleLoss(DDPMScheduler().alphas_cumprod), **_text(None))
+        adapter.loss(
+            x0, a0, TripleLoss(DDPMScheduler().alphas_cumprod, superfactor=0.1), **_text(None)
+        )
 
 
 def test_mixed_precision_under_autocast_reduces_in_float32():
@@ -409,3 +413,40 @@ def test_encode_latents_applies_shift_and_scaling_factor():
     vae.register_to_config(shift_factor=None)
     unshifted = encode_latents(vae, images, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(unshifted, raw * 1.5)
+
+
+def test_loss_passes_row_weights_and_draw_dependent_weights():
+    """Per-row weights through the adapter: a tensor, or a callable of the draw (its timesteps)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import compute_snr
+
+    from siss import SISSLoss
+    from siss.adapters import adapter_for, loss_from_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        norm_num_groups=4, layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    scheduler = DDPMScheduler()
+    loss_fn = loss_from_scheduler(SISSLoss, scheduler, superfactor=0.1, reduction="none")
+    adapter = adapter_for(unet)
+    x0, a0 = torch.randn(4, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        plain = adapter.loss(x0, a0, loss_fn, generator=torch.Generator().manual_seed(1))
+        draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(1))
+        snr = compute_snr(scheduler, draw.timesteps)
+        weighted = adapter.loss(
+            x0, a0, loss_fn, generator=torch.Generator().manual_seed(1),
+            weights=lambda d: compute_snr(scheduler, d.timesteps),
+        )  # fmt: skip
+        fixed = adapter.loss(
+            x0,
+            a0,
+            loss_fn,
+            generator=torch.Generator().manual_seed(1),
+            weights=torch.full((4,), 2.0),
+        )
+    torch.testing.assert_close(weighted.loss, snr * plain.loss)
+    torch.testing.assert_close(fixed.loss, 2 * plain.loss)

@@ -161,27 +161,73 @@ def test_vp_schedule_is_alphas_cumprod_with_integer_timesteps(cls):
     torch.testing.assert_close(schedule.gamma.square() + schedule.sigma.square(), torch.ones(500))
 
 
-@pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_flow_schedule_uses_the_scheduler_float_timesteps_and_shift(shift):
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("shift", [1.0, 0.5, 3.0, 7.25])
+@pytest.mark.parametrize("num_train_timesteps", [1000, 37])
+def test_flow_grid_index_i_is_the_scheduler_index_i(num_train_timesteps, shift, dynamic):
+    """Index i means ``scheduler.sigmas[i]`` / ``scheduler.timesteps[i]``, bit for bit.
+
+    That is diffusers' own order (descending noise: index 0 is sigma = 1), the one its SD3/Flux
+    training scripts index with ``noise_scheduler.timesteps[indices]``.
+    """
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=num_train_timesteps, shift=shift, use_dynamic_shifting=dynamic
+    )
     schedule = schedule_from_scheduler(scheduler)
+    assert len(schedule) == num_train_timesteps
     assert schedule.timesteps.dtype == torch.float32
-    assert torch.equal(schedule.timesteps, scheduler.timesteps.flip(0))
-    torch.testing.assert_close(schedule.sigma, scheduler.sigmas.flip(0))
-    torch.testing.assert_close(schedule.gamma, 1 - scheduler.sigmas.flip(0))
+    assert torch.equal(schedule.sigma, scheduler.sigmas)
+    assert torch.equal(schedule.timesteps, scheduler.timesteps)
+    assert torch.equal(schedule.gamma, (1 - scheduler.sigmas.double()).float())
+    assert schedule.sigma[0].item() == 1.0  # index 0: pure noise, as in diffusers
+    assert bool((schedule.sigma[1:] < schedule.sigma[:-1]).all())
     assert prediction_type_from_scheduler(scheduler) == "flow_prediction"
 
 
 def test_flow_schedule_with_dynamic_shifting_is_unshifted_like_the_scheduler():
+    # Flux: `shift` is applied per resolution at inference (`set_timesteps(mu=...)`); the training
+    # grid the diffusers Flux scripts index into is the unshifted one.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     schedule = schedule_from_scheduler(scheduler)
-    assert torch.equal(schedule.timesteps, scheduler.timesteps.flip(0))
-    torch.testing.assert_close(schedule.sigma, torch.arange(1, 1001) / 1000)
+    assert torch.equal(schedule.timesteps, scheduler.timesteps)
+    torch.testing.assert_close(schedule.sigma, torch.arange(1000, 0, -1) / 1000)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ported_sd3_timestep_sampling_gets_the_diffusers_sigmas(shift):
+    """diffusers' ``train_dreambooth_sd3.py``, ported through ``timesteps=`` grid indices."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.0, superfactor=0.0)
+    x0, a0 = _batch(11, batch=6)
+    u = torch.rand(6, generator=torch.Generator().manual_seed(12))
+    u[0], u[1] = 0.0, 1.0 - 1e-7  # both ends of the grid
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    draw = loss_fn.sample(x0, a0, timesteps=indices, generator=torch.Generator().manual_seed(13))
+
+    # diffusers: timesteps = scheduler.timesteps[indices]; sigmas looked up by timestep.
+    timesteps = scheduler.timesteps[indices]
+    step = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = scheduler.sigmas[step].view(-1, 1, 1, 1)
+    assert torch.equal(draw.timesteps, timesteps)
+    torch.testing.assert_close(draw.noisy, (1.0 - sigmas) * x0 + sigmas * draw.noise)
+    torch.testing.assert_close(draw.noisy, scheduler.scale_noise(x0, timesteps, draw.noise))
+
+
+def test_flow_index_zero_is_the_highest_noise_as_in_diffusers():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.0, superfactor=0.0)
+    x0, a0 = _batch(14, batch=1)
+    draw = loss_fn.sample(x0, a0, timesteps=torch.tensor([0]), generator=torch.Generator())
+    assert draw.timesteps.item() == scheduler.timesteps.max().item() == 1000.0
+    torch.testing.assert_close(draw.noisy, draw.noise, rtol=0, atol=0)  # sigma = 1: pure noise
+    last = loss_fn.sample(x0, a0, timesteps=999, generator=torch.Generator())
+    assert last.timesteps.item() == scheduler.timesteps.min().item()
+    assert (last.noisy - x0).abs().max() < (draw.noisy - x0).abs().max()
 
 
 def test_zero_terminal_snr_gives_pure_noise_at_the_last_step():
     scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
-    loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.5)
+    loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.5, superfactor=0.1)
     assert loss_fn.schedule.gamma[-1].item() == 0.0
     assert loss_fn.schedule.sigma[-1].item() == 1.0
     x0, a0 = _batch(7, batch=2)
@@ -206,7 +252,7 @@ def test_every_other_supported_scheduler_reads_its_training_schedule(name):
     schedule = schedule_from_scheduler(scheduler)
     assert len(schedule) == scheduler.config.num_train_timesteps
     if name.startswith("FlowMatch"):
-        assert torch.equal(schedule.timesteps, scheduler.timesteps.flip(0))
+        assert torch.equal(schedule.timesteps, scheduler.timesteps)
     else:
         torch.testing.assert_close(
             schedule.gamma.double().square(),
@@ -249,10 +295,10 @@ def test_loss_from_scheduler_passes_options_and_allows_an_explicit_prediction_ty
     assert (loss_fn.lam, loss_fn.superfactor, loss_fn.n, loss_fn.k) == (0.25, 0.5, 10, 2)
     assert loss_fn.prediction_type == "v_prediction"
     assert isinstance(loss_fn.schedule, NoiseSchedule)
-    override = loss_from_scheduler(SISSLoss, scheduler, prediction_type="epsilon")
+    override = loss_from_scheduler(SISSLoss, scheduler, superfactor=0.1, prediction_type="epsilon")
     assert override.prediction_type == "epsilon"
     with pytest.raises(ValueError, match="`prediction_type` must be one of"):
-        loss_from_scheduler(SISSLoss, scheduler, prediction_type="eps")
+        loss_from_scheduler(SISSLoss, scheduler, superfactor=0.1, prediction_type="eps")
     with pytest.raises(TypeError, match="UnlearningLoss subclass"):
         loss_from_scheduler(torch.nn.MSELoss, scheduler)
 
