@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_training_set, to_unit_range
 
+from siss import rank_generator
 from siss.metrics import (
     DigitClassifier,
     default_threshold,
@@ -169,7 +170,9 @@ def train(args: argparse.Namespace) -> tuple[UNet2DModel, DDPMScheduler, dict]:
 
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # read only, never mutated
-    generator = torch.Generator().manual_seed(args.seed)
+    # Data order, timesteps and noise: seed + process index (rank 0, the seed itself, in a single
+    # process). Model initialisation (torch.manual_seed above) stays the same on every rank.
+    generator = rank_generator(args.seed)
     n = images.shape[0]
     order, cursor = torch.randperm(n, generator=generator), 0
     unet.train()

@@ -41,6 +41,7 @@ from training_state import (
     write_json_atomically,
 )
 
+from siss import rank_generator
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -295,7 +296,10 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     balancer = build_balancer(args, params)
-    generator = torch.Generator().manual_seed(args.seed)
+    # Training draws (rows, timesteps, coins, noise): seed + process index, so that ranks of a
+    # distributed run differ; a single process is rank 0 (the seed itself). Evaluation generators
+    # (Evaluator) stay the same on every rank, for comparable samples.
+    generator = rank_generator(args.seed)
     evaluator = Evaluator(args, data.outlier, keep)
     timesteps = timestep_spec(args.timesteps)
 

@@ -32,13 +32,22 @@ def paired_batches(
         keep: the loader of ``X \\ A`` (or of ``X`` for ``x_from="all"``); one epoch of it is one
             epoch of the pairs.
         forget: the loader of ``A``; iterated again (``iter(forget)``) each time it is exhausted.
-            It must not be a one-shot iterator, and must yield at least one batch.
+            It must not be a one-shot iterator, must yield at least one batch, and must not be
+            prepared by accelerate (see the error it raises).
 
     Example:
         >>> pairs = list(paired_batches([1, 2, 3, 4, 5], ["a"]))
         >>> pairs
         [(1, 'a'), (2, 'a'), (3, 'a'), (4, 'a'), (5, 'a')]
     """
+    if hasattr(forget, "gradient_state"):
+        raise ValueError(
+            "`forget` was passed to `accelerator.prepare`: accelerate ends gradient accumulation "
+            "whenever a prepared loader runs out, which a small forget loader does at every step "
+            "(`sync_gradients` would be True on every micro-batch), and it would shard the forget "
+            "set across processes; keep the forget loader unprepared and move its batches with "
+            "`.to(accelerator.device)`"
+        )
     if iter(forget) is forget:
         raise TypeError(
             "`forget` must be re-iterable (a DataLoader, a list), not a one-shot iterator: it is "

@@ -47,3 +47,18 @@ def test_rank_generator_differs_per_rank(monkeypatch):
         rank_generator(-1)
     with pytest.raises(TypeError, match="`seed`"):
         rank_generator(1.5)
+
+
+def test_an_accelerate_prepared_forget_loader_raises():
+    """Found by the README test: a prepared one-image loader turned accumulation off."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        forget = accelerator.prepare(DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1))
+        with pytest.raises(ValueError, match=r"accelerator\.prepare"):
+            list(paired_batches(range(4), forget))
+    finally:  # accelerate's state is process-wide: leave none behind for other tests
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
