@@ -242,7 +242,8 @@ def evaluate(unet: UNet2DModel, scheduler_config: dict, args: argparse.Namespace
     result = {
         "sampler": args.sampler,
         "steps": args.eval_steps,
-        "samples": est.total,
+        "samples": est.total + est.nonfinite,
+        "nonfinite_samples": est.nonfinite,
         "outlier_count": est.count,
         "outlier_rate": est.rate,
         "ci95_clopper_pearson": [est.low, est.high],

@@ -156,7 +156,13 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
         after = [r["after"] for r in runs]
         row = {"label": label, "name": LABELS[label], "seeds": len(runs), "steps": runs[0]["steps"]}
         for key in ("inception_score", "fid", "outlier_nll_bpd", "outlier_rate"):
-            row[key] = mean_ci([a[key] for a in after])
+            values = [a[key] for a in after]
+            # A run whose model diverged has no value here (None, or a NaN rate): the mean over
+            # the seeds is then not measured either, never the mean of the others.
+            if any(v is None or math.isnan(v) for v in values):
+                row[key] = (math.nan, math.nan)
+            else:
+                row[key] = mean_ci(values)
         row["outlier_count"] = sum(a["outlier_count"] for a in after)
         row["samples"] = sum(a["samples"] for a in after)
         row["train_wall_s"] = mean_ci([r["train_wall_s"] for r in runs])
@@ -167,6 +173,8 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
 def table_markdown(rows: list[dict]) -> str:
     def fmt(pair: tuple[float, float], digits: int = 2, percent: bool = False) -> str:
         mean, half = pair
+        if math.isnan(mean):
+            return "not measured"
         if percent:
             return f"{100 * mean:.2f}% ± {100 * half:.2f}"
         return f"{mean:.{digits}f} ± {half:.{digits}f}"

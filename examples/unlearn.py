@@ -188,7 +188,8 @@ class Evaluator:
             "outlier_rate": rate.rate,
             "outlier_rate_ci95": [rate.low, rate.high],
             "outlier_count": rate.count,
-            "samples": rate.total,
+            "samples": rate.total + rate.nonfinite,
+            "nonfinite_samples": rate.nonfinite,
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }
 
@@ -202,30 +203,41 @@ class Evaluator:
         samples = self.samples(unet, scheduler.config, self.args.eval_samples)
         rate = generation_rate(to_unit_range(samples), to_unit_range(self.outlier))
         probes = self.outlier.expand(self.args.nll_probes, *self.outlier.shape)
-        nll = bits_per_dim(
-            lambda x, t: unet(x, t).sample,
-            probes,
-            scheduler.alphas_cumprod,
-            rtol=self.args.nll_tolerance,
-            atol=self.args.nll_tolerance,
-            generator=torch.Generator().manual_seed(self.args.seed + 2),
-        )
-        score = fid = None
+        # A diverged model (NaN samples or predictions) has no likelihood or quality: the metrics
+        # raise ValueError saying why, recorded here as "not measured", never as a number.
+        not_measured: dict[str, str] = {}
+        nll = score = fid = None
+        try:
+            nll = bits_per_dim(
+                lambda x, t: unet(x, t).sample,
+                probes,
+                scheduler.alphas_cumprod,
+                rtol=self.args.nll_tolerance,
+                atol=self.args.nll_tolerance,
+                generator=torch.Generator().manual_seed(self.args.seed + 2),
+            )
+        except ValueError as error:
+            not_measured["outlier_nll_bpd"] = str(error)
         if self.classifier is not None:
-            score = is_score(self.classifier, samples, select="logits").mean
-            fid = fid_score(self.classifier, samples, self.reference, select="features")
+            try:
+                score = is_score(self.classifier, samples, select="logits").mean
+                fid = fid_score(self.classifier, samples, self.reference, select="features")
+            except ValueError as error:
+                not_measured["inception_score"] = not_measured["fid"] = str(error)
         unet.train(was_training)
         return {
             "outlier_rate": rate.rate,
             "outlier_rate_ci95": [rate.low, rate.high],
             "outlier_count": rate.count,
-            "samples": rate.total,
-            "outlier_nll_bpd": nll.mean().item(),
+            "samples": rate.total + rate.nonfinite,
+            "nonfinite_samples": rate.nonfinite,
+            "outlier_nll_bpd": None if nll is None else nll.mean().item(),
             "outlier_nll_bpd_se": (nll.std() / math.sqrt(len(nll))).item()
-            if len(nll) > 1
+            if nll is not None and len(nll) > 1
             else None,
             "inception_score": score,
             "fid": fid,
+            "not_measured": not_measured,
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }, samples
 
@@ -397,7 +409,10 @@ def main(argv: list[str] | None = None) -> None:
             for key in ("inception_score", "fid")
         )
         rate = f"{row['outlier_rate']:.2%} [{low:.2%}, {high:.2%}]"
-        print(f"{name:8}{rate:>26}{row['outlier_nll_bpd']:>20.2f}{quality}")
+        if row["nonfinite_samples"]:
+            rate = f"not measured: {row['nonfinite_samples']} NaN samples"
+        nll = "n/a" if row["outlier_nll_bpd"] is None else f"{row['outlier_nll_bpd']:.2f}"
+        print(f"{name:8}{rate:>26}{nll:>20}{quality}")
     print(
         f"\n{result['steps']} steps in {result['train_wall_s']:.0f} s of training; "
         f"pictures and metrics.json in {args.output_dir}"

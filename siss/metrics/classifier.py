@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from siss.metrics._validate import check_int, check_real, check_tensor
+
 __all__ = ["ClassifierOutput", "DigitClassifier"]
 
 
@@ -38,11 +40,14 @@ class DigitClassifier(nn.Module):
     16x16).
 
     Args:
-        image_size: side of the input images, a multiple of 4.
-        in_channels: input channels.
-        num_classes: number of classes.
-        feature_dim: width of the penultimate layer returned as ``features``.
-        dropout: dropout before the classifier (training only).
+        image_size: side of the input images, a positive multiple of 4.
+        in_channels: input channels, ``>= 1``.
+        num_classes: number of classes, ``>= 1``.
+        feature_dim: width of the penultimate layer returned as ``features``, ``>= 1``.
+        dropout: dropout probability in ``[0, 1]`` before the classifier (training only).
+
+    Ints (numpy ints too, not bools) and a real ``dropout`` are checked; a bad value raises
+    ``TypeError`` / ``ValueError`` naming the argument.
 
     Example:
         >>> model = DigitClassifier()
@@ -60,8 +65,13 @@ class DigitClassifier(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
-        if image_size < 4 or image_size % 4:
-            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size!r}")
+        image_size = check_int(image_size, "image_size", minimum=4)
+        if image_size % 4:
+            raise ValueError(f"`image_size` must be a positive multiple of 4, got {image_size!r}")
+        in_channels = check_int(in_channels, "in_channels", minimum=1)
+        num_classes = check_int(num_classes, "num_classes", minimum=1)
+        feature_dim = check_int(feature_dim, "feature_dim", minimum=1)
+        dropout = check_real(dropout, "dropout", low=0.0, high=1.0)
         self.image_size = image_size
         self.in_channels = in_channels
         self.body = nn.Sequential(
@@ -83,10 +93,23 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
-        """Classifies ``(B, in_channels, image_size, image_size)`` images in ``[-1, 1]``."""
+        """Classifies ``(B, in_channels, image_size, image_size)`` images in ``[-1, 1]``.
+
+        ``x`` must have the model's floating dtype and device (``TypeError`` / ``ValueError``
+        naming ``x`` otherwise: convert 8-bit images to ``[-1, 1]`` first). Non-finite pixels
+        give non-finite outputs, which :func:`~siss.metrics.is_score` and
+        :func:`~siss.metrics.fid_score` report.
+        """
         expected = (self.in_channels, self.image_size, self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected (B, {expected}) images, got {tuple(x.shape)}")
+        dims = f"(B, {', '.join(map(str, expected))})"
+        x = check_tensor(x, "x", dims=dims, ndim=4)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"`x` must be {dims} images, got {tuple(x.shape)}")
+        weight = self.head.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"`x` must have the model's dtype {weight.dtype}, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"`x` must be on the model's device {weight.device}, got {x.device}")
         features = self.body(x)
         return ClassifierOutput(self.head(self.dropout(features)), features)
 

@@ -39,25 +39,44 @@ width ``(hi - lo) / 256``, so the discrete negative log-likelihood in bits per d
 (7 for ``[-1, 1]``, 8 for ``[0, 1]``); ``num_bins=None`` drops the offset (continuous
 bits/dim). With ``dequantize=True`` the input is first mapped back to its integer level ``k``
 and replaced by Song et al.'s uniform dequantization ``lo + (hi - lo) (k + u) / 256``.
+
+What cannot be measured raises ``ValueError`` (``TypeError`` for a wrong type) naming the
+argument, never a number: images with NaN or inf values (with their count), a model whose
+output is non-finite or of the wrong shape (a diverged model has no likelihood), an ODE solution
+that overflows, integer or half-precision images (the solver's tolerances are below half
+precision's resolution), and fixed-grid solvers (they would take a single step from
+:math:`t_\\epsilon` to 1 here and return a finite, wrong value).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+from siss.metrics._validate import (
+    check_choice,
+    check_finite_rows,
+    check_int,
+    check_real,
+    check_tensor,
+)
 
 __all__ = ["VPSchedule", "bits_per_dim", "log_likelihood"]
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# torchdiffeq's adaptive solvers; its fixed-grid ones step on the output times [t_eps, 1] only.
+_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 class VPSchedule:
     """Continuous VP-SDE built from a discrete ``alphas_cumprod`` (see the module docstring).
 
     Args:
-        alphas_cumprod: ``(T,)`` cumulative products of ``1 - beta`` of the discrete schedule.
+        alphas_cumprod: ``(T,)`` cumulative products of ``1 - beta`` of the discrete schedule
+            (a tensor or a sequence of numbers), ``T >= 2``, non-increasing inside ``(0, 1)``.
 
     Example:
         >>> betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -67,11 +86,18 @@ class VPSchedule:
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
-        ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+        if isinstance(alphas_cumprod, torch.Tensor) and alphas_cumprod.is_meta:
+            raise ValueError("`alphas_cumprod` is a meta tensor: it holds no values")
+        try:
+            ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"`alphas_cumprod` must be a (T,) tensor, got {type(alphas_cumprod).__name__}"
+            ) from err
         if ac.dim() != 1 or ac.numel() < 2:
-            raise ValueError(f"alphas_cumprod must be (T,) with T >= 2, got {tuple(ac.shape)}")
+            raise ValueError(f"`alphas_cumprod` must be (T,) with T >= 2, got {tuple(ac.shape)}")
         if not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()):
-            raise ValueError("alphas_cumprod must be non-increasing and inside (0, 1)")
+            raise ValueError("`alphas_cumprod` must be non-increasing and inside (0, 1)")
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
         self.num_train_timesteps = ac.numel()
         self.h = 1.0 / (self.num_train_timesteps - 1)
@@ -80,13 +106,22 @@ class VPSchedule:
         self.cum = torch.cat([ac.new_zeros(1), torch.cumsum(steps, 0)])  # int_0^{t_i} beta
 
     def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = t.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+        """Node index, offset into the segment and slope of beta there, for t clamped to [0, 1].
+
+        Clamping holds the schedule at its end values where an adaptive solver's stages step
+        slightly past ``t = 1``; a NaN time has no segment and raises.
+        """
+        t = check_tensor(torch.as_tensor(t), "t", floating=False)
+        t = t.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("`t` holds NaN or inf values")
+        t = t.clamp(0.0, 1.0)
         k = torch.clamp((t / self.h).floor().long(), max=self.num_train_timesteps - 2)
         u = t - k.to(torch.float64) * self.h  # a long tensor times a float is float32
         return k, u, (self.nodes[k + 1] - self.nodes[k]) / self.h
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\beta(t)`, float64, same shape as ``t``."""
+        """:math:`\\beta(t)`, float64, same shape as ``t`` (finite; clamped to ``[0, 1]``)."""
         k, u, slope = self._segment(t)
         return self.nodes[k] + slope * u
 
@@ -113,6 +148,64 @@ def _dequantize(
     return (lo + (hi - lo) * (levels + u.to(x.device)) / num_bins).to(x.dtype)
 
 
+def _check_x(x: object) -> torch.Tensor:
+    """``(B, *S)`` float32/float64 images with ``B > 0``, non-empty and finite."""
+    x = check_tensor(x, "x", dims="(B, *S) with B > 0", min_dim=2)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"`x` must be float32 or float64, got {x.dtype}: the ODE solver's tolerances are "
+            "below half precision's resolution (wrap a half-precision model as "
+            "lambda x, t: model(x.half(), t.half()).float())"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"`x` must be (B, *S) with B > 0 and non-empty S, got {tuple(x.shape)}")
+    check_finite_rows(x, "x", "images")
+    return x
+
+
+def _check_solver(
+    num_probes: object, rtol: object, atol: object, method: object, t_eps: object
+) -> tuple[int, float, float, str, float]:
+    return (
+        check_int(num_probes, "num_probes", minimum=1),
+        check_real(rtol, "rtol", low=0.0, low_open=True),
+        check_real(atol, "atol", low=0.0, low_open=True),
+        check_choice(method, "method", _ADAPTIVE_METHODS),
+        # sigma(0) = 0: the score eps / sigma is undefined at t = 0.
+        check_real(t_eps, "t_eps", low=0.0, high=1.0, low_open=True, high_open=True),
+    )
+
+
+def _check_eps(eps: object, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's output: a finite tensor shaped like ``x_t``, cast to its dtype."""
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"`eps_model` must return a tensor, got {type(eps).__name__}")
+    if eps.shape != xt.shape or eps.device != xt.device:
+        raise ValueError(
+            f"`eps_model` must return a tensor of the shape {tuple(xt.shape)} and device "
+            f"{xt.device} of its input, got {tuple(eps.shape)} on {eps.device}"
+        )
+    if not bool(torch.isfinite(eps).all()):
+        raise ValueError(
+            f"`eps_model` returned NaN or inf values at t = {float(t):.4g} (has the model "
+            "diverged?): its likelihood cannot be measured"
+        )
+    return eps.to(xt.dtype)
+
+
+def _solve(odeint: Callable, dynamics: Callable, state: tuple, t_span: torch.Tensor, **kwargs):
+    """``odeint``, with its step-size underflow (a stiff or exploding flow) named."""
+    try:
+        return odeint(dynamics, state, t_span, **kwargs)
+    except AssertionError as err:  # torchdiffeq asserts on a step size that underflows
+        if "underflow" not in str(err):
+            raise
+        raise ValueError(
+            "the probability-flow ODE's step size underflowed: the flow of `eps_model` is too "
+            "stiff or explodes at these `rtol` / `atol`"
+        ) from err
+
+
 def log_likelihood(
     eps_model: EpsModel,
     x: torch.Tensor,
@@ -134,31 +227,36 @@ def log_likelihood(
 
     Args:
         eps_model: ``eps_model(x_t, timesteps) -> eps`` with ``x_t`` like ``x`` and
-            ``timesteps`` a ``(B,)`` float tensor of discrete-scale timesteps ``t * (T - 1)``.
-            Wrap a diffusers UNet as ``lambda x, t: unet(x, t).sample`` and put it in eval
-            mode; gradients are taken with respect to ``x_t`` only (parameters' ``.grad``
-            are left untouched).
-        x: ``(B, *S)`` data points, on the model's device and in the dtype to integrate in
-            (float64 for reference values, float32 for a UNet).
+            ``timesteps`` a ``(B,)`` float tensor of discrete-scale timesteps ``t * (T - 1)``;
+            ``eps`` must be a finite tensor of ``x_t``'s shape and device (else ``ValueError``
+            naming ``eps_model``). Wrap a diffusers UNet as ``lambda x, t: unet(x, t).sample``
+            and put it in eval mode; gradients are taken with respect to ``x_t`` only
+            (parameters' ``.grad`` are left untouched).
+        x: ``(B, *S)`` finite data points, ``B > 0``, on the model's device and in the dtype to
+            integrate in: float64 for reference values, float32 for a UNet. Integer and
+            half-precision tensors raise ``TypeError``; NaN or inf images raise ``ValueError``
+            with their count.
         alphas_cumprod: ``(T,)`` the model's discrete schedule, e.g.
             ``DDPMScheduler.alphas_cumprod`` (read, never modified).
-        num_probes: Rademacher probes per image; the divergence is their mean.
-        rtol: relative tolerance of the ODE solver (Song et al. and the paper: 1e-5).
-        atol: absolute tolerance of the ODE solver.
-        method: a ``torchdiffeq.odeint`` method (``"dopri5"`` is RK45, as scipy's in the paper).
-        t_eps: start of the integration; the density is that of :math:`x(t_\\epsilon)`.
+        num_probes: Rademacher probes per image, an int ``>= 1``; the divergence is their mean.
+        rtol: relative tolerance of the ODE solver, ``> 0`` (Song et al. and the paper: 1e-5).
+        atol: absolute tolerance of the ODE solver, ``> 0``.
+        method: an adaptive ``torchdiffeq.odeint`` method: ``"dopri5"`` (RK45, as scipy's in
+            the paper), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"`` or ``"adaptive_heun"``.
+        t_eps: start of the integration, in ``(0, 1)``; the density is that of
+            :math:`x(t_\\epsilon)`.
         generator: random source of the probes (drawn on the CPU, once per call).
         progress: show a tqdm bar of the integration time reached.
 
     Returns:
-        ``(B,)`` float64 log-likelihoods in nats.
+        ``(B,)`` float64 finite log-likelihoods in nats.
     """
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be (B, *S) with B > 0, got {tuple(x.shape)}")
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes!r}")
-    if not 0.0 <= t_eps < 1.0:
-        raise ValueError(f"t_eps must be in [0, 1), got {t_eps!r}")
+    x = _check_x(x)
+    num_probes, rtol, atol, method, t_eps = _check_solver(num_probes, rtol, atol, method, t_eps)
+    if not callable(eps_model):
+        raise TypeError(f"`eps_model` must be callable, got {type(eps_model).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
     try:
         from torchdiffeq import odeint
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -183,12 +281,18 @@ def log_likelihood(
         timesteps = (t.detach().clamp(0.0, 1.0) * scale).to(x.device, x.dtype).expand(batch)
         with torch.enable_grad():
             xt.requires_grad_(True)
-            eps = eps_model(xt, timesteps)
+            eps = _check_eps(eps_model(xt, timesteps), xt, t)
             drift = -0.5 * beta * (xt - eps / sigma)
             div = torch.zeros(batch, device=x.device, dtype=x.dtype)
             for i, v in enumerate(probes):
                 (vjp,) = torch.autograd.grad(drift, xt, v, retain_graph=i + 1 < num_probes)
                 div = div + (vjp * v).reshape(batch, -1).sum(1)
+        if not bool(torch.isfinite(drift).all() & torch.isfinite(div).all()):
+            # Finite inputs and outputs, yet the flow overflows x's dtype: no likelihood.
+            raise ValueError(
+                f"the probability-flow drift of `eps_model` at `x` overflows {x.dtype} at "
+                f"t = {float(t):.4g}"
+            )
         if bar is not None and float(t) > reached[0]:
             bar.update(float(t) - reached[0])
             reached[0] = float(t)
@@ -197,13 +301,29 @@ def log_likelihood(
     t_span = torch.tensor([t_eps, 1.0], dtype=x.dtype, device=x.device)
     zero = torch.zeros(batch, dtype=x.dtype, device=x.device)
     try:
-        xs, divs = odeint(dynamics, (x.detach(), zero), t_span, rtol=rtol, atol=atol, method=method)
+        xs, divs = _solve(
+            odeint, dynamics, (x.detach(), zero), t_span, rtol=rtol, atol=atol, method=method
+        )
     finally:
         if bar is not None:
             bar.close()
     x1 = xs[-1].double().reshape(batch, -1)
-    prior = -0.5 * dims * math.log(2 * math.pi) - 0.5 * (x1 * x1).sum(1)
-    return prior + divs[-1].double()
+    logp = -0.5 * dims * math.log(2 * math.pi) - 0.5 * (x1 * x1).sum(1) + divs[-1].double()
+    if not bool(torch.isfinite(logp).all()):
+        raise ValueError(f"the probability-flow ODE of `eps_model` at `x` overflows {x.dtype}")
+    return logp
+
+
+def _check_range(data_range: object) -> tuple[float, float]:
+    if not isinstance(data_range, Sequence):
+        raise TypeError(f"`data_range` must be a pair (lo, hi), got {type(data_range).__name__}")
+    if len(data_range) != 2:
+        raise ValueError(f"`data_range` must be a pair (lo, hi), got {data_range!r}")
+    lo = check_real(data_range[0], "data_range")
+    hi = check_real(data_range[1], "data_range")
+    if not hi > lo:
+        raise ValueError(f"`data_range` must be (lo, hi) with hi > lo, got {data_range!r}")
+    return lo, hi
 
 
 def bits_per_dim(
@@ -230,23 +350,25 @@ def bits_per_dim(
 
     Args:
         eps_model: noise-prediction callable, see :func:`log_likelihood`.
-        x: ``(B, *S)`` images in ``data_range``.
+        x: ``(B, *S)`` finite float32/float64 images in ``data_range`` (8-bit images must be
+            scaled first: integer tensors raise ``TypeError``).
         alphas_cumprod: ``(T,)`` the discrete schedule.
         num_probes: Rademacher probes per image.
         rtol: relative tolerance of the ODE solver.
         atol: absolute tolerance of the ODE solver.
-        method: a ``torchdiffeq.odeint`` method.
-        t_eps: start of the integration.
-        data_range: ``(lo, hi)`` the range the model's data was scaled to.
-        num_bins: intensity levels of the original data (256 for 8-bit), or ``None`` for
-            continuous bits/dim with no offset.
+        method: an adaptive ``torchdiffeq.odeint`` method, see :func:`log_likelihood`.
+        t_eps: start of the integration, in ``(0, 1)``.
+        data_range: ``(lo, hi)`` finite, ``hi > lo``: the range the model's data was scaled to.
+        num_bins: intensity levels of the original data (an int ``>= 2``, 256 for 8-bit), or
+            ``None`` for continuous bits/dim with no offset.
         dequantize: replace ``x`` by Song et al.'s uniform dequantization of its level first
             (needs ``num_bins``).
         generator: random source of the probes and the dequantization noise.
         progress: show a tqdm bar.
 
     Returns:
-        ``(B,)`` float64 bits per dimension.
+        ``(B,)`` float64 finite bits per dimension. What cannot be measured (see the module
+        docstring) raises ``ValueError`` / ``TypeError`` naming the argument.
 
     Example:
         >>> import torch
@@ -260,14 +382,13 @@ def bits_per_dim(
         >>> bool((bpd - 0.5 * math.log2(2 * math.pi)).abs().max() < 1e-4)
         True
     """
-    lo, hi = (float(v) for v in data_range)
-    if not hi > lo:
-        raise ValueError(f"data_range must be (lo, hi) with hi > lo, got {data_range!r}")
-    if num_bins is not None and num_bins < 2:
-        raise ValueError(f"num_bins must be >= 2 or None, got {num_bins!r}")
+    x = _check_x(x)
+    lo, hi = _check_range(data_range)
+    if num_bins is not None:
+        num_bins = check_int(num_bins, "num_bins", minimum=2)
     if dequantize:
         if num_bins is None:
-            raise ValueError("dequantize=True needs num_bins")
+            raise ValueError("`dequantize`=True needs `num_bins`")
         x = _dequantize(x, lo, hi, num_bins, generator)
     logp = log_likelihood(
         eps_model,

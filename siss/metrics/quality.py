@@ -7,6 +7,12 @@ role: :func:`inception_score` takes class logits, :func:`frechet_distance` takes
 vectors, and :func:`extract` runs a model (an ``nn.Module`` or any callable) over images in
 batches. :class:`siss.metrics.DigitClassifier` is the default extractor of the digits example.
 
+Non-finite values: a diverged model samples NaN images, whose logits and features are NaN. A
+score over them would be NaN (Inception Score) or an obscure linear-algebra failure (FID), and
+neither return type has room to say how many samples were lost, so every score raises
+``ValueError`` naming the argument and counting the non-finite rows instead. :func:`extract`
+passes values through unchecked; the scores check them.
+
 References:
     Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016 (Inception Score).
     Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
@@ -15,10 +21,13 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+
+from siss.metrics._validate import check_finite_rows, check_int, check_tensor
 
 __all__ = [
     "ScoreEstimate",
@@ -48,16 +57,39 @@ def _select(output: Any, select: int | str | None) -> torch.Tensor:
     if select is None:
         if not isinstance(output, torch.Tensor):
             raise TypeError(
-                f"the extractor returned {type(output).__name__}; pass select= (an index or an "
+                f"the extractor returned {type(output).__name__}; pass `select` (an index or an "
                 "attribute name) to pick a tensor from it"
             )
         return output
-    if isinstance(select, str):
-        return getattr(output, select) if hasattr(output, select) else output[select]
-    return output[select]
+    if isinstance(select, str) and isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"`select`={select!r} names an attribute, but the extractor returned a tensor"
+        )
+    try:
+        if isinstance(select, str) and hasattr(output, select):
+            picked = getattr(output, select)
+        else:
+            picked = output[select]
+    except (IndexError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"`select`={select!r} picks nothing from the extractor's {type(output).__name__}"
+        ) from err
+    if not isinstance(picked, torch.Tensor):
+        raise TypeError(f"`select`={select!r} picked a {type(picked).__name__}, not a tensor")
+    return picked
 
 
-@torch.no_grad()
+def _check_features(feats: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(b, ...)`` extractor output flattened to ``(b, F)`` float32 on the CPU."""
+    if feats.is_meta or feats.is_complex() or feats.dim() < 1 or feats.shape[0] != batch:
+        raise ValueError(
+            f"`extractor` must return a real tensor (b, ...) for a batch of b = {batch} images, "
+            f"got {'a meta' if feats.is_meta else feats.dtype} tensor of shape "
+            f"{tuple(feats.shape)}"
+        )
+    return feats.reshape(batch, -1).float().cpu()
+
+
 def extract(
     extractor: Callable[[torch.Tensor], Any],
     images: torch.Tensor,
@@ -69,24 +101,41 @@ def extract(
 ) -> torch.Tensor:
     """Runs ``extractor`` over ``images`` in batches, without gradients.
 
-    An ``nn.Module`` is put in eval mode for the call and restored afterwards.
+    An ``nn.Module`` is put in eval mode for the call and restored afterwards. Values are not
+    checked: non-finite images give whatever the extractor makes of them (NaN, usually), and
+    the scores (:func:`inception_score`, :func:`frechet_distance`) report those.
 
     Args:
-        extractor: maps a ``(b, C, H, W)`` batch to a tensor ``(b, F)``, or to a tuple /
-            NamedTuple / dict holding one (pick it with ``select``).
-        images: ``(N, C, H, W)`` images in the range the extractor expects.
+        extractor: maps a ``(b, C, H, W)`` batch to a tensor ``(b, F)`` (or ``(b, ...)``,
+            flattened), or to a tuple / NamedTuple / dict holding one (pick it with ``select``).
+        images: ``(N, C, H, W)`` (any ``(N, ...)`` with ``N > 0``) images in the dtype and
+            range the extractor expects; not on the meta device.
         select: index or name of the output to keep, or ``None`` if it is a tensor.
-        batch_size: images per call.
+        batch_size: images per call, an int ``>= 1``.
         device: where to run the batches (default: the images' device).
         progress: show a tqdm bar.
 
     Returns:
         ``(N, F)`` float32 outputs on the CPU.
     """
-    if images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError(f"images must be (N, ...) with N > 0, got {tuple(images.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return _extract(extractor, images, select, batch_size, device, progress)
+
+
+@torch.no_grad()
+def _extract(
+    extractor: Callable[[torch.Tensor], Any],
+    images: object,
+    select: int | str | None,
+    batch_size: object,
+    device: torch.device | str | None,
+    progress: bool,
+    name: str = "images",
+) -> torch.Tensor:
+    """:func:`extract`, naming the images argument ``name`` in its errors."""
+    images = check_tensor(images, name, dims="(N, ...) with N > 0", min_dim=2, floating=False)
+    if images.shape[0] == 0:
+        raise ValueError(f"`{name}` must be (N, ...) with N > 0, got {tuple(images.shape)}")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     was_training = isinstance(extractor, torch.nn.Module) and extractor.training
     if was_training:
         extractor.eval()
@@ -101,12 +150,32 @@ def extract(
             batch = images[start : start + batch_size]
             if device is not None:
                 batch = batch.to(device)
-            feats = _select(extractor(batch), select)
-            out.append(feats.reshape(feats.shape[0], -1).float().cpu())
+            out.append(_check_features(_select(extractor(batch), select), batch.shape[0]))
     finally:
         if was_training:
             extractor.train()
     return torch.cat(out)
+
+
+def _check_logits(logits: object, name: str) -> torch.Tensor:
+    logits = check_tensor(logits, name, dims="(N, K) with N, K > 0", ndim=2)
+    if logits.numel() == 0:
+        raise ValueError(f"`{name}` must be (N, K) with N, K > 0, got {tuple(logits.shape)}")
+    return logits
+
+
+def _inception_score(logits: torch.Tensor, splits: int) -> ScoreEstimate:
+    """The score of checked, finite ``(N, K)`` logits over ``splits`` contiguous splits."""
+    size = logits.shape[0] // splits
+    log_p = torch.log_softmax(logits[: splits * size].to(torch.float64), dim=1)
+    log_p = log_p.reshape(splits, size, -1)
+    log_py = torch.logsumexp(log_p, dim=1, keepdim=True) - math.log(size)
+    p = log_p.exp()
+    # A class of probability 0 contributes 0 (0 * log 0 = 0): finite logits far apart can
+    # underflow log_softmax to -inf, which would otherwise give 0 * (-inf) = NaN.
+    kl = torch.where(p > 0, p * (log_p - log_py), torch.zeros_like(p)).sum(-1)
+    values = torch.exp(kl.mean(1))
+    return ScoreEstimate(float(values.mean()), float(values.std(unbiased=False)))
 
 
 def inception_score(logits: torch.Tensor, *, splits: int = 1) -> ScoreEstimate:
@@ -117,42 +186,49 @@ def inception_score(logits: torch.Tensor, *, splits: int = 1) -> ScoreEstimate:
     prediction is the same.
 
     Args:
-        logits: ``(N, K)`` unnormalised class scores.
-        splits: number of equal, contiguous splits the score is averaged over (the remainder
-            of ``N / splits`` samples is dropped).
+        logits: ``(N, K)`` floating-point unnormalised class scores, ``N, K > 0``. Rows with a
+            NaN or ±inf value (e.g. from NaN images) raise ``ValueError`` with their count;
+            write probability 0 as a large negative logit, not ``-inf``.
+        splits: number of equal, contiguous splits the score is averaged over, an int in
+            ``[1, N]`` (the remainder of ``N / splits`` samples is dropped).
 
     Returns:
-        A :class:`ScoreEstimate`.
+        A :class:`ScoreEstimate` of finite values, ``1 <= mean <= K``.
 
     Example:
         >>> logits = 50.0 * torch.eye(10).repeat(3, 1)  # confident, 3 samples per class
         >>> round(inception_score(logits).mean, 6)
         10.0
     """
-    if logits.dim() != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits must be (N, K) with N > 0, got {tuple(logits.shape)}")
-    if not 1 <= splits <= logits.shape[0]:
-        raise ValueError(f"splits must be in [1, N={logits.shape[0]}], got {splits!r}")
-    log_p = torch.log_softmax(logits.to(torch.float64), dim=1)
-    size = logits.shape[0] // splits
-    scores = []
-    for k in range(splits):
-        part = log_p[k * size : (k + 1) * size]
-        log_py = torch.logsumexp(part, dim=0) - torch.log(part.new_tensor(float(part.shape[0])))
-        kl = (part.exp() * (part - log_py)).sum(1)
-        scores.append(torch.exp(kl.mean()))
-    values = torch.stack(scores)
-    return ScoreEstimate(float(values.mean()), float(values.std(unbiased=False)))
+    logits = _check_logits(logits, "logits")
+    splits = check_int(splits, "splits", minimum=1)
+    if splits > logits.shape[0]:
+        raise ValueError(f"`splits` must be in [1, N={logits.shape[0]}], got {splits!r}")
+    check_finite_rows(logits, "logits", "rows")
+    return _inception_score(logits, splits)
 
 
-def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of ``(N, F)`` features, in float64."""
-    if features.dim() != 2 or features.shape[0] < 2:
-        raise ValueError(f"features must be (N, F) with N >= 2, got {tuple(features.shape)}")
+def _statistics(features: object, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    features = check_tensor(features, name, dims="(N, F) with N >= 2, F > 0", ndim=2)
+    if features.shape[0] < 2 or features.shape[1] == 0:
+        raise ValueError(f"`{name}` must be (N, F) with N >= 2, F > 0, got {tuple(features.shape)}")
+    check_finite_rows(features, name, "rows")
     f = features.to(torch.float64)
     mu = f.mean(0)
     centered = f - mu
-    return mu, centered.T @ centered / (f.shape[0] - 1)
+    sigma = centered.T @ centered / (f.shape[0] - 1)
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(f"`{name}` is too large: its covariance overflows float64")
+    return mu, sigma
+
+
+def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of ``(N, F)`` features, in float64.
+
+    ``features`` must be floating point with ``N >= 2`` and ``F > 0``; rows with NaN or ±inf
+    values raise ``ValueError`` with their count.
+    """
+    return _statistics(features, "features")
 
 
 def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
@@ -160,6 +236,36 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     sym = 0.5 * (matrix + matrix.T)
     evals, evecs = torch.linalg.eigh(sym)
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def _check_covariance(sigma: torch.Tensor, name: str) -> None:
+    """Finite, symmetric and positive semi-definite up to the round-off of its dtype.
+
+    The tolerance is ``sqrt(eps)`` of the caller's dtype relative to the largest entry
+    (1.5e-8 for float64, 3.5e-4 for float32): round-off of a singular covariance passes, a
+    genuinely negative or asymmetric one does not (it would give a finite, wrong distance).
+    """
+    tol = math.sqrt(torch.finfo(sigma.dtype).eps)
+    s = sigma.to(torch.float64)
+    scale = float(s.abs().max())
+    if float((s - s.T).abs().max()) > tol * scale:
+        raise ValueError(f"`{name}` must be a symmetric covariance matrix")
+    if float(torch.linalg.eigvalsh(0.5 * (s + s.T))[0]) < -tol * scale * s.shape[0]:
+        raise ValueError(f"`{name}` must be positive semi-definite (a covariance matrix)")
+
+
+def _frechet(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+    """The distance of checked float64 statistics."""
+    root1 = _psd_sqrt(s1)
+    inner = root1 @ s2 @ root1
+    cross = torch.linalg.eigvalsh(0.5 * (inner + inner.T))
+    value = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross.clamp(0).sqrt().sum()
+    if not math.isfinite(float(value)):
+        raise ValueError(
+            "the statistics (`mu1`, `sigma1`, `mu2`, `sigma2`) are too large: the Fréchet "
+            "distance overflows float64"
+        )
+    return max(float(value), 0.0)
 
 
 def frechet_distance_from_statistics(
@@ -175,45 +281,79 @@ def frechet_distance_from_statistics(
     to ``S1^{1/2} S2 S1^{1/2}``).
 
     Args:
-        mu1: ``(F,)`` mean of the first set.
+        mu1: ``(F,)`` mean of the first set, ``F > 0``.
         sigma1: ``(F, F)`` covariance of the first set.
         mu2: ``(F,)`` mean of the second set.
         sigma2: ``(F, F)`` covariance of the second set.
 
+    All four are floating-point and finite, and the covariances symmetric positive
+    semi-definite up to round-off; anything else raises ``ValueError`` (``TypeError`` for a
+    non-floating dtype) naming the argument.
+
     Returns:
-        The distance, clamped at 0 against round-off.
+        The distance, finite, clamped at 0 against round-off.
     """
-    mu1, mu2 = mu1.to(torch.float64), mu2.to(torch.float64)
-    s1, s2 = sigma1.to(torch.float64), sigma2.to(torch.float64)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (*mu1.shape, *mu1.shape):
+    mu1 = check_tensor(mu1, "mu1", dims="(F,) with F > 0", ndim=1)
+    sigma1 = check_tensor(sigma1, "sigma1", dims="(F, F)", ndim=2)
+    mu2 = check_tensor(mu2, "mu2", dims="(F,) with F > 0", ndim=1)
+    sigma2 = check_tensor(sigma2, "sigma2", dims="(F, F)", ndim=2)
+    if mu1.shape[0] == 0:
+        raise ValueError("`mu1` must be (F,) with F > 0, got (0,)")
+    size = mu1.shape[0]
+    for value, name, shape in (
+        (sigma1, "sigma1", (size, size)),
+        (mu2, "mu2", (size,)),
+        (sigma2, "sigma2", (size, size)),
+    ):
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"shapes do not match: `{name}` must be {shape} like `mu1` {(size,)}, got "
+                f"{tuple(value.shape)}"
+            )
+    for value, name in ((mu1, "mu1"), (sigma1, "sigma1"), (mu2, "mu2"), (sigma2, "sigma2")):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` holds NaN or inf values")
+    _check_covariance(sigma1, "sigma1")
+    _check_covariance(sigma2, "sigma2")
+    return _frechet(
+        mu1.to(torch.float64),
+        sigma1.to(torch.float64),
+        mu2.to(torch.float64),
+        sigma2.to(torch.float64),
+    )
+
+
+def _frechet_distance(
+    features1: object, features2: object, names: tuple[str, str] = ("features1", "features2")
+) -> float:
+    mu1, s1 = _statistics(features1, names[0])
+    mu2, s2 = _statistics(features2, names[1])
+    if mu1.shape != mu2.shape:
         raise ValueError(
-            f"shapes do not match: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
-            f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}"
+            f"`{names[1]}` has {mu2.shape[0]} features per row, `{names[0]}` {mu1.shape[0]}"
         )
-    root1 = _psd_sqrt(s1)
-    cross = torch.linalg.eigvalsh(0.5 * (root1 @ s2 @ root1 + (root1 @ s2 @ root1).T))
-    value = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross.clamp(0).sqrt().sum()
-    return max(float(value), 0.0)
+    return _frechet(mu1, s1, mu2, s2)
 
 
 def frechet_distance(features1: torch.Tensor, features2: torch.Tensor) -> float:
     """FID-style score: Fréchet distance between Gaussians fitted to two feature sets.
 
     Args:
-        features1: ``(N1, F)`` features of the first image set.
-        features2: ``(N2, F)`` features of the second image set.
+        features1: ``(N1, F)`` floating-point features of the first image set, ``N1 >= 2``.
+        features2: ``(N2, F)`` features of the second image set, ``N2 >= 2``.
+
+    Rows with NaN or ±inf values (e.g. features of NaN samples) raise ``ValueError`` naming
+    the argument and counting the rows.
 
     Returns:
-        The squared Fréchet distance (what FID reports).
+        The squared Fréchet distance (what FID reports), finite and ``>= 0``.
 
     Example:
         >>> f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
         >>> frechet_distance(f, f) < 1e-9
         True
     """
-    return frechet_distance_from_statistics(
-        *gaussian_statistics(features1), *gaussian_statistics(features2)
-    )
+    return _frechet_distance(features1, features2)
 
 
 def is_score(
@@ -239,12 +379,19 @@ def is_score(
         progress: show a tqdm bar.
 
     Returns:
-        A :class:`ScoreEstimate`.
+        A :class:`ScoreEstimate`. Images whose logits hold NaN or inf values (NaN samples of a
+        diverged model) raise ``ValueError`` naming ``images`` with their count.
     """
+    splits = check_int(splits, "splits", minimum=1)
     logits = extract(
         extractor, images, select=select, batch_size=batch_size, device=device, progress=progress
     )
-    return inception_score(logits, splits=splits)
+    if logits.shape[1] == 0:
+        raise ValueError("`extractor` returned 0 logits per image")
+    if splits > logits.shape[0]:
+        raise ValueError(f"`splits` must be in [1, N={logits.shape[0]}], got {splits!r}")
+    check_finite_rows(logits, "images", "images (their logits)")
+    return _inception_score(logits, splits)
 
 
 def fid_score(
@@ -261,8 +408,8 @@ def fid_score(
 
     Args:
         extractor: returns ``(b, F)`` features, or an output holding them (see ``select``).
-        images1: ``(N1, C, H, W)`` e.g. generated samples.
-        images2: ``(N2, C, H, W)`` e.g. reference data.
+        images1: ``(N1, C, H, W)`` e.g. generated samples, ``N1 >= 2``.
+        images2: ``(N2, C, H, W)`` e.g. reference data, ``N2 >= 2``.
         select: which output holds the features (``"features"`` for
             :class:`~siss.metrics.DigitClassifier`).
         batch_size: images per call.
@@ -270,9 +417,12 @@ def fid_score(
         progress: show a tqdm bar.
 
     Returns:
-        The squared Fréchet distance between the fitted Gaussians.
+        The squared Fréchet distance between the fitted Gaussians. Images whose features hold
+        NaN or inf values raise ``ValueError`` naming ``images1`` / ``images2`` with their
+        count.
     """
-    kwargs = {"select": select, "batch_size": batch_size, "device": device, "progress": progress}
-    return frechet_distance(
-        extract(extractor, images1, **kwargs), extract(extractor, images2, **kwargs)
-    )
+    features1 = _extract(extractor, images1, select, batch_size, device, progress, "images1")
+    features2 = _extract(extractor, images2, select, batch_size, device, progress, "images2")
+    check_finite_rows(features1, "images1", "images (their features)")
+    check_finite_rows(features2, "images2", "images (their features)")
+    return _frechet_distance(features1, features2, names=("images1", "images2"))

@@ -204,3 +204,128 @@ def test_invalid_schedule_raises():
         VPSchedule(torch.tensor([0.5, 0.9]))
     with pytest.raises(ValueError, match="alphas_cumprod"):
         VPSchedule(torch.tensor([0.9]))
+
+
+# --- Non-finite inputs and outputs, bad dtypes, solvers and arguments --------------------------
+
+
+def _standard_normal_eps(alphas_cumprod):
+    """The exact noise prediction of N(0, I) data: the flow is constant, the ODE trivial."""
+    vp = VPSchedule(alphas_cumprod)
+
+    def eps_model(x, timesteps):
+        return vp.sigma(timesteps[:1] / (alphas_cumprod.numel() - 1)).to(x.dtype) * x
+
+    return eps_model
+
+
+FAST = {"rtol": 1e-3, "atol": 1e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_images_raise_type_error_naming_x(alphas_cumprod, dtype):
+    """Used to raise ``TypeError: `t` must be a floating point Tensor`` from torchdiffeq."""
+    x = torch.zeros(2, 1, 2, 2, dtype=dtype)
+    with pytest.raises(TypeError, match="`x`"):
+        bits_per_dim(_standard_normal_eps(alphas_cumprod), x, alphas_cumprod, **FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_images_raise_type_error_naming_x(alphas_cumprod, dtype):
+    """float16 used to fail with torchdiffeq's ``AssertionError: underflow in dt``."""
+    x = torch.zeros(2, 1, 2, 2, dtype=dtype)
+    with pytest.raises(TypeError, match="`x`"):
+        log_likelihood(_standard_normal_eps(alphas_cumprod), x, alphas_cumprod, **FAST)
+
+
+def test_nonfinite_images_raise_with_the_count(alphas_cumprod):
+    """Used to raise ``IndexError: index -9223372036854775807 is out of bounds``."""
+    x = torch.zeros(3, 1, 2, 2)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"`x`.*1 of 3"):
+        bits_per_dim(_standard_normal_eps(alphas_cumprod), x, alphas_cumprod, **FAST)
+
+
+def test_a_diverged_model_raises_naming_eps_model(alphas_cumprod):
+    """A model that outputs NaN (diverged NegGrad) used to fail with ``underflow in dt``."""
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="`eps_model`"):
+        bits_per_dim(lambda x, t: x * math.nan, x, alphas_cumprod, **FAST)
+    with pytest.raises(ValueError, match="`eps_model`"):
+        bits_per_dim(lambda x, t: x + 1e38, x, alphas_cumprod, **FAST)
+
+
+def test_a_model_output_of_the_wrong_shape_raises(alphas_cumprod):
+    """A ``(1, *S)`` output used to broadcast over the batch: a finite, wrong answer."""
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="`eps_model`"):
+        bits_per_dim(lambda x, t: x[:1], x, alphas_cumprod, **FAST)
+    with pytest.raises(TypeError, match="`eps_model`"):
+        bits_per_dim(lambda x, t: x.tolist(), x, alphas_cumprod, **FAST)
+
+
+def test_fixed_grid_solvers_are_rejected(alphas_cumprod):
+    """``method="euler"`` used to take one step from t_eps to 1: 95 bits/dim instead of 12."""
+    x = torch.zeros(2, 1, 2, 2)
+    for method in ("euler", "rk4", "nope"):
+        with pytest.raises(ValueError, match="`method`"):
+            bits_per_dim(lambda x, t: x, x, alphas_cumprod, method=method)
+
+
+def test_t_eps_zero_is_rejected(alphas_cumprod):
+    """sigma(0) = 0 divides the score: used to fail with ``underflow in dt``."""
+    with pytest.raises(ValueError, match="`t_eps`"):
+        bits_per_dim(lambda x, t: x, torch.zeros(2, 1, 2, 2), alphas_cumprod, t_eps=0.0)
+
+
+def test_empty_and_meta_images_raise(alphas_cumprod):
+    eps_model = _standard_normal_eps(alphas_cumprod)
+    with pytest.raises(ValueError, match="`x`"):  # used to raise an IndexError
+        bits_per_dim(eps_model, torch.zeros(2, 0), alphas_cumprod, **FAST)
+    with pytest.raises(ValueError, match="`x`"):
+        bits_per_dim(eps_model, torch.zeros(2, 1, 2, 2, device="meta"), alphas_cumprod, **FAST)
+    with pytest.raises(ValueError, match="`alphas_cumprod`"):
+        VPSchedule(alphas_cumprod.to("meta"))
+
+
+def test_schedule_rejects_nonfinite_times(alphas_cumprod):
+    """``beta(nan)`` used to raise an IndexError from the interpolation table."""
+    with pytest.raises(ValueError, match="`t`"):
+        VPSchedule(alphas_cumprod).beta(torch.tensor(math.nan))
+
+
+def test_numpy_scalars_are_accepted(alphas_cumprod):
+    np = pytest.importorskip("numpy")
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    bpd = bits_per_dim(
+        _standard_normal_eps(alphas_cumprod),
+        x,
+        alphas_cumprod,
+        num_probes=np.int64(2),
+        rtol=np.float64(1e-3),
+        atol=np.float32(1e-3),
+        t_eps=np.float64(1e-5),
+        num_bins=np.int64(256),
+        data_range=(np.float64(-1), np.int64(1)),
+    )
+    assert torch.isfinite(bpd).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_probes": True}, TypeError, "`num_probes`"),
+        ({"num_probes": 1.0}, TypeError, "`num_probes`"),
+        ({"rtol": -1.0}, ValueError, "`rtol`"),
+        ({"atol": math.nan}, ValueError, "`atol`"),
+        ({"t_eps": math.nan}, ValueError, "`t_eps`"),
+        ({"num_bins": 2.5}, TypeError, "`num_bins`"),
+        ({"num_bins": True}, TypeError, "`num_bins`"),
+        ({"data_range": (0.0, math.inf)}, ValueError, "`data_range`"),
+        ({"data_range": (0.0,)}, ValueError, "`data_range`"),
+        ({"method": 3}, TypeError, "`method`"),
+    ],
+)
+def test_bad_scalar_arguments_name_the_argument(alphas_cumprod, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bits_per_dim(lambda x, t: x, torch.zeros(1, 1, 2, 2), alphas_cumprod, **kwargs)

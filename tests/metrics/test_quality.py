@@ -137,7 +137,7 @@ def test_digit_classifier_shapes_and_round_trip(tmp_path):
     loaded = DigitClassifier.from_file(path)
     assert not loaded.training
     assert torch.equal(loaded(x).logits, out.logits)
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="`x`"):
         model(torch.zeros(3, 1, 28, 28))
     with pytest.raises(ValueError, match="image_size"):
         DigitClassifier(image_size=18)
@@ -162,3 +162,131 @@ def test_digit_classifier_shapes_and_round_trip(tmp_path):
 def test_invalid_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- Non-finite features, bad dtypes, shapes and devices ---------------------------------------
+
+
+def test_frechet_distance_of_nan_features_names_the_argument_and_count():
+    """Used to raise an obscure ``_LinAlgError`` from ``eigh``."""
+    bad = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    bad[[1, 4], 2] = float("nan")
+    good = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"`features1`.*2 of 6"):
+        frechet_distance(bad, good)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"`features2`.*2 of 6"):
+        frechet_distance(good, bad)
+    with pytest.raises(ValueError, match="`features`"):
+        gaussian_statistics(bad)
+
+
+def test_inception_score_of_nonfinite_logits_raises_with_the_count():
+    """Used to return ``ScoreEstimate(nan, nan)`` with no word on why."""
+    logits = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    logits[3, 0] = float("nan")
+    logits[5, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"`logits`.*2 of 8"):
+        inception_score(logits)
+
+
+def test_scores_of_nan_images_name_the_images_and_the_count():
+    images = torch.zeros(5, 2)
+    images[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"`images`.*1 of 5"):
+        is_score(lambda x: x, images)
+    with pytest.raises(ValueError, match=r"`images2`.*1 of 5"):
+        fid_score(lambda x: x, torch.randn(5, 2), images)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_integer_features_and_logits_raise_type_error(dtype):
+    """Integer features gave FID 0.0 and integer logits (labels?) an Inception Score of 1."""
+    values = torch.zeros(4, 3, dtype=dtype)
+    with pytest.raises(TypeError, match="`features1`"):
+        frechet_distance(values, torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="`logits`"):
+        inception_score(values)
+    with pytest.raises(TypeError, match="`sigma2`"):
+        frechet_distance_from_statistics(torch.zeros(3), torch.eye(3), torch.zeros(3), values[:3])
+
+
+def test_empty_feature_or_class_axis_raises():
+    """Used to report FID 0.0 and IS 1.0 for nothing measured."""
+    with pytest.raises(ValueError, match="`features1`"):
+        frechet_distance(torch.zeros(4, 0), torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="`logits`"):
+        inception_score(torch.zeros(4, 0))
+
+
+def test_statistics_must_be_finite_symmetric_and_psd():
+    eye = torch.eye(2)
+    with pytest.raises(ValueError, match="`sigma1`"):  # used to return 0.0
+        frechet_distance_from_statistics(torch.zeros(2), -eye, torch.zeros(2), eye)
+    with pytest.raises(ValueError, match="`sigma1`"):  # used to return nan
+        frechet_distance_from_statistics(torch.zeros(2), eye * math.nan, torch.zeros(2), eye)
+    with pytest.raises(ValueError, match="`sigma2`"):
+        frechet_distance_from_statistics(
+            torch.zeros(2), eye, torch.zeros(2), torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+        )
+    with pytest.raises(ValueError, match="`mu2`"):
+        frechet_distance_from_statistics(torch.zeros(2), eye, torch.tensor([0.0, math.inf]), eye)
+    with pytest.raises(ValueError, match="`mu1`"):  # used to raise from inside linalg.eigh
+        frechet_distance_from_statistics(
+            torch.zeros(()), torch.zeros(()), torch.zeros(()), torch.zeros(())
+        )
+    # A singular covariance (fewer samples than features) is fine: round-off negatives pass.
+    f = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert frechet_distance(f, f) < 1e-9
+
+
+def test_meta_tensors_raise_value_error():
+    with pytest.raises(ValueError, match="`features1`"):
+        frechet_distance(torch.zeros(4, 3, device="meta"), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="`logits`"):
+        inception_score(torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="`images`"):
+        extract(lambda x: x, torch.zeros(4, 3, device="meta"))
+
+
+def test_extreme_but_finite_logits_give_a_finite_score():
+    logits = torch.tensor([[1e300, -1e300], [-1e300, 1e300]], dtype=torch.float64)
+    assert inception_score(logits).mean == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: inception_score(torch.zeros(4, 3), splits=True), TypeError, "`splits`"),
+        (lambda: inception_score(torch.zeros(4, 3), splits=2.0), TypeError, "`splits`"),
+        (lambda: extract(lambda x: x, torch.zeros(2, 2), batch_size=1.5), TypeError, "batch_size"),
+        (lambda: extract(lambda x: x, torch.zeros(2, 2), batch_size=True), TypeError, "batch_size"),
+        (lambda: extract(lambda x: x.sum(), torch.zeros(2, 2)), ValueError, "`extractor`"),
+        (lambda: extract(lambda x: x[:1], torch.zeros(2, 2)), ValueError, "`extractor`"),
+        (lambda: extract(lambda x: (x,), torch.zeros(2, 2), select=3), ValueError, "`select`"),
+        (lambda: extract(lambda x: x, torch.zeros(2)), ValueError, "`images`"),
+        (lambda: DigitClassifier()(torch.zeros(2, 1, 16, 16, dtype=torch.int64)), TypeError, "`x`"),
+        (
+            lambda: DigitClassifier()(torch.zeros(2, 1, 16, 16, dtype=torch.float64)),
+            TypeError,
+            "`x`",
+        ),
+        (lambda: DigitClassifier()(torch.zeros(2, 1, 16, 16, device="meta")), ValueError, "`x`"),
+        (lambda: DigitClassifier()(torch.zeros(2, 1, 28, 28)), ValueError, "`x`"),
+        (lambda: DigitClassifier(image_size=16.0), TypeError, "`image_size`"),
+        (lambda: DigitClassifier(in_channels=True), TypeError, "`in_channels`"),
+        (lambda: DigitClassifier(num_classes=0), ValueError, "`num_classes`"),
+        (lambda: DigitClassifier(dropout=1.5), ValueError, "`dropout`"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_numpy_scalars_are_accepted_by_quality_metrics():
+    np = pytest.importorskip("numpy")
+    logits = 50.0 * torch.eye(4).repeat(2, 1)
+    assert inception_score(logits, splits=np.int64(2)).mean == pytest.approx(4.0)
+    assert extract(lambda x: x, torch.zeros(3, 2), batch_size=np.int64(2)).shape == (3, 2)
+    assert DigitClassifier(image_size=np.int64(8), feature_dim=np.int32(4)).image_size == 8

@@ -11,7 +11,13 @@ import pytest
 import torch
 from scipy.stats import binom, binomtest
 
-from siss.metrics import default_threshold, generation_rate, l2_distances, proportion_ci
+from siss.metrics import (
+    RateEstimate,
+    default_threshold,
+    generation_rate,
+    l2_distances,
+    proportion_ci,
+)
 
 
 def _at_distances(target: torch.Tensor, distances: list[float]) -> torch.Tensor:
@@ -112,7 +118,7 @@ def test_simulated_detection_rate_is_inside_its_interval():
     ("call", "match"),
     [
         (lambda: generation_rate(torch.zeros(0, 1, 4, 4), torch.zeros(1, 4, 4)), "samples"),
-        (lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 5)), "target shape"),
+        (lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 5)), "`target` shape"),
         (lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(2, 1, 4, 4)), "target"),
         (lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 4), 0.0), "threshold"),
         (lambda: proportion_ci(3, 0), "total"),
@@ -123,4 +129,135 @@ def test_simulated_detection_rate_is_inside_its_interval():
 )
 def test_invalid_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- Non-finite samples, bad dtypes and devices: never a rate that reads as unlearning ---------
+
+
+def _with_nan_rows(n: int, bad: list[int], size: int = 4) -> torch.Tensor:
+    """``n`` copies of a zero image (the target below) with NaN in the rows ``bad``."""
+    samples = torch.zeros(n, 1, size, size)
+    samples[bad, 0, 0, 0] = float("nan")
+    return samples
+
+
+def test_all_nan_samples_give_a_nan_rate_and_their_count():
+    """A diverged model (NegGrad) samples NaN: that is not 0% generation of the target."""
+    est = generation_rate(torch.full((5, 1, 4, 4), float("nan")), torch.zeros(1, 4, 4))
+    assert math.isnan(est.rate) and math.isnan(est.low) and math.isnan(est.high)
+    assert (est.count, est.total, est.nonfinite) == (0, 0, 5)
+
+
+def test_some_nonfinite_samples_make_the_rate_nan_by_default():
+    samples = _with_nan_rows(10, [2, 7])
+    samples[4, 0, 1, 1] = float("inf")
+    samples[5, 0, 3, 3] = -float("inf")
+    est = generation_rate(samples, torch.zeros(1, 4, 4), threshold=1.0)
+    assert math.isnan(est.rate) and math.isnan(est.low) and math.isnan(est.high)
+    # The tallies are still reported: 6 finite samples, all of them hits.
+    assert (est.count, est.total, est.nonfinite) == (6, 6, 4)
+
+
+def test_nonfinite_samples_can_be_excluded_and_reported_or_raise():
+    samples = _with_nan_rows(10, [2, 7])
+    target = torch.zeros(1, 4, 4)
+    est = generation_rate(samples, target, threshold=1.0, on_nonfinite="exclude")
+    assert (est.rate, est.count, est.total, est.nonfinite) == (1.0, 8, 8, 2)
+    assert (est.low, est.high) == pytest.approx(proportion_ci(8, 8))
+    # Excluding every sample leaves nothing to measure: NaN, not 0.
+    none = generation_rate(_with_nan_rows(3, [0, 1, 2]), target, on_nonfinite="exclude")
+    assert math.isnan(none.rate) and (none.total, none.nonfinite) == (0, 3)
+    with pytest.raises(ValueError, match=r"`samples`.*2 of 10"):
+        generation_rate(samples, target, on_nonfinite="raise")
+    with pytest.raises(ValueError, match="`on_nonfinite`"):
+        generation_rate(samples, target, on_nonfinite="ignore")
+
+
+def test_finite_samples_report_no_nonfinite_and_keep_positional_construction():
+    est = generation_rate(torch.zeros(4, 1, 4, 4), torch.zeros(1, 4, 4), threshold=1.0)
+    assert est.nonfinite == 0 and est.total == 4
+    assert RateEstimate(0.5, 0.1, 0.9, 1, 2).nonfinite == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_and_bool_images_raise_type_error(dtype):
+    """uint8 images in [0, 255] would be ~255x too far from the target: a rate of 0."""
+    images = torch.zeros(3, 1, 4, 4, dtype=dtype)
+    with pytest.raises(TypeError, match="`samples`"):
+        generation_rate(images, torch.zeros(1, 4, 4))
+    with pytest.raises(TypeError, match="`target`"):
+        generation_rate(torch.zeros(3, 1, 4, 4), images[0])
+    with pytest.raises(TypeError, match="`samples`"):
+        l2_distances(images, torch.zeros(1, 4, 4))
+
+
+def test_half_precision_samples_are_accepted():
+    for dtype in (torch.float16, torch.bfloat16):
+        est = generation_rate(torch.zeros(3, 1, 4, 4, dtype=dtype), torch.zeros(1, 4, 4))
+        assert (est.count, est.total, est.nonfinite) == (3, 3, 0)
+
+
+def test_nonfinite_target_raises():
+    with pytest.raises(ValueError, match="`target`"):
+        generation_rate(torch.zeros(3, 1, 4, 4), torch.full((1, 4, 4), float("nan")))
+
+
+def test_meta_tensors_raise_value_error():
+    with pytest.raises(ValueError, match="`samples`"):
+        generation_rate(torch.zeros(3, 1, 4, 4, device="meta"), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="`target`"):
+        l2_distances(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 4, device="meta"))
+
+
+def test_huge_finite_distances_do_not_overflow():
+    samples = torch.full((2, 1, 2, 2), 1e200, dtype=torch.float64)
+    samples[1] = 0.0
+    dist = l2_distances(samples, torch.zeros(1, 2, 2, dtype=torch.float64))
+    assert dist.tolist() == pytest.approx([2e200, 0.0], rel=1e-12)
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    samples, target = torch.zeros(4, 1, 4, 4), torch.zeros(1, 4, 4)
+    est = generation_rate(samples, target, np.float32(1.0), confidence=np.float64(0.9))
+    assert (est.count, est.total) == (4, 4)
+    assert proportion_ci(np.int64(3), np.int32(10)) == pytest.approx(proportion_ci(3, 10))
+    assert default_threshold((np.int64(1), 16, 16)) == pytest.approx(default_threshold((1, 16, 16)))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 4), math.inf),
+            ValueError,
+            "`threshold`",
+        ),
+        (
+            lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 4), True),
+            TypeError,
+            "`threshold`",
+        ),
+        (
+            lambda: generation_rate(torch.zeros(3, 1, 4, 4), torch.zeros(1, 4, 4), "1"),
+            TypeError,
+            "`threshold`",
+        ),
+        (lambda: generation_rate(torch.zeros(3, 0), torch.zeros(0)), ValueError, "`samples`"),
+        (lambda: generation_rate(torch.zeros(3), torch.zeros(())), ValueError, "`samples`"),
+        (lambda: generation_rate([[0.0]], torch.zeros(1)), TypeError, "`samples`"),
+        (lambda: proportion_ci(True, 10), TypeError, "`count`"),
+        (lambda: proportion_ci(2.5, 10), TypeError, "`count`"),
+        (lambda: proportion_ci(2, 10.0), TypeError, "`total`"),
+        (lambda: proportion_ci(2, 10, confidence=True), TypeError, "`confidence`"),
+        (lambda: proportion_ci(2, 10, confidence=math.nan), ValueError, "`confidence`"),
+        (lambda: default_threshold((-1, -2)), ValueError, "`image_shape`"),
+        (lambda: default_threshold((1, 0, 4)), ValueError, "`image_shape`"),
+        (lambda: default_threshold(784), TypeError, "`image_shape`"),
+        (lambda: default_threshold((1.5, 2)), TypeError, "`image_shape`"),
+    ],
+)
+def test_bad_scalar_and_shape_arguments_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
         call()
