@@ -19,6 +19,27 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "siss"))
 
+FUZZ_SCALE = float(os.environ.get("SISS_FUZZ_SCALE", "1"))
+
+
+def fuzz_settings(examples: int) -> settings:
+    """``settings`` of a fuzz test: ``examples`` times ``SISS_FUZZ_SCALE``, no deadline.
+
+    The default run is seeded (the "siss" profile) and small. A nightly-style run draws fresh
+    examples, many more: ``SISS_FUZZ_SCALE=40 HYPOTHESIS_PROFILE=default python -m pytest -q -k
+    fuzz``. Test modules import it with ``from conftest import fuzz_settings``.
+    """
+    return settings(
+        max_examples=max(1, round(examples * FUZZ_SCALE)),
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
+
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

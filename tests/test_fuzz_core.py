@@ -26,31 +26,22 @@ in all, ~20 s). ``SISS_FUZZ_SCALE`` multiplies every test's example count; a nig
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from conftest import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import siss
 from siss import METHODS, NoiseSchedule, NormBalancer, importance_weights, make_loss, mixture_sample
 
-_SCALE = float(os.environ.get("SISS_FUZZ_SCALE", "1"))
 NAMED = re.compile(r"`[A-Za-z_][A-Za-z0-9_.\[\]'\"]*`")
 LARGE = 1e15  # beyond this, float32 squared errors may overflow (documented)
-
-
-def fuzz(examples: int) -> Callable:
-    return settings(
-        max_examples=max(1, round(examples * _SCALE)),
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 def outcome(call: Callable[[], Any]) -> tuple[bool, Any]:
@@ -235,7 +226,7 @@ def expected_dtype(*tensors_: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors_) else torch.float32
 
 
-@fuzz(300)
+@fuzz_settings(300)
 @given(loss_problems())
 def test_losses_sample_and_terms(problem):
     """make_loss -> sample -> terms, every method: a documented result or a named error."""
@@ -329,7 +320,7 @@ def _clean_rows(problem: dict[str, Any]) -> bool:
     )
 
 
-@fuzz(150)
+@fuzz_settings(150)
 @given(weight_problems())
 def test_importance_weights(problem):
     """Finite weights in [0, bound] for finite inputs of any size, or a named error."""
@@ -351,7 +342,7 @@ def test_importance_weights(problem):
         assert (w_x >= 0).all() and (w_a >= 0).all()
 
 
-@fuzz(100)
+@fuzz_settings(100)
 @given(weight_problems(), st.integers(0, 2**16))
 def test_mixture_sample(problem, seed):
     kwargs = {k: problem[k] for k in ("x0", "a0", "gamma", "sigma", "lam")}
@@ -372,7 +363,7 @@ def test_mixture_sample(problem, seed):
             assert torch.isfinite(noisy).all()
 
 
-@fuzz(80)
+@fuzz_settings(80)
 @given(
     st.sampled_from(["alphas_cumprod", "flow", "raw"]),
     st.sampled_from([(50,), (1,), (0,), (), (5, 2)]),
@@ -438,7 +429,7 @@ def balancer_problems(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-@fuzz(150)
+@fuzz_settings(150)
 @given(balancer_problems())
 def test_norm_balancer(problem):
     """Every step leaves .grad finite or None (skipped): no NaN ever reaches the optimizer."""

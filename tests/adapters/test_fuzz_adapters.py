@@ -31,6 +31,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import fuzz_settings
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -38,7 +39,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 import siss
@@ -63,13 +64,6 @@ pytestmark = [
 ]
 
 NAMED = (ValueError, TypeError)
-
-
-def fuzz(max_examples: int) -> settings:
-    return settings(
-        max_examples=max_examples,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -176,7 +170,7 @@ def scheduler_cases(draw) -> SchedulerCase:
     return case
 
 
-@fuzz(150)
+@fuzz_settings(150)
 @given(case=scheduler_cases())
 def test_schedule_from_scheduler_returns_a_valid_grid_or_names_the_scheduler(case):
     schedule = _call(lambda: schedule_from_scheduler(case.scheduler), case.bad)
@@ -197,7 +191,7 @@ def test_schedule_from_scheduler_returns_a_valid_grid_or_names_the_scheduler(cas
         )
 
 
-@fuzz(60)
+@fuzz_settings(60)
 @given(case=scheduler_cases())
 def test_prediction_type_from_scheduler_is_supported_or_named(case):
     try:
@@ -213,7 +207,7 @@ def test_prediction_type_from_scheduler_is_supported_or_named(case):
 BAD_SCHEDULERS = [None, 5, "DDPMScheduler", object(), DDPMScheduler, torch.nn.Linear(2, 2)]
 
 
-@fuzz(12)
+@fuzz_settings(12)
 @given(scheduler=st.sampled_from(BAD_SCHEDULERS))
 def test_non_schedulers_are_named(scheduler):
     for fn in (schedule_from_scheduler, prediction_type_from_scheduler):
@@ -288,7 +282,7 @@ N_K = [
 BAD_METHODS = ["SISS", "", 5, None, torch.nn.MSELoss, ["siss"], str, object()]
 
 
-@fuzz(200)
+@fuzz_settings(200)
 @given(data=st.data())
 def test_loss_from_scheduler_builds_a_working_loss_or_names_the_argument(data):
     """At most one bad argument (the method, a keyword, or a missing required one) per call."""
@@ -434,7 +428,7 @@ def _models() -> list[tuple[Any, type | None]]:
     ]
 
 
-@fuzz(30)
+@fuzz_settings(30)
 @given(index=st.integers(0, 11))
 def test_adapter_for_and_trainable_parameters(index):
     model, adapter = _models()[index]
@@ -667,7 +661,7 @@ def _special(draw, names: list[str], g, args: dict[str, Arg]) -> tuple[str, str]
     return kind, name
 
 
-@fuzz(250)
+@fuzz_settings(250)
 @given(data=st.data())
 def test_unet2d_adapter_loss(data):
     draw = data.draw
@@ -733,7 +727,7 @@ def prompt_embeds(draw, batch: int, bad: bool, g) -> Arg:
     return Arg(value, True)
 
 
-@fuzz(250)
+@fuzz_settings(250)
 @given(data=st.data())
 def test_unet2d_condition_adapter_loss(data):
     draw = data.draw
@@ -763,7 +757,7 @@ def test_unet2d_condition_adapter_loss(data):
 # ---------------------------------------------------------------------------- encode_latents
 
 
-@fuzz(80)
+@fuzz_settings(80)
 @given(data=st.data())
 def test_encode_latents(data):
     draw = data.draw

@@ -26,7 +26,6 @@ count), e.g. for a nightly run with fresh random draws::
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from numbers import Real
 from typing import Any
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from conftest import fuzz_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from siss.metrics import (
@@ -59,20 +59,6 @@ from siss.metrics import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_SCALE = float(os.environ.get("SISS_FUZZ_SCALE", "1"))
-
-
-def fuzz(examples: int) -> Callable:
-    """``settings`` for a fuzz test: ``examples`` scaled by ``SISS_FUZZ_SCALE``, no deadline.
-
-    The profile loaded by conftest (derandomized "siss" by default) supplies the rest.
-    """
-    return settings(
-        max_examples=max(1, round(examples * _SCALE)),
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 # --- Strategies -------------------------------------------------------------------------------
@@ -254,7 +240,7 @@ def images_fit(samples: torch.Tensor, target: torch.Tensor) -> bool:
     return shape_ok and target.shape in (samples.shape[1:], (1, *samples.shape[1:]))
 
 
-@fuzz(45)
+@fuzz_settings(45)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_generation_rate(valid, data):
     samples, target = draw_images(data, valid)
@@ -308,7 +294,7 @@ def test_fuzz_generation_rate(valid, data):
         assert 0.0 <= est.low <= est.rate <= est.high <= 1.0
 
 
-@fuzz(20)
+@fuzz_settings(20)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_l2_distances(valid, data):
     samples, target = draw_images(data, valid)
@@ -323,7 +309,7 @@ def test_fuzz_l2_distances(valid, data):
         assert bool((dist[~expected] >= 0).all())
 
 
-@fuzz(20)
+@fuzz_settings(20)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_proportion_ci(valid, data):
     total = arg(data, valid, ints(1, 50), BAD_INTS)
@@ -341,7 +327,7 @@ def test_fuzz_proportion_ci(valid, data):
         assert finite(low, high) and 0.0 <= low <= count / total <= high <= 1.0
 
 
-@fuzz(15)
+@fuzz_settings(15)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_default_threshold(valid, data):
     good = st.one_of(
@@ -372,7 +358,7 @@ def features(data: st.DataObject, valid: bool, shape: Any = None, **kwargs) -> t
     return data.draw(tensors(shape, valid=valid, dtypes=QUALITY_DTYPES, **kwargs))
 
 
-@fuzz(25)
+@fuzz_settings(25)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_inception_score(valid, data):
     logits = features(data, valid, low=-5.0, high=5.0)
@@ -390,7 +376,7 @@ def frechet_ready(f: torch.Tensor) -> bool:
     return usable(f) and f.dim() == 2 and f.shape[0] >= 2 and f.shape[1] > 0
 
 
-@fuzz(25)
+@fuzz_settings(25)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_frechet_distance_and_statistics(valid, data):
     features1 = features(data, valid, low=-2.0, high=2.0)
@@ -420,7 +406,7 @@ def psd(s: torch.Tensor) -> bool:
     return torch.equal(s, s.T) and float(torch.linalg.eigvalsh(s)[0]) >= -1e-6 * scale
 
 
-@fuzz(20)
+@fuzz_settings(20)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_frechet_distance_from_statistics(valid, data):
     size = data.draw(st.integers(1 if valid else 0, 4))
@@ -459,7 +445,7 @@ EXTRACTORS: dict[str, tuple[Callable, Any]] = {
 }
 
 
-@fuzz(30)
+@fuzz_settings(30)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_extract_is_and_fid(valid, data):
     kind = data.draw(
@@ -511,7 +497,7 @@ def test_fuzz_extract_is_and_fid(valid, data):
         assert finite(value) and value >= 0.0
 
 
-@fuzz(15)
+@fuzz_settings(15)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_digit_classifier(valid, data):
     image_size = arg(data, valid, st.sampled_from((4, 8, np.int64(4))), (6, 0, 8.0, True))
@@ -574,7 +560,7 @@ EPS_MODELS: dict[str, Callable] = {
 SCHEDULES = {"ddpm": AC, "increasing": AC.flip(0), "meta": AC.to("meta"), "short": AC[:1]}
 
 
-@fuzz(30)
+@fuzz_settings(30)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_likelihood(valid, data):
     which = data.draw(st.sampled_from(("bits_per_dim", "bits_per_dim", "log_likelihood")))
@@ -634,7 +620,7 @@ def test_fuzz_likelihood(valid, data):
         assert bool(torch.isfinite(result).all())
 
 
-@fuzz(15)
+@fuzz_settings(15)
 @given(valid=st.booleans(), data=st.data())
 def test_fuzz_vp_schedule(valid, data):
     good = st.one_of(
