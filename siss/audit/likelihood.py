@@ -1,0 +1,487 @@
+"""Likelihood check: is a forget image's exact NLL unusually low among non-members?
+
+Per forget image the check computes its negative log-likelihood in bits/dim along the
+probability-flow ODE and places it among the NLLs of reference images the model never trained on.
+
+* VP schedules (DDPM, DDIM, ...): ``siss.metrics.bits_per_dim`` (Song et al. 2021; the model's
+  prediction is converted to eps with the scheduler's ``prediction_type``).
+* Flow matching (``FlowMatchEulerDiscreteScheduler``): :func:`flow_bits_per_dim` here. The
+  rectified-flow process ``x_s = (1 - s) x_0 + s eps``, ``s in [0, 1]``, has the ODE
+  ``dx/ds = v(x, s)`` with the model's velocity ``v`` (its input timestep is ``s * T``, the
+  diffusers convention whatever the ``shift``: the shift only moves the sampling grid), and
+
+  .. math:: \\log p_{s_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{s_\\epsilon}^1
+      \\nabla\\cdot v(x(s), s)\\, ds,
+
+  the divergence by Hutchinson's estimator with Rademacher probes fixed along the trajectory,
+  integrated with torchdiffeq's adaptive ``dopri5``; bits/dim as in ``siss.metrics.bits_per_dim``
+  (offset ``log2(256 / (hi - lo))``, 7 for ``[-1, 1]``).
+
+Statistics per forget image:
+
+* ``"nll_bpd"`` (``held_when="lower"``): the mean of ``repeats`` independent Hutchinson estimates;
+  its interval is the Student-t interval over those estimates (the Hutchinson noise only; the ODE
+  solver's error, of order ``rtol``, is not in it). One repeat gives no interval (NaN, said so).
+* ``"percentile"`` (``held_when="lower"``): the fraction ``k / R`` of the ``R`` reference NLLs at
+  or below the forget image's (ties count against "held"). ``k ~ Binomial(R, F(nll))`` with ``F``
+  the non-members' NLL distribution, so its exact Clopper-Pearson interval is a confidence
+  interval for ``F(nll)``: where the image sits among non-members.
+
+Verdict, with ``p = percentile`` (default 5%): ``held`` when the percentile's upper confidence
+bound is below ``p`` (the image's NLL is, at the stated confidence, below the non-members'
+``p``-quantile); not held when its lower bound is above ``p``; ``None`` (undecided) when the
+interval contains ``p``: a reference set too small to tell (with no reference image at or below,
+``R`` must exceed about ``3.7 / p``: 72 images at 5%) or an image at the boundary.
+
+A model whose ODE produces NaN or inf (a diverged model) gives status ``"non-finite"`` and
+``held = None``: never "not held".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from siss.audit.generation import _check_range, check_confidence
+from siss.audit.report import CheckResult, Estimate, HeldWhen
+from siss.audit.sampling import model_device_dtype, prediction_fn, scheduler_kind, to_epsilon
+from siss.metrics.rate import proportion_ci
+
+__all__ = [
+    "flow_bits_per_dim",
+    "flow_log_likelihood",
+    "likelihood_check",
+    "rank_against_reference",
+]
+
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+_DIVERGED = ("NaN or inf", "overflow", "underflow")
+
+
+def _check_images(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor (B, *S), got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"`{name}` must be float32 or float64, got {x.dtype}")
+    if x.dim() < 2 or math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"`{name}` must have shape (B, *S), got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` holds NaN or inf values")
+    return x
+
+
+def flow_log_likelihood(
+    velocity_model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    *,
+    num_train_timesteps: int = 1000,
+    num_probes: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    t_eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Log-density (nats) of ``x`` under a flow-matching model, by its probability-flow ODE.
+
+    Args:
+        velocity_model: ``v(x_s, timesteps) -> (B, *S)`` the velocity ``eps - x_0`` at
+            ``x_s = (1 - s) x_0 + s eps``, with ``timesteps = s * num_train_timesteps`` ``(B,)``.
+        x: ``(B, *S)`` finite float32/float64 data points (the dtype integrated in).
+        num_train_timesteps: ``T``, the model's timestep scale.
+        num_probes: Rademacher probes per image (their mean is the divergence).
+        rtol, atol: tolerances of the adaptive solver.
+        method: an adaptive torchdiffeq method (``"dopri5"``, ...).
+        t_eps: start of the integration in ``(0, 1)``: the density is that of ``x_{t_eps}``.
+        generator: source of the probes (drawn on the CPU).
+
+    Returns:
+        ``(B,)`` float64 log-likelihoods. ``ValueError`` when the velocity or the solution is
+        NaN or inf (a diverged model has no likelihood).
+    """
+    from torchdiffeq import odeint
+
+    x = _check_images(x, "x")
+    if method not in _ADAPTIVE:
+        raise ValueError(f"`method` must be one of {_ADAPTIVE}, got {method!r}")
+    batch, dims = x.shape[0], math.prod(x.shape[1:])
+    bits = torch.randint(0, 2, (num_probes, *x.shape), generator=generator)
+    probes = (bits.to(torch.float64) * 2 - 1).to(x.device, x.dtype)
+
+    def dynamics(s: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        xs = state[0].detach()
+        timesteps = (s.detach().clamp(0.0, 1.0) * num_train_timesteps).to(x.device, x.dtype)
+        with torch.enable_grad():
+            xs.requires_grad_(True)
+            v = velocity_model(xs, timesteps.expand(batch))
+            if not isinstance(v, Tensor) or v.shape != xs.shape:
+                raise ValueError(f"`model` must return a tensor of shape {tuple(xs.shape)}")
+            v = v.to(x.dtype)
+            div = torch.zeros(batch, device=x.device, dtype=x.dtype)
+            for i, probe in enumerate(probes):
+                (vjp,) = torch.autograd.grad(v, xs, probe, retain_graph=i + 1 < num_probes)
+                div = div + (vjp * probe).reshape(batch, -1).sum(1)
+        if not bool(torch.isfinite(v).all() & torch.isfinite(div).all()):
+            raise ValueError(
+                f"the flow-matching velocity of `model` holds NaN or inf at s = {float(s):.4g}"
+            )
+        return v.detach(), div.detach() / num_probes
+
+    span = torch.tensor([t_eps, 1.0], dtype=x.dtype, device=x.device)
+    zero = torch.zeros(batch, dtype=x.dtype, device=x.device)
+    try:
+        xs, divs = odeint(dynamics, (x.detach(), zero), span, rtol=rtol, atol=atol, method=method)
+    except AssertionError as err:  # torchdiffeq asserts on a step size that underflows
+        raise ValueError(f"the flow ODE's step size underflowed: {err}") from err
+    x1 = xs[-1].double().reshape(batch, -1)
+    logp = -0.5 * dims * math.log(2 * math.pi) - 0.5 * (x1 * x1).sum(1) + divs[-1].double()
+    if not bool(torch.isfinite(logp).all()):
+        raise ValueError("the flow ODE of `model` overflows: NaN or inf log-likelihood")
+    return logp
+
+
+def flow_bits_per_dim(
+    velocity_model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    *,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    num_bins: int | None = 256,
+    **kwargs: Any,
+) -> Tensor:
+    """NLL in bits/dim under a flow-matching model: :func:`flow_log_likelihood` converted as
+    ``-log p / (D ln 2) + log2(num_bins / (hi - lo))`` (no offset with ``num_bins=None``).
+
+    Returns:
+        ``(B,)`` float64 bits per dimension.
+    """
+    lo, hi = _check_range(data_range)
+    logp = flow_log_likelihood(velocity_model, x, **kwargs)
+    offset = 0.0 if num_bins is None else math.log2(num_bins / (hi - lo))
+    return -logp / (math.prod(x.shape[1:]) * math.log(2)) + offset
+
+
+def rank_against_reference(
+    value: float,
+    reference: Tensor | None,
+    *,
+    held_when: HeldWhen,
+    percentile: float,
+    confidence: float,
+    statistic: str,
+) -> tuple[Estimate, bool | None, str, dict[str, Any]]:
+    """Where ``value`` sits among the reference images' values, and the verdict.
+
+    The percentile is ``k / R``: for ``held_when="lower"`` (an NLL) ``k`` counts reference
+    values ``<= value``; for ``"higher"`` (a similarity) those ``< value``: ties count against
+    "held". Its interval is the exact Clopper-Pearson interval of ``k`` out of ``R``.
+
+    Verdict: ``"lower"``: held if the interval lies below ``percentile``, not held if above;
+    ``"higher"``: held if it lies above ``1 - percentile``, not held if below; else ``None``.
+
+    Returns:
+        ``(estimate, held, reason, details)``.
+    """
+    if reference is None or reference.numel() == 0:
+        why = f"no reference images: the {statistic}'s percentile among non-members is not measured"
+        return Estimate.missing(why, held_when), None, f"undecided: {why}", {"reference_n": 0}
+    reference = reference.detach().to("cpu", torch.float64).flatten()
+    total = reference.numel()
+    bad = int((~torch.isfinite(reference)).sum())
+    if bad:
+        why = f"{bad} of {total} reference images have a non-finite {statistic} (diverged model?)"
+        estimate = Estimate.missing(why, held_when, n=total, status="non-finite")
+        return estimate, None, f"undecided: {why}", {"reference_n": total}
+    if held_when == "lower":
+        count = int((reference <= value).sum())
+        level, side = percentile, "below"
+    else:
+        count = int((reference < value).sum())
+        level, side = 1.0 - percentile, "above"
+    low, high = proportion_ci(count, total, confidence=confidence)
+    ties = "at or below" if held_when == "lower" else "below"
+    estimate = Estimate(
+        count / total,
+        low,
+        high,
+        total,
+        held_when,
+        note=(
+            f"fraction of {total} reference images whose {statistic} is {ties} this image's; "
+            "exact Clopper-Pearson interval"
+        ),
+        confidence=confidence,
+    )
+    rule = (
+        f"held if the percentile's {confidence:.0%} interval lies {side} {level:.3g} (the "
+        f"image's {statistic} is {side} the non-members' {level:.3g}-quantile), not held if it "
+        "lies on the other side, undecided if it contains it"
+    )
+    if held_when == "lower":
+        held = True if high < level else False if low > level else None
+    else:
+        held = True if low > level else False if high < level else None
+    verdict = {True: "held", False: "not held", None: "undecided"}[held]
+    reason = f"{verdict}: percentile {count}/{total} [{low:.3g}, {high:.3g}]; {rule}"
+    details = {
+        "reference_n": total,
+        "reference_quantile": float(torch.quantile(reference, level)),
+        "reference_median": float(reference.median()),
+        "quantile_level": level,
+    }
+    return estimate, held, reason, details
+
+
+def _check_percentile(percentile: object) -> float:
+    if isinstance(percentile, bool) or not isinstance(percentile, Real):
+        raise TypeError(f"`percentile` must be a number in (0, 1), got {percentile!r}")
+    if not 0.0 < float(percentile) < 1.0:
+        raise ValueError(f"`percentile` must be in (0, 1), got {percentile!r}")
+    return float(percentile)
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value!r}")
+    return int(value)
+
+
+def _shared_conditioning(conditioning: Mapping[str, Any] | None) -> dict[str, Any]:
+    if conditioning is None:
+        return {}
+    if not isinstance(conditioning, Mapping):
+        raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
+    for name, value in conditioning.items():
+        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] != 1:
+            raise ValueError(
+                f"conditioning `{name}` has {value.shape[0]} rows: the likelihood check takes one "
+                "conditioning shared by every image (1 row); run the check per conditioning"
+            )
+    return dict(conditioning)
+
+
+def _nll_function(
+    model: object, scheduler: Any, conditioning: dict[str, Any], options: dict[str, Any]
+) -> tuple[Callable[[Tensor, torch.Generator | None], Tensor], str]:
+    """``nll(x, generator) -> (B,)`` bits/dim for the scheduler's kind, and a description."""
+    from siss.metrics.nll import VPSchedule, bits_per_dim
+
+    predict = prediction_fn(model, conditioning)
+    if isinstance(scheduler, Tensor):
+        alphas_cumprod, prediction_type, kind = scheduler.detach(), "epsilon", "vp"
+    else:
+        kind, prediction_type = scheduler_kind(scheduler)
+        alphas_cumprod = None
+        if kind == "vp":
+            betas = scheduler.betas.detach().to("cpu", torch.float64)
+            alphas_cumprod = torch.cumprod(1 - betas, 0)
+    if kind == "flow":
+        steps = int(scheduler.config.num_train_timesteps)
+
+        def flow_nll(x: Tensor, generator: torch.Generator | None) -> Tensor:
+            return flow_bits_per_dim(
+                predict, x, num_train_timesteps=steps, generator=generator, **options
+            )
+
+        return flow_nll, "flow-matching probability-flow ODE (Hutchinson, torchdiffeq)"
+
+    vp = VPSchedule(alphas_cumprod)
+    scale = vp.num_train_timesteps - 1
+
+    def eps_model(x: Tensor, timesteps: Tensor) -> Tensor:
+        prediction = predict(x, timesteps)
+        if prediction_type == "epsilon":
+            return prediction
+        t = timesteps[:1].detach() / scale
+        gamma = torch.exp(0.5 * vp.log_alpha_cumprod(t)).to(x.device, x.dtype)
+        sigma = vp.sigma(t).to(x.device, x.dtype)
+        return to_epsilon(prediction, x, gamma, sigma, prediction_type)
+
+    def vp_nll(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return bits_per_dim(eps_model, x, alphas_cumprod, generator=generator, **options)
+
+    return vp_nll, "VP probability-flow ODE (siss.metrics.bits_per_dim)"
+
+
+def likelihood_check(
+    model: object,
+    scheduler: Any,
+    forget: Tensor,
+    reference: Tensor | None,
+    *,
+    conditioning: Mapping[str, Any] | None = None,
+    percentile: float = 0.05,
+    confidence: float = 0.95,
+    repeats: int = 4,
+    num_probes: int = 1,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    t_eps: float = 1e-5,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    num_bins: int | None = 256,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> list[CheckResult]:
+    """Per forget image: its exact NLL (bits/dim) and its percentile among non-members' NLLs.
+
+    Args:
+        model: a diffusers model or a callable ``model(x_t, timesteps) -> prediction`` in the
+            scheduler's ``prediction_type`` (see ``siss.audit.sampling.prediction_fn``);
+            gradients are taken with respect to the input only.
+        scheduler: the model's diffusers scheduler (VP or ``FlowMatchEulerDiscreteScheduler``),
+            or a ``(T,)`` ``alphas_cumprod`` tensor for an eps-prediction model.
+        forget: ``(M, *S)`` finite float32/float64 images in ``data_range`` (the ODE runs in
+            their dtype: float64 for reference values, float32 for a UNet), on the model's
+            device.
+        reference: ``(R, *S)`` comparable non-member images, or ``None`` / ``R = 0`` (the
+            percentile is then not measured, with the reason).
+        conditioning: one conditioning shared by every image (1-row tensors), e.g. a prompt.
+        percentile: ``p`` of the verdict (see the module docstring), in ``(0, 1)``.
+        confidence: level of every interval.
+        repeats: independent Hutchinson estimates of each forget image's NLL (``>= 1``; their
+            spread gives the NLL's interval). Reference images get one estimate each.
+        num_probes, rtol, atol, method, t_eps: the ODE solve, as in
+            ``siss.metrics.bits_per_dim``.
+        data_range, num_bins: the bits/dim convention, as in ``siss.metrics.bits_per_dim``.
+        batch_size: images per ODE solve (the solve's step sizes depend slightly on the batch).
+        generator: source of the Hutchinson probes.
+        progress: a tqdm bar over the ODE solves.
+
+    Returns:
+        One ``CheckResult("likelihood", i, {"nll_bpd", "percentile"}, held, reason, details)``
+        per forget image; ``details`` holds the reference NLLs' quantile and the repeats.
+
+    Raises:
+        ValueError, TypeError: naming the argument, before any ODE is solved.
+    """
+    forget = _check_images(forget, "forget")
+    if reference is not None:
+        reference = _check_images(reference, "reference") if len(reference) else reference
+        if reference.shape[1:] != forget.shape[1:]:
+            raise ValueError(
+                f"`reference` images {tuple(reference.shape[1:])} and `forget` "
+                f"{tuple(forget.shape[1:])} differ in shape"
+            )
+        if reference.dtype != forget.dtype or reference.device != forget.device:
+            raise ValueError("`reference` must have the dtype and device of `forget`")
+    if forget.shape[0] == 0:
+        raise ValueError("`forget` must hold M >= 1 images")
+    percentile = _check_percentile(percentile)
+    confidence = check_confidence(confidence)
+    repeats = _check_positive_int(repeats, "repeats")
+    num_probes = _check_positive_int(num_probes, "num_probes")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if method not in _ADAPTIVE:
+        raise ValueError(f"`method` must be an adaptive torchdiffeq method {_ADAPTIVE}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
+            raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
+    if isinstance(t_eps, bool) or not isinstance(t_eps, Real) or not 0 < t_eps < 1:
+        raise ValueError(f"`t_eps` must be in (0, 1), got {t_eps!r}")
+    _check_range(data_range)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+    device, _ = model_device_dtype(model)
+    if isinstance(model, nn.Module) and forget.device != device:
+        raise ValueError(f"`forget` is on {forget.device} but `model` is on {device}")
+    options = {
+        "num_probes": num_probes,
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "t_eps": t_eps,
+        "data_range": data_range,
+        "num_bins": num_bins,
+    }
+    nll, how = _nll_function(model, scheduler, _shared_conditioning(conditioning), options)
+
+    num_forget = forget.shape[0]
+    images = forget.repeat_interleave(repeats, dim=0)
+    if reference is not None and len(reference):
+        images = torch.cat([images, reference])
+    values = torch.full((images.shape[0],), math.nan, dtype=torch.float64)
+    failures: list[str] = []
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        for start in tqdm(
+            range(0, images.shape[0], batch_size), desc="NLL (ODE solves)", disable=not progress
+        ):
+            batch = images[start : start + batch_size]
+            try:
+                values[start : start + len(batch)] = nll(batch, generator).cpu()
+            except ValueError as err:
+                if not any(word in str(err) for word in _DIVERGED):
+                    raise
+                failures.append(str(err))  # a diverged model: these rows stay NaN
+    finally:
+        if was_training:
+            model.train()
+
+    forget_values = values[: num_forget * repeats].reshape(num_forget, repeats)
+    reference_values = values[num_forget * repeats :]
+    results = []
+    for i in range(num_forget):
+        runs = forget_values[i]
+        details: dict[str, Any] = {"repeats": runs.tolist(), "method": how}
+        if not bool(torch.isfinite(runs).all()):
+            why = "the probability-flow ODE gave NaN or inf (a diverged model?)"
+            if failures:
+                why += f": {failures[0]}"
+            results.append(
+                CheckResult(
+                    "likelihood",
+                    i,
+                    {
+                        "nll_bpd": Estimate.missing(why, "lower", n=repeats, status="non-finite"),
+                        "percentile": Estimate.missing(why, "lower", status="non-finite"),
+                    },
+                    None,
+                    f"undecided: {why}",
+                    details,
+                )
+            )
+            continue
+        mean = float(runs.mean())
+        if repeats > 1:
+            from scipy.stats import t as student
+
+            half = float(
+                student.ppf(0.5 + confidence / 2, repeats - 1) * runs.std() / math.sqrt(repeats)
+            )
+            low, high = mean - half, mean + half
+            note = (
+                f"mean of {repeats} Hutchinson estimates ({how}); Student-t interval of the "
+                f"Hutchinson noise (ODE tolerance rtol={rtol:g} not included)"
+            )
+        else:
+            low = high = math.nan
+            note = f"one Hutchinson estimate ({how}): no interval (set repeats >= 2)"
+        estimate = Estimate(mean, low, high, repeats, "lower", note=note, confidence=confidence)
+        rank, held, reason, more = rank_against_reference(
+            mean,
+            reference_values if reference is not None else None,
+            held_when="lower",
+            percentile=percentile,
+            confidence=confidence,
+            statistic="NLL",
+        )
+        details.update(more)
+        results.append(
+            CheckResult(
+                "likelihood", i, {"nll_bpd": estimate, "percentile": rank}, held, reason, details
+            )
+        )
+    return results

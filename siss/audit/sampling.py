@@ -1,0 +1,406 @@
+"""Sampling for the audit: DDIM (VP schedules) or Euler (flow matching) with diffusers schedulers.
+
+:func:`generate` draws samples from a diffusion model through a *copy* of its scheduler built
+with ``from_config`` (the user's scheduler is never stepped or modified):
+
+* variance-preserving schedulers (``DDPMScheduler``, ``DDIMScheduler``, ... see
+  ``siss.adapters.SUPPORTED_SCHEDULERS``): ``DDIMScheduler`` with ``eta = 0`` (deterministic given
+  the initial noise), ``num_inference_steps`` steps, the scheduler's own ``prediction_type``;
+* ``FlowMatchEulerDiscreteScheduler`` (SD3-style rectified flow): its own Euler steps
+  (``use_dynamic_shifting``, Flux's per-resolution shift, needs ``mu`` and is refused).
+
+The model is either a diffusers model (called through ``siss.adapters.adapter_for(model)
+.predict``, so every family the adapters support works, conditioning included) or a plain
+callable ``model(x_t, timesteps, **conditioning) -> prediction`` returning the scheduler's
+``prediction_type`` (``"epsilon"``, ``"v_prediction"``, ``"sample"``, or the velocity
+``eps - x_0`` for flow matching). :func:`prediction_fn` is that wrapper; the other audit checks
+use it too.
+
+Data range: samples come back in the model's data space (``[-1, 1]`` for the digits models,
+latents for a latent model: decode them yourself). Nothing is clamped here. A DDIM copy of a
+scheduler whose config has ``clip_sample=True`` (diffusers' default for DDPM/DDIM, and the
+digits models') clips its *predicted* ``x_0`` to ``[-clip_sample_range, clip_sample_range]``
+at every step as diffusers' own pipelines do, so the final sample lies in that range; pass
+``clip_sample=False`` to see the model's unclipped output (a diverging model then shows as
+large or non-finite values rather than being clipped into range).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PredictionFn", "generate", "prediction_fn", "to_epsilon"]
+
+PredictionFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
+def scheduler_kind(scheduler: Any) -> tuple[str, str]:
+    """``(kind, prediction_type)``: ``("vp", "epsilon" | "v_prediction" | "sample")`` or
+    ``("flow", "flow_prediction")``; a ``ValueError`` naming ``scheduler`` otherwise."""
+    from siss.adapters import prediction_type_from_scheduler
+
+    if scheduler is None or not hasattr(scheduler, "config"):
+        raise TypeError(
+            f"`scheduler` must be a diffusers scheduler instance, got {type(scheduler).__name__}"
+        )
+    prediction_type = prediction_type_from_scheduler(scheduler)
+    return ("flow" if prediction_type == "flow_prediction" else "vp"), prediction_type
+
+
+def _model_parameter(model: object) -> Tensor | None:
+    if not isinstance(model, nn.Module):
+        return None
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
+def model_device_dtype(
+    model: object, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype to feed ``model``: its first floating parameter's, unless given;
+    the CPU and float32 for a plain callable."""
+    parameter = _model_parameter(model)
+    if device is None:
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = parameter.dtype if parameter is not None else torch.float32
+    return torch.device(device), dtype
+
+
+def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) -> PredictionFn:
+    """``fn(x_t, timesteps) -> prediction`` for a diffusers model or a plain callable.
+
+    Args:
+        model: a diffusers model that ``siss.adapters.adapter_for`` handles (``UNet2DModel``,
+            ``UNet2DConditionModel``, DiT, SD3), called through the adapter's ``predict``; or any
+            callable ``model(x_t, timesteps, **conditioning)`` returning a tensor shaped like
+            ``x_t`` (an ``nn.Module`` no adapter handles is called this way too).
+        conditioning: keyword inputs of the model (``class_labels``, ``encoder_hidden_states``,
+            ...), each with the batch's rows or 1 row (broadcast), passed on every call.
+
+    Returns:
+        A callable ``(x_t (B, *S), timesteps (B,)) -> (B, *S)`` that checks the output's type
+        and shape (a ``TypeError`` / ``ValueError`` naming ``model``).
+    """
+    conditioning = dict(conditioning or {})
+    if not callable(model):
+        raise TypeError(f"`model` must be a diffusers model or a callable, got {type(model)}")
+    call: Callable[..., Any] = model
+    if isinstance(model, nn.Module):
+        from siss.adapters import adapter_for
+
+        try:
+            call = adapter_for(model).predict
+        except TypeError:
+            call = model  # an nn.Module no adapter handles: a plain callable
+
+    def fn(x: Tensor, timesteps: Tensor) -> Tensor:
+        rows = x.shape[0]
+        kwargs = {k: _broadcast(v, k, rows) for k, v in conditioning.items()}
+        out = call(x, timesteps, **kwargs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"`model` must return a tensor (got {type(out).__name__}); wrap a diffusers "
+                "model that no adapter handles as `lambda x, t: model(x, t).sample`"
+            )
+        if out.shape != x.shape:
+            raise ValueError(
+                f"`model` returned shape {tuple(out.shape)} for an input of {tuple(x.shape)}"
+            )
+        return out
+
+    return fn
+
+
+def _broadcast(value: Any, name: str, rows: int) -> Any:
+    """A conditioning value brought to ``rows`` rows (a 1-row tensor is expanded)."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or value.shape[0] == rows:
+            return value
+        if value.shape[0] == 1:
+            return value.expand(rows, *value.shape[1:])
+        raise ValueError(
+            f"conditioning `{name}` has {value.shape[0]} rows; expected {rows} or 1 (shared)"
+        )
+    if isinstance(value, Mapping):
+        return {k: _broadcast(v, f"{name}[{k!r}]", rows) for k, v in value.items()}
+    return value
+
+
+def _rows(value: Any, name: str, start: int, stop: int, total: int) -> Any:
+    """Rows ``start:stop`` of a per-sample conditioning value (``total`` rows), else as is."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or value.shape[0] == 1:
+            return value
+        if value.shape[0] != total:
+            raise ValueError(
+                f"conditioning `{name}` has {value.shape[0]} rows; expected {total} (one per "
+                "sample) or 1 (shared)"
+            )
+        return value[start:stop]
+    if isinstance(value, Mapping):
+        return {k: _rows(v, f"{name}[{k!r}]", start, stop, total) for k, v in value.items()}
+    return value
+
+
+def to_epsilon(
+    prediction: Tensor, x_t: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
+) -> Tensor:
+    """The noise prediction ``eps`` implied by a model output, for ``x_t = gamma x_0 + sigma eps``.
+
+    Args:
+        prediction: ``(B, *S)`` the model's output.
+        x_t: ``(B, *S)`` its input.
+        gamma, sigma: signal and noise scales, broadcastable to ``x_t`` (e.g. ``(B, 1, 1, 1)``).
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` (``v = gamma eps - sigma x_0``, so
+            ``eps = gamma v + sigma x_t`` when ``gamma^2 + sigma^2 = 1``), ``"sample"``
+            (``eps = (x_t - gamma x_0) / sigma``) or ``"flow_prediction"`` (velocity
+            ``v = eps - x_0`` with ``gamma = 1 - sigma``: ``eps = x_t + gamma v``).
+
+    Returns:
+        ``(B, *S)`` eps.
+    """
+    if prediction_type == "epsilon":
+        return prediction
+    if prediction_type == "v_prediction":
+        return gamma * prediction + sigma * x_t
+    if prediction_type == "sample":
+        return (x_t - gamma * prediction) / sigma
+    if prediction_type == "flow_prediction":
+        return x_t + gamma * prediction
+    raise ValueError(f"unsupported `prediction_type` {prediction_type!r}")
+
+
+def _sample_shape(model: object, sample_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if sample_shape is None:
+        config = getattr(model, "config", None)
+        size = config.get("sample_size") if isinstance(config, Mapping) else None
+        channels = config.get("in_channels") if isinstance(config, Mapping) else None
+        if isinstance(size, int) and isinstance(channels, int):
+            return (channels, size, size)
+        if isinstance(size, Sequence) and len(size) == 2 and isinstance(channels, int):
+            return (channels, int(size[0]), int(size[1]))
+        raise ValueError(
+            "`sample_shape` is needed: the model has no `in_channels` / `sample_size` config to "
+            "read it from; pass e.g. sample_shape=(1, 16, 16)"
+        )
+    if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, Sequence):
+        raise TypeError(f"`sample_shape` must be a tuple of ints, got {sample_shape!r}")
+    if not sample_shape or any(
+        isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in sample_shape
+    ):
+        raise ValueError(
+            f"`sample_shape` must be a non-empty tuple of ints >= 1, got {sample_shape!r}"
+        )
+    return tuple(int(s) for s in sample_shape)
+
+
+def initial_noise(
+    seeds: Tensor, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``(len(seeds), *shape)`` standard normal noise, row ``i`` drawn on the CPU from
+    ``seeds[i]`` alone: the same sample for a seed whatever the batch size or device."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device, dtype)
+
+
+def sample_seeds(count: int, generator: torch.Generator | None) -> Tensor:
+    """``(count,)`` int64 seeds drawn from ``generator`` (on the CPU)."""
+    if generator is not None and generator.device.type != "cpu":
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**62, (count,), generator=generator)
+
+
+def sampler_for(
+    scheduler: Any, num_inference_steps: int, clip_sample: bool | None, device: torch.device
+) -> tuple[Any, str, str]:
+    """A fresh inference scheduler (never the user's), its timesteps set: ``DDIMScheduler`` for a
+    VP scheduler, ``FlowMatchEulerDiscreteScheduler`` for flow matching. Returns
+    ``(sampler, kind, prediction_type)``."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    kind, prediction_type = scheduler_kind(scheduler)
+    config = dict(scheduler.config)
+    if kind == "flow":
+        if config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                f"`scheduler` ({type(scheduler).__name__}) uses dynamic shifting (Flux): its "
+                "inference sigmas depend on the resolution (`mu`), which the audit does not set; "
+                "pass a scheduler with use_dynamic_shifting=False and the shift you sample with"
+            )
+        sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    else:
+        if clip_sample is not None:
+            config["clip_sample"] = bool(clip_sample)
+        config["prediction_type"] = prediction_type
+        sampler = DDIMScheduler.from_config(config)
+    sampler.set_timesteps(num_inference_steps, device=device)
+    return sampler, kind, prediction_type
+
+
+def generate(
+    model: object,
+    scheduler: Any,
+    num_samples: int,
+    *,
+    sample_shape: Sequence[int] | None = None,
+    num_inference_steps: int = 50,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    conditioning: Mapping[str, Any] | None = None,
+    clip_sample: bool | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Draw ``num_samples`` samples with deterministic DDIM (``eta = 0``) or flow-matching Euler.
+
+    Each sample ``i`` starts from noise drawn from its own seed, the ``i``-th of ``num_samples``
+    seeds drawn from ``generator``: a seed gives the same samples for every ``batch_size`` and
+    device (up to the device's arithmetic). Runs in ``torch.inference_mode`` with the model in
+    eval mode (its mode is restored afterwards). No classifier-free guidance.
+
+    Args:
+        model: a diffusers model (through ``siss.adapters.adapter_for``) or a callable
+            ``model(x_t, timesteps, **conditioning) -> prediction`` (see :func:`prediction_fn`),
+            predicting the scheduler's ``prediction_type``.
+        scheduler: the model's diffusers scheduler (read through ``from_config``; not modified).
+        num_samples: ``N >= 1``.
+        sample_shape: the shape ``S`` of one sample, e.g. ``(1, 16, 16)``; read from a
+            ``UNet2DModel``-style config (``in_channels``, ``sample_size``) when ``None``.
+        num_inference_steps: sampler steps, ``>= 1``.
+        batch_size: samples per model call, ``>= 1``.
+        generator: source of the seeds (a CPU generator, or one on the model's device).
+        conditioning: model inputs such as ``{"class_labels": (N,) or (1,)}`` or
+            ``{"encoder_hidden_states": (1, L, D)}``: one row per sample or one shared row.
+        clip_sample: override the scheduler config's ``clip_sample`` (VP only; ``None`` keeps
+            it; see the module docstring on the data range).
+        device, dtype: where and in which dtype to sample; default: the model's parameters'
+            (CPU and float32 for a plain callable).
+        progress: show a tqdm bar over the samples.
+
+    Returns:
+        ``(N, *S)`` samples on ``device`` in ``dtype``, in the model's data space. NaN or inf
+        values (a diverged model) are returned as they are.
+
+    Raises:
+        ValueError, TypeError: naming the argument, before any model call.
+    """
+    num_samples = _check_int(num_samples, "num_samples", 1)
+    num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    _check_generator(generator)
+    if clip_sample is not None and not isinstance(clip_sample, bool):
+        raise TypeError(f"`clip_sample` must be a bool or None, got {clip_sample!r}")
+    if conditioning is not None and not isinstance(conditioning, Mapping):
+        raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
+    shape = _sample_shape(model, sample_shape)
+    device, dtype = model_device_dtype(model, device, dtype)
+    sampler, kind, _ = sampler_for(scheduler, num_inference_steps, clip_sample, device)
+    conditioning = dict(conditioning or {})
+    for name, value in conditioning.items():
+        _rows(value, name, 0, num_samples, num_samples)  # shape errors before any model call
+    seeds = sample_seeds(num_samples, generator)
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    out = []
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(
+                total=num_samples,
+                desc=f"sampling ({'ddim' if kind == 'vp' else 'flow euler'})",
+                disable=not progress,
+            ) as bar,
+        ):
+            for start in range(0, num_samples, batch_size):
+                stop = min(start + batch_size, num_samples)
+                cond = {k: _rows(v, k, start, stop, num_samples) for k, v in conditioning.items()}
+                predict = prediction_fn(model, cond)
+                x = initial_noise(seeds[start:stop], shape, device, dtype)
+                out.append(_denoise(predict, sampler, x, kind))
+                bar.update(stop - start)
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(out)
+
+
+def _denoise(predict: PredictionFn, sampler: Any, x: Tensor, kind: str) -> Tensor:
+    """Run ``sampler``'s whole timestep grid on ``x`` (pure noise) and return the sample."""
+    if kind == "flow":
+        sampler.set_timesteps(sampler.num_inference_steps, device=x.device)  # reset step index
+    rows = x.shape[0]
+    for t in sampler.timesteps:
+        timesteps = t.to(x.device).expand(rows)
+        prediction = predict(x, timesteps)
+        x = sampler.step(prediction, t, x).prev_sample.to(x.dtype)
+    return x
+
+
+def ddim_denoise_from(predict: PredictionFn, sampler: Any, x_t: Tensor, t: int) -> Tensor:
+    """Denoise ``x_t`` at training timestep ``t`` to ``t = 0`` with DDIM (``eta = 0``).
+
+    The steps are ``t, t - r, t - 2r, ... > 0`` with DDIM's stride ``r = T //
+    sampler.num_inference_steps`` (the same discretisation :func:`generate` uses over the whole
+    schedule); the last step lands on ``x_0`` (``final_alpha_cumprod``).
+    """
+    stride = sampler.config.num_train_timesteps // sampler.num_inference_steps
+    rows = x_t.shape[0]
+    x = x_t
+    for step in range(t, 0, -stride):
+        timestep = torch.tensor(step, device=x.device)
+        prediction = predict(x, timestep.expand(rows))
+        x = sampler.step(prediction, step, x).prev_sample.to(x.dtype)
+    return x
+
+
+def flow_denoise_from(
+    predict: PredictionFn, scheduler: Any, x_t: Tensor, sigma: float, num_steps: int
+) -> Tensor:
+    """Denoise a flow-matching ``x_t = (1 - sigma) x_0 + sigma eps`` to ``sigma = 0`` with the
+    scheduler's Euler steps on ``num_steps`` equally spaced sigmas (no shift applied)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {
+        **dict(scheduler.config),
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "shift_terminal": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "invert_sigmas": False,
+    }
+    sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sigmas = [sigma * (1 - i / num_steps) for i in range(num_steps)]
+    sampler.set_timesteps(sigmas=sigmas, device=x_t.device)
+    rows = x_t.shape[0]
+    x = x_t
+    for t in sampler.timesteps:
+        x = sampler.step(predict(x, t.expand(rows)), t, x).prev_sample.to(x.dtype)
+    return x

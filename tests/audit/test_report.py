@@ -1,0 +1,67 @@
+"""The audit's result types: statistics that say whether they were measured, and comparisons."""
+
+import json
+import math
+
+import pytest
+
+from siss.audit import AuditReport, CheckResult, Estimate, compare
+
+
+def rate(value, n=1000):
+    return Estimate(value, max(value - 0.01, 0.0), value + 0.01, n, "higher", note="exact")
+
+
+def report(model, rate_value, nll):
+    return AuditReport(
+        model,
+        [
+            CheckResult("generation", 0, {"rate": rate(rate_value)}, rate_value > 0, "count >= 1"),
+            CheckResult("likelihood", 0, {"nll": nll}, None),
+        ],
+        {"seed": 0},
+    )
+
+
+def test_unmeasured_estimates_are_nan_and_say_why():
+    missing = Estimate.missing("no reference images", "lower")
+    assert math.isnan(missing.value) and not missing.measured
+    assert missing.format() == "not measured (no reference images)"
+    with pytest.raises(ValueError, match="`value`"):
+        Estimate(math.nan, 0.0, 1.0, 10, "higher")  # a NaN is never "measured"
+    with pytest.raises(ValueError, match="NaN"):
+        Estimate(0.0, 0.0, 0.0, 10, "higher", status="non-finite")  # nor a 0 "not measured"
+    with pytest.raises(ValueError, match="`held_when`"):
+        Estimate(1.0, 0.0, 2.0, 10, "up")
+
+
+def test_round_trip_through_json():
+    first = report("pretrained", 0.009, Estimate(2.9, 2.8, 3.0, 1, "lower"))
+    text = json.dumps(first.to_dict())
+    again = AuditReport.from_dict(json.loads(text))
+    assert again == first
+    assert again.result("generation").statistics["rate"].n == 1000
+    with pytest.raises(KeyError, match="membership"):
+        again.result("membership")
+
+
+def test_markdown_shows_every_statistic_with_its_status():
+    text = report("m", 0.0, Estimate.missing("flow NLL not implemented", "lower")).to_markdown()
+    assert "| generation | 0 | rate | 0 [0, 0.01] (n=1000) | not held |" in text
+    assert "not measured (flow NLL not implemented)" in text and "undecided" in text
+
+
+def test_compare_states_the_direction_of_each_change():
+    before = report("pretrained", 0.009, Estimate(2.9, 2.8, 3.0, 1, "lower"))
+    after = report("siss", 0.0, Estimate(9.8, 9.6, 10.0, 1, "lower"))
+    rows = {(r[0], r[2]): r[5] for r in compare(before, after).rows}
+    assert rows == {
+        ("generation", "rate"): "toward not held",
+        ("likelihood", "nll"): "toward not held",
+    }
+    back = {(r[0], r[2]): r[5] for r in compare(after, before).rows}
+    assert set(back.values()) == {"toward held"}
+    unmeasured = report("x", 0.0, Estimate.missing("diverged", "lower", status="non-finite"))
+    rows = {(r[0], r[2]): r[5] for r in compare(before, unmeasured).rows}
+    assert rows[("likelihood", "nll")] == "not comparable"  # never "no change"
+    assert "| toward not held |" in compare(before, after).to_markdown()
