@@ -53,12 +53,6 @@ from siss.losses import LossTerms, UnlearningLoss
 from siss.schedule import NoiseSchedule, TimestepSpec
 
 
-def _validating() -> bool:
-    """Whether ``siss.set_validate_values(True)`` is in force (value checks cost a host sync)."""
-    enabled = getattr(_checks, "validate_values_enabled", None)
-    return bool(enabled()) if callable(enabled) else False
-
-
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return bool(torch.is_autocast_enabled(device_type))
@@ -66,17 +60,6 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
         return bool(torch.is_autocast_enabled())
-
-
-def _check_finite(value: Tensor, name: str) -> None:
-    """With value checks on: a named error for NaN or inf in a floating tensor (a host sync)."""
-    if (
-        _validating()
-        and value.is_floating_point()
-        and value.device.type != "meta"
-        and not bool(torch.isfinite(value).all())
-    ):
-        raise ValueError(f"`{name}` holds NaN or inf values")
 
 
 def _describe(value: object) -> str:
@@ -403,11 +386,11 @@ class ModelAdapter(nn.Module):
                 "(torch.cat([keep rows, forget rows]))"
             )
         conditioning = {k: _match_batch(v, k, batch, rows) for k, v in conditioning.items()}
-        if _validating():
+        if _checks.validate_values_enabled():
             for name, value in _tensors(conditioning):
-                _check_finite(value, name)
+                _checks.check_finite_values(value, name)
         prediction = self.predict(draw.noisy, draw.timesteps, **conditioning)
-        if _validating() and isinstance(prediction, Tensor):
+        if _checks.validate_values_enabled() and isinstance(prediction, Tensor):
             _check_finite_prediction(prediction)
         if callable(weights):
             weights = weights(draw)
