@@ -10,12 +10,6 @@ from torch import Tensor
 from siss import _checks
 
 
-def _validating() -> bool:
-    """Whether ``siss.set_validate_values(True)`` is in force."""
-    enabled = getattr(_checks, "validate_values_enabled", None)
-    return bool(enabled()) if callable(enabled) else False
-
-
 @torch.no_grad()
 def encode_latents(vae: Any, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Latents of ``images`` as the diffusion model sees them, the diffusers training convention.
@@ -104,5 +98,4 @@ def _check_images(vae: Any, images: object, device: torch.device) -> None:
         )
     if images.device.type == "meta" and device.type != "meta":
         raise ValueError(f"`images` is on the meta device but the VAE is on {device}")
-    if _validating() and images.device.type != "meta" and not bool(torch.isfinite(images).all()):
-        raise ValueError("`images` holds NaN or inf values")
+    _checks.check_finite_values(images, "images")
