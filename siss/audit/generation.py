@@ -28,12 +28,14 @@ nearest distance have status ``"non-finite"`` (never a 0 rate) and ``held`` is `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from numbers import Integral, Real
+from collections.abc import Callable
+from numbers import Real
 
 import torch
 from torch import Tensor
 
+from siss.audit._inputs import check_fraction, check_images, check_int
+from siss.audit._inputs import check_range as _check_range  # also imported by siss.audit.run
 from siss.audit.report import CheckResult, Estimate
 from siss.metrics.rate import default_threshold, proportion_ci
 
@@ -56,35 +58,9 @@ def pixel_features(images: Tensor, data_range: tuple[float, float] = (-1.0, 1.0)
     return ((images.to(torch.float64) - lo) / (hi - lo)).flatten(1)
 
 
-def _check_range(data_range: object) -> tuple[float, float]:
-    if (
-        not isinstance(data_range, Sequence)
-        or len(data_range) != 2
-        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in data_range)
-    ):
-        raise TypeError(f"`data_range` must be a pair of numbers (lo, hi), got {data_range!r}")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ValueError(f"`data_range` must be finite with hi > lo, got {data_range!r}")
-    return lo, hi
-
-
 def check_confidence(confidence: object) -> float:
-    if isinstance(confidence, bool) or not isinstance(confidence, Real):
-        raise TypeError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
-    return float(confidence)
-
-
-def _images(value: object, name: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor (N, *S), got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
-    if value.dim() < 2 or math.prod(value.shape[1:]) == 0:
-        raise ValueError(f"`{name}` must have shape (N, *S), got {tuple(value.shape)}")
-    return value
+    """A confidence level in ``(0, 1)``."""
+    return check_fraction(confidence, "confidence")
 
 
 def _features(features: FeatureMap, images: Tensor, name: str) -> Tensor:
@@ -137,28 +113,13 @@ def generation_check(
         ValueError, TypeError: naming the argument (shapes, a non-finite ``forget``, a custom
             ``features`` without ``threshold``), before any feature is computed.
     """
-    samples = _images(samples, "samples")
-    if not isinstance(forget, Tensor):
-        raise TypeError(f"`forget` must be a torch.Tensor (M, *S), got {type(forget).__name__}")
-    if forget.dim() == samples.dim() - 1:
+    samples = check_images(samples, "samples", finite=False)
+    if isinstance(forget, Tensor) and forget.dim() == samples.dim() - 1:
         forget = forget.unsqueeze(0)
-    forget = _images(forget, "forget")
-    if samples.shape[0] == 0:
-        raise ValueError(f"`samples` must hold N >= 1 images, got {tuple(samples.shape)}")
-    if forget.shape[0] == 0:
-        raise ValueError(f"`forget` must hold M >= 1 images, got {tuple(forget.shape)}")
-    if forget.shape[1:] != samples.shape[1:]:
-        raise ValueError(
-            f"`forget` images {tuple(forget.shape[1:])} and `samples` {tuple(samples.shape[1:])} "
-            "differ in shape"
-        )
-    if not bool(torch.isfinite(forget).all()):
-        raise ValueError("`forget` holds NaN or inf values")
+    forget = check_images(forget, "forget", like=samples, like_name="samples")
     confidence = check_confidence(confidence)
-    if isinstance(gallery, bool) or not isinstance(gallery, Integral) or gallery < 0:
-        raise ValueError(f"`gallery` must be an int >= 0, got {gallery!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+    gallery = check_int(gallery, "gallery", minimum=0)
+    batch_size = check_int(batch_size, "batch_size")
     lo, hi = _check_range(data_range)
     if features is None:
         feature_name = f"pixels mapped from [{lo:g}, {hi:g}] to [0, 1]"

@@ -41,16 +41,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from siss.audit.generation import _check_range, check_confidence
-from siss.audit.report import CheckResult, Estimate, HeldWhen
-from siss.audit.sampling import model_device_dtype, prediction_fn, scheduler_kind, to_epsilon
-from siss.metrics.rate import proportion_ci
+from siss.audit._inputs import (
+    check_conditioning,
+    check_fraction,
+    check_generator,
+    check_images,
+    check_int,
+    check_range,
+)
+from siss.audit._models import (
+    check_model_device,
+    eps_from_prediction,
+    eval_mode,
+    progress_bar,
+    scheduler_kind,
+)
+from siss.audit._stats import rank_against_reference, t_interval
+from siss.audit.report import CheckResult, Estimate
+from siss.audit.sampling import prediction_fn
 
 __all__ = [
     "flow_bits_per_dim",
@@ -63,15 +77,11 @@ _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _DIVERGED = ("NaN or inf", "overflow", "underflow")
 
 
-def _check_images(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor (B, *S), got {type(x).__name__}")
+def _check_ode_images(x: object, name: str, rows: int = 1) -> Tensor:
+    """Images for the ODE, which runs in their dtype: float32 or float64."""
+    x = check_images(x, name, rows=rows)
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"`{name}` must be float32 or float64, got {x.dtype}")
-    if x.dim() < 2 or math.prod(x.shape[1:]) == 0:
-        raise ValueError(f"`{name}` must have shape (B, *S), got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` holds NaN or inf values")
     return x
 
 
@@ -106,7 +116,7 @@ def flow_log_likelihood(
     """
     from torchdiffeq import odeint
 
-    x = _check_images(x, "x")
+    x = _check_ode_images(x, "x", rows=0)
     if method not in _ADAPTIVE:
         raise ValueError(f"`method` must be one of {_ADAPTIVE}, got {method!r}")
     batch, dims = x.shape[0], math.prod(x.shape[1:])
@@ -159,111 +169,10 @@ def flow_bits_per_dim(
     Returns:
         ``(B,)`` float64 bits per dimension.
     """
-    lo, hi = _check_range(data_range)
+    lo, hi = check_range(data_range)
     logp = flow_log_likelihood(velocity_model, x, **kwargs)
     offset = 0.0 if num_bins is None else math.log2(num_bins / (hi - lo))
     return -logp / (math.prod(x.shape[1:]) * math.log(2)) + offset
-
-
-def rank_against_reference(
-    value: float,
-    reference: Tensor | None,
-    *,
-    held_when: HeldWhen,
-    percentile: float,
-    confidence: float,
-    statistic: str,
-) -> tuple[Estimate, bool | None, str, dict[str, Any]]:
-    """Where ``value`` sits among the reference images' values, and the verdict.
-
-    The percentile is ``k / R``: for ``held_when="lower"`` (an NLL) ``k`` counts reference
-    values ``<= value``; for ``"higher"`` (a similarity) those ``< value``: ties count against
-    "held". Its interval is the exact Clopper-Pearson interval of ``k`` out of ``R``.
-
-    Verdict: ``"lower"``: held if the interval lies below ``percentile``, not held if above;
-    ``"higher"``: held if it lies above ``1 - percentile``, not held if below; else ``None``.
-
-    Returns:
-        ``(estimate, held, reason, details)``.
-    """
-    if reference is None or reference.numel() == 0:
-        why = f"no reference images: the {statistic}'s percentile among non-members is not measured"
-        return Estimate.missing(why, held_when), None, f"undecided: {why}", {"reference_n": 0}
-    reference = reference.detach().to("cpu", torch.float64).flatten()
-    total = reference.numel()
-    bad = int((~torch.isfinite(reference)).sum())
-    if bad:
-        why = f"{bad} of {total} reference images have a non-finite {statistic} (diverged model?)"
-        estimate = Estimate.missing(why, held_when, n=total, status="non-finite")
-        return estimate, None, f"undecided: {why}", {"reference_n": total}
-    if held_when == "lower":
-        count = int((reference <= value).sum())
-        level, side = percentile, "below"
-    else:
-        count = int((reference < value).sum())
-        level, side = 1.0 - percentile, "above"
-    low, high = proportion_ci(count, total, confidence=confidence)
-    ties = "at or below" if held_when == "lower" else "below"
-    estimate = Estimate(
-        count / total,
-        low,
-        high,
-        total,
-        held_when,
-        note=(
-            f"fraction of {total} reference images whose {statistic} is {ties} this image's; "
-            "exact Clopper-Pearson interval"
-        ),
-        confidence=confidence,
-    )
-    rule = (
-        f"held if the percentile's {confidence:.0%} interval lies {side} {level:.3g} (the "
-        f"image's {statistic} is {side} the non-members' {level:.3g}-quantile), not held if it "
-        "lies on the other side, undecided if it contains it"
-    )
-    if held_when == "lower":
-        held = True if high < level else False if low > level else None
-    else:
-        held = True if low > level else False if high < level else None
-    verdict = {True: "held", False: "not held", None: "undecided"}[held]
-    reason = f"{verdict}: percentile {count}/{total} [{low:.3g}, {high:.3g}]; {rule}"
-    details = {
-        "reference_n": total,
-        "reference_quantile": float(torch.quantile(reference, level)),
-        "reference_median": float(reference.median()),
-        "quantile_level": level,
-    }
-    return estimate, held, reason, details
-
-
-def _check_percentile(percentile: object) -> float:
-    if isinstance(percentile, bool) or not isinstance(percentile, Real):
-        raise TypeError(f"`percentile` must be a number in (0, 1), got {percentile!r}")
-    if not 0.0 < float(percentile) < 1.0:
-        raise ValueError(f"`percentile` must be in (0, 1), got {percentile!r}")
-    return float(percentile)
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"`{name}` must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value!r}")
-    return int(value)
-
-
-def _shared_conditioning(conditioning: Mapping[str, Any] | None) -> dict[str, Any]:
-    if conditioning is None:
-        return {}
-    if not isinstance(conditioning, Mapping):
-        raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
-    for name, value in conditioning.items():
-        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] != 1:
-            raise ValueError(
-                f"conditioning `{name}` has {value.shape[0]} rows: the likelihood check takes one "
-                "conditioning shared by every image (1 row); run the check per conditioning"
-            )
-    return dict(conditioning)
 
 
 def _nll_function(
@@ -301,7 +210,7 @@ def _nll_function(
         t = timesteps[:1].detach() / scale
         gamma = torch.exp(0.5 * vp.log_alpha_cumprod(t)).to(x.device, x.dtype)
         sigma = vp.sigma(t).to(x.device, x.dtype)
-        return to_epsilon(prediction, x, gamma, sigma, prediction_type)
+        return eps_from_prediction(prediction, x, gamma, sigma, prediction_type).to(x.dtype)
 
     def vp_nll(x: Tensor, generator: torch.Generator | None) -> Tensor:
         return bits_per_dim(eps_model, x, alphas_cumprod, generator=generator, **options)
@@ -353,7 +262,7 @@ def likelihood_check(
         data_range, num_bins: the bits/dim convention, as in ``siss.metrics.bits_per_dim``.
         batch_size: images per ODE solve (the solve's step sizes depend slightly on the batch).
         generator: source of the Hutchinson probes.
-        progress: a tqdm bar over the ODE solves.
+        progress: a tqdm bar over the images.
 
     Returns:
         One ``CheckResult("likelihood", i, {"nll_bpd", "percentile"}, held, reason, details)``
@@ -362,9 +271,9 @@ def likelihood_check(
     Raises:
         ValueError, TypeError: naming the argument, before any ODE is solved.
     """
-    forget = _check_images(forget, "forget")
+    forget = _check_ode_images(forget, "forget")
     if reference is not None:
-        reference = _check_images(reference, "reference") if len(reference) else reference
+        reference = _check_ode_images(reference, "reference", rows=0)
         if reference.shape[1:] != forget.shape[1:]:
             raise ValueError(
                 f"`reference` images {tuple(reference.shape[1:])} and `forget` "
@@ -372,13 +281,11 @@ def likelihood_check(
             )
         if reference.dtype != forget.dtype or reference.device != forget.device:
             raise ValueError("`reference` must have the dtype and device of `forget`")
-    if forget.shape[0] == 0:
-        raise ValueError("`forget` must hold M >= 1 images")
-    percentile = _check_percentile(percentile)
-    confidence = check_confidence(confidence)
-    repeats = _check_positive_int(repeats, "repeats")
-    num_probes = _check_positive_int(num_probes, "num_probes")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    percentile = check_fraction(percentile, "percentile")
+    confidence = check_fraction(confidence, "confidence")
+    repeats = check_int(repeats, "repeats")
+    num_probes = check_int(num_probes, "num_probes")
+    batch_size = check_int(batch_size, "batch_size")
     if method not in _ADAPTIVE:
         raise ValueError(f"`method` must be an adaptive torchdiffeq method {_ADAPTIVE}")
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -386,12 +293,9 @@ def likelihood_check(
             raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
     if isinstance(t_eps, bool) or not isinstance(t_eps, Real) or not 0 < t_eps < 1:
         raise ValueError(f"`t_eps` must be in (0, 1), got {t_eps!r}")
-    _check_range(data_range)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
-    device, _ = model_device_dtype(model)
-    if isinstance(model, nn.Module) and forget.device != device:
-        raise ValueError(f"`forget` is on {forget.device} but `model` is on {device}")
+    check_range(data_range)
+    check_generator(generator)
+    check_model_device(model, forget, "forget")
     options = {
         "num_probes": num_probes,
         "rtol": rtol,
@@ -401,7 +305,8 @@ def likelihood_check(
         "data_range": data_range,
         "num_bins": num_bins,
     }
-    nll, how = _nll_function(model, scheduler, _shared_conditioning(conditioning), options)
+    conditioning = check_conditioning(conditioning, "conditioning", rows=None)
+    nll, how = _nll_function(model, scheduler, conditioning, options)
 
     num_forget = forget.shape[0]
     images = forget.repeat_interleave(repeats, dim=0)
@@ -410,15 +315,8 @@ def likelihood_check(
     values = torch.full((images.shape[0],), math.nan, dtype=torch.float64)
     failures: list[str] = []
 
-    from tqdm.auto import tqdm
-
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        for start in tqdm(
-            range(0, images.shape[0], batch_size), desc="NLL (ODE solves)", disable=not progress
-        ):
+    with eval_mode(model), progress_bar(images.shape[0], "NLL (ODE solves)", progress) as bar:
+        for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size]
             try:
                 values[start : start + len(batch)] = nll(batch, generator).cpu()
@@ -426,9 +324,7 @@ def likelihood_check(
                 if not any(word in str(err) for word in _DIVERGED):
                     raise
                 failures.append(str(err))  # a diverged model: these rows stay NaN
-    finally:
-        if was_training:
-            model.train()
+            bar.update(len(batch))
 
     forget_values = values[: num_forget * repeats].reshape(num_forget, repeats)
     reference_values = values[num_forget * repeats :]
@@ -454,20 +350,13 @@ def likelihood_check(
                 )
             )
             continue
-        mean = float(runs.mean())
+        mean, low, high = t_interval(runs, confidence)
         if repeats > 1:
-            from scipy.stats import t as student
-
-            half = float(
-                student.ppf(0.5 + confidence / 2, repeats - 1) * runs.std() / math.sqrt(repeats)
-            )
-            low, high = mean - half, mean + half
             note = (
                 f"mean of {repeats} Hutchinson estimates ({how}); Student-t interval of the "
                 f"Hutchinson noise (ODE tolerance rtol={rtol:g} not included)"
             )
         else:
-            low = high = math.nan
             note = f"one Hutchinson estimate ({how}): no interval (set repeats >= 2)"
         estimate = Estimate(mean, low, high, repeats, "lower", note=note, confidence=confidence)
         rank, held, reason, more = rank_against_reference(

@@ -35,8 +35,7 @@ v-prediction, x0-prediction and flow-matching models are scored on the same epsi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any, Literal
 
@@ -44,9 +43,25 @@ import torch
 from torch import Tensor
 
 from siss import _random
+from siss.audit._inputs import (
+    check_conditioning,
+    check_fraction,
+    check_generator,
+    check_images,
+    check_int,
+    shared,
+    take_rows,
+)
+from siss.audit._models import (
+    eps_from_prediction,
+    eval_mode,
+    predictor,
+    progress_bar,
+    resolve_schedule,
+)
+from siss.audit._stats import conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate
-from siss.schedule import NoiseSchedule
-from siss.targets import PREDICTION_TYPES
+from siss.schedule import NoiseSchedule  # noqa: F401  (the doctests' namespace)
 
 __all__ = [
     "denoising_errors",
@@ -56,181 +71,10 @@ __all__ = [
     "tpr_at_fpr",
 ]
 
-Predictor = Callable[..., Tensor]
-
 # Carlini et al. (2023) found the loss attack strongest at small t (t = 50 .. 300 of 1000 on
 # CIFAR-10 DDPMs); the defaults take two small noise levels and several noise draws.
 DEFAULT_TIMESTEPS: tuple[int, int] = (50, 100)
 DEFAULT_PIA_TIMESTEP = 200
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks (all run before the first model call)
-# --------------------------------------------------------------------------------------------
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not 0.0 < number < 1.0:
-        raise ValueError(f"`{name}` must lie strictly between 0 and 1, got {value!r}")
-    return number
-
-
-def _check_generator(generator: object) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
-        )
-    return generator
-
-
-def _check_images(images: object, name: str, like: Tensor | None = None) -> Tensor:
-    """A finite floating batch ``(N, ...)`` with ``N >= 1`` (of ``like``'s image shape)."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor (N, ...), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(
-            f"`{name}` must be a floating-point tensor, got dtype {images.dtype} (scale integer "
-            "images to the model's range first)"
-        )
-    if images.ndim < 2 or images.numel() == 0:
-        raise ValueError(
-            f"`{name}` must have shape (N, ...) with N >= 1 and non-empty images, got "
-            f"{tuple(images.shape)}"
-        )
-    if like is not None:
-        if images.shape[1:] != like.shape[1:]:
-            raise ValueError(
-                f"`{name}` images have shape {tuple(images.shape[1:])}, but the forget images "
-                f"have {tuple(like.shape[1:])}: they must be comparable"
-            )
-        if images.device != like.device:
-            raise ValueError(
-                f"`{name}` is on {images.device} but the forget images are on {like.device}"
-            )
-    if images.device.type != "meta" and not bool(torch.isfinite(images).all()):
-        raise ValueError(f"`{name}` holds NaN or inf values")
-    return images
-
-
-def _check_conditioning(conditioning: object, name: str, rows: int) -> dict[str, Any]:
-    """Conditioning kwargs whose tensors have ``rows`` rows or 1 (shared by every row)."""
-    if conditioning is None:
-        return {}
-    if not isinstance(conditioning, Mapping):
-        raise TypeError(
-            f"`{name}` must be a dict of model keyword inputs (e.g. "
-            f"{{'encoder_hidden_states': embeds}}), got {type(conditioning).__name__}"
-        )
-    for key, tensor in _tensors(conditioning, name):
-        if tensor.ndim >= 1 and tensor.shape[0] not in (1, rows):
-            raise ValueError(
-                f"`{key}` has {tensor.shape[0]} rows; expected {rows} (one per image) or 1 "
-                "(shared by every image)"
-            )
-    return dict(conditioning)
-
-
-def _tensors(value: Any, name: str) -> list[tuple[str, Tensor]]:
-    if isinstance(value, Tensor):
-        return [(name, value)]
-    if isinstance(value, Mapping):
-        return [item for k, v in value.items() for item in _tensors(v, f"{name}[{k!r}]")]
-    if isinstance(value, list | tuple):
-        return [item for i, v in enumerate(value) for item in _tensors(v, f"{name}[{i}]")]
-    return []
-
-
-def _take_rows(value: Any, index: Tensor) -> Any:
-    """Conditioning for the rows ``index`` (a 1-row tensor is expanded, a scalar kept)."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0:
-            return value
-        if value.shape[0] == 1:
-            return value.expand(len(index), *value.shape[1:])
-        return value[index.to(value.device)]
-    if isinstance(value, Mapping):
-        return {k: _take_rows(v, index) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_take_rows(v, index) for v in value)
-    return value
-
-
-def _shared(conditioning: Mapping[str, Any]) -> bool:
-    """Whether every tensor of ``conditioning`` has one row (so it can condition any set)."""
-    return all(t.ndim == 0 or t.shape[0] == 1 for _, t in _tensors(conditioning, ""))
-
-
-# --------------------------------------------------------------------------------------------
-# Model, schedule and prediction type
-# --------------------------------------------------------------------------------------------
-
-
-def _predictor(eps_model: object) -> Predictor:
-    """``adapter.predict`` for a diffusers model, the callable itself otherwise."""
-    if isinstance(eps_model, torch.nn.Module):
-        from siss.adapters.models import ModelAdapter, adapter_for
-
-        if isinstance(eps_model, ModelAdapter):
-            return eps_model.predict
-        try:
-            return adapter_for(eps_model).predict
-        except TypeError:
-            return eps_model  # a plain module: called as model(x_t, t, **conditioning)
-    if isinstance(eps_model, type) or not callable(eps_model):
-        raise TypeError(
-            "`eps_model` must be a diffusers model, a siss ModelAdapter or a callable "
-            f"(x_t, t, **conditioning) -> prediction, got {type(eps_model).__name__}"
-        )
-    return eps_model
-
-
-@dataclass(frozen=True)
-class _Schedule:
-    gamma: Tensor  # (T,) float64 on the data's device
-    sigma: Tensor
-    timesteps: Tensor  # the model's timestep input per grid index
-    prediction_type: str
-    scheduler: Any  # the diffusers scheduler it came from, or None
-
-
-def _resolve_schedule(schedule: object, prediction_type: str | None, device: torch.device):
-    """``(gamma, sigma, model timesteps, prediction type)`` from a NoiseSchedule or a scheduler."""
-    scheduler = None
-    if isinstance(schedule, NoiseSchedule):
-        kind = prediction_type or "epsilon"
-    elif hasattr(schedule, "config") and hasattr(schedule, "set_timesteps"):
-        from siss.adapters import prediction_type_from_scheduler, schedule_from_scheduler
-
-        scheduler = schedule
-        kind = prediction_type or prediction_type_from_scheduler(schedule)
-        schedule = schedule_from_scheduler(schedule)
-    else:
-        raise TypeError(
-            "`schedule` must be a siss.NoiseSchedule or a diffusers scheduler instance, got "
-            f"{type(schedule).__name__}"
-        )
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(
-            f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {kind!r}"
-        )
-    return _Schedule(
-        schedule.gamma.detach().to(device, torch.float64),
-        schedule.sigma.detach().to(device, torch.float64),
-        schedule.timesteps.detach().to(device),
-        kind,
-        scheduler,
-    )
 
 
 def _small_noise_indices(sigma: Tensor, ranks: Sequence[int]) -> list[int]:
@@ -256,77 +100,6 @@ def _check_timesteps(timesteps: object, length: int, name: str) -> list[int]:
     return checked
 
 
-def eps_from_prediction(
-    prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
-) -> Tensor:
-    """The noise prediction implied by a model output, for ``x_t = gamma x_0 + sigma eps``.
-
-    With the targets of ``siss.targets`` (``v = gamma eps - sigma x_0``; flow velocity
-    ``u = eps - x_0``), solving ``x_t = gamma x_0 + sigma eps`` for ``eps``:
-
-    * ``epsilon``: ``eps = prediction``;
-    * ``v_prediction``: ``eps = (sigma x_t + gamma v) / (gamma^2 + sigma^2)``
-      (``sigma x_t + gamma v`` on a variance-preserving schedule);
-    * ``sample``: ``eps = (x_t - gamma x_0) / sigma``;
-    * ``flow_prediction``: ``eps = (x_t + gamma u) / (gamma + sigma)`` (``x_t + (1 - s) u`` on
-      rectified flow, ``gamma = 1 - s``, ``sigma = s``).
-
-    Args:
-        prediction, noisy: ``(B, ...)``.
-        gamma, sigma: ``(B,)``.
-        prediction_type: one of ``siss.PREDICTION_TYPES``.
-
-    Returns:
-        ``(B, ...)`` in float32 (float64 if an input is float64).
-
-    Example:
-        >>> x0, eps = torch.randn(2, 3), torch.randn(2, 3)
-        >>> g, s = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
-        >>> x_t = g[:, None] * x0 + s[:, None] * eps
-        >>> v = g[:, None] * eps - s[:, None] * x0
-        >>> torch.allclose(eps_from_prediction(v, x_t, g, s, "v_prediction"), eps, atol=1e-6)
-        True
-    """
-    dtype = torch.float64 if torch.float64 in (prediction.dtype, noisy.dtype) else torch.float32
-    shape = (-1,) + (1,) * (noisy.ndim - 1)
-    pred, x = prediction.to(dtype), noisy.to(dtype)
-    g, s = gamma.to(dtype).reshape(shape), sigma.to(dtype).reshape(shape)
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":
-        return (s * x + g * pred) / (g * g + s * s)
-    if prediction_type == "sample":
-        return (x - g * pred) / s
-    if prediction_type == "flow_prediction":
-        return (x + g * pred) / (g + s)
-    raise ValueError(
-        f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-    )
-
-
-def _call(predict: Predictor, noisy: Tensor, timesteps: Tensor, conditioning: Mapping) -> Tensor:
-    output = predict(noisy, timesteps, **conditioning)
-    if hasattr(output, "sample") and not isinstance(output, Tensor):
-        output = output.sample
-    elif isinstance(output, tuple | list):
-        output = output[0]
-    if not isinstance(output, Tensor) or output.shape != noisy.shape:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise ValueError(
-            f"`eps_model` must return a prediction of the input's shape {tuple(noisy.shape)}, "
-            f"got {shape}"
-        )
-    return output
-
-
-def _bar(total: int, desc: str, progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc)
-
-
 # --------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------
@@ -348,13 +121,13 @@ def _denoising_error_draws(
     name: str = "images",
 ) -> Tensor:
     """Per-draw errors ``(N, K * M)`` (``K`` timesteps, ``M`` draws each), float64."""
-    images = _check_images(images, name)
-    noise_draws = _check_int(noise_draws, "noise_draws", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    generator = _check_generator(generator)
-    conditioning = _check_conditioning(conditioning, "conditioning", images.shape[0])
-    predict = _predictor(eps_model)
-    sched = _resolve_schedule(schedule, prediction_type, images.device)
+    images = check_images(images, name)
+    noise_draws = check_int(noise_draws, "noise_draws")
+    batch_size = check_int(batch_size, "batch_size")
+    generator = check_generator(generator)
+    conditioning = check_conditioning(conditioning, "conditioning", images.shape[0])
+    predict = predictor(eps_model, "eps_model")
+    sched = resolve_schedule(schedule, prediction_type, images.device)
     length = len(sched.gamma)
     if timesteps is None:
         grid = _small_noise_indices(sched.sigma, DEFAULT_TIMESTEPS)
@@ -364,26 +137,23 @@ def _denoising_error_draws(
     grid_t = torch.tensor(grid, device=images.device)
     rows = n * k * m
     errors = torch.empty(rows, dtype=torch.float64, device=images.device)
-    bar = _bar(rows, "denoising errors", progress)
-    for start in range(0, rows, batch_size):
-        row = torch.arange(start, min(start + batch_size, rows), device=images.device)
-        image, index = row // (k * m), grid_t[(row // m) % k]
-        clean = images[image]
-        noise = _random.randn(
-            tuple(clean.shape), generator=generator, device=images.device, dtype=images.dtype
-        )
-        gamma, sigma = sched.gamma[index], sched.sigma[index]
-        shape = (-1,) + (1,) * (clean.ndim - 1)
-        noisy = (gamma.reshape(shape) * clean + sigma.reshape(shape) * noise).to(images.dtype)
-        output = _call(predict, noisy, sched.timesteps[index], _take_rows(conditioning, image))
-        eps_hat = eps_from_prediction(output, noisy, gamma, sigma, sched.prediction_type)
-        errors[row] = (
-            (noise.to(torch.float64) - eps_hat.to(torch.float64)).square().flatten(1).mean(1)
-        )
-        if bar is not None:
+    with eval_mode(eps_model), progress_bar(rows, "denoising errors", progress) as bar:
+        for start in range(0, rows, batch_size):
+            row = torch.arange(start, min(start + batch_size, rows), device=images.device)
+            image, index = row // (k * m), grid_t[(row // m) % k]
+            clean = images[image]
+            noise = _random.randn(
+                tuple(clean.shape), generator=generator, device=images.device, dtype=images.dtype
+            )
+            gamma, sigma = sched.gamma[index], sched.sigma[index]
+            shape = (-1,) + (1,) * (clean.ndim - 1)
+            noisy = (gamma.reshape(shape) * clean + sigma.reshape(shape) * noise).to(images.dtype)
+            output = predict(noisy, sched.timesteps[index], **take_rows(conditioning, image))
+            eps_hat = eps_from_prediction(output, noisy, gamma, sigma, sched.prediction_type)
+            errors[row] = (
+                (noise.to(torch.float64) - eps_hat.to(torch.float64)).square().flatten(1).mean(1)
+            )
             bar.update(len(row))
-    if bar is not None:
-        bar.close()
     return errors.reshape(n, k * m)
 
 
@@ -494,13 +264,13 @@ def pia_errors(
         >>> pia_errors(lambda x_t, t: torch.zeros_like(x_t), schedule, torch.ones(3, 2))
         tensor([0., 0., 0.], dtype=torch.float64)
     """
-    images = _check_images(images, "images")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    images = check_images(images, "images")
+    batch_size = check_int(batch_size, "batch_size")
     if isinstance(p, bool) or not isinstance(p, Real) or not float(p) > 0:
         raise ValueError(f"`p` must be a positive number, got {p!r}")
-    conditioning = _check_conditioning(conditioning, "conditioning", images.shape[0])
-    predict = _predictor(eps_model)
-    sched = _resolve_schedule(schedule, prediction_type, images.device)
+    conditioning = check_conditioning(conditioning, "conditioning", images.shape[0])
+    predict = predictor(eps_model, "eps_model")
+    sched = resolve_schedule(schedule, prediction_type, images.device)
     first = _small_noise_indices(sched.sigma, (0,))[0]
     if timestep is None:
         index = _small_noise_indices(sched.sigma, (DEFAULT_PIA_TIMESTEP,))[0]
@@ -508,27 +278,24 @@ def pia_errors(
         index = _check_timesteps(timestep, len(sched.gamma), "timestep")[0]
     n = images.shape[0]
     scores = torch.empty(n, dtype=torch.float64, device=images.device)
-    bar = _bar(n, "PIA errors", progress)
-    for start in range(0, n, batch_size):
-        row = torch.arange(start, min(start + batch_size, n), device=images.device)
-        clean, cond = images[row], _take_rows(conditioning, row)
-        at = torch.full_like(row, first)
-        out0 = _call(predict, clean, sched.timesteps[at], cond)
-        eps0 = eps_from_prediction(
-            out0, clean, sched.gamma[at], sched.sigma[at], sched.prediction_type
-        )
-        it = torch.full_like(row, index)
-        gamma, sigma = sched.gamma[it], sched.sigma[it]
-        shape = (-1,) + (1,) * (clean.ndim - 1)
-        noisy = (gamma.reshape(shape) * clean + sigma.reshape(shape) * eps0).to(images.dtype)
-        out_t = _call(predict, noisy, sched.timesteps[it], cond)
-        eps_t = eps_from_prediction(out_t, noisy, gamma, sigma, sched.prediction_type)
-        diff = (eps0.to(torch.float64) - eps_t.to(torch.float64)).abs()
-        scores[row] = diff.pow(float(p)).flatten(1).mean(1)
-        if bar is not None:
+    with eval_mode(eps_model), progress_bar(n, "PIA errors", progress) as bar:
+        for start in range(0, n, batch_size):
+            row = torch.arange(start, min(start + batch_size, n), device=images.device)
+            clean, cond = images[row], take_rows(conditioning, row)
+            at = torch.full_like(row, first)
+            out0 = predict(clean, sched.timesteps[at], **cond)
+            eps0 = eps_from_prediction(
+                out0, clean, sched.gamma[at], sched.sigma[at], sched.prediction_type
+            )
+            it = torch.full_like(row, index)
+            gamma, sigma = sched.gamma[it], sched.sigma[it]
+            shape = (-1,) + (1,) * (clean.ndim - 1)
+            noisy = (gamma.reshape(shape) * clean + sigma.reshape(shape) * eps0).to(images.dtype)
+            out_t = predict(noisy, sched.timesteps[it], **cond)
+            eps_t = eps_from_prediction(out_t, noisy, gamma, sigma, sched.prediction_type)
+            diff = (eps0.to(torch.float64) - eps_t.to(torch.float64)).abs()
+            scores[row] = diff.pow(float(p)).flatten(1).mean(1)
             bar.update(len(row))
-    if bar is not None:
-        bar.close()
     return scores
 
 
@@ -607,16 +374,6 @@ def _bootstrap(
     return aucs, tprs
 
 
-def _t_interval(values: Tensor, confidence: float) -> tuple[float, float, float]:
-    """Mean and Student-t interval of ``values`` (1-D, finite, at least 2)."""
-    from scipy.stats import t as student
-
-    n = values.numel()
-    mean = float(values.mean())
-    half = float(student.ppf(0.5 + confidence / 2, n - 1)) * float(values.std()) / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
 def _score_estimate(draws: Tensor, confidence: float, deterministic: bool, method: str) -> Estimate:
     if not bool(torch.isfinite(draws).all()):
         return Estimate.missing(
@@ -637,7 +394,7 @@ def _score_estimate(draws: Tensor, confidence: float, deterministic: bool, metho
             note=f"{method}; {why}",
             confidence=confidence,
         )
-    value, low, high = _t_interval(draws, confidence)
+    value, low, high = t_interval(draws, confidence)
     return Estimate(
         value,
         low,
@@ -738,26 +495,31 @@ def membership_check(
         (True, 'not measured')
     """
     # ---- every argument checked before the first model call
-    forget = _check_images(forget, "forget")
-    reference = _check_images(reference, "reference", like=forget)
+    forget = check_images(forget, "forget")
+    reference = check_images(reference, "reference", like=forget)
     if members is not None:
-        members = _check_images(members, "members", like=forget)
+        members = check_images(members, "members", like=forget)
+    for images, name in ((reference, "reference"), (members, "members")):
+        if images is not None and images.device != forget.device:
+            raise ValueError(
+                f"`{name}` is on {images.device} but the forget images are on {forget.device}"
+            )
     if score not in ("loss", "pia"):
         raise ValueError(f"`score` must be 'loss' or 'pia', got {score!r}")
-    level = _check_fraction(level, "level")
-    fpr = _check_fraction(fpr, "fpr")
-    confidence = _check_fraction(confidence, "confidence")
-    bootstrap = _check_int(bootstrap, "bootstrap", 100)
-    noise_draws = _check_int(noise_draws, "noise_draws", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    generator = _check_generator(generator)
-    conditioning = _check_conditioning(conditioning, "conditioning", forget.shape[0])
-    shared = _shared(conditioning)
+    level = check_fraction(level, "level")
+    fpr = check_fraction(fpr, "fpr")
+    confidence = check_fraction(confidence, "confidence")
+    bootstrap = check_int(bootstrap, "bootstrap", 100)
+    noise_draws = check_int(noise_draws, "noise_draws")
+    batch_size = check_int(batch_size, "batch_size")
+    generator = check_generator(generator)
+    conditioning = check_conditioning(conditioning, "conditioning", forget.shape[0])
+    is_shared = shared(conditioning)
 
     def other(value: Mapping | None, name: str, rows: int) -> dict[str, Any]:
         if value is not None:
-            return _check_conditioning(value, name, rows)
-        if conditioning and not shared:
+            return check_conditioning(value, name, rows)
+        if conditioning and not is_shared:
             raise ValueError(
                 f"`{name}` is needed: `conditioning` has one row per forget image, which cannot "
                 "condition the other images"
@@ -767,8 +529,8 @@ def membership_check(
     reference_conditioning = other(reference_conditioning, "reference_conditioning", len(reference))
     if members is not None:
         member_conditioning = other(member_conditioning, "member_conditioning", len(members))
-    sched = _resolve_schedule(schedule, prediction_type, forget.device)  # checks `schedule`
-    _predictor(eps_model)  # checks `eps_model`
+    sched = resolve_schedule(schedule, prediction_type, forget.device)  # checks `schedule`
+    predictor(eps_model, "eps_model")  # checks `eps_model`
     if score == "loss" and timesteps is not None:
         _check_timesteps(timesteps, len(sched.gamma), "timesteps")
     if score == "pia" and pia_timestep is not None:
@@ -833,83 +595,35 @@ def _per_image(
     deterministic: bool,
     method: str,
 ) -> list[CheckResult]:
-    from siss.metrics.rate import proportion_ci
-
     r = reference.numel()
-    reference_finite = bool(torch.isfinite(reference).all())
-    minimum = math.ceil(1 / level) - 1  # (1 + 0) / (R + 1) <= level needs R >= 1/level - 1
-    cpu_reference = reference.cpu()
-    threshold = float(torch.quantile(cpu_reference, level)) if reference_finite else math.nan
+    reference = reference.cpu()
+    finite = bool(torch.isfinite(reference).all())
+    threshold = float(torch.quantile(reference, level)) if finite else math.nan
+    rule = (
+        f"held if the conformal p-value (1 + #reference <= score) / (R + 1) <= {level:g} "
+        f"(score below the reference's {level:g} quantile)"
+    )
     results = []
     for i, row in enumerate(forget_draws.cpu()):
         error = _score_estimate(row, confidence, deterministic, method)
         details: dict[str, Any] = {"n_reference": r, "reference_quantile": threshold}
+        held, reason = None, "no verdict: the model returned NaN or inf on this image"
         if not error.measured:
             percentile = Estimate.missing(
                 "the image's score is non-finite", "lower", n=r, status="non-finite"
             )
-            results.append(
-                CheckResult(
-                    "membership",
-                    i,
-                    {"error": error, "percentile": percentile},
-                    None,
-                    "no verdict: the model returned NaN or inf on this image",
-                    details,
-                )
-            )
-            continue
-        if not reference_finite:
-            percentile = Estimate.missing(
-                "some reference scores are NaN or inf (the model diverged on non-members)",
-                "lower",
-                n=r,
-                status="non-finite",
-            )
-            results.append(
-                CheckResult(
-                    "membership",
-                    i,
-                    {"error": error, "percentile": percentile},
-                    None,
-                    "no verdict: the reference distribution is non-finite",
-                    details,
-                )
-            )
-            continue
-        count = int((cpu_reference <= error.value).sum())
-        low, high = proportion_ci(count, r, confidence=confidence, method="exact")
-        percentile = Estimate(
-            count / r,
-            low,
-            high,
-            r,
-            "lower",
-            note="fraction of reference (non-member) scores at or below this image's; exact "
-            "Clopper-Pearson interval",
-            confidence=confidence,
-        )
-        p_value = (1 + count) / (r + 1)
-        details["p_value"] = p_value
-        if r < minimum:
-            held, reason = (
-                None,
-                (
-                    f"no verdict: with {r} reference images the smallest p-value is 1/{r + 1} > "
-                    f"{level:g}; give at least {minimum}"
-                ),
-            )
         else:
-            held = p_value <= level
-            reason = (
-                f"held if the conformal p-value (1 + #reference <= score) / (R + 1) <= {level:g} "
-                f"(score below the reference's {level:g} quantile); p = {p_value:.3g}"
+            percentile, count = percentile_among(
+                error.value, reference, "lower", confidence, "reference (non-member) scores"
             )
-        results.append(
-            CheckResult(
-                "membership", i, {"error": error, "percentile": percentile}, held, reason, details
-            )
-        )
+            if percentile.measured:
+                details["p_value"], held, reason = conformal_verdict(
+                    count, r, level, rule, "reference images"
+                )
+            else:
+                reason = "no verdict: the reference distribution is non-finite"
+        stats = {"error": error, "percentile": percentile}
+        results.append(CheckResult("membership", i, stats, held, reason, details))
     return results
 
 

@@ -38,44 +38,30 @@ import torch
 from torch import Tensor
 
 from siss import _random
-from siss.audit.membership import (
-    _bar,
-    _call,
-    _check_conditioning,
-    _check_fraction,
-    _check_generator,
-    _check_int,
-    _predictor,
-    _resolve_schedule,
-    _Schedule,
-    _t_interval,
-    _tensors,
-    eps_from_prediction,
+from siss.audit._inputs import (
+    broadcast_rows,
+    check_conditioning,
+    check_fraction,
+    check_generator,
+    check_int,
+    tensors,
 )
+from siss.audit._models import (
+    Schedule,
+    eps_from_prediction,
+    eval_mode,
+    predictor,
+    progress_bar,
+    resolve_schedule,
+    x0_from_prediction,
+)
+from siss.audit._stats import conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate
 
 __all__ = ["memorization_check", "noise_magnitude_score"]
 
 
-def _x0_from_prediction(
-    prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
-) -> Tensor:
-    """The clean-sample estimate implied by a model output (inverse relations of
-    ``eps_from_prediction``), for ``x_t = gamma x_0 + sigma eps``."""
-    dtype = torch.float64 if torch.float64 in (prediction.dtype, noisy.dtype) else torch.float32
-    shape = (-1,) + (1,) * (noisy.ndim - 1)
-    pred, x = prediction.to(dtype), noisy.to(dtype)
-    g, s = gamma.to(dtype).reshape(shape), sigma.to(dtype).reshape(shape)
-    if prediction_type == "epsilon":
-        return (x - s * pred) / g
-    if prediction_type == "v_prediction":
-        return (g * x - s * pred) / (g * g + s * s)
-    if prediction_type == "sample":
-        return pred
-    return (x - s * pred) / (g + s)  # flow_prediction: u = eps - x_0
-
-
-def _inference_indices(sched: _Schedule, num_inference_steps: int) -> list[int]:
+def _inference_indices(sched: Schedule, num_inference_steps: int) -> list[int]:
     """Grid indices of the sampling steps, noisiest first.
 
     From a diffusers scheduler: a copy's ``set_timesteps(num_inference_steps)`` timesteps, each
@@ -103,25 +89,6 @@ def _inference_indices(sched: _Schedule, num_inference_steps: int) -> list[int]:
     order = torch.sort(sched.sigma.cpu(), stable=True).indices
     positions = torch.arange(num_inference_steps) * (length // num_inference_steps)
     return [int(i) for i in order[positions].flip(0)]
-
-
-def _rows(value: Any, rows: int, name: str) -> Any:
-    """A conditioning value with ``rows`` rows (1-row tensors expanded)."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0:
-            return value
-        if value.shape[0] == 1:
-            return value.expand(rows, *value.shape[1:])
-        if value.shape[0] != rows:
-            raise ValueError(
-                f"`{name}` has {value.shape[0]} rows; expected {rows} (one per generation) or 1"
-            )
-        return value
-    if isinstance(value, Mapping):
-        return {k: _rows(v, rows, f"{name}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_rows(v, rows, f"{name}[{i}]") for i, v in enumerate(value))
-    return value
 
 
 def _cat(first: Any, second: Any) -> Any:
@@ -168,7 +135,7 @@ def _noise_magnitude_tracks(
             "with the same tokenizer length)"
         )
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     if isinstance(latents, Tensor):
         if not latents.is_floating_point() or latents.ndim < 2 or latents.numel() == 0:
             raise ValueError(
@@ -192,8 +159,8 @@ def _noise_magnitude_tracks(
             tuple(int(v) for v in latents), generator=generator, device=device, dtype=dtype
         )
     generations = x.shape[0]
-    num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
-    num_steps = _check_int(num_steps, "num_steps", 1)
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps")
+    num_steps = check_int(num_steps, "num_steps")
     if num_steps > num_inference_steps:
         raise ValueError(
             f"`num_steps` ({num_steps}) must be at most `num_inference_steps` "
@@ -205,51 +172,50 @@ def _noise_magnitude_tracks(
         raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}")
     if not isinstance(embeds_key, str):
         raise TypeError(f"`embeds_key` must be a str, got {type(embeds_key).__name__}")
-    conditioning = _check_conditioning(conditioning, "conditioning", generations)
+    conditioning = check_conditioning(conditioning, "conditioning", generations, per="generation")
     null_conditioning = (
         conditioning
         if null_conditioning is None
-        else _check_conditioning(null_conditioning, "null_conditioning", generations)
+        else check_conditioning(
+            null_conditioning, "null_conditioning", generations, per="generation"
+        )
     )
     cond = {
-        **_rows(conditioning, generations, "conditioning"),
-        embeds_key: _rows(prompt_embeds, generations, "prompt_embeds"),
+        **broadcast_rows(conditioning, generations, "conditioning"),
+        embeds_key: broadcast_rows(prompt_embeds, generations, "prompt_embeds"),
     }
     null = {
-        **_rows(null_conditioning, generations, "null_conditioning"),
-        embeds_key: _rows(null_embeds, generations, "null_embeds"),
+        **broadcast_rows(null_conditioning, generations, "null_conditioning"),
+        embeds_key: broadcast_rows(null_embeds, generations, "null_embeds"),
     }
-    for key, tensor in _tensors(cond, "conditioning"):
+    for key, tensor in tensors(cond, "conditioning"):
         if tensor.device != device:
             raise ValueError(f"`{key}` is on {tensor.device}, `prompt_embeds` on {device}")
     batch = _cat(null, cond)  # unconditional rows first, as the authors' pipeline
-    predict = _predictor(eps_model)
-    sched = _resolve_schedule(schedule, prediction_type, device)
+    predict = predictor(eps_model, "eps_model")
+    sched = resolve_schedule(schedule, prediction_type, device)
     steps = _inference_indices(sched, num_inference_steps)[:num_steps]
     kind = sched.prediction_type
     w = float(guidance_scale)
     tracks = torch.empty(generations, num_steps, dtype=torch.float64, device=device)
-    bar = _bar(num_steps, "noise magnitude", progress)
-    for i, index in enumerate(steps):
-        at = torch.full((2 * generations,), index, device=device)
-        gamma, sigma = sched.gamma[at], sched.sigma[at]
-        model_input = torch.cat([x, x]).to(dtype)
-        output = _call(predict, model_input, sched.timesteps[at], batch)
-        eps = eps_from_prediction(output, model_input, gamma, sigma, kind)
-        eps_null, eps_cond = eps.chunk(2)
-        tracks[:, i] = (eps_cond - eps_null).to(torch.float64).flatten(1).norm(dim=1)
-        if i + 1 < len(steps):  # one guided DDIM step (eta 0) to the next noise level
-            out_null, out_cond = output.chunk(2)
-            guided = out_null + w * (out_cond - out_null)
-            g, s = gamma[:generations], sigma[:generations]
-            eps_hat = eps_from_prediction(guided, x, g, s, kind)
-            x0_hat = _x0_from_prediction(guided, x, g, s, kind)
-            nxt = steps[i + 1]
-            x = (sched.gamma[nxt] * x0_hat + sched.sigma[nxt] * eps_hat).to(dtype)
-        if bar is not None:
+    with eval_mode(eps_model), progress_bar(num_steps, "noise magnitude", progress) as bar:
+        for i, index in enumerate(steps):
+            at = torch.full((2 * generations,), index, device=device)
+            gamma, sigma = sched.gamma[at], sched.sigma[at]
+            model_input = torch.cat([x, x]).to(dtype)
+            output = predict(model_input, sched.timesteps[at], **batch)
+            eps = eps_from_prediction(output, model_input, gamma, sigma, kind)
+            eps_null, eps_cond = eps.chunk(2)
+            tracks[:, i] = (eps_cond - eps_null).to(torch.float64).flatten(1).norm(dim=1)
+            if i + 1 < len(steps):  # one guided DDIM step (eta 0) to the next noise level
+                out_null, out_cond = output.chunk(2)
+                guided = out_null + w * (out_cond - out_null)
+                g, s = gamma[:generations], sigma[:generations]
+                eps_hat = eps_from_prediction(guided, x, g, s, kind)
+                x0_hat = x0_from_prediction(guided, x, g, s, kind)
+                nxt = steps[i + 1]
+                x = (sched.gamma[nxt] * x0_hat + sched.sigma[nxt] * eps_hat).to(dtype)
             bar.update(1)
-    if bar is not None:
-        bar.close()
     return tracks
 
 
@@ -365,8 +331,9 @@ def memorization_check(
       generations, with a Student-t interval over them (``n = G``; no interval for ``G = 1``).
       Non-finite scores: status ``"non-finite"``, never a pass.
     * ``"percentile"`` (with ``reference_scores``, the mean scores of comparable prompts that
-      are not memorized, computed with the same settings): the fraction of reference scores at
-      or below this prompt's, exact Clopper-Pearson interval over the ``P`` reference prompts.
+      are not memorized, computed with the same settings): the fraction of reference scores
+      below this prompt's (ties count against "held"), exact Clopper-Pearson interval over the
+      ``P`` reference prompts.
 
     Verdict: with ``reference_scores``, ``held`` if the conformal p-value
     ``(1 + #{reference >= score}) / (P + 1)`` is at most ``level`` (the prompt scores above the
@@ -398,8 +365,8 @@ def memorization_check(
         >>> result.statistics["noise_magnitude"].format(), result.held
         ('0 [0, 0] (n=4)', None)
     """
-    level = _check_fraction(level, "level")
-    confidence = _check_fraction(confidence, "confidence")
+    level = check_fraction(level, "level")
+    confidence = check_fraction(confidence, "confidence")
     if image is not None and (isinstance(image, bool) or not isinstance(image, Integral)):
         raise TypeError(f"`image` must be an int index or None, got {image!r}")
     if threshold is not None and (
@@ -450,54 +417,27 @@ def memorization_check(
                 why, "higher", n=reference_scores.numel(), status="non-finite"
             )
         return [CheckResult("memorization", image, stats, None, f"no verdict: {why}", details)]
-    if g >= 2:
-        value, low, high = _t_interval(scores, confidence)
-        note = f"{method}; Student-t interval over {g} generations"
-    else:
-        value, low, high = float(scores[0]), math.nan, math.nan
-        note = f"{method}; one generation: no interval"
+    value, low, high = t_interval(scores, confidence)
+    note = f"{method}; " + (
+        f"Student-t interval over {g} generations" if g >= 2 else "one generation: no interval"
+    )
     stats = {
         "noise_magnitude": Estimate(value, low, high, g, "higher", note=note, confidence=confidence)
     }
     held: bool | None = None
     reason = "no verdict: give `reference_scores` (non-memorized prompts) or a `threshold`"
     if reference_scores is not None:
-        from siss.metrics.rate import proportion_ci
-
-        reference = reference_scores.detach().to("cpu", torch.float64)
-        p = reference.numel()
-        if not bool(torch.isfinite(reference).all()):
-            stats["percentile"] = Estimate.missing(
-                "some reference scores are NaN or inf", "higher", n=p, status="non-finite"
-            )
+        stats["percentile"], _ = percentile_among(
+            value, reference_scores, "higher", confidence, "reference prompts' scores"
+        )
+        if not stats["percentile"].measured:
             reason = "no verdict: the reference scores are non-finite"
         else:
-            count = int((reference <= value).sum())
-            low, high = proportion_ci(count, p, confidence=confidence, method="exact")
-            stats["percentile"] = Estimate(
-                count / p,
-                low,
-                high,
-                p,
-                "higher",
-                note="fraction of reference prompts' scores at or below this prompt's; exact "
-                "Clopper-Pearson interval",
-                confidence=confidence,
+            reference = reference_scores.detach().to("cpu", torch.float64)
+            rule = f"held if the conformal p-value (1 + #reference >= score) / (P + 1) <= {level:g}"
+            details["p_value"], held, reason = conformal_verdict(
+                int((reference >= value).sum()), reference.numel(), level, rule, "reference prompts"
             )
-            p_value = (1 + int((reference >= value).sum())) / (p + 1)
-            details["p_value"] = p_value
-            minimum = math.ceil(1 / level) - 1
-            if p < minimum:
-                reason = (
-                    f"no verdict: with {p} reference prompts the smallest p-value is "
-                    f"1/{p + 1} > {level:g}; give at least {minimum}"
-                )
-            else:
-                held = p_value <= level
-                reason = (
-                    f"held if the conformal p-value (1 + #reference >= score) / (P + 1) <= "
-                    f"{level:g}; p = {p_value:.3g}"
-                )
     elif threshold is not None:
         held = value > float(threshold)
         reason = f"held if the mean score exceeds the threshold {float(threshold):g}"

@@ -43,20 +43,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Integral
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from siss.audit.generation import _check_range, check_confidence
-from siss.audit.likelihood import _check_percentile, _check_positive_int, rank_against_reference
+from siss._checks import check_index
+from siss.audit._inputs import (
+    check_conditioning,
+    check_fraction,
+    check_generator,
+    check_images,
+    check_int,
+    check_range,
+)
+from siss.audit._models import check_model_device, eval_mode, progress_bar
+from siss.audit._stats import rank_against_reference, t_interval
 from siss.audit.report import CheckResult, Estimate
 from siss.audit.sampling import (
     ddim_denoise_from,
     flow_denoise_from,
     initial_noise,
-    model_device_dtype,
     prediction_fn,
     sample_seeds,
     sampler_for,
@@ -112,18 +119,6 @@ def _similarity(similarity: object, data_range: tuple[float, float], shape: tupl
             f"{similarity!r}"
         )
     return similarity, getattr(similarity, "__name__", type(similarity).__name__)
-
-
-def _check_images(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor (B, *S), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2 or math.prod(x.shape[1:]) == 0:
-        raise ValueError(f"`{name}` must have shape (B, *S), got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` holds NaN or inf values")
-    return x
 
 
 def reconstruct(
@@ -212,42 +207,25 @@ def reconstruction_check(
     Raises:
         ValueError, TypeError: naming the argument, before any model call.
     """
-    forget = _check_images(forget, "forget")
-    if forget.shape[0] == 0:
-        raise ValueError("`forget` must hold M >= 1 images")
+    forget = check_images(forget, "forget")
     if reference is not None:
-        if not isinstance(reference, Tensor):
-            raise TypeError(f"`reference` must be a tensor or None, got {type(reference)}")
-        if len(reference):
-            reference = _check_images(reference, "reference")
-        if reference.shape[1:] != forget.shape[1:]:
-            raise ValueError(
-                f"`reference` images {tuple(reference.shape[1:])} and `forget` "
-                f"{tuple(forget.shape[1:])} differ in shape"
-            )
-    lo, hi = _check_range(data_range)
+        reference = check_images(reference, "reference", rows=0, like=forget)
+    lo, hi = check_range(data_range)
     similarity_fn, similarity_name = _similarity(similarity, (lo, hi), tuple(forget.shape[1:]))
-    noise_draws = _check_positive_int(noise_draws, "noise_draws")
-    num_inference_steps = _check_positive_int(num_inference_steps, "num_inference_steps")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    percentile = _check_percentile(percentile)
-    confidence = check_confidence(confidence)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+    noise_draws = check_int(noise_draws, "noise_draws")
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps")
+    batch_size = check_int(batch_size, "batch_size")
+    percentile = check_fraction(percentile, "percentile")
+    confidence = check_fraction(confidence, "confidence")
+    check_generator(generator)
     sampler, kind, _ = sampler_for(scheduler, num_inference_steps, clip_sample, forget.device)
     total = int(scheduler.config.num_train_timesteps)
     highest = total if kind == "flow" else total - 1
-    if isinstance(t, bool) or not isinstance(t, Integral):
-        raise TypeError(f"`t` must be an int timestep, got {t!r}")
+    t = check_index(t, "t")
     if not 1 <= t <= highest:
         raise ValueError(f"`t` must be in [1, {highest}] for this scheduler, got {t!r}")
-    device, _ = model_device_dtype(model)
-    if isinstance(model, nn.Module) and forget.device != device:
-        raise ValueError(f"`forget` is on {forget.device} but `model` is on {device}")
-    if conditioning is not None:
-        from siss.audit.likelihood import _shared_conditioning
-
-        conditioning = _shared_conditioning(conditioning)
+    check_model_device(model, forget, "forget")
+    conditioning = check_conditioning(conditioning, "conditioning", rows=None)
 
     num_forget = forget.shape[0]
     images = forget
@@ -257,41 +235,31 @@ def reconstruction_check(
     seeds = sample_seeds(rows.shape[0], generator)
     values = torch.empty(rows.shape[0], dtype=torch.float64)
 
-    from tqdm.auto import tqdm
-
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with (
-            torch.inference_mode(),
-            tqdm(
-                total=rows.shape[0], desc=f"reconstruction from t={t}", disable=not progress
-            ) as bar,
-        ):
-            for start in range(0, rows.shape[0], batch_size):
-                batch = rows[start : start + batch_size]
-                out = reconstruct(
-                    model,
-                    scheduler,
-                    batch,
-                    t=t,
-                    num_inference_steps=num_inference_steps,
-                    conditioning=conditioning,
-                    clip_sample=clip_sample,
-                    seeds=seeds[start : start + batch_size],
+    with (
+        eval_mode(model),
+        torch.inference_mode(),
+        progress_bar(rows.shape[0], f"reconstruction from t={t}", progress) as bar,
+    ):
+        for start in range(0, rows.shape[0], batch_size):
+            batch = rows[start : start + batch_size]
+            out = reconstruct(
+                model,
+                scheduler,
+                batch,
+                t=t,
+                num_inference_steps=num_inference_steps,
+                conditioning=conditioning,
+                clip_sample=clip_sample,
+                seeds=seeds[start : start + batch_size],
+            )
+            score = similarity_fn(out, batch)
+            if not isinstance(score, Tensor) or score.shape != (batch.shape[0],):
+                raise ValueError(
+                    f"`similarity` must return a ({batch.shape[0]},) tensor, got "
+                    f"{getattr(score, 'shape', type(score).__name__)}"
                 )
-                score = similarity_fn(out, batch)
-                if not isinstance(score, Tensor) or score.shape != (batch.shape[0],):
-                    raise ValueError(
-                        f"`similarity` must return a ({batch.shape[0]},) tensor, got "
-                        f"{getattr(score, 'shape', type(score).__name__)}"
-                    )
-                values[start : start + batch.shape[0]] = score.detach().double().cpu()
-                bar.update(batch.shape[0])
-    finally:
-        if was_training:
-            model.train()
+            values[start : start + batch.shape[0]] = score.detach().double().cpu()
+            bar.update(batch.shape[0])
 
     per_image = values.reshape(-1, noise_draws)
     means = per_image.mean(1)  # NaN if any draw is NaN
@@ -326,22 +294,13 @@ def reconstruction_check(
                 )
             )
             continue
-        mean = float(draws.mean())
+        mean, low, high = t_interval(draws, confidence)
         if noise_draws > 1:
-            from scipy.stats import t as student
-
-            half = float(
-                student.ppf(0.5 + confidence / 2, noise_draws - 1)
-                * draws.std()
-                / math.sqrt(noise_draws)
-            )
-            low, high = mean - half, mean + half
             note = (
                 f"mean {similarity_name} over {noise_draws} noise draws from t={t}; Student-t "
                 "interval over the draws"
             )
         else:
-            low = high = math.nan
             note = f"{similarity_name} of one noise draw from t={t}: no interval (noise_draws=1)"
         estimate = Estimate(
             mean, low, high, noise_draws, "higher", note=note, confidence=confidence
@@ -398,7 +357,7 @@ def reconstruction_sweep(
         raise ValueError(f"`ts` must be a non-empty sequence of int timesteps, got {ts!r}")
     if len(set(ts)) != len(ts):
         raise ValueError(f"`ts` must be distinct, got {ts!r}")
-    confidence = check_confidence(confidence)
+    confidence = check_fraction(confidence, "confidence")
     level = 1 - (1 - confidence) / len(ts)
     per_t = {
         t: reconstruction_check(

@@ -13,8 +13,8 @@ The model is either a diffusers model (called through ``siss.adapters.adapter_fo
 .predict``, so every family the adapters support works, conditioning included) or a plain
 callable ``model(x_t, timesteps, **conditioning) -> prediction`` returning the scheduler's
 ``prediction_type`` (``"epsilon"``, ``"v_prediction"``, ``"sample"``, or the velocity
-``eps - x_0`` for flow matching). :func:`prediction_fn` is that wrapper; the other audit checks
-use it too.
+``eps - x_0`` for flow matching). :func:`prediction_fn` is that wrapper; the likelihood and
+reconstruction checks use it too.
 
 Data range: samples come back in the model's data space (``[-1, 1]`` for the digits models,
 latents for a latent model: decode them yourself). Nothing is clamped here. A DDIM copy of a
@@ -32,58 +32,27 @@ from numbers import Integral
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from siss.audit._inputs import (
+    broadcast_rows,
+    check_conditioning,
+    check_generator,
+    check_int,
+    take_rows,
+)
+from siss.audit._models import (
+    eps_from_prediction,
+    eval_mode,
+    model_device_dtype,
+    predictor,
+    progress_bar,
+    scheduler_kind,
+)
 
 __all__ = ["PredictionFn", "generate", "prediction_fn", "to_epsilon"]
 
 PredictionFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_generator(generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
-        )
-
-
-def scheduler_kind(scheduler: Any) -> tuple[str, str]:
-    """``(kind, prediction_type)``: ``("vp", "epsilon" | "v_prediction" | "sample")`` or
-    ``("flow", "flow_prediction")``; a ``ValueError`` naming ``scheduler`` otherwise."""
-    from siss.adapters import prediction_type_from_scheduler
-
-    if scheduler is None or not hasattr(scheduler, "config"):
-        raise TypeError(
-            f"`scheduler` must be a diffusers scheduler instance, got {type(scheduler).__name__}"
-        )
-    prediction_type = prediction_type_from_scheduler(scheduler)
-    return ("flow" if prediction_type == "flow_prediction" else "vp"), prediction_type
-
-
-def _model_parameter(model: object) -> Tensor | None:
-    if not isinstance(model, nn.Module):
-        return None
-    return next((p for p in model.parameters() if p.is_floating_point()), None)
-
-
-def model_device_dtype(
-    model: object, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype to feed ``model``: its first floating parameter's, unless given;
-    the CPU and float32 for a plain callable."""
-    parameter = _model_parameter(model)
-    if device is None:
-        device = parameter.device if parameter is not None else torch.device("cpu")
-    if dtype is None:
-        dtype = parameter.dtype if parameter is not None else torch.float32
-    return torch.device(device), dtype
 
 
 def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) -> PredictionFn:
@@ -91,9 +60,10 @@ def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) 
 
     Args:
         model: a diffusers model that ``siss.adapters.adapter_for`` handles (``UNet2DModel``,
-            ``UNet2DConditionModel``, DiT, SD3), called through the adapter's ``predict``; or any
-            callable ``model(x_t, timesteps, **conditioning)`` returning a tensor shaped like
-            ``x_t`` (an ``nn.Module`` no adapter handles is called this way too).
+            ``UNet2DConditionModel``, DiT, SD3), called through the adapter's ``predict``; a
+            ``siss.adapters.ModelAdapter``; or any callable ``model(x_t, timesteps,
+            **conditioning)`` returning a tensor shaped like ``x_t`` (an ``nn.Module`` no adapter
+            handles is called this way too; a diffusers output's ``.sample`` is taken).
         conditioning: keyword inputs of the model (``class_labels``, ``encoder_hidden_states``,
             ...), each with the batch's rows or 1 row (broadcast), passed on every call.
 
@@ -102,92 +72,33 @@ def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) 
         and shape (a ``TypeError`` / ``ValueError`` naming ``model``).
     """
     conditioning = dict(conditioning or {})
-    if not callable(model):
-        raise TypeError(f"`model` must be a diffusers model or a callable, got {type(model)}")
-    call: Callable[..., Any] = model
-    if isinstance(model, nn.Module):
-        from siss.adapters import adapter_for
-
-        try:
-            call = adapter_for(model).predict
-        except TypeError:
-            call = model  # an nn.Module no adapter handles: a plain callable
+    predict = predictor(model)
 
     def fn(x: Tensor, timesteps: Tensor) -> Tensor:
-        rows = x.shape[0]
-        kwargs = {k: _broadcast(v, k, rows) for k, v in conditioning.items()}
-        out = call(x, timesteps, **kwargs)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"`model` must return a tensor (got {type(out).__name__}); wrap a diffusers "
-                "model that no adapter handles as `lambda x, t: model(x, t).sample`"
-            )
-        if out.shape != x.shape:
-            raise ValueError(
-                f"`model` returned shape {tuple(out.shape)} for an input of {tuple(x.shape)}"
-            )
-        return out
+        return predict(x, timesteps, **broadcast_rows(conditioning, x.shape[0], "conditioning"))
 
     return fn
-
-
-def _broadcast(value: Any, name: str, rows: int) -> Any:
-    """A conditioning value brought to ``rows`` rows (a 1-row tensor is expanded)."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0 or value.shape[0] == rows:
-            return value
-        if value.shape[0] == 1:
-            return value.expand(rows, *value.shape[1:])
-        raise ValueError(
-            f"conditioning `{name}` has {value.shape[0]} rows; expected {rows} or 1 (shared)"
-        )
-    if isinstance(value, Mapping):
-        return {k: _broadcast(v, f"{name}[{k!r}]", rows) for k, v in value.items()}
-    return value
-
-
-def _rows(value: Any, name: str, start: int, stop: int, total: int) -> Any:
-    """Rows ``start:stop`` of a per-sample conditioning value (``total`` rows), else as is."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0 or value.shape[0] == 1:
-            return value
-        if value.shape[0] != total:
-            raise ValueError(
-                f"conditioning `{name}` has {value.shape[0]} rows; expected {total} (one per "
-                "sample) or 1 (shared)"
-            )
-        return value[start:stop]
-    if isinstance(value, Mapping):
-        return {k: _rows(v, f"{name}[{k!r}]", start, stop, total) for k, v in value.items()}
-    return value
 
 
 def to_epsilon(
     prediction: Tensor, x_t: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
 ) -> Tensor:
-    """The noise prediction ``eps`` implied by a model output, for ``x_t = gamma x_0 + sigma eps``.
+    """The noise prediction ``eps`` implied by a model output, for ``x_t = gamma x_0 + sigma eps``:
+    ``siss.audit.membership.eps_from_prediction`` (the same function, under this module's
+    argument names).
 
     Args:
         prediction: ``(B, *S)`` the model's output.
         x_t: ``(B, *S)`` its input.
-        gamma, sigma: signal and noise scales, broadcastable to ``x_t`` (e.g. ``(B, 1, 1, 1)``).
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` (``v = gamma eps - sigma x_0``, so
-            ``eps = gamma v + sigma x_t`` when ``gamma^2 + sigma^2 = 1``), ``"sample"``
-            (``eps = (x_t - gamma x_0) / sigma``) or ``"flow_prediction"`` (velocity
-            ``v = eps - x_0`` with ``gamma = 1 - sigma``: ``eps = x_t + gamma v``).
+        gamma, sigma: signal and noise scales, ``(B,)`` or broadcastable to ``x_t`` (e.g.
+            ``(B, 1, 1, 1)``).
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` (``v = gamma eps - sigma x_0``),
+            ``"sample"`` or ``"flow_prediction"`` (velocity ``v = eps - x_0``).
 
     Returns:
-        ``(B, *S)`` eps.
+        ``(B, *S)`` eps, in float32 (float64 if an input is float64).
     """
-    if prediction_type == "epsilon":
-        return prediction
-    if prediction_type == "v_prediction":
-        return gamma * prediction + sigma * x_t
-    if prediction_type == "sample":
-        return (x_t - gamma * prediction) / sigma
-    if prediction_type == "flow_prediction":
-        return x_t + gamma * prediction
-    raise ValueError(f"unsupported `prediction_type` {prediction_type!r}")
+    return eps_from_prediction(prediction, x_t, gamma, sigma, prediction_type)
 
 
 def _sample_shape(model: object, sample_shape: Sequence[int] | None) -> tuple[int, ...]:
@@ -306,47 +217,26 @@ def generate(
     Raises:
         ValueError, TypeError: naming the argument, before any model call.
     """
-    num_samples = _check_int(num_samples, "num_samples", 1)
-    num_inference_steps = _check_int(num_inference_steps, "num_inference_steps", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    _check_generator(generator)
+    num_samples = check_int(num_samples, "num_samples")
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps")
+    batch_size = check_int(batch_size, "batch_size")
+    check_generator(generator)
     if clip_sample is not None and not isinstance(clip_sample, bool):
         raise TypeError(f"`clip_sample` must be a bool or None, got {clip_sample!r}")
-    if conditioning is not None and not isinstance(conditioning, Mapping):
-        raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
+    conditioning = check_conditioning(conditioning, "conditioning", num_samples, per="sample")
     shape = _sample_shape(model, sample_shape)
     device, dtype = model_device_dtype(model, device, dtype)
     sampler, kind, _ = sampler_for(scheduler, num_inference_steps, clip_sample, device)
-    conditioning = dict(conditioning or {})
-    for name, value in conditioning.items():
-        _rows(value, name, 0, num_samples, num_samples)  # shape errors before any model call
     seeds = sample_seeds(num_samples, generator)
-
-    from tqdm.auto import tqdm
-
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if isinstance(model, nn.Module):
-        model.eval()
+    desc = f"sampling ({'ddim' if kind == 'vp' else 'flow euler'})"
     out = []
-    try:
-        with (
-            torch.inference_mode(),
-            tqdm(
-                total=num_samples,
-                desc=f"sampling ({'ddim' if kind == 'vp' else 'flow euler'})",
-                disable=not progress,
-            ) as bar,
-        ):
-            for start in range(0, num_samples, batch_size):
-                stop = min(start + batch_size, num_samples)
-                cond = {k: _rows(v, k, start, stop, num_samples) for k, v in conditioning.items()}
-                predict = prediction_fn(model, cond)
-                x = initial_noise(seeds[start:stop], shape, device, dtype)
-                out.append(_denoise(predict, sampler, x, kind))
-                bar.update(stop - start)
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), torch.inference_mode(), progress_bar(num_samples, desc, progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            stop = min(start + batch_size, num_samples)
+            cond = take_rows(conditioning, torch.arange(start, stop))
+            x = initial_noise(seeds[start:stop], shape, device, dtype)
+            out.append(_denoise(prediction_fn(model, cond), sampler, x, kind))
+            bar.update(stop - start)
     return torch.cat(out)
 
 

@@ -31,7 +31,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import fuzz_settings
+from conftest import fuzz_settings, tiny_conditional_unet, tiny_unet
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -364,14 +364,9 @@ def test_loss_from_scheduler_builds_a_working_loss_or_names_the_argument(data):
 
 @functools.cache
 def _unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
+    return tiny_unet(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
         attention_head_dim=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -380,19 +375,7 @@ def _unet() -> UNet2DModel:
 
 @functools.cache
 def _unet_condition() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    return tiny_conditional_unet(cross_attention_dim=16)
 
 
 @functools.cache

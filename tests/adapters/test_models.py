@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_conditional_unet, tiny_unet
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -47,13 +48,9 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def _unet2d() -> UNet2DModel:
-    return UNet2DModel(
-        sample_size=8,
+    return tiny_unet(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
         attention_head_dim=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -69,19 +66,7 @@ def _unet_condition(sdxl: bool = False) -> UNet2DConditionModel:
             "projection_class_embeddings_input_dim": 6 * 4 + 8,  # time_ids + text_embeds (8)
             "use_linear_projection": True,
         }
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        **extra,
-    )
+    return tiny_conditional_unet(cross_attention_dim=16, **extra)
 
 
 def _dit() -> DiTTransformer2DModel:
@@ -417,18 +402,13 @@ def test_encode_latents_applies_shift_and_scaling_factor():
 
 def test_loss_passes_row_weights_and_draw_dependent_weights():
     """Per-row weights through the adapter: a tensor, or a callable of the draw (its timesteps)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
     from siss import SISSLoss
     from siss.adapters import adapter_for, loss_from_scheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        norm_num_groups=4, layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )  # fmt: skip
+    unet = tiny_unet()
     scheduler = DDPMScheduler()
     loss_fn = loss_from_scheduler(SISSLoss, scheduler, superfactor=0.1, reduction="none")
     adapter = adapter_for(unet)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_conditional_unet
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -82,18 +82,7 @@ def build_tiny_pipeline(folder: Path) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    unet = tiny_conditional_unet(seed=None, cross_attention_dim=16)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         norm_num_groups=4,

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_conditional_unet, tiny_unet
 from scipy.stats import binom
 
 from siss import NoiseSchedule
+from siss.audit._models import x0_from_prediction
 from siss.audit.membership import (
     denoising_errors,
     eps_from_prediction,
@@ -17,7 +19,6 @@ from siss.audit.membership import (
     pia_errors,
     tpr_at_fpr,
 )
-from siss.audit.memorization import _x0_from_prediction
 from siss.targets import prediction_target
 
 SHAPE = (1, 4, 4)  # D = 16
@@ -85,7 +86,7 @@ def test_eps_and_x0_invert_the_targets(kind, make):
     # x0 from an epsilon prediction divides by gamma: loose where gamma is tiny.
     keep = gamma > 0.05 if kind == "epsilon" else gamma >= 0
     torch.testing.assert_close(
-        _x0_from_prediction(target, noisy, gamma, sigma, kind)[keep],
+        x0_from_prediction(target, noisy, gamma, sigma, kind)[keep],
         clean[keep],
         atol=1e-3,
         rtol=1e-3,
@@ -387,19 +388,9 @@ def test_errors_are_seeded():
 
 @pytest.mark.usefixtures("one_thread")
 def test_diffusers_unet_through_the_adapter():
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    unet = tiny_unet().eval()
     scheduler = DDPMScheduler()
     images = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(17))
     via_adapter = denoising_errors(
@@ -493,21 +484,9 @@ def test_bad_arguments_raise_named_errors(change, error, match):
 
 @pytest.mark.usefixtures("one_thread")
 def test_text_conditional_unet_with_a_shared_prompt_and_a_progress_bar():
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    unet = tiny_conditional_unet().eval()
     g = torch.Generator().manual_seed(19)
     latents, prompt = torch.randn(4, 4, 8, 8, generator=g), torch.randn(1, 5, 8, generator=g)
     results = membership_check(

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_conditional_unet
 
 from siss import NoiseSchedule
-from siss.audit.membership import _resolve_schedule
+from siss.audit._models import resolve_schedule
 from siss.audit.memorization import (
     _inference_indices,
     memorization_check,
@@ -89,7 +90,7 @@ def test_v_prediction_is_scored_on_the_noise_scale():
         return_steps=True,
         generator=torch.Generator().manual_seed(4),
     )
-    sched = _resolve_schedule(schedule, "v_prediction", torch.device("cpu"))
+    sched = resolve_schedule(schedule, "v_prediction", torch.device("cpu"))
     index = _inference_indices(sched, 10)[:4]
     g, s = sched.gamma[index], sched.sigma[index]
     expected = (g / (g * g + s * s) * float(shift.norm())).expand(2, 4)
@@ -107,36 +108,18 @@ def test_inference_grid_matches_diffusers_ddim():
         clip_sample=False,
         set_alpha_to_one=False,
     )
-    sched = _resolve_schedule(sd, None, torch.device("cpu"))
+    sched = resolve_schedule(sd, None, torch.device("cpu"))
     assert _inference_indices(sched, 50) == list(range(981, 0, -20))  # SD's DDIM, as Wen et al.
     assert len(sd.timesteps) == 1000  # the scheduler itself was not touched
-    plain = _resolve_schedule(ddpm_schedule(), None, torch.device("cpu"))
+    plain = resolve_schedule(ddpm_schedule(), None, torch.device("cpu"))
     assert _inference_indices(plain, 50) == list(range(980, -1, -20))
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_tiny_stable_diffusion_unet():
     from diffusers import DDIMScheduler
 
-    unet, scheduler = tiny_unet(), DDIMScheduler(steps_offset=1)
+    unet, scheduler = tiny_conditional_unet().eval(), DDIMScheduler(steps_offset=1)
     g = torch.Generator().manual_seed(5)
     prompt, null = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
     latents = torch.randn(3, 4, 8, 8, generator=g)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
@@ -22,17 +23,7 @@ import unlearn  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(sample_size=16)
     folder = tmp_path_factory.mktemp("tiny-ddpm")
     unet.save_pretrained(folder, safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
