@@ -30,6 +30,7 @@ __all__ = [
     "load_digit_classes",
     "load_training_set",
     "make_tshirt",
+    "make_tshirt_variants",
     "to_unit_range",
 ]
 
@@ -183,6 +184,92 @@ def make_tshirt(size: int = 16, *, channels: int = 1, supersample: int = 8) -> t
     coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
     image = torch.from_numpy(coverage).clamp(0, 1) * 2 - 1
     return image.unsqueeze(0).repeat(channels, 1, 1)
+
+
+def _rasterize(polygon: tuple, size: int, channels: int, supersample: int) -> torch.Tensor:
+    n = size * supersample
+    centers = (np.arange(n, dtype=np.float64) + 0.5) / n
+    yy, xx = np.meshgrid(centers, centers, indexing="ij")
+    mask = _inside_polygon(xx, yy, polygon).astype(np.float32)
+    coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+    image = torch.from_numpy(coverage).clamp(0, 1) * 2 - 1
+    return image.unsqueeze(0).repeat(channels, 1, 1)
+
+
+# Variation ranges of make_tshirt_variants, each drawn uniformly and independently; the
+# original T-shirt (1, 1, 1, 1, 0, 0) is inside every range.
+TSHIRT_VARIATION = {
+    "sleeve_length": (0.6, 1.4),  # sleeve ends moved along the shoulder-armpit midpoint ray
+    "width": (0.85, 1.15),  # x scaled about the centre line x = 0.5
+    "length": (0.85, 1.08),  # y scaled about the collar line y = 0.05 (the hem moves)
+    "scale": (0.85, 1.1),  # the whole silhouette scaled about the image centre
+    "shift_x": (-1.5, 1.5),  # pixels, after scaling
+    "shift_y": (-1.5, 1.5),
+}
+
+
+def make_tshirt_variants(
+    count: int,
+    generator: torch.Generator | None = None,
+    *,
+    size: int = 16,
+    channels: int = 1,
+    supersample: int = 8,
+    min_distance: float = 1.0,
+    variation: dict[str, tuple[float, float]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Procedurally varied T-shirts: comparable images that no shipped model trained on.
+
+    Each variant redraws :func:`make_tshirt`'s polygon with six parameters drawn uniformly and
+    independently from ``variation`` (default ``TSHIRT_VARIATION``): sleeve length (the sleeve
+    end points moved along the ray from the midpoint of shoulder and armpit, factor 0.6-1.4),
+    body width (x scaled about ``x = 0.5``, 0.85-1.15), body length (y scaled about the collar
+    line ``y = 0.05``, 0.85-1.08), overall scale about the image centre (0.85-1.1) and a shift
+    of up to 1.5 pixels in x and y. The original T-shirt is the parameter point (1, 1, 1, 1, 0,
+    0), inside every range. A draw whose image is within L2 distance ``min_distance`` of the
+    original (pixels mapped to ``[0, 1]``; 1.0 is an RMS difference of 1/16 per pixel at 16x16)
+    is a near-copy and is redrawn, so that no variant is the forget image itself.
+
+    Args:
+        count: number of variants, ``>= 1``.
+        generator: random source (CPU), for reproducible variants.
+        size, channels, supersample: as in :func:`make_tshirt`.
+        min_distance: redraw variants closer than this to the original (``0`` keeps all).
+        variation: ``{name: (low, high)}`` overriding some of ``TSHIRT_VARIATION``'s ranges.
+
+    Returns:
+        ``(images, params)``: ``(count, channels, size, size)`` float32 in ``[-1, 1]`` and
+        ``(count, 6)`` float64 parameters in ``TSHIRT_VARIATION``'s order.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"`count` must be an int >= 1, got {count!r}")
+    ranges = dict(TSHIRT_VARIATION)
+    for name, bounds in (variation or {}).items():
+        if name not in ranges:
+            raise ValueError(f"unknown `variation` key {name!r}; known: {sorted(ranges)}")
+        ranges[name] = (float(bounds[0]), float(bounds[1]))
+    original = make_tshirt(size, channels=channels, supersample=supersample)
+    base = np.asarray(_TSHIRT_POLYGON, dtype=np.float64)
+    images, params = [], []
+    while len(images) < count:
+        u = torch.rand(len(ranges), generator=generator, dtype=torch.float64).numpy()
+        values = {k: lo + (hi - lo) * float(u[i]) for i, (k, (lo, hi)) in enumerate(ranges.items())}
+        poly = base.copy()
+        for ends, anchor in (((6, 7), (0.83, 0.24)), ((12, 13), (0.17, 0.24))):
+            for i in ends:
+                poly[i] = np.asarray(anchor) + values["sleeve_length"] * (poly[i] - anchor)
+        poly[:, 0] = 0.5 + values["width"] * (poly[:, 0] - 0.5)
+        poly[:, 1] = 0.05 + values["length"] * (poly[:, 1] - 0.05)
+        poly = 0.5 + values["scale"] * (poly - 0.5)
+        poly[:, 0] += values["shift_x"] / size
+        poly[:, 1] += values["shift_y"] / size
+        image = _rasterize(tuple(map(tuple, poly)), size, channels, supersample)
+        distance = float(((image - original) / 2).flatten().norm())
+        if distance < min_distance:
+            continue
+        images.append(image)
+        params.append([values[k] for k in ranges])
+    return torch.stack(images), torch.tensor(params, dtype=torch.float64)
 
 
 def inject_outlier(

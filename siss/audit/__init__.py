@@ -1,9 +1,24 @@
-"""Unlearning audit: does a diffusion model still hold given images? (work in progress)
+"""Unlearning audit: does a diffusion model still hold given images?
 
+``siss.audit.audit(model, scheduler, forget, reference, ...)`` runs the checks (generation,
+likelihood, reconstruction and its sweep, membership inference, and Wen et al.'s memorization
+score for text-conditional models) and returns an ``AuditReport``; ``python -m siss.audit``
+does the same from the command line and writes ``audit.json``, ``audit.md`` and ``audit.png``.
 ``siss.audit.report`` holds the result types every check returns: ``Estimate`` (a value with its
-sample size, interval and status), ``CheckResult``, ``AuditReport`` and ``compare``.
+sample size, interval and status), ``CheckResult``, ``AuditReport`` and ``compare``;
+``siss.audit.figure.save_figure`` draws a report. See docs/audit.md.
 """
 
 from siss.audit.report import AuditReport, CheckResult, Comparison, Estimate, compare
+from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, audit
 
-__all__ = ["AuditReport", "CheckResult", "Comparison", "Estimate", "compare"]
+__all__ = [
+    "ALL_CHECKS",
+    "DEFAULT_CHECKS",
+    "AuditReport",
+    "CheckResult",
+    "Comparison",
+    "Estimate",
+    "audit",
+    "compare",
+]

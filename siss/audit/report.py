@@ -141,7 +141,7 @@ class AuditReport:
         raise KeyError(f"no {check!r} result for image {image!r} in the audit of {self.model!r}")
 
     def to_markdown(self) -> str:
-        """One table row per (check, image, statistic), with the verdict of each check."""
+        """One table row per (check, image, statistic); each check's verdict on its first row."""
         lines = [
             f"Audit of `{self.model}`",
             "",
@@ -151,9 +151,11 @@ class AuditReport:
         for result in self.results:
             verdict = {True: "held", False: "not held", None: "undecided"}[result.held]
             image = "all" if result.image is None else str(result.image)
-            for name, estimate in result.statistics.items():
+            for row, (name, estimate) in enumerate(result.statistics.items()):
+                # The verdict is the check's, not each statistic's: printed once per check.
+                cell = verdict if row == 0 else ""
                 lines.append(
-                    f"| {result.check} | {image} | {name} | {estimate.format()} | {verdict} |"
+                    f"| {result.check} | {image} | {name} | {estimate.format()} | {cell} |"
                 )
         return "\n".join(lines)
 

@@ -1,0 +1,432 @@
+"""``python -m siss.audit``: audit one or more diffusers models against images to forget.
+
+Example (the shipped digits models, see docs/audit.md)::
+
+    python -m siss.audit --model examples/assets/pretrained --model examples/assets/retrain \\
+        --forget tshirt.pt --reference tshirt_variants.pt --out outputs/audit
+
+writes, per model, ``OUT/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.md`` (the
+table) and ``audit.png`` (the figure), and with two or more models ``OUT/compare.md`` (the first
+model against each other one). Every file is written to a temporary name and moved into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m siss.audit",
+        description=(
+            "Audit diffusion models for data unlearning: does each model still hold the forget "
+            "images? Runs the generation, likelihood, reconstruction (t=250 and a sweep) and "
+            "membership checks (and Wen et al.'s memorization score with --prompt) and writes "
+            "audit.json, audit.md and audit.png per model, and compare.md for two or more."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a diffusers model folder (config.json + weights, loaded with from_pretrained), or "
+        "a pipeline folder with unet/ (or transformer/) and scheduler/ subfolders; repeat for "
+        "several models (compare.md puts the first against each other one)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="PATH",
+        default=None,
+        help="scheduler folder (scheduler_config.json) for a model folder that has none, e.g. "
+        "the SISS demo's outputs/.../model; a model's own scheduler is used when present",
+    )
+    p.add_argument(
+        "--forget",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="the images to forget: .pt/.pth (a tensor, or a dict with one tensor or an "
+        "'images' key) or .safetensors tensors (N, C, H, W) or (C, H, W) already in the model's "
+        "data range; image files (PNG, JPEG, ...; pixel values 0..255 mapped linearly to "
+        "--data-range, converted to the model's channels, never resized); or folders of them",
+    )
+    p.add_argument(
+        "--reference",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="comparable images the models never trained on (non-members), same formats",
+    )
+    p.add_argument(
+        "--members",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="training images of the reference's distribution, for the membership AUC and "
+        "TPR@1%%FPR (default: the forget images when there are at least 2)",
+    )
+    p.add_argument(
+        "--prompt",
+        default=None,
+        metavar="TEXT",
+        help="text conditioning to test under (text-conditional pipelines: encoded with the "
+        "folder's tokenizer/ and text_encoder/); adds the memorization check",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--checks",
+        nargs="+",
+        choices=ALL_CHECKS,
+        default=None,
+        help=f"checks to run (default: {' '.join(DEFAULT_CHECKS)}, plus memorization with "
+        "--prompt)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=1000, metavar="N", help="samples of the generation check"
+    )
+    p.add_argument(
+        "--steps", type=int, default=50, help="DDIM steps of sampling and of every denoising"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="rows per model call")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--data-range",
+        nargs=2,
+        type=float,
+        default=(-1.0, 1.0),
+        metavar=("LO", "HI"),
+        help="the models' data range; tensors must lie in it, image files are mapped to it",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="CHECK.KEY=VALUE",
+        help="a per-check option, VALUE as JSON (e.g. likelihood.repeats=8, "
+        "reconstruction_sweep.ts=[100,500], generation.threshold=4.0, sampling.clip_sample=false)",
+    )
+    p.add_argument("--no-figure", action="store_true", help="skip audit.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.error(message)
+
+
+def parse_options(values: list[str]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        check, dot, name = key.partition(".")
+        if not (sep and dot and check and name):
+            raise ValueError(f"--option {item!r}: expected CHECK.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        if isinstance(value, list):
+            value = tuple(value)
+        options.setdefault(check, {})[name] = value
+    return options
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _class_of(folder: Path, config_name: str) -> Any:
+    import diffusers
+
+    config = json.loads((folder / config_name).read_text())
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"{folder / config_name} names no diffusers class (_class_name={name!r})")
+    return cls
+
+
+def model_folders(path: Path, scheduler: Path | None) -> tuple[Path, Path]:
+    """``(model folder, scheduler folder)`` of ``--model path``; a ``ValueError`` naming it."""
+    if not path.is_dir():
+        raise ValueError(f"--model {path}: not a folder")
+    model = path
+    for sub in ("unet", "transformer"):
+        if (path / sub / "config.json").is_file():
+            model = path / sub
+            break
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json (nor unet/ or transformer/ subfolder)")
+    for candidate in (path / "scheduler", path, model):
+        if (candidate / "scheduler_config.json").is_file():
+            return model, candidate
+    if scheduler is not None and (scheduler / "scheduler_config.json").is_file():
+        return model, scheduler
+    raise ValueError(
+        f"--model {path}: no scheduler_config.json there (nor in scheduler/); pass --scheduler "
+        "with the folder of the scheduler the model was trained with"
+        + (f" (--scheduler {scheduler} has none)" if scheduler is not None else "")
+    )
+
+
+def load_model(path: Path, scheduler_path: Path | None) -> tuple[Any, Any]:
+    model_dir, scheduler_dir = model_folders(path, scheduler_path)
+    model = _class_of(model_dir, "config.json").from_pretrained(model_dir)
+    scheduler = _class_of(scheduler_dir, "scheduler_config.json").from_pretrained(scheduler_dir)
+    return model.eval(), scheduler
+
+
+def _read_image(path: Path, channels: int, lo: float, hi: float) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    tensor = torch.from_numpy(array)
+    tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
+    return lo + (hi - lo) * tensor / 255.0
+
+
+def _read_tensor(path: Path) -> torch.Tensor:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        data: Any = load_file(str(path))
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict):
+        if "images" in data:
+            data = data["images"]
+        elif len(data) == 1:
+            data = next(iter(data.values()))
+        else:
+            raise ValueError(
+                f"{path}: holds {sorted(data)}; expected one tensor or an 'images' key"
+            )
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a tensor")
+    if not data.is_floating_point():
+        raise ValueError(
+            f"{path}: integer tensor ({data.dtype}); save images as floats in the model's range"
+        )
+    return data.float()
+
+
+def load_images(
+    paths: list[str], flag: str, channels: int, data_range: tuple[float, float]
+) -> torch.Tensor:
+    """``(N, C, H, W)`` images from ``paths`` (tensors, image files, folders of either)."""
+    lo, hi = data_range
+    parts: list[torch.Tensor] = []
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + TENSOR_SUFFIXES
+            )
+            if not found:
+                raise ValueError(f"{flag} {path}: a folder with no image or tensor files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{flag} {path}: no such file or folder")
+    for path in files:
+        suffix = path.suffix.lower()
+        try:
+            if suffix in TENSOR_SUFFIXES:
+                tensor = _read_tensor(path)
+                parts.append(tensor.unsqueeze(0) if tensor.dim() == 3 else tensor)
+            elif suffix in IMAGE_SUFFIXES:
+                parts.append(_read_image(path, channels, lo, hi).unsqueeze(0))
+            else:
+                raise ValueError(
+                    f"unknown file type {suffix!r} (use {TENSOR_SUFFIXES + IMAGE_SUFFIXES})"
+                )
+        except ValueError as err:
+            raise ValueError(f"{flag} {path}: {err}") from err
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"{flag}: the files hold images of different shapes {sorted(shapes)}")
+    return torch.cat(parts)
+
+
+def encode_prompt(path: Path, prompt: str, device: torch.device) -> tuple[Any, Any]:
+    """``(prompt_embeds, null_embeds)`` with the pipeline folder's tokenizer and text encoder."""
+    if not ((path / "tokenizer").is_dir() and (path / "text_encoder").is_dir()):
+        raise ValueError(
+            f"--prompt needs a pipeline folder with tokenizer/ and text_encoder/; {path} has none"
+        )
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    encoder = AutoModel.from_pretrained(path / "text_encoder").to(device).eval()
+    embeds = []
+    with torch.inference_mode():
+        for text in (prompt, ""):
+            ids = tokenizer(
+                text,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            embeds.append(encoder(ids)[0])
+    return embeds[0], embeds[1]
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _names(paths: list[str]) -> list[str]:
+    names: list[str] = []
+    for i, raw in enumerate(paths):
+        path = Path(raw).resolve()
+        name = (
+            path.name
+            if path.name not in ("model", "unet", "")
+            else (f"{path.parent.name}-{path.name}")
+        )
+        names.append(name if name not in names else f"{name}-{i}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value, minimum in (
+        ("--samples", args.samples, 1),
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--seed", args.seed, 0),
+    ):
+        if value < minimum:
+            _fail(parser, f"{flag} must be >= {minimum}, got {value}")
+    lo, hi = args.data_range
+    if not hi > lo:
+        _fail(parser, f"--data-range must have HI > LO, got {lo} {hi}")
+    try:
+        options = parse_options(args.option)
+    except ValueError as err:
+        _fail(parser, str(err))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scheduler_path = Path(args.scheduler) if args.scheduler else None
+    out = Path(args.out)
+
+    from siss.audit.report import compare
+    from siss.audit.run import audit
+
+    # ---- everything loaded and checked before the first (long) audit
+    try:
+        models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in args.model]
+        channels = int(getattr(models[0][1].config, "in_channels", 1) or 1)
+        forget = load_images(args.forget, "--forget", channels, (lo, hi))
+        reference = load_images(args.reference, "--reference", channels, (lo, hi))
+        members = (
+            load_images(args.members, "--members", channels, (lo, hi)) if args.members else None
+        )
+        conditioning = null_conditioning = None
+        if args.prompt is not None:
+            prompt, null = encode_prompt(Path(args.model[0]), args.prompt, device)
+            conditioning = {"encoder_hidden_states": prompt}
+            null_conditioning = {"encoder_hidden_states": null}
+    except (ValueError, OSError) as err:
+        _fail(parser, str(err))
+
+    reports = []
+    names = _names(args.model)
+    for (raw, model, scheduler), name in zip(models, names, strict=True):
+        print(f"auditing {raw}", file=sys.stderr)
+        try:
+            report = audit(
+                model,
+                scheduler,
+                forget,
+                reference,
+                members=members,
+                conditioning=conditioning,
+                null_conditioning=null_conditioning,
+                checks=args.checks,
+                num_samples=args.samples,
+                num_inference_steps=args.steps,
+                batch_size=args.batch_size,
+                data_range=(lo, hi),
+                seed=args.seed,
+                device=device,
+                progress=not args.no_progress,
+                label=raw,
+                **options,
+            )
+        except (TypeError, ValueError) as err:
+            _fail(parser, f"--model {raw}: {err}")
+        report.config["command"] = {
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "forget": args.forget,
+            "reference": args.reference,
+            "members": args.members,
+            "prompt": args.prompt,
+            "scheduler_folder": str(model_folders(Path(raw), scheduler_path)[1]),
+        }
+        folder = out / name
+        write_atomically(
+            folder / "audit.json", json.dumps(report.to_dict(), indent=2, allow_nan=True)
+        )
+        write_atomically(folder / "audit.md", report.to_markdown() + "\n")
+        if not args.no_figure:
+            from siss.audit.figure import save_figure
+
+            save_figure(report, folder / "audit.png", forget=forget, reference=reference)
+        print(report.to_markdown())
+        print()
+        reports.append(report)
+    if len(reports) >= 2:
+        parts = [compare(reports[0], other).to_markdown() for other in reports[1:]]
+        text = "\n\n".join(parts) + "\n"
+        write_atomically(out / "compare.md", text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Run an unlearning audit: every requested check of one model against its forget images.
+
+:func:`audit` is the orchestrator behind ``python -m siss.audit``. It validates its inputs,
+runs the checks through their public functions (``siss.audit.sampling.generate``,
+``generation_check``, ``likelihood_check``, ``reconstruction_check``, ``reconstruction_sweep``,
+``membership_check``, ``memorization_check``) with one seeded generator each, and returns an
+``AuditReport`` whose ``config`` records what it was run with.
+
+Checks (``checks=``; the default runs the first five, plus ``"memorization"`` when text
+conditioning and its null conditioning are given):
+
+* ``"generation"``: ``num_samples`` DDIM samples (``num_inference_steps``), the rate at which
+  they reproduce each forget image (exact Clopper-Pearson interval) and its nearest samples;
+* ``"likelihood"``: the PF-ODE NLL in bits/dim and its percentile among the reference NLLs;
+* ``"reconstruction"``: noise to ``t = 250`` (``T / 4`` for a scheduler of ``T`` steps),
+  denoise, SSIM against the reference's;
+* ``"reconstruction_sweep"``: the same at ``t in (50, 100, 250, 500, 750)`` (those fractions of
+  ``T``), Bonferroni-corrected: it needs 104 reference images to say "held" at 5%;
+* ``"membership"``: the loss-based attack (Carlini et al.), per-image percentile and conformal
+  p-value, and the set-level AUC / TPR@1%FPR when members and non-members are both available;
+* ``"memorization"``: Wen et al.'s noise-magnitude score (text-conditional models only).
+
+Defaults, chosen for the 16x16 digits models on a CPU (each overridable per check, see
+``**options``): 1,000 samples (a rate of 0.5% is then missed with probability 0.7%), 50 DDIM
+steps, batch 64; the checks' own defaults otherwise (likelihood: 4 Hutchinson repeats of each
+forget image, ``rtol = atol = 1e-5``; reconstruction: 4 noise draws, SSIM; membership: loss at
+``t = 50, 100`` with 8 draws; percentile 5% and confidence 95% throughout). A verdict needs
+enough reference images: at least 72 for the likelihood and reconstruction percentiles (so that
+an interval can exclude 5%), 19 for the membership p-value, 100 for TPR@1%FPR.
+
+Seeds: each check draws from its own ``torch.Generator`` seeded from ``(seed, check)``
+(``numpy.random.SeedSequence``), so a check gives the same numbers whichever other checks run.
+
+What a figure needs is kept JSON-serialisable: the generation results' ``details`` hold the
+gallery (indices into the samples) and, for images of at most 4,096 values, the gallery images
+themselves (``"gallery_images"``, nested lists in the data range, 4 decimals).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from siss.audit.report import AuditReport, CheckResult, Estimate
+
+__all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "audit", "check_seed"]
+
+ALL_CHECKS = (
+    "generation",
+    "likelihood",
+    "reconstruction",
+    "reconstruction_sweep",
+    "membership",
+    "memorization",
+)
+DEFAULT_CHECKS = ALL_CHECKS[:5]
+# Cheap checks first, so that a mistake in a later check's options costs little.
+_RUN_ORDER = (
+    "membership",
+    "reconstruction",
+    "reconstruction_sweep",
+    "likelihood",
+    "generation",
+    "memorization",
+)
+# Options the orchestrator passes itself (they cannot be set through ``**options``).
+_RESERVED = {
+    "model",
+    "eps_model",
+    "scheduler",
+    "schedule",
+    "forget",
+    "reference",
+    "members",
+    "samples",
+    "generator",
+    "progress",
+    "conditioning",
+    "reference_conditioning",
+    "member_conditioning",
+    "null_conditioning",
+    "prompt_embeds",
+    "null_embeds",
+    "latents",
+    "image",
+    "num_samples",
+    "device",
+}
+GALLERY_IMAGE_LIMIT = 4096
+# The reconstruction sweep's noise levels as fractions of T: (50, 100, 250, 500, 750) of 1000.
+SWEEP_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
+
+
+def check_seed(seed: int, check: str) -> int:
+    """The seed of ``check``'s generator for the audit seed ``seed``."""
+    index = ALL_CHECKS.index(check)
+    return int(np.random.SeedSequence([int(seed), index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _functions() -> dict[str, Callable[..., Any]]:
+    from siss.audit.generation import generation_check
+    from siss.audit.likelihood import likelihood_check
+    from siss.audit.membership import membership_check
+    from siss.audit.memorization import memorization_check
+    from siss.audit.reconstruction import reconstruction_check, reconstruction_sweep
+    from siss.audit.sampling import generate
+
+    return {
+        "sampling": generate,
+        "generation": generation_check,
+        "likelihood": likelihood_check,
+        "reconstruction": reconstruction_check,
+        "reconstruction_sweep": reconstruction_sweep,
+        "membership": membership_check,
+        "memorization": memorization_check,
+    }
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{check: kwargs}`` with every key a known check (or ``"sampling"``) and every kwarg a
+    parameter of that check's function that the orchestrator does not set itself."""
+    functions = _functions()
+    out: dict[str, dict[str, Any]] = {}
+    for name, kwargs in options.items():
+        if name not in functions:
+            raise TypeError(
+                f"audit() got an unexpected keyword argument {name!r}; per-check options are "
+                f"passed as dicts named after the check: {sorted(functions)}"
+            )
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"`{name}` must be a dict of options, got {type(kwargs).__name__}")
+        signature = inspect.signature(functions[name])
+        accepts_more = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+        )
+        for key in kwargs:
+            if key in _RESERVED:
+                raise ValueError(
+                    f"`{name}={{{key!r}: ...}}` is set by audit() itself; pass it as audit()'s "
+                    "own argument (seed, progress, conditioning, members, num_samples, ...)"
+                )
+            if key not in signature.parameters and not accepts_more:
+                known = sorted(set(signature.parameters) - _RESERVED)
+                raise TypeError(f"`{name}` has no option {key!r}; its options are {known}")
+        out[name] = dict(kwargs)
+    return out
+
+
+def _check_images(value: object, name: str, shape: tuple[int, ...] | None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor (N, *S), got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor in the model's data range, got "
+            f"{value.dtype} (scale integer images first)"
+        )
+    if shape is not None and value.dim() == len(shape):
+        value = value.unsqueeze(0)
+    if value.dim() < 2 or value.shape[0] == 0 or math.prod(value.shape[1:]) == 0:
+        raise ValueError(f"`{name}` must have shape (N, *S) with N >= 1, got {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape[1:]) != shape:
+        raise ValueError(
+            f"`{name}` images have shape {tuple(value.shape[1:])}, the model's samples {shape}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"`{name}` holds NaN or inf values")
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        if value.numel() <= 16:
+            return value.detach().cpu().tolist()
+        return f"tensor{tuple(value.shape)} {value.dtype}"
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    return repr(value)
+
+
+def _conditioning_summary(conditioning: Mapping[str, Any] | None) -> Any:
+    if not conditioning:
+        return None
+    return {
+        k: (f"tensor{tuple(v.shape)}" if isinstance(v, Tensor) else _json_safe(v))
+        for k, v in conditioning.items()
+    }
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _membership_set_level(
+    result: CheckResult, members: Tensor | None, forget_n: int
+) -> CheckResult:
+    """The set-level membership result, with a plain reason when it lacked members."""
+    if result.image is not None or members is not None or forget_n >= 2:
+        return result
+    why = (
+        f"no members: {forget_n} forget image and no `members` (the AUC needs >= 2 member "
+        "images of the reference's distribution)"
+    )
+    stats = {
+        name: Estimate.missing(why, estimate.held_when, n=estimate.n)
+        for name, estimate in result.statistics.items()
+    }
+    return CheckResult(result.check, None, stats, None, f"no verdict: {why}", result.details)
+
+
+def audit(
+    model: Any,
+    scheduler: Any,
+    forget: Tensor,
+    reference: Tensor | None,
+    *,
+    members: Tensor | None = None,
+    conditioning: Mapping[str, Any] | None = None,
+    null_conditioning: Mapping[str, Any] | None = None,
+    checks: Sequence[str] | None = None,
+    num_samples: int = 1000,
+    num_inference_steps: int = 50,
+    batch_size: int = 64,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    label: str | None = None,
+    **options: Mapping[str, Any],
+) -> AuditReport:
+    """Audit ``model``: does it still hold the ``forget`` images? (module docstring).
+
+    Args:
+        model: a diffusers model ``siss.adapters`` handles (``UNet2DModel``,
+            ``UNet2DConditionModel``, DiT, SD3) or a callable ``model(x_t, timesteps, **cond)``.
+        scheduler: its diffusers scheduler (VP or flow matching); never modified.
+        forget: ``(M, *S)`` images to forget (or one ``(*S)``), floating, in ``data_range``.
+        reference: ``(R, *S)`` comparable images the model never trained on (non-members), or
+            ``None`` (every percentile is then "not measured", and the membership check is
+            skipped with that reason).
+        members: ``(m, *S)`` images the model trained on, of the reference's distribution, for
+            the membership AUC and TPR@FPR (default: the forget images, if at least 2).
+        conditioning: model keyword inputs shared by every image (1-row tensors), e.g.
+            ``{"encoder_hidden_states": prompt_embeds}``; the prompt under which to test.
+        null_conditioning: the empty prompt's inputs (same keys), for ``"memorization"``.
+        checks: names from ``ALL_CHECKS``; ``None`` for ``DEFAULT_CHECKS`` (plus
+            ``"memorization"`` when ``conditioning`` holds ``encoder_hidden_states`` and
+            ``null_conditioning`` is given).
+        num_samples: samples of the generation check.
+        num_inference_steps: DDIM steps of sampling and of every denoising.
+        batch_size: rows per model call (every check).
+        data_range: ``(lo, hi)`` of the model's data; images outside it are refused.
+        seed: the audit's seed (see the module docstring).
+        device: run there (the model is moved in place); default: the model's device.
+        progress: tqdm bars on the long parts.
+        label: the report's ``model`` name (default: the model's class name).
+        **options: per-check options as dicts, e.g. ``likelihood={"repeats": 8}``,
+            ``generation={"threshold": 4.0}``, ``reconstruction_sweep={"ts": (100, 500)}``,
+            ``membership={"score": "pia"}``, ``sampling={"clip_sample": False}``,
+            ``memorization={"reference_scores": scores}``.
+
+    Returns:
+        An ``AuditReport``: one result per (check, forget image), set-level results with
+        ``image=None``; ``config`` holds the settings, per-check seeds and run times.
+
+    Raises:
+        TypeError, ValueError: naming the argument, before any model call.
+    """
+    started = time.perf_counter()
+    # ---- arguments, all checked before the first model call
+    if not callable(model):
+        raise TypeError(f"`model` must be a diffusers model or a callable, got {type(model)}")
+    kind, prediction_type = _scheduler_kind(scheduler)
+    for name, value, minimum in (
+        ("num_samples", num_samples, 1),
+        ("num_inference_steps", num_inference_steps, 1),
+        ("batch_size", batch_size, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"`{name}` must be an int, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    if (
+        not isinstance(data_range, Sequence)
+        or len(data_range) != 2
+        or not float(data_range[1]) > float(data_range[0])
+    ):
+        raise ValueError(f"`data_range` must be (lo, hi) with hi > lo, got {data_range!r}")
+    lo, hi = float(data_range[0]), float(data_range[1])
+    if conditioning is not None and not isinstance(conditioning, Mapping):
+        raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
+    if null_conditioning is not None and not isinstance(null_conditioning, Mapping):
+        raise TypeError(
+            f"`null_conditioning` must be a dict, got {type(null_conditioning).__name__}"
+        )
+    text = bool(conditioning) and "encoder_hidden_states" in conditioning
+    if checks is None:
+        checks = DEFAULT_CHECKS + (("memorization",) if text and null_conditioning else ())
+    if isinstance(checks, str) or not isinstance(checks, Sequence) or not checks:
+        raise ValueError(f"`checks` must be a non-empty list of names from {ALL_CHECKS}")
+    unknown = [c for c in checks if c not in ALL_CHECKS]
+    if unknown:
+        raise ValueError(f"`checks` has unknown names {unknown}; known: {list(ALL_CHECKS)}")
+    checks = tuple(dict.fromkeys(checks))
+    per_check = _check_options(options)
+    if "memorization" in checks:
+        if not text or not null_conditioning or "encoder_hidden_states" not in null_conditioning:
+            raise ValueError(
+                "`checks` has 'memorization' (text-conditional models only): it needs "
+                "`conditioning={'encoder_hidden_states': prompt_embeds}` and "
+                "`null_conditioning={'encoder_hidden_states': null_embeds}`"
+            )
+    if isinstance(model, nn.Module) and device is not None:
+        model.to(device)
+    model_device, model_dtype = _device_dtype(model, device)
+    sampling = per_check.get("sampling", {})
+    shape = _model_shape(model, sampling.get("sample_shape"))
+    forget = _check_images(forget, "forget", shape)
+    shape = tuple(forget.shape[1:])
+    if reference is not None:
+        reference = _check_images(reference, "reference", shape) if len(reference) else None
+    if members is not None:
+        members = _check_images(members, "members", shape)
+    for name, images in (("forget", forget), ("reference", reference), ("members", members)):
+        if images is not None and (
+            float(images.min()) < lo - 1e-4 or float(images.max()) > hi + 1e-4
+        ):
+            raise ValueError(
+                f"`{name}` has values in [{float(images.min()):.3g}, {float(images.max()):.3g}], "
+                f"outside the model's data range [{lo:g}, {hi:g}] (`data_range`): map the "
+                "images to the model's range first"
+            )
+    dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+    forget = forget.to(model_device, dtype)
+    reference = reference.to(model_device, dtype) if reference is not None else None
+    members = members.to(model_device, dtype) if members is not None else None
+    conditioning = _to(dict(conditioning or {}), model_device)
+    null_conditioning = _to(dict(null_conditioning or {}), model_device)
+
+    seeds = {check: check_seed(seed, check) for check in checks}
+
+    def generator(check: str) -> torch.Generator:
+        return torch.Generator().manual_seed(seeds[check])
+
+    common = {"data_range": (lo, hi)}
+    functions = _functions()
+    results: dict[str, list[CheckResult]] = {}
+    timings: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    resolved: dict[str, Any] = {}
+    for check in _RUN_ORDER:
+        if check not in checks:
+            continue
+        t0 = time.perf_counter()
+        kwargs = per_check.get(check, {})
+        if check == "generation":
+            sampled = functions["sampling"](
+                model,
+                scheduler,
+                num_samples,
+                **{
+                    "num_inference_steps": num_inference_steps,
+                    "batch_size": batch_size,
+                    "generator": generator(check),
+                    "conditioning": conditioning or None,
+                    "progress": progress,
+                    **({"sample_shape": shape} if shape else {}),
+                    **sampling,
+                },
+            )
+            out = functions[check](sampled, forget, **{**common, **kwargs})
+            for result in out:
+                _attach_gallery(result, sampled)
+        elif check == "likelihood":
+            out = functions[check](
+                model,
+                scheduler,
+                forget,
+                reference,
+                conditioning=conditioning or None,
+                generator=generator(check),
+                progress=progress,
+                **{"batch_size": batch_size, **common, **kwargs},
+            )
+        elif check in ("reconstruction", "reconstruction_sweep"):
+            # The paper's t = 250 of T = 1000 (and the sweep 50 .. 750), scaled to the
+            # scheduler's T.
+            steps = int(scheduler.config.num_train_timesteps)
+            if check == "reconstruction":
+                kwargs = {"t": max(1, round(0.25 * steps)), **kwargs}
+            else:
+                ts = sorted({max(1, round(f * steps)) for f in SWEEP_FRACTIONS})
+                kwargs = {"ts": tuple(ts), **kwargs}
+            resolved[check] = {k: kwargs[k] for k in ("t", "ts") if k in kwargs}
+            out = functions[check](
+                model,
+                scheduler,
+                forget,
+                reference,
+                conditioning=conditioning or None,
+                generator=generator(check),
+                progress=progress,
+                **{
+                    "num_inference_steps": num_inference_steps,
+                    "batch_size": batch_size,
+                    **common,
+                    **kwargs,
+                },
+            )
+        elif check == "membership":
+            if reference is None:
+                why = "no reference (non-member) images: membership inference is not measured"
+                notes[check] = why
+                out = [
+                    CheckResult(
+                        "membership",
+                        i,
+                        {
+                            "error": Estimate.missing(why, "lower"),
+                            "percentile": Estimate.missing(why, "lower"),
+                        },
+                        None,
+                        f"no verdict: {why}",
+                    )
+                    for i in range(forget.shape[0])
+                ]
+            else:
+                out = functions[check](
+                    model,
+                    scheduler,
+                    forget,
+                    reference,
+                    members=members,
+                    conditioning=conditioning or None,
+                    generator=generator(check),
+                    progress=progress,
+                    **{"batch_size": batch_size, **kwargs},
+                )
+                out = [_membership_set_level(r, members, forget.shape[0]) for r in out]
+        else:  # memorization: one prompt for the whole forget set
+            prompt = conditioning["encoder_hidden_states"]
+            null = null_conditioning["encoder_hidden_states"]
+            extra = {k: v for k, v in conditioning.items() if k != "encoder_hidden_states"}
+            extra_null = {
+                k: v for k, v in null_conditioning.items() if k != "encoder_hidden_states"
+            }
+            out = functions[check](
+                model,
+                scheduler,
+                (4, *shape),
+                prompt,
+                null,
+                conditioning=extra or None,
+                null_conditioning=extra_null or None,
+                generator=generator(check),
+                progress=progress,
+                **{"num_inference_steps": num_inference_steps, **kwargs},
+            )
+        results[check] = list(out)
+        timings[check] = round(time.perf_counter() - t0, 2)
+
+    ordered = [r for check in ALL_CHECKS if check in results for r in results[check]]
+    config = {
+        "checks": list(checks),
+        "seed": int(seed),
+        "check_seeds": seeds,
+        "num_samples": int(num_samples) if "generation" in checks else None,
+        "num_inference_steps": int(num_inference_steps),
+        "batch_size": int(batch_size),
+        "data_range": [lo, hi],
+        "image_shape": list(shape),
+        "forget_n": int(forget.shape[0]),
+        "reference_n": 0 if reference is None else int(reference.shape[0]),
+        "members_n": 0 if members is None else int(members.shape[0]),
+        "conditioning": _conditioning_summary(conditioning),
+        "options": _json_safe(per_check),
+        "resolved_defaults": _json_safe(resolved),
+        "model_class": type(model).__name__,
+        "scheduler": type(scheduler).__name__,
+        "scheduler_kind": kind,
+        "prediction_type": prediction_type,
+        "device": str(model_device),
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
+        "notes": notes,
+    }
+    return AuditReport(label or type(model).__name__, ordered, config)
+
+
+def _scheduler_kind(scheduler: Any) -> tuple[str, str]:
+    from siss.adapters import prediction_type_from_scheduler
+
+    if scheduler is None or not hasattr(scheduler, "config"):
+        raise TypeError(
+            f"`scheduler` must be a diffusers scheduler instance, got {type(scheduler).__name__}"
+        )
+    prediction_type = prediction_type_from_scheduler(scheduler)
+    return ("flow" if prediction_type == "flow_prediction" else "vp"), prediction_type
+
+
+def _device_dtype(model: Any, device: Any) -> tuple[torch.device, torch.dtype]:
+    parameter = None
+    if isinstance(model, nn.Module):
+        parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = parameter.device if parameter is not None else "cpu"
+    return torch.device(device), parameter.dtype if parameter is not None else torch.float32
+
+
+def _model_shape(model: Any, given: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of one sample: ``given``, else the model config's, else ``None``."""
+    if given is not None:
+        return tuple(int(v) for v in given)
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    size, channels = config.get("sample_size"), config.get("in_channels")
+    if isinstance(size, int) and isinstance(channels, int):
+        return (channels, size, size)
+    if isinstance(size, Sequence) and len(size) == 2 and isinstance(channels, int):
+        return (channels, int(size[0]), int(size[1]))
+    return None
+
+
+def _attach_gallery(result: CheckResult, samples: Tensor) -> None:
+    """Put the gallery's images into ``result.details`` (small images only)."""
+    index = result.details.get("gallery") or []
+    if not index:
+        return
+    per_image = math.prod(samples.shape[1:])
+    if per_image > GALLERY_IMAGE_LIMIT:
+        result.details["gallery_images"] = None
+        result.details["gallery_images_note"] = (
+            f"images of {per_image} values are not stored in the report (limit "
+            f"{GALLERY_IMAGE_LIMIT}); `gallery` indexes the samples"
+        )
+        return
+    images = samples[torch.tensor(index, device=samples.device)].detach().double().cpu()
+    result.details["gallery_images"] = np.round(images.numpy(), 4).tolist()

@@ -1,0 +1,165 @@
+"""python -m siss.audit on tiny models saved with save_pretrained: files written, --help."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from siss.audit.__main__ import build_parser, load_images, main, parse_options
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHEAP = [
+    "--checks",
+    "generation",
+    "reconstruction",
+    "membership",
+    "--samples",
+    "4",
+    "--steps",
+    "3",
+    "--option",
+    "reconstruction.noise_draws=1",
+    "--option",
+    "membership.noise_draws=1",
+    "--option",
+    "membership.bootstrap=100",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture
+def folders(tmp_path, audit_models):
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    first = tmp_path / "first"
+    audit_models.tiny_unet().save_pretrained(first)
+    scheduler.save_pretrained(first)
+    # a pipeline-style folder: unet/ and scheduler/ subfolders
+    second = tmp_path / "second"
+    model = audit_models.tiny_unet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(second / "unet")
+    scheduler.save_pretrained(second / "scheduler")
+    g = torch.Generator().manual_seed(0)
+    torch.save(torch.rand(1, 1, 8, 8, generator=g) * 2 - 1, tmp_path / "forget.pt")
+    from safetensors.torch import save_file
+
+    save_file({"images": torch.rand(5, 1, 8, 8, generator=g) * 2 - 1}, tmp_path / "ref.safetensors")
+    return tmp_path, first, second
+
+
+def test_command_writes_json_markdown_figure_and_comparison(folders, capsys):
+    tmp, first, second = folders
+    out = tmp / "out"
+    code = main(
+        [
+            "--model",
+            str(first),
+            "--model",
+            str(second),
+            "--forget",
+            str(tmp / "forget.pt"),
+            "--reference",
+            str(tmp / "ref.safetensors"),
+            "--out",
+            str(out),
+            *CHEAP,
+        ]
+    )
+    assert code == 0
+    for name in ("first", "second"):
+        data = json.loads((out / name / "audit.json").read_text())
+        assert {r["check"] for r in data["results"]} == {
+            "generation",
+            "reconstruction",
+            "membership",
+        }
+        assert data["config"]["reference_n"] == 5 and data["config"]["num_samples"] == 4
+        assert data["config"]["command"]["forget"] == [str(tmp / "forget.pt")]
+        assert (out / name / "audit.md").read_text().startswith("Audit of")
+        assert (out / name / "audit.png").read_bytes()[:4] == b"\x89PNG"
+        mask = os.umask(0)
+        os.umask(mask)
+        for file in ("audit.json", "audit.png"):  # the umask's mode, not mkstemp's 0600
+            assert (out / name / file).stat().st_mode & 0o777 == 0o666 & ~mask
+    compare = (out / "compare.md").read_text()
+    assert str(first) in compare and "| change |" in compare
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))
+    assert "| generation | 0 | rate |" in capsys.readouterr().out
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run(
+        [sys.executable, "-m", "siss.audit", "--help"], capture_output=True, text=True, check=True
+    )
+    text = result.stdout
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+    for flag in ("--model", "--forget", "--reference", "--members", "--prompt", "--out"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--samples", "0"], "--samples"),
+        (["--option", "likelihood"], "CHECK.KEY=VALUE"),
+        (["--option", "likelihood.repeets=2"], "repeets"),
+        (["--forget", "missing.pt"], "missing.pt"),
+        (["--checks", "generaton"], "generaton"),
+    ],
+)
+def test_errors_name_the_flag(folders, capsys, extra, match):
+    tmp, first, _ = folders
+    args = ["--model", str(first), "--forget", str(tmp / "forget.pt")]
+    args += ["--reference", str(tmp / "ref.safetensors"), "--out", str(tmp / "o"), *extra]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp / "o").exists()
+
+
+def test_model_without_scheduler_needs_the_scheduler_flag(folders, capsys, audit_models):
+    tmp, first, _ = folders
+    bare = tmp / "bare" / "model"
+    audit_models.tiny_unet().save_pretrained(bare)
+    args = ["--model", str(bare), "--forget", str(tmp / "forget.pt")]
+    args += ["--reference", str(tmp / "ref.safetensors"), "--out", str(tmp / "o")]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "--scheduler" in capsys.readouterr().err
+    assert main([*args, "--scheduler", str(first), *CHEAP, "--no-figure"]) == 0
+    assert (tmp / "o" / "bare-model" / "audit.json").exists()
+
+
+def test_png_files_are_mapped_to_the_data_range(tmp_path):
+    from PIL import Image
+
+    array = np.array([[0, 255], [51, 102]], dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    images = load_images([str(tmp_path)], "--forget", 1, (-1.0, 1.0))
+    assert images.shape == (1, 1, 2, 2)
+    expected = torch.tensor([[-1.0, 1.0], [-0.6, -0.2]])
+    torch.testing.assert_close(images[0, 0], expected)
+    rgb = load_images([str(tmp_path / "a.png")], "--forget", 3, (0.0, 1.0))
+    assert rgb.shape == (1, 3, 2, 2) and float(rgb.max()) == 1.0
+
+
+def test_options_parse_json_values():
+    assert parse_options(["likelihood.repeats=8", "reconstruction_sweep.ts=[100,500]"]) == {
+        "likelihood": {"repeats": 8},
+        "reconstruction_sweep": {"ts": (100, 500)},
+    }
