@@ -8,12 +8,18 @@ Example (the shipped digits models, see docs/audit.md)::
 writes, per model, ``OUT/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.md`` (the
 table) and ``audit.png`` (the figure), and with two or more models ``OUT/compare.md`` (the first
 model against each other one). Every file is written to a temporary name and moved into place.
+
+A text-conditional pipeline folder (``unet/``, ``scheduler/``, ``tokenizer/``, ``text_encoder/``,
+``vae/``) needs ``--prompt``; the checks then run on latents: pixel images are encoded with the
+folder's VAE (``siss.adapters.encode_latents``), tensors with the UNet's ``in_channels`` are
+taken as latents, and the audit's data range is the latents' bound (see docs/audit.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -84,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt",
         default=None,
         metavar="TEXT",
-        help="text conditioning to test under (text-conditional pipelines: encoded with the "
-        "folder's tokenizer/ and text_encoder/); adds the memorization check",
+        help="text conditioning to test under, required for a text-conditional model (encoded "
+        'with the pipeline folder\'s tokenizer/ and text_encoder/; "" for the unconditional '
+        "branch); adds the memorization check. With a vae/ in the folder, pixel images are "
+        "encoded to latents (tensors with the UNet's channel count are taken as latents)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
@@ -271,6 +279,58 @@ def load_images(
     return torch.cat(parts)
 
 
+def load_vae(path: Path) -> Any | None:
+    """The pipeline folder's ``vae/`` (an ``AutoencoderKL``-like model), or ``None``."""
+    folder = path / "vae"
+    if not (folder / "config.json").is_file():
+        return None
+    return _class_of(folder, "config.json").from_pretrained(folder).eval()
+
+
+def to_latents(
+    images: torch.Tensor, flag: str, vae: Any, in_channels: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """``images`` in the latent model's input space: pixels with the VAE's channel count are
+    encoded (``siss.adapters.encode_latents``, a posterior sample seeded from ``seed``), tensors
+    with the model's ``in_channels`` are taken as latents already; anything else is an error."""
+    from siss.adapters import encode_latents
+
+    pixel_channels = int(getattr(vae.config, "in_channels", 3))
+    channels = int(images.shape[1])
+    if channels == pixel_channels and channels != in_channels:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], 16):
+                batch = images[start : start + 16].to(device)
+                parts.append(encode_latents(vae, batch, generator).float().cpu())
+        return torch.cat(parts)
+    if channels == in_channels:
+        return images
+    raise ValueError(
+        f"{flag}: images with {channels} channels; this latent model takes {pixel_channels}-"
+        f"channel pixels (encoded with its vae/) or {in_channels}-channel latents"
+    )
+
+
+def latent_range(*parts: torch.Tensor | None) -> tuple[float, float]:
+    """The audit's data range in latent space: ``(-b, b)`` with ``b`` the largest absolute
+    latent value rounded up to an integer (at least 1)."""
+    bound = max(float(p.abs().max()) for p in parts if p is not None)
+    bound = float(max(1, math.ceil(bound))) if math.isfinite(bound) else 1.0
+    return -bound, bound
+
+
+def is_text_conditional(model: Any) -> bool:
+    """Whether ``model`` takes ``encoder_hidden_states`` (text cross-attention)."""
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return False
+    return "encoder_hidden_states" in inspect.signature(forward).parameters
+
+
 def encode_prompt(path: Path, prompt: str, device: torch.device) -> tuple[Any, Any]:
     """``(prompt_embeds, null_embeds)`` with the pipeline folder's tokenizer and text encoder."""
     if not ((path / "tokenizer").is_dir() and (path / "text_encoder").is_dir()):
@@ -361,11 +421,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in args.model]
         channels = int(getattr(models[0][1].config, "in_channels", 1) or 1)
-        forget = load_images(args.forget, "--forget", channels, (lo, hi))
-        reference = load_images(args.reference, "--reference", channels, (lo, hi))
+        vae = load_vae(Path(args.model[0]))
+        # image files are read with the VAE's pixel channels for a latent model
+        file_channels = int(getattr(vae.config, "in_channels", 3)) if vae else channels
+        forget = load_images(args.forget, "--forget", file_channels, (lo, hi))
+        reference = load_images(args.reference, "--reference", file_channels, (lo, hi))
         members = (
-            load_images(args.members, "--members", channels, (lo, hi)) if args.members else None
+            load_images(args.members, "--members", file_channels, (lo, hi))
+            if args.members
+            else None
         )
+        audit_range = (lo, hi)
+        latent = vae is not None
+        if vae is not None:
+            vae = vae.to(device)
+            forget = to_latents(forget, "--forget", vae, channels, args.seed, device)
+            reference = to_latents(reference, "--reference", vae, channels, args.seed + 1, device)
+            if members is not None:
+                members = to_latents(members, "--members", vae, channels, args.seed + 2, device)
+            audit_range = latent_range(forget, reference, members)
+            del vae
+        text_models = [raw for raw, model, _ in models if is_text_conditional(model)]
+        if args.prompt is not None and len(text_models) < len(models):
+            plain = next(raw for raw, *_ in models if raw not in text_models)
+            raise ValueError(
+                f"--prompt: --model {plain} is not text-conditional (its model takes no "
+                "encoder_hidden_states); audit it without --prompt"
+            )
+        if args.prompt is None and text_models:
+            raise ValueError(
+                f"--model {text_models[0]} is text-conditional: pass --prompt (the text to "
+                'test under; --prompt "" for the unconditional branch)'
+            )
         conditioning = null_conditioning = None
         if args.prompt is not None:
             prompt, null = encode_prompt(Path(args.model[0]), args.prompt, device)
@@ -391,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_samples=args.samples,
                 num_inference_steps=args.steps,
                 batch_size=args.batch_size,
-                data_range=(lo, hi),
+                data_range=audit_range,
                 seed=args.seed,
                 device=device,
                 progress=not args.no_progress,
@@ -407,6 +494,16 @@ def main(argv: list[str] | None = None) -> int:
             "members": args.members,
             "prompt": args.prompt,
             "scheduler_folder": str(model_folders(Path(raw), scheduler_path)[1]),
+            "latent_space": (
+                None
+                if not latent
+                else {
+                    "vae": str(Path(args.model[0]) / "vae"),
+                    "data_range": list(audit_range),
+                    "note": "pixel images were encoded with the VAE (encode_latents, seeded); "
+                    "every check ran on latents, data range the latents' bound",
+                }
+            ),
         }
         folder = out / name
         write_atomically(

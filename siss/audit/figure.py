@@ -14,8 +14,10 @@ Panels:
 * the generation rate with its Clopper-Pearson interval, and every statistic that could not be
   measured, with the reason (never drawn as 0).
 
-The checks do not return the reference images' individual values (only their quantile and
-median), so the reference distribution is drawn as the forget image's rank within it.
+* "reference distribution": per check (likelihood, reconstruction, membership), a histogram of
+  the reference images' own values (``details["reference_values"]``) with each forget image's
+  value as a vertical line and its interval as a band; a check without reference values (an
+  older report) says so instead.
 """
 
 from __future__ import annotations
@@ -37,14 +39,21 @@ _RANKED = (
     ("reconstruction", "percentile", "reconstruction SSIM, t=250"),
     ("membership", "percentile", "denoising loss (membership)"),
 )
+# (check, statistic of the forget image, axis label) of the reference histograms
+_HISTOGRAMS = (
+    ("likelihood", "nll_bpd", "NLL (bits/dim; lower: member-like)"),
+    ("reconstruction", "similarity", "similarity (higher: member-like)"),
+    ("membership", "error", "denoising loss (lower: member-like)"),
+)
+_COLORS = ("tab:red", "tab:orange", "tab:purple", "tab:brown")
 
 
 def _show(ax: Any, image: Any, data_range: tuple[float, float], title: str = "") -> None:
     array = torch.as_tensor(image, dtype=torch.float64)
     lo, hi = data_range
     array = ((array - lo) / (hi - lo)).clamp(0, 1)
-    if array.dim() == 3:
-        array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
+    if array.dim() == 3:  # one channel (or not 3, e.g. 4 latent channels): the first, gray
+        array = array.permute(1, 2, 0) if array.shape[0] == 3 else array[0]
     ax.imshow(array.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -84,8 +93,8 @@ def audit_figure(
     top = len(forget_images) + len(reference_images) + (len(gallery) if gallery else 0)
     columns = max(top, 8)
 
-    fig = Figure(figsize=(max(8.0, 0.9 * columns), 7.2))
-    grid = fig.add_gridspec(3, columns, height_ratios=[0.8, 1.6, 1.6], hspace=0.5, wspace=0.3)
+    fig = Figure(figsize=(max(8.0, 0.9 * columns), 9.6))
+    grid = fig.add_gridspec(4, columns, height_ratios=[0.8, 1.6, 1.6, 1.6], hspace=0.6, wspace=0.3)
     column = 0
     for i, image in enumerate(forget_images):
         _show(fig.add_subplot(grid[0, column]), image, data_range, f"forget {i}")
@@ -110,6 +119,9 @@ def audit_figure(
     _sweep_panel(fig.add_subplot(grid[1, half:]), report)
     _generation_panel(fig.add_subplot(grid[2, :half]), report)
     _missing_panel(fig.add_subplot(grid[2, half:]), report)
+    bottom = grid[3, :].subgridspec(1, len(_HISTOGRAMS), wspace=0.3)
+    for k, (check, name, label) in enumerate(_HISTOGRAMS):
+        _histogram_panel(fig.add_subplot(bottom[0, k]), report, check, name, label)
     seed = report.config.get("seed")
     fig.suptitle(
         f"Audit of {report.model} (seed {seed}); top: forget, reference (non-members), "
@@ -161,6 +173,49 @@ def _rank_panel(ax: Any, report: AuditReport) -> None:
     ax.invert_yaxis()
     ax.tick_params(axis="x", labelsize=6)
     ax.legend(fontsize=6, loc="lower right")
+
+
+def _histogram_panel(ax: Any, report: AuditReport, check: str, name: str, label: str) -> None:
+    """The reference values of ``check`` as a histogram, each forget image's ``name`` statistic
+    as a vertical line with its interval as a band."""
+    rows = [r for r in _results(report, check) if r.image is not None]
+    ax.set_title(check, fontsize=8)
+    values = rows[0].details.get("reference_values") if rows else None
+    if not rows or values is None:
+        why = f"no {check} check in this audit" if not rows else "no reference values stored"
+        ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=7)
+        ax.set_axis_off()
+        return
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if finite:
+        ax.hist(finite, bins=min(30, max(5, len(finite) // 3)), color="tab:gray", alpha=0.6)
+    dropped = len(values) - len(finite)
+    title = f"{check}: {len(values)} reference values"
+    title += f" ({dropped} non-finite, not drawn)" if dropped else ""
+    ax.set_title(title, fontsize=7)
+    text = "" if finite else "no finite reference value"
+    for k, result in enumerate(rows[:4]):
+        estimate = result.statistics.get(name)
+        color = _COLORS[k % len(_COLORS)]
+        if estimate is None or not estimate.measured:
+            status = "missing" if estimate is None else estimate.status
+            text += f"\nforget {result.image}: {status} (not drawn)"
+            continue
+        if math.isfinite(estimate.low) and math.isfinite(estimate.high):
+            ax.axvspan(estimate.low, estimate.high, color=color, alpha=0.2)
+        ax.axvline(
+            estimate.value,
+            color=color,
+            lw=1.5,
+            label=f"forget {result.image}: {estimate.value:.3g} ({_verdict(result.held)})",
+        )
+    if text.strip():
+        ax.text(0.02, 0.02, text.strip(), transform=ax.transAxes, va="bottom", fontsize=6)
+    ax.set_xlabel(label, fontsize=7)
+    ax.set_ylabel("reference images", fontsize=7)
+    ax.tick_params(labelsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="upper right")
 
 
 def _level(report: AuditReport) -> float:

@@ -331,7 +331,13 @@ def likelihood_check(
     results = []
     for i in range(num_forget):
         runs = forget_values[i]
-        details: dict[str, Any] = {"repeats": runs.tolist(), "method": how}
+        details: dict[str, Any] = {
+            "repeats": runs.tolist(),
+            "method": how,
+            "reference_values": (
+                [float(v) for v in reference_values.tolist()] if reference is not None else []
+            ),
+        }
         if not bool(torch.isfinite(runs).all()):
             why = "the probability-flow ODE gave NaN or inf (a diverged model?)"
             if failures:

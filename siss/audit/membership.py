@@ -606,7 +606,11 @@ def _per_image(
     results = []
     for i, row in enumerate(forget_draws.cpu()):
         error = _score_estimate(row, confidence, deterministic, method)
-        details: dict[str, Any] = {"n_reference": r, "reference_quantile": threshold}
+        details: dict[str, Any] = {
+            "n_reference": r,
+            "reference_quantile": threshold,
+            "reference_values": [float(v) for v in reference.tolist()],
+        }
         held, reason = None, "no verdict: the model returned NaN or inf on this image"
         if not error.measured:
             percentile = Estimate.missing(

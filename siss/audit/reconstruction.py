@@ -272,6 +272,9 @@ def reconstruction_check(
             "similarity": similarity_name,
             "draws": draws.tolist(),
             "steps": math.ceil(t / (total // sampler.num_inference_steps)),
+            "reference_values": (
+                [float(v) for v in reference_means.tolist()] if reference_means is not None else []
+            ),
         }
         if not bool(torch.isfinite(draws).all()):
             why = (

@@ -464,6 +464,11 @@ def audit(
             extra_null = {
                 k: v for k, v in null_conditioning.items() if k != "encoder_hidden_states"
             }
+            # every one of the DDIM steps is scored unless `num_steps` is given (the check's
+            # own default, 50 of 50, would refuse a shorter `num_inference_steps`)
+            mem_steps = kwargs.get("num_inference_steps", num_inference_steps)
+            kwargs = {"num_inference_steps": mem_steps, "num_steps": mem_steps, **kwargs}
+            resolved[check] = {"num_steps": kwargs["num_steps"]}
             out = functions[check](
                 model,
                 scheduler,
@@ -474,7 +479,7 @@ def audit(
                 null_conditioning=extra_null or None,
                 generator=generator(check),
                 progress=progress,
-                **{"num_inference_steps": num_inference_steps, **kwargs},
+                **kwargs,
             )
         results[check] = list(out)
         timings[check] = round(time.perf_counter() - t0, 2)

@@ -87,6 +87,9 @@ def test_command_writes_json_markdown_figure_and_comparison(folders, capsys):
         assert data["config"]["command"]["forget"] == [str(tmp / "forget.pt")]
         assert (out / name / "audit.md").read_text().startswith("Audit of")
         assert (out / name / "audit.png").read_bytes()[:4] == b"\x89PNG"
+        for result in data["results"]:  # the reference values behind the figure's histograms
+            if result["check"] in ("reconstruction", "membership") and result["image"] == 0:
+                assert len(result["details"]["reference_values"]) == 5
         mask = os.umask(0)
         os.umask(mask)
         for file in ("audit.json", "audit.png"):  # the umask's mode, not mkstemp's 0600
@@ -163,3 +166,39 @@ def test_options_parse_json_values():
         "likelihood": {"repeats": 8},
         "reconstruction_sweep": {"ts": (100, 500)},
     }
+
+
+def test_figure_draws_reference_histograms_with_the_forget_value(folders):
+    """One histogram per check from ``details["reference_values"]``, the forget image's value a
+    vertical line; a report without reference values (an older one) says so instead."""
+    from siss.audit import AuditReport
+    from siss.audit.figure import audit_figure
+    from siss.audit.report import CheckResult, Estimate
+
+    stats = {
+        "error": Estimate(1.0, 0.9, 1.1, 4, "lower"),
+        "percentile": Estimate.missing("x", "lower"),
+    }
+    details = {"reference_values": [1.2, 1.3, float("nan"), 1.5]}
+    report = AuditReport(
+        "m",
+        [
+            CheckResult("membership", 0, stats, None, "no verdict", details),
+            CheckResult(
+                "reconstruction",
+                0,
+                {"similarity": Estimate(0.5, 0.4, 0.6, 2, "higher")},
+                None,
+                "r",
+                {},
+            ),
+        ],
+        {"data_range": [-1.0, 1.0]},
+    )
+    fig = audit_figure(report)
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    membership = titles["membership: 4 reference values (1 non-finite, not drawn)"]
+    assert sum(p.get_height() for p in membership.patches if hasattr(p, "get_height")) >= 3
+    assert any(list(line.get_xdata()) == [1.0, 1.0] for line in membership.get_lines())
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "no reference values stored" in texts and "no likelihood check in this audit" in texts

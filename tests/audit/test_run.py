@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_conditional_unet
 from diffusers import DDPMScheduler
 
 from siss.audit import AuditReport, audit
@@ -78,6 +79,16 @@ def test_every_statistic_has_n_and_interval_or_a_reason(setup):
     assert report.result("membership", None).statistics["auc"].measured
     tpr = report.result("membership", None).statistics["tpr_at_fpr"]
     assert not tpr.measured and "non-members" in tpr.note
+    # the reference images' own values ride along for the figure's histograms: one float per
+    # reference image, the same for every forget image, and the forget statistic untouched
+    for check in ("likelihood", "reconstruction", "membership"):
+        values = [report.result(check, i).details["reference_values"] for i in (0, 1)]
+        assert values[0] == values[1] and len(values[0]) == 6, check
+        assert all(isinstance(v, float) for v in values[0]), check
+    membership_values = torch.tensor(report.result("membership", 0).details["reference_values"])
+    assert report.result("membership", 0).details["reference_quantile"] == pytest.approx(
+        float(torch.quantile(membership_values.double(), 0.05)), rel=1e-6
+    )
     # gallery images ride along for the figure, and the report is JSON
     gallery = report.result("generation", 0).details["gallery_images"]
     assert len(gallery) == len(report.result("generation", 0).details["gallery"]) > 0
@@ -210,3 +221,29 @@ def test_one_image_without_batch_dimension(setup):
 
 def test_all_checks_listed():
     assert set(DEFAULT_CHECKS) < set(ALL_CHECKS) and "memorization" in ALL_CHECKS
+
+
+def test_memorization_scores_every_step_of_a_short_run():
+    """``num_inference_steps`` below the check's own default of 50: every step is scored."""
+    model = tiny_conditional_unet()
+    scheduler = DDPMScheduler(num_train_timesteps=100, clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    forget = torch.rand(1, 4, 8, 8, generator=g) * 2 - 1
+    prompt = {"encoder_hidden_states": torch.randn(1, 3, 8, generator=g)}
+    null = {"encoder_hidden_states": torch.zeros(1, 3, 8)}
+    report = audit(
+        model,
+        scheduler,
+        forget,
+        None,
+        conditioning=prompt,
+        null_conditioning=null,
+        checks=["memorization"],
+        num_inference_steps=3,
+        progress=False,
+    )
+    result = report.result("memorization", None)
+    assert result.details["num_steps"] == result.details["num_inference_steps"] == 3
+    assert report.config["resolved_defaults"]["memorization"] == {"num_steps": 3}
+    estimate = result.statistics["noise_magnitude"]
+    assert estimate.measured and estimate.n == 4 and estimate.low <= estimate.value <= estimate.high
