@@ -10,6 +10,7 @@ output folder are reused, so the study can be stopped and restarted.
 
     python examples/study.py --seeds 0 1 2                  # ~1 h on 2 CPU cores
     python examples/study.py --seeds 0 --methods siss-0.5 naive --docs docs/results
+    python examples/study.py --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_training_set
 from training_state import write_json_atomically
-from unlearn import ASSETS, Evaluator, run
+from unlearn import ASSETS, Evaluator, audit_run, run
 from unlearn import parse_args as unlearn_args
 
 # label: (unlearn.py flags, steps); steps as in the paper's Table 2
@@ -78,6 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--track-samples", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="also audit every method's model against the pretrained one (unlearn.py --audit; "
+        "the pretrained model once per seed): ~1.5 min per run with the default checks",
+    )
+    p.add_argument(
+        "--audit-checks", nargs="+", default=None, metavar="CHECK", help="unlearn.py's default"
+    )
     return p.parse_args(argv)
 
 
@@ -107,6 +117,21 @@ def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) ->
     if args.no_progress:
         argv.append("--no-progress")
     return run(unlearn_args(argv), before=before)
+
+
+def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
+    """``unlearn.py --audit`` of a finished run; the pretrained audit shared by the seed's runs."""
+    out = args.output_dir / f"{label}-seed{seed}"
+    if (out / "audit_compare.md").exists():
+        return
+    argv = [*METHODS[label][0], "--seed", str(seed), "--output-dir", str(out), "--audit"]
+    if args.audit_checks:
+        argv += ["--audit-checks", *args.audit_checks]
+    if args.no_progress:
+        argv.append("--no-progress")
+    before = args.output_dir / f"pretrained-seed{seed}" / "audit.json"
+    table = audit_run(unlearn_args(argv), before_path=before)
+    print(f"{LABELS[label]}, seed {seed}:\n{table}\n")
 
 
 def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict:
@@ -244,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
             run_method(label, seed, args, before=pretrained["after"])
             for seed, pretrained in zip(args.seeds, results["pretrained"], strict=True)
         ]
+        if args.audit:
+            for seed in args.seeds:
+                audit_method(label, seed, args)
     rows = summarize(results)
     table = table_markdown(rows)
     folders = [args.output_dir] + ([args.docs] if args.docs else [])

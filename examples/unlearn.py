@@ -10,9 +10,12 @@ the model samples the T-shirt (with a 95% interval), the T-shirt's exact NLL in 
 the probability-flow ODE, and the sample quality (IS- and FID-style scores under the shipped digit
 classifier); ``--eval-every N`` also tracks the T-shirt rate every N steps. Checkpoints are
 written atomically in safetensors; a run that is interrupted and restarted with ``--resume`` ends
-with the same weights as an uninterrupted one.
+with the same weights as an uninterrupted one. ``--audit`` also runs ``siss.audit`` on the
+pretrained and the unlearned model, against 128 T-shirt variants as non-members, and prints the
+comparison (docs/audit.md).
 
     python examples/unlearn.py --method siss --lam 0.5 --steps 300
+    python examples/unlearn.py --audit            # + generation, reconstruction, membership audit
     python examples/unlearn.py --method neggrad --steps 100 --output-dir outputs/neggrad
     python examples/unlearn.py --resume --output-dir outputs/unlearn/siss-lam0.5-seed0
 """
@@ -20,8 +23,11 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,10 +48,15 @@ from training_state import (
 )
 
 from siss import rank_generator
+from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHOD_NAMES = ("siss", "siss-nois", "naive", "neggrad", "erasediff")
+# --audit's default checks: those that separate pretrained from retrain in seconds to about a
+# minute each on a CPU (docs/audit.md); the likelihood check alone takes about 3 minutes a model.
+AUDIT_CHECKS = ("generation", "reconstruction", "membership")
+AUDIT_REFERENCE_SEED = 1  # digits.make_tshirt_variants' seed, as examples/audit_digits.py's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,9 +119,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    audit_flags = p.add_argument_group(
+        "audit",
+        "--audit runs siss.audit (docs/audit.md) on the pretrained model (--checkpoint) and on "
+        "the unlearned one, with --audit-references procedurally varied T-shirts "
+        "(digits.make_tshirt_variants, seed 1) as the non-members; prints the before/after "
+        "comparison and writes audit_before.json, audit_after.json, audit_compare.md and "
+        "audit_before.png, audit_after.png into --output-dir. Cost on a CPU, per model: "
+        "generation 40-70 s, reconstruction 5-17 s, membership 2-7 s (the default checks: "
+        "~1.5 min for both models on 2 cores), reconstruction_sweep 1-2 min, likelihood ~3 min; "
+        "the full audit is ~6 min per model. The before audit is reused from audit_before.json "
+        "when its settings match. Needs the T-shirt outlier (not --outlier-image).",
+    )
+    audit_flags.add_argument(
+        "--audit", action="store_true", help="audit the model before and after unlearning"
+    )
+    audit_flags.add_argument(
+        "--audit-checks",
+        nargs="+",
+        choices=[c for c in ALL_CHECKS if c != "memorization"],
+        default=list(AUDIT_CHECKS),
+        metavar="CHECK",
+        help="checks of --audit, from %(choices)s (likelihood: ~3 min a model)",
+    )
+    audit_flags.add_argument(
+        "--audit-samples", type=int, default=1000, help="samples of the generation check"
+    )
+    audit_flags.add_argument(
+        "--audit-steps", type=int, default=50, help="DDIM steps of the audit's sampling"
+    )
+    audit_flags.add_argument(
+        "--audit-references",
+        type=int,
+        default=128,
+        help="T-shirt variants (non-members); fewer than 104 leave some verdicts undecided",
+    )
+    audit_flags.add_argument(
+        "--audit-option",
+        action="append",
+        default=[],
+        metavar="CHECK.KEY=VALUE",
+        help="a per-check option of siss.audit.audit, VALUE as JSON (e.g. likelihood.repeats=8)",
+    )
     args = p.parse_args(argv)
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
         p.error("--timesteps takes one value (fixed) or two (a window)")
+    try:
+        args.audit_options = audit_options(args.audit_option)
+    except ValueError as error:
+        p.error(str(error))
+    if args.audit and args.outlier_image is not None:
+        p.error("--audit compares with T-shirt variants: it needs the T-shirt (no --outlier-image)")
+    if args.audit_references < 1:
+        p.error("--audit-references must be >= 1")
     if args.output_dir is None:
         label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
         args.output_dir = Path("outputs/unlearn") / f"{label}-seed{args.seed}"
@@ -395,11 +456,120 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     return result
 
 
+def audit_options(values: list[str]) -> dict[str, dict[str, Any]]:
+    """``["likelihood.repeats=8", ...]`` as ``{"likelihood": {"repeats": 8}}`` (VALUE as JSON)."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        check, dot, name = key.partition(".")
+        if not (sep and dot and check and name):
+            raise ValueError(f"--audit-option {item!r}: expected CHECK.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        options.setdefault(check, {})[name] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
+    """``--audit``: audits ``--checkpoint`` and the unlearned model; returns the comparison.
+
+    Writes ``audit_before.json``, ``audit_after.json``, ``audit_compare.md`` and the two figures
+    into ``--output-dir``. The pretrained model is audited once: its audit is kept in
+    ``before_path`` (default ``audit_before.json``) and reused while the settings match (the
+    study shares one per seed between its methods).
+    """
+    from digits import make_tshirt_variants
+
+    from siss.audit.figure import save_figure
+
+    out = Path(args.output_dir)
+    scheduler = DDPMScheduler.from_pretrained(args.checkpoint)
+    before_unet = UNet2DModel.from_pretrained(args.checkpoint)
+    channels, size = before_unet.config.in_channels, before_unet.config.sample_size
+    data = load_training_set(
+        source=args.data, root=args.data_root, size=size, channels=channels, seed=0
+    )
+    forget = data.outlier[None]
+    reference, _ = make_tshirt_variants(
+        args.audit_references,
+        torch.Generator().manual_seed(AUDIT_REFERENCE_SEED),
+        size=size,
+        channels=channels,
+    )
+    settings = {
+        "checkpoint": str(args.checkpoint),
+        "data": args.data,
+        "checks": list(args.audit_checks),
+        "num_samples": args.audit_samples,
+        "num_inference_steps": args.audit_steps,
+        "references": args.audit_references,
+        "reference_seed": AUDIT_REFERENCE_SEED,
+        "seed": args.seed,
+        "options": {k: {n: repr(v) for n, v in o.items()} for k, o in args.audit_options.items()},
+    }
+
+    def run_audit(unet: UNet2DModel, label: str) -> AuditReport:
+        print(f"auditing {label} ({', '.join(args.audit_checks)})", file=sys.stderr)
+        report = audit(
+            unet,
+            scheduler,
+            forget,
+            reference,
+            checks=args.audit_checks,
+            num_samples=args.audit_samples,
+            num_inference_steps=args.audit_steps,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+            label=label,
+            **args.audit_options,
+        )
+        report.config["unlearn"] = settings
+        return report
+
+    before = None
+    cached = Path(before_path or out / "audit_before.json")
+    if cached.exists():
+        saved = AuditReport.from_dict(json.loads(cached.read_text()))
+        if saved.config.get("unlearn") == settings:
+            before = saved
+    if before is None:
+        before = run_audit(before_unet, f"before: {Path(args.checkpoint).name}")
+        write_json_atomically(cached, before.to_dict())
+    if cached != out / "audit_before.json":
+        write_json_atomically(out / "audit_before.json", before.to_dict())
+    save_figure(before, out / "audit_before.png", forget=forget, reference=reference)
+    after_unet = UNet2DModel.from_pretrained(out / "model")
+    after = run_audit(after_unet, f"after: {out.name}")
+    write_json_atomically(out / "audit_after.json", after.to_dict())
+    save_figure(after, out / "audit_after.png", forget=forget, reference=reference)
+    table = compare(before, after).to_markdown()
+    write_text_atomically(out / "audit_compare.md", table + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     if "before" not in result:
         return
+    table = audit_run(args) if args.audit else None
     print(f"\n{'':8}{'outlier rate [95% CI]':>26}{'outlier NLL (bpd)':>20}{'IS':>8}{'FID':>8}")
     for name in ("before", "after"):
         row = result[name]
@@ -417,6 +587,9 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{result['steps']} steps in {result['train_wall_s']:.0f} s of training; "
         f"pictures and metrics.json in {args.output_dir}"
     )
+    if table is not None:
+        files = "audit_before.json, audit_after.json, audit_compare.md and figures"
+        print(f"\n{table}\n\n{files} in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def test_help_runs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         unlearn.parse_args(["--help"])
     assert exit_info.value.code == 0
-    assert "--resume" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--resume" in out
+    assert "--audit-checks" in out and "~6 min per model" in " ".join(out.split())
 
 
 def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
@@ -135,3 +137,45 @@ def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
     result = unlearn.run(unlearn.parse_args([*argv(checkpoint, tmp_path / "out"), *data]))
     assert result["after"]["inception_score"] is None  # the digit classifier does not apply
     assert 0 <= result["after"]["outlier_rate"] <= 1
+
+
+def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_path, capsys):
+    """--audit on the smallest settings: three files, every statistic with a direction, and a
+    statistic that was not measured never printed as a number."""
+    from siss.audit import AuditReport, compare
+
+    flags = [
+        *argv(checkpoint, tmp_path, "--method", "naive"), "--audit", "--audit-samples", "8",
+        "--audit-steps", "2", "--audit-references", "8", "--audit-option",
+        "reconstruction.noise_draws=2", "--audit-option", "membership.noise_draws=2",
+    ]  # fmt: skip
+    unlearn.main(flags)
+    printed = capsys.readouterr().out
+    before = AuditReport.from_dict(json.loads((tmp_path / "audit_before.json").read_text()))
+    after = AuditReport.from_dict(json.loads((tmp_path / "audit_after.json").read_text()))
+    table = (tmp_path / "audit_compare.md").read_text()
+    assert table == compare(before, after).to_markdown() + "\n"
+    assert table.strip() in printed
+    for name in ("audit_before.png", "audit_after.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert {r.check for r in before.results} == set(unlearn.AUDIT_CHECKS)
+    directions = ("toward not held", "toward held", "no change", "not comparable")
+    rows = {}
+    for line in table.splitlines()[4:]:
+        check, image, name, first, second, change = (c.strip() for c in line.strip("|").split("|"))
+        assert change in directions, line
+        rows[check, image, name] = (first, second)
+    for report, column in ((before, 0), (after, 1)):
+        for result in report.results:
+            image = "all" if result.image is None else str(result.image)
+            for name, estimate in result.statistics.items():
+                cell = rows[result.check, image, name][column]  # every statistic is in the table
+                if not estimate.measured:
+                    assert cell.startswith(estimate.status) and not cell[0].isdigit(), cell
+    assert any(not e.measured for r in before.results for e in r.statistics.values())
+
+    # The pretrained model is audited once: a rerun with the same settings reuses its audit.
+    written = (tmp_path / "audit_before.json").stat().st_mtime_ns
+    unlearn.main([*flags, "--resume"])
+    assert (tmp_path / "audit_before.json").stat().st_mtime_ns == written
+    assert "auditing before" not in capsys.readouterr().err
