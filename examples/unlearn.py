@@ -164,8 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
         p.error("--timesteps takes one value (fixed) or two (a window)")
+    from siss.audit.run import parse_options
+
     try:
-        args.audit_options = audit_options(args.audit_option)
+        args.audit_options = parse_options(args.audit_option, "--audit-option")
     except ValueError as error:
         p.error(str(error))
     if args.audit and args.outlier_image is not None:
@@ -454,22 +456,6 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     }
     write_json_atomically(out / "metrics.json", result)
     return result
-
-
-def audit_options(values: list[str]) -> dict[str, dict[str, Any]]:
-    """``["likelihood.repeats=8", ...]`` as ``{"likelihood": {"repeats": 8}}`` (VALUE as JSON)."""
-    options: dict[str, dict[str, Any]] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        check, dot, name = key.partition(".")
-        if not (sep and dot and check and name):
-            raise ValueError(f"--audit-option {item!r}: expected CHECK.KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string
-        options.setdefault(check, {})[name] = tuple(value) if isinstance(value, list) else value
-    return options
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS
+from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -140,23 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.error(message)
-
-
-def parse_options(values: list[str]) -> dict[str, dict[str, Any]]:
-    options: dict[str, dict[str, Any]] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        check, dot, name = key.partition(".")
-        if not (sep and dot and check and name):
-            raise ValueError(f"--option {item!r}: expected CHECK.KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string
-        if isinstance(value, list):
-            value = tuple(value)
-        options.setdefault(check, {})[name] = value
-    return options
 
 
 # ------------------------------------------------------------------------------------ loading

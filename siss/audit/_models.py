@@ -8,7 +8,7 @@ the schedule's ``gamma`` and ``sigma`` by :func:`eps_from_prediction` / :func:`x
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +100,20 @@ def model_device_dtype(
     if dtype is None:
         dtype = parameter.dtype if parameter is not None else torch.float32
     return torch.device(device), dtype
+
+
+def config_sample_shape(model: object) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of one sample from the model's config (``in_channels``, ``sample_size``), or
+    ``None`` when the config does not say."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, Mapping):
+        return None
+    size, channels = config.get("sample_size"), config.get("in_channels")
+    if isinstance(size, int) and isinstance(channels, int):
+        return (channels, size, size)
+    if isinstance(size, Sequence) and len(size) == 2 and isinstance(channels, int):
+        return (channels, int(size[0]), int(size[1]))
+    return None
 
 
 def check_model_device(model: object, images: Tensor, name: str) -> None:

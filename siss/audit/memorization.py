@@ -380,7 +380,7 @@ def memorization_check(
             raise TypeError("`reference_scores` must be a 1-D tensor (P,) of prompts' scores")
         if reference_scores.numel() == 0:
             raise ValueError("`reference_scores` is empty: give at least one reference prompt")
-    tracks = _noise_magnitude_tracks(
+    tracks = noise_magnitude_score(
         eps_model,
         schedule,
         latents,
@@ -394,6 +394,7 @@ def memorization_check(
         embeds_key=embeds_key,
         conditioning=conditioning,
         null_conditioning=null_conditioning,
+        return_steps=True,
         progress=progress,
     ).cpu()
     scores = tracks.mean(1)

@@ -39,6 +39,7 @@ themselves (``"gallery_images"``, nested lists in the data range, 4 decimals).
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from siss.audit._models import config_sample_shape, model_device_dtype, scheduler_kind
 from siss.audit.report import AuditReport, CheckResult, Estimate
 
 __all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "audit", "check_seed"]
@@ -97,6 +99,28 @@ _RESERVED = {
 GALLERY_IMAGE_LIMIT = 4096
 # The reconstruction sweep's noise levels as fractions of T: (50, 100, 250, 500, 750) of 1000.
 SWEEP_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
+
+
+def parse_options(values: Sequence[str], flag: str = "--option") -> dict[str, dict[str, Any]]:
+    """Command-line ``CHECK.KEY=VALUE`` strings as ``audit``'s per-check options.
+
+    ``VALUE`` is read as JSON (a list becomes a tuple), else kept as a bare string:
+    ``["likelihood.repeats=8", "reconstruction_sweep.ts=[100,500]"]`` gives
+    ``{"likelihood": {"repeats": 8}, "reconstruction_sweep": {"ts": (100, 500)}}``. A malformed
+    item raises ``ValueError`` naming ``flag``.
+    """
+    options: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        check, dot, name = key.partition(".")
+        if not (sep and dot and check and name):
+            raise ValueError(f"{flag} {item!r}: expected CHECK.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        options.setdefault(check, {})[name] = tuple(value) if isinstance(value, list) else value
+    return options
 
 
 def check_seed(seed: int, check: str) -> int:
@@ -289,7 +313,7 @@ def audit(
     # ---- arguments, all checked before the first model call
     if not callable(model):
         raise TypeError(f"`model` must be a diffusers model or a callable, got {type(model)}")
-    kind, prediction_type = _scheduler_kind(scheduler)
+    kind, prediction_type = scheduler_kind(scheduler)
     for name, value, minimum in (
         ("num_samples", num_samples, 1),
         ("num_inference_steps", num_inference_steps, 1),
@@ -332,9 +356,10 @@ def audit(
             )
     if isinstance(model, nn.Module) and device is not None:
         model.to(device)
-    model_device, model_dtype = _device_dtype(model, device)
+    model_device, model_dtype = model_device_dtype(model, device)
     sampling = per_check.get("sampling", {})
-    shape = _model_shape(model, sampling.get("sample_shape"))
+    given = sampling.get("sample_shape")
+    shape = tuple(int(v) for v in given) if given is not None else config_sample_shape(model)
     forget = _check_images(forget, "forget", shape)
     shape = tuple(forget.shape[1:])
     if reference is not None:
@@ -511,41 +536,6 @@ def audit(
         "notes": notes,
     }
     return AuditReport(label or type(model).__name__, ordered, config)
-
-
-def _scheduler_kind(scheduler: Any) -> tuple[str, str]:
-    from siss.adapters import prediction_type_from_scheduler
-
-    if scheduler is None or not hasattr(scheduler, "config"):
-        raise TypeError(
-            f"`scheduler` must be a diffusers scheduler instance, got {type(scheduler).__name__}"
-        )
-    prediction_type = prediction_type_from_scheduler(scheduler)
-    return ("flow" if prediction_type == "flow_prediction" else "vp"), prediction_type
-
-
-def _device_dtype(model: Any, device: Any) -> tuple[torch.device, torch.dtype]:
-    parameter = None
-    if isinstance(model, nn.Module):
-        parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if device is None:
-        device = parameter.device if parameter is not None else "cpu"
-    return torch.device(device), parameter.dtype if parameter is not None else torch.float32
-
-
-def _model_shape(model: Any, given: Sequence[int] | None) -> tuple[int, ...] | None:
-    """``(C, H, W)`` of one sample: ``given``, else the model config's, else ``None``."""
-    if given is not None:
-        return tuple(int(v) for v in given)
-    config = getattr(model, "config", None)
-    if not isinstance(config, Mapping):
-        return None
-    size, channels = config.get("sample_size"), config.get("in_channels")
-    if isinstance(size, int) and isinstance(channels, int):
-        return (channels, size, size)
-    if isinstance(size, Sequence) and len(size) == 2 and isinstance(channels, int):
-        return (channels, int(size[0]), int(size[1]))
-    return None
 
 
 def _attach_gallery(result: CheckResult, samples: Tensor) -> None:

@@ -42,6 +42,7 @@ from siss.audit._inputs import (
     take_rows,
 )
 from siss.audit._models import (
+    config_sample_shape,
     eps_from_prediction,
     eval_mode,
     model_device_dtype,
@@ -103,13 +104,9 @@ def to_epsilon(
 
 def _sample_shape(model: object, sample_shape: Sequence[int] | None) -> tuple[int, ...]:
     if sample_shape is None:
-        config = getattr(model, "config", None)
-        size = config.get("sample_size") if isinstance(config, Mapping) else None
-        channels = config.get("in_channels") if isinstance(config, Mapping) else None
-        if isinstance(size, int) and isinstance(channels, int):
-            return (channels, size, size)
-        if isinstance(size, Sequence) and len(size) == 2 and isinstance(channels, int):
-            return (channels, int(size[0]), int(size[1]))
+        shape = config_sample_shape(model)
+        if shape is not None:
+            return shape
         raise ValueError(
             "`sample_shape` is needed: the model has no `in_channels` / `sample_size` config to "
             "read it from; pass e.g. sample_shape=(1, 16, 16)"
