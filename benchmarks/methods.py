@@ -90,7 +90,9 @@ def authors_surgery(params: list[torch.nn.Parameter], keep, forget, ratio: float
     g_a = [p.grad.clone() - g for p, g in zip(params, g_x, strict=True)]
     norm_x = sum(g.norm().item() ** 2 for g in g_x) ** 0.5
     norm_a = sum(g.norm().item() ** 2 for g in g_a) ** 0.5
-    scale = ratio * norm_x / norm_a
+    # the authors divide unguarded; a batch with no forget row (w_a = 0) would raise here, so
+    # the timing re-implementation takes c = 0 for it, as NormBalancer does
+    scale = ratio * norm_x / norm_a if norm_a > 0 else 0.0
     for p, gx, ga in zip(params, g_x, g_a, strict=True):
         p.grad = gx - scale * ga
 

@@ -75,10 +75,14 @@ def check_finite_values(tensor: Tensor, name: str) -> None:
 
 
 def check_positive_values(tensor: Tensor, name: str) -> None:
-    """``tensor > 0``: always checked on the CPU (free), elsewhere when value checks are on."""
+    """``tensor > 0``: always checked on the CPU (free), elsewhere when value checks are on.
+
+    Under ``torch.compile`` the CPU check is skipped: reading a tensor's value would break the
+    graph (value checks, when switched on, still run and break it: they asked for the sync)."""
     if tensor.device.type == "meta":
         return
-    if (tensor.device.type == "cpu" or _validate_values) and not bool((tensor > 0).all()):
+    eager_cpu = tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    if (eager_cpu or _validate_values) and not bool((tensor > 0).all()):
         raise ValueError(f"`{name}` must be > 0 in every row")
 
 
