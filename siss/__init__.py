@@ -21,7 +21,7 @@ from siss.schedule import NoiseSchedule
 from siss.targets import PREDICTION_TYPES, prediction_target
 from siss.weights import DEFAULT_MAX_WEIGHT, importance_weights, log_density_ratio
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one place the version is set (pyproject reads it)
 
 __all__ = [
     "DEFAULT_MAX_WEIGHT",

@@ -316,8 +316,9 @@ class NormBalancer:
         """Accumulate one micro-batch's gradients; call ``step`` after the last one.
 
         Args:
-            keep, forget: scalar terms (``LossTerms.keep`` / ``.forget`` with ``reduction="mean"``
-                or ``"sum"``) of one forward pass.
+            keep: scalar keep term (``LossTerms.keep`` with ``reduction="mean"`` or ``"sum"``)
+                of one forward pass.
+            forget: scalar forget term (``LossTerms.forget``) of the same forward pass.
 
         On a refresh step: ``keep`` backward (``retain_graph=True``) into ``.grad``, then
         ``forget`` backward into the forget buffer. On an amortized step: one backward of

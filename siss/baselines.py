@@ -343,8 +343,9 @@ class SISSNoISLoss(_PairedLoss):
     Args:
         alphas_cumprod: ``ᾱ_t``, shape ``(T,)``, or a ``NoiseSchedule``.
         superfactor: ``s >= 0``, required (see ``SISSLoss``).
-        n, k: ``|X|`` (the forget set included) and ``|A|``; unset (``x_from="retain"`` only),
-            ``k/(n-k)`` is taken as 1.
+        n: ``|X|``, the forget set included; with ``n`` and ``k`` unset (``x_from="retain"``
+            only), ``k/(n-k)`` is taken as 1.
+        k: ``|A|``, the number of points to forget.
         x_from: ``"retain"`` (default) or ``"all"``, as for ``SISSLoss``.
         prediction_type: see ``siss.targets``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``, one value per pair).

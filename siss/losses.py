@@ -125,8 +125,10 @@ def siss_terms(
     unbiased estimators of Eq. 8.
 
     Args:
-        error_x, error_a: squared errors, shape ``(B,)``.
-        weight_x, weight_a: importance weights, shape ``(B,)``.
+        error_x: squared errors ``l_x`` against the targets of ``x``, shape ``(B,)``.
+        error_a: squared errors ``l_a`` against the targets of ``a``, shape ``(B,)``.
+        weight_x: importance weights ``w_x``, shape ``(B,)``.
+        weight_a: importance weights ``w_a``, shape ``(B,)``.
         forget_ratio: ``ρ = k/(n-k)``.
         x_from: where ``x`` is drawn from, ``"all"`` or ``"retain"``.
     """

@@ -38,7 +38,8 @@ def prediction_target(
         prediction_type: one of ``PREDICTION_TYPES``.
         clean: the clean point the target refers to, shape ``(B, ...)``.
         noise: the noise that takes ``clean`` to ``x_t``, shape of ``clean``.
-        gamma, sigma: per-row schedule values, shape ``(B,)``.
+        gamma: per-row schedule value ``γ_t``, shape ``(B,)``.
+        sigma: per-row schedule value ``σ_t``, shape ``(B,)``.
 
     Returns:
         Shape of ``clean``, in the dtype of ``noise``.

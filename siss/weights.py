@@ -61,7 +61,8 @@ def log_density_ratio(
         noisy: the noisy points ``m``, shape ``(B, ...)``.
         x0: keep points ``x``, shape of ``noisy``.
         a0: forget points ``a``, shape of ``noisy``.
-        gamma, sigma: per-row schedule values, shape ``(B,)``.
+        gamma: per-row schedule value ``γ_t``, shape ``(B,)``.
+        sigma: per-row schedule value ``σ_t > 0``, shape ``(B,)``.
 
     Returns:
         ``(B,)``, float32 (float64 for float64 inputs), detached; autocast is disabled inside.
@@ -101,7 +102,8 @@ def importance_weights(
         noisy: the noisy points ``m_t``, shape ``(B, ...)``, any float dtype.
         x0: keep points, shape of ``noisy``.
         a0: forget points, shape of ``noisy``.
-        gamma, sigma: per-row schedule values, shape ``(B,)``.
+        gamma: per-row schedule value ``γ_t``, shape ``(B,)``.
+        sigma: per-row schedule value ``σ_t > 0``, shape ``(B,)``.
         lam: mixture weight ``λ`` in ``[0, 1]``.
         max_weight: cap applied in log space. It binds only where a weight is unbounded, i.e.
             ``w_a`` at ``λ = 0`` and ``w_x`` at ``λ = 1``; for ``0 < λ < 1`` the weights are

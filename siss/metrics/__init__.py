@@ -2,11 +2,11 @@
 
 Nothing here imports diffusers: every metric takes plain tensors and callables.
 
-- :func:`bits_per_dim` / :func:`log_likelihood`: exact NLL through the probability-flow ODE.
-- :func:`generation_rate`: how often samples reproduce a target image, with a binomial CI.
-- :func:`is_score`, :func:`fid_score` (and the tensor-level :func:`inception_score`,
-  :func:`frechet_distance`): quality under an injectable feature extractor.
-- :class:`DigitClassifier`: the small CNN used as that extractor for the digits example.
+- ``bits_per_dim`` / ``log_likelihood``: exact NLL through the probability-flow ODE.
+- ``generation_rate``: how often samples reproduce a target image, with a binomial CI.
+- ``is_score``, ``fid_score`` (and the tensor-level ``inception_score``,
+  ``frechet_distance``): quality under an injectable feature extractor.
+- ``DigitClassifier``: the small CNN used as that extractor for the digits example.
 """
 
 from siss.metrics.classifier import ClassifierOutput, DigitClassifier

@@ -5,7 +5,7 @@ backticks, so the user reads what to fix instead of an error from inside torch, 
 torchdiffeq. Wrong *types* (a bool where a number is expected, an integer tensor where images
 are) raise ``TypeError``; wrong *values* (out of range, non-finite, empty, meta device) raise
 ``ValueError``. Numpy scalars are accepted wherever a Python number is (numpy registers its
-integer and floating types with :mod:`numbers`); bools are not numbers here, since
+integer and floating types with ``numbers``); bools are not numbers here, since
 ``splits=True`` or ``threshold=True`` is a bug, not a 1.
 
 Metrics are evaluated off the training hot path, so these checks may read tensor values

@@ -1,9 +1,9 @@
 """A tiny digit classifier, the default feature extractor of the digits example.
 
 The paper's MNIST T-Shirt experiment computes its Inception Score with an MNIST classifier in
-place of Inception-v3 (Hasanaliyev et al., 2025, Table 2). :class:`DigitClassifier` plays that
-role for the 16x16 digits of ``examples/``: its logits feed :func:`siss.metrics.is_score` and
-its penultimate features feed :func:`siss.metrics.fid_score`. Trained weights ship as
+place of Inception-v3 (Hasanaliyev et al., 2025, Table 2). ``DigitClassifier`` plays that
+role for the 16x16 digits of ``examples/``: its logits feed ``siss.metrics.is_score`` and
+its penultimate features feed ``siss.metrics.fid_score``. Trained weights ship as
 ``examples/assets/digit_classifier.safetensors`` (see ``examples/train_classifier.py``).
 """
 
@@ -21,7 +21,7 @@ __all__ = ["ClassifierOutput", "DigitClassifier"]
 
 
 class ClassifierOutput(NamedTuple):
-    """Output of :class:`DigitClassifier`.
+    """Output of ``DigitClassifier``.
 
     Attributes:
         logits: ``(B, num_classes)`` class scores.
@@ -97,8 +97,8 @@ class DigitClassifier(nn.Module):
 
         ``x`` must have the model's floating dtype and device (``TypeError`` / ``ValueError``
         naming ``x`` otherwise: convert 8-bit images to ``[-1, 1]`` first). Non-finite pixels
-        give non-finite outputs, which :func:`~siss.metrics.is_score` and
-        :func:`~siss.metrics.fid_score` report.
+        give non-finite outputs, which ``is_score`` and
+        ``fid_score`` report.
         """
         expected = (self.in_channels, self.image_size, self.image_size)
         dims = f"(B, {', '.join(map(str, expected))})"

@@ -4,37 +4,45 @@ The paper measures unlearning by the negative log-likelihood of the forgotten im
 "NLL"), computed as in Song et al., "Score-Based Generative Modeling through Stochastic
 Differential Equations" (ICLR 2021), Sec. 4.3 and appendix D.2: the variance-preserving SDE
 
-.. math:: dx = -\\tfrac12 \\beta(t) x\\,dt + \\sqrt{\\beta(t)}\\,dw, \\quad t \\in [0, 1],
+$$
+dx = -\\tfrac12 \\beta(t) x\\,dt + \\sqrt{\\beta(t)}\\,dw, \\quad t \\in [0, 1],
+$$
 
 has the probability-flow ODE
 
-.. math:: \\frac{dx}{dt} = f(x, t) = -\\tfrac12 \\beta(t) \\Big(x - \\frac{\\epsilon_\\theta(x, t)}
-    {\\sigma(t)}\\Big), \\qquad \\sigma(t)^2 = 1 - \\bar\\alpha(t),
+$$
+\\frac{dx}{dt} = f(x, t) = -\\tfrac12 \\beta(t) \\Big(x - \\frac{\\epsilon_\\theta(x, t)}
+{\\sigma(t)}\\Big), \\qquad \\sigma(t)^2 = 1 - \\bar\\alpha(t),
+$$
 
-(the score is :math:`-\\epsilon_\\theta / \\sigma`), and the instantaneous change of variables
+(the score is $-\\epsilon_\\theta / \\sigma$), and the instantaneous change of variables
 
-.. math:: \\log p_{t_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{t_\\epsilon}^1
-    \\nabla \\cdot f(x(t), t)\\,dt.
+$$
+\\log p_{t_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{t_\\epsilon}^1
+\\nabla \\cdot f(x(t), t)\\,dt.
+$$
 
 The divergence is estimated with Hutchinson's trace estimator
-:math:`\\nabla\\cdot f \\approx v^\\top (\\partial f / \\partial x) v` with Rademacher probes
-:math:`v` drawn once per call (fixed along the trajectory), one vector-Jacobian product per
+$\\nabla\\cdot f \\approx v^\\top (\\partial f / \\partial x) v$ with Rademacher probes
+$v$ drawn once per call (fixed along the trajectory), one vector-Jacobian product per
 probe and function evaluation. The estimator is unbiased; it is exact whenever the Jacobian is
-diagonal, since :math:`v_i^2 = 1`.
+diagonal, since $v_i^2 = 1$.
 
 Continuous schedule (the choice made here): the discrete schedule with ``T`` steps is read as
-the VP-SDE whose :math:`\\beta(t)` interpolates ``T * betas[i]`` linearly between the nodes
-:math:`t_i = i / (T - 1)`, with ``betas[i] = 1 - alphas_cumprod[i] / alphas_cumprod[i - 1]``
-and :math:`\\log\\bar\\alpha(t) = -\\int_0^t \\beta(s)\\,ds` (so :math:`\\bar\\alpha(0) = 1`).
+the VP-SDE whose $\\beta(t)$ interpolates ``T * betas[i]`` linearly between the nodes
+$t_i = i / (T - 1)$, with ``betas[i] = 1 - alphas_cumprod[i] / alphas_cumprod[i - 1]``
+and $\\log\\bar\\alpha(t) = -\\int_0^t \\beta(s)\\,ds$ (so $\\bar\\alpha(0) = 1$).
 For DDPM's linear schedule (``betas`` from 1e-4 to 0.02, ``T = 1000``) this is exactly Song et
-al.'s VP-SDE with :math:`\\beta_{\\min} = 0.1, \\beta_{\\max} = 20`. The model is queried at the
+al.'s VP-SDE with $\\beta_{\\min} = 0.1, \\beta_{\\max} = 20$. The model is queried at the
 continuous timestep ``t * (T - 1)``, Song et al.'s convention for DDPM checkpoints.
 
 Bits per dimension (Song et al.'s convention, ``offset = 7`` for data in ``[-1, 1]``): images
 with ``num_bins = 256`` intensity levels scaled to ``data_range = (lo, hi)`` occupy bins of
 width ``(hi - lo) / 256``, so the discrete negative log-likelihood in bits per dimension is
 
-.. math:: \\text{bpd} = -\\frac{\\log p(x)}{D \\ln 2} + \\log_2 \\frac{256}{hi - lo}
+$$
+\\text{bpd} = -\\frac{\\log p(x)}{D \\ln 2} + \\log_2 \\frac{256}{hi - lo}
+$$
 
 (7 for ``[-1, 1]``, 8 for ``[0, 1]``); ``num_bins=None`` drops the offset (continuous
 bits/dim). With ``dequantize=True`` the input is first mapped back to its integer level ``k``
@@ -45,7 +53,7 @@ argument, never a number: images with NaN or inf values (with their count), a mo
 output is non-finite or of the wrong shape (a diverged model has no likelihood), an ODE solution
 that overflows, integer or half-precision images (the solver's tolerances are below half
 precision's resolution), and fixed-grid solvers (they would take a single step from
-:math:`t_\\epsilon` to 1 here and return a finite, wrong value).
+$t_\\epsilon$ to 1 here and return a finite, wrong value).
 """
 
 from __future__ import annotations
@@ -121,17 +129,17 @@ class VPSchedule:
         return k, u, (self.nodes[k + 1] - self.nodes[k]) / self.h
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\beta(t)`, float64, same shape as ``t`` (finite; clamped to ``[0, 1]``)."""
+        """$\\beta(t)$, float64, same shape as ``t`` (finite; clamped to ``[0, 1]``)."""
         k, u, slope = self._segment(t)
         return self.nodes[k] + slope * u
 
     def log_alpha_cumprod(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log\\bar\\alpha(t) = -\\int_0^t \\beta(s) ds`, float64."""
+        """$\\log\\bar\\alpha(t) = -\\int_0^t \\beta(s) ds$, float64."""
         k, u, slope = self._segment(t)
         return -(self.cum[k] + self.nodes[k] * u + 0.5 * slope * u * u)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """:math:`\\sigma(t) = \\sqrt{1 - \\bar\\alpha(t)}`, float64."""
+        """$\\sigma(t) = \\sqrt{1 - \\bar\\alpha(t)}$, float64."""
         return torch.sqrt(-torch.expm1(self.log_alpha_cumprod(t)))
 
 
@@ -219,7 +227,7 @@ def log_likelihood(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Log-density :math:`\\log p_{t_\\epsilon}(x)` in nats by the probability-flow ODE.
+    """Log-density $\\log p_{t_\\epsilon}(x)$ in nats by the probability-flow ODE.
 
     The whole batch is integrated at once (one adaptive solve of the augmented state
     ``(x, divergence integral)``), so the step sizes, and hence the result to within the solver
@@ -244,7 +252,7 @@ def log_likelihood(
         method: an adaptive ``torchdiffeq.odeint`` method: ``"dopri5"`` (RK45, as scipy's in
             the paper), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"`` or ``"adaptive_heun"``.
         t_eps: start of the integration, in ``(0, 1)``; the density is that of
-            :math:`x(t_\\epsilon)`.
+            $x(t_\\epsilon)$.
         generator: random source of the probes (drawn on the CPU, once per call).
         progress: show a tqdm bar of the integration time reached.
 
@@ -344,19 +352,19 @@ def bits_per_dim(
 ) -> torch.Tensor:
     """Negative log-likelihood in bits per dimension (Song et al. 2021, appendix D.2).
 
-    Computes :func:`log_likelihood` and converts it as
+    Computes ``log_likelihood`` and converts it as
     ``-log p / (D ln 2) + log2(num_bins / (hi - lo))`` with ``D`` values per image (the offset
     is 7 for ``[-1, 1]`` and 256 levels, as in Song et al.'s code; 0 with ``num_bins=None``).
 
     Args:
-        eps_model: noise-prediction callable, see :func:`log_likelihood`.
+        eps_model: noise-prediction callable, see ``log_likelihood``.
         x: ``(B, *S)`` finite float32/float64 images in ``data_range`` (8-bit images must be
             scaled first: integer tensors raise ``TypeError``).
         alphas_cumprod: ``(T,)`` the discrete schedule.
         num_probes: Rademacher probes per image.
         rtol: relative tolerance of the ODE solver.
         atol: absolute tolerance of the ODE solver.
-        method: an adaptive ``torchdiffeq.odeint`` method, see :func:`log_likelihood`.
+        method: an adaptive ``torchdiffeq.odeint`` method, see ``log_likelihood``.
         t_eps: start of the integration, in ``(0, 1)``.
         data_range: ``(lo, hi)`` finite, ``hi > lo``: the range the model's data was scaled to.
         num_bins: intensity levels of the original data (an int ``>= 2``, 256 for 8-bit), or

@@ -3,14 +3,14 @@
 The paper reports FID (CelebA-HQ, computed with torchmetrics on Inception-v3 features) and an
 Inception Score computed with an MNIST classifier instead of Inception-v3 (MNIST T-Shirt,
 Table 2). Both are defined here on plain tensors, so that any network can play Inception's
-role: :func:`inception_score` takes class logits, :func:`frechet_distance` takes feature
-vectors, and :func:`extract` runs a model (an ``nn.Module`` or any callable) over images in
-batches. :class:`siss.metrics.DigitClassifier` is the default extractor of the digits example.
+role: ``inception_score`` takes class logits, ``frechet_distance`` takes feature
+vectors, and ``extract`` runs a model (an ``nn.Module`` or any callable) over images in
+batches. ``siss.metrics.DigitClassifier`` is the default extractor of the digits example.
 
 Non-finite values: a diverged model samples NaN images, whose logits and features are NaN. A
 score over them would be NaN (Inception Score) or an obscure linear-algebra failure (FID), and
 neither return type has room to say how many samples were lost, so every score raises
-``ValueError`` naming the argument and counting the non-finite rows instead. :func:`extract`
+``ValueError`` naming the argument and counting the non-finite rows instead. ``extract``
 passes values through unchecked; the scores check them.
 
 References:
@@ -103,7 +103,7 @@ def extract(
 
     An ``nn.Module`` is put in eval mode for the call and restored afterwards. Values are not
     checked: non-finite images give whatever the extractor makes of them (NaN, usually), and
-    the scores (:func:`inception_score`, :func:`frechet_distance`) report those.
+    the scores (``inception_score``, ``frechet_distance``) report those.
 
     Args:
         extractor: maps a ``(b, C, H, W)`` batch to a tensor ``(b, F)`` (or ``(b, ...)``,
@@ -131,7 +131,7 @@ def _extract(
     progress: bool,
     name: str = "images",
 ) -> torch.Tensor:
-    """:func:`extract`, naming the images argument ``name`` in its errors."""
+    """``extract``, naming the images argument ``name`` in its errors."""
     images = check_tensor(images, name, dims="(N, ...) with N > 0", min_dim=2, floating=False)
     if images.shape[0] == 0:
         raise ValueError(f"`{name}` must be (N, ...) with N > 0, got {tuple(images.shape)}")
@@ -179,7 +179,7 @@ def _inception_score(logits: torch.Tensor, splits: int) -> ScoreEstimate:
 
 
 def inception_score(logits: torch.Tensor, *, splits: int = 1) -> ScoreEstimate:
-    """Inception Score :math:`\\exp(\\mathbb E_x\\, KL(p(y|x) \\,\\|\\, p(y)))` from logits.
+    """Inception Score $\\exp(\\mathbb E_x\\, KL(p(y|x) \\,\\|\\, p(y)))$ from logits.
 
     Computed in float64 from ``log_softmax``; ``p(y)`` is the mean prediction of each split.
     It is ``K`` for confident predictions spread evenly over ``K`` classes and 1 when every
@@ -193,7 +193,7 @@ def inception_score(logits: torch.Tensor, *, splits: int = 1) -> ScoreEstimate:
             ``[1, N]`` (the remainder of ``N / splits`` samples is dropped).
 
     Returns:
-        A :class:`ScoreEstimate` of finite values, ``1 <= mean <= K``.
+        A ``ScoreEstimate`` of finite values, ``1 <= mean <= K``.
 
     Example:
         >>> logits = 50.0 * torch.eye(10).repeat(3, 1)  # confident, 3 samples per class
@@ -273,8 +273,10 @@ def frechet_distance_from_statistics(
 ) -> float:
     """Squared Fréchet (2-Wasserstein) distance between two Gaussians, in float64.
 
-    .. math:: \\|\\mu_1 - \\mu_2\\|^2 + \\operatorname{tr}\\Sigma_1 + \\operatorname{tr}\\Sigma_2
-        - 2 \\operatorname{tr}\\big(\\Sigma_1^{1/2} \\Sigma_2 \\Sigma_1^{1/2}\\big)^{1/2}
+    $$
+    \\|\\mu_1 - \\mu_2\\|^2 + \\operatorname{tr}\\Sigma_1 + \\operatorname{tr}\\Sigma_2
+    - 2 \\operatorname{tr}\\big(\\Sigma_1^{1/2} \\Sigma_2 \\Sigma_1^{1/2}\\big)^{1/2}
+    $$
 
     The cross term uses the symmetric form, whose eigenvalues are real and non-negative, so no
     complex square root is needed (``tr sqrt(S1 S2)`` equals it since ``S1 S2`` is similar
@@ -372,14 +374,14 @@ def is_score(
         extractor: returns ``(b, K)`` logits, or an output holding them (see ``select``).
         images: ``(N, C, H, W)`` images in the range the classifier expects.
         select: which output holds the logits (e.g. ``"logits"`` for
-            :class:`~siss.metrics.DigitClassifier`).
-        splits: see :func:`inception_score`.
+            ``DigitClassifier``).
+        splits: see ``inception_score``.
         batch_size: images per call.
         device: where to run the classifier.
         progress: show a tqdm bar.
 
     Returns:
-        A :class:`ScoreEstimate`. Images whose logits hold NaN or inf values (NaN samples of a
+        A ``ScoreEstimate``. Images whose logits hold NaN or inf values (NaN samples of a
         diverged model) raise ``ValueError`` naming ``images`` with their count.
     """
     splits = check_int(splits, "splits", minimum=1)
@@ -411,7 +413,7 @@ def fid_score(
         images1: ``(N1, C, H, W)`` e.g. generated samples, ``N1 >= 2``.
         images2: ``(N2, C, H, W)`` e.g. reference data, ``N2 >= 2``.
         select: which output holds the features (``"features"`` for
-            :class:`~siss.metrics.DigitClassifier`).
+            ``DigitClassifier``).
         batch_size: images per call.
         device: where to run the extractor.
         progress: show a tqdm bar.

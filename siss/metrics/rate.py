@@ -2,12 +2,12 @@
 
 The paper (Hasanaliyev et al., 2025, Sec. 5.2 and Table 2) counts a sample as the unlearned
 T-shirt when its L2 distance to the T-shirt, pixels in ``[0, 1]``, is below 10 on 28x28 MNIST.
-:func:`default_threshold` keeps that per-pixel RMS distance (``10 / 28``) for other sizes.
+``default_threshold`` keeps that per-pixel RMS distance (``10 / 28``) for other sizes.
 
 Non-finite samples: a model that diverged (NegGrad does, within a few hundred steps) samples
 NaN or inf images. Such a sample is at no distance from the target, so it is neither a hit nor
 a miss; counting it as a miss would report 0% generation, i.e. perfect unlearning. Instead
-:func:`generation_rate` counts the non-finite samples in :attr:`RateEstimate.nonfinite`, keeps
+``generation_rate`` counts the non-finite samples in ``RateEstimate.nonfinite``, keeps
 them out of ``count`` and ``total``, and by default reports the rate as NaN whenever there is
 any (``on_nonfinite="exclude"`` gives the rate over the finite samples instead, and
 ``"raise"`` raises).
@@ -46,7 +46,7 @@ class RateEstimate(NamedTuple):
     Attributes:
         rate: ``count / total``; NaN when it was not measured: no finite sample (``total ==
             0``), or some sample was non-finite under ``on_nonfinite="nan"`` (the default of
-            :func:`generation_rate`). Never 0 for samples that could not be measured.
+            ``generation_rate``). Never 0 for samples that could not be measured.
         low: lower end of the confidence interval (NaN when ``rate`` is).
         high: upper end of the confidence interval (NaN when ``rate`` is).
         count: number of finite samples counted as the target.
@@ -69,7 +69,9 @@ def default_threshold(image_shape: Sequence[int] | torch.Size) -> float:
     The paper used ``L2 < 10`` on 28x28x1 images in ``[0, 1]``, i.e. a per-pixel RMS
     distance of ``10 / 28 ≈ 0.357``. Keeping the RMS distance fixed gives
 
-    .. math:: \\tau(D) = 10 \\sqrt{D / 784}
+    $$
+    \\tau(D) = 10 \\sqrt{D / 784}
+    $$
 
     for ``D`` values per image: 10 at 28x28x1, 5.71 at 16x16x1, 39.6 at 3x64x64.
 
@@ -120,7 +122,7 @@ def l2_distances(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(N,)`` float64 distances. A sample holding NaN or ±inf values (or a non-finite
-        target) gives a NaN or inf distance in its row; :func:`generation_rate` reports those.
+        target) gives a NaN or inf distance in its row; ``generation_rate`` reports those.
     """
     samples, target = _check_images(samples, target)
     diff = (samples.to(torch.float64) - target.to(samples.device, torch.float64)).flatten(1)
@@ -189,7 +191,7 @@ def generation_rate(
     """Fraction of samples within L2 distance ``threshold`` of ``target``, with a CI.
 
     Samples holding any NaN or ±inf value cannot be measured. They are always counted in
-    :attr:`RateEstimate.nonfinite` and left out of ``count`` and ``total``; ``on_nonfinite``
+    ``RateEstimate.nonfinite`` and left out of ``count`` and ``total``; ``on_nonfinite``
     decides what the rate says about them (see the module docstring for why a diverged model
     must not read as perfect unlearning).
 
@@ -200,16 +202,16 @@ def generation_rate(
         target: ``(*S)`` or ``(1, *S)`` the image whose generation is counted, floating point
             in ``[0, 1]``, finite.
         threshold: distance below which a sample counts, a finite number ``> 0``; ``None``
-            uses :func:`default_threshold` of the image shape (10 at 28x28, 5.71 at 16x16).
+            uses ``default_threshold`` of the image shape (10 at 28x28, 5.71 at 16x16).
         confidence: level of the two-sided interval, in ``(0, 1)``.
-        method: interval, see :func:`proportion_ci`.
+        method: interval, see ``proportion_ci``.
         on_nonfinite: ``"nan"`` (default): any non-finite sample makes ``rate``, ``low`` and
             ``high`` NaN (the tallies are still reported); ``"exclude"``: the rate and its
             interval are over the finite samples only, and NaN if there is none;
             ``"raise"``: raise ``ValueError`` with the count.
 
     Returns:
-        A :class:`RateEstimate`; its ``rate`` is NaN exactly when it could not be measured.
+        A ``RateEstimate``; its ``rate`` is NaN exactly when it could not be measured.
 
     Example:
         >>> import torch
