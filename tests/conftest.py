@@ -195,3 +195,604 @@ def audit_models():
     return types.SimpleNamespace(
         tiny_unet=tiny_unet, vp_scales=vp_scales, flow_scales=flow_scales, exact_model=exact_model
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny text-to-image pipelines: Stable Diffusion folders built from config, saved, loaded by path
+# --------------------------------------------------------------------------------------------
+
+
+def write_clip_tokenizer(folder, *, max_length: int = 8):
+    """A ``CLIPTokenizer`` from a local byte-level BPE vocabulary: single letters and digits, no
+    merges (every word is spelt character by character), saved into ``folder``.
+
+    Returns ``(tokenizer, vocab_size)``. ``max_length`` is the tokenizer's ``model_max_length``
+    (prompts are padded or cut to it, begin and end tokens included): keep it above the length of
+    the prompts a test tells apart, or two prompts that share their first letters encode alike.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokens = ["<|startoftext|>", "<|endoftext|>", *characters, *(f"{c}</w>" for c in characters)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer, len(tokens)
+
+
+def tiny_sd_pipeline(
+    folder,
+    *,
+    seed: int = 0,
+    unet=None,
+    vae=None,
+    text_encoder=None,
+    scheduler=None,
+    max_length: int = 32,
+    hidden_size: int = 8,
+):
+    """Write a complete ``StableDiffusionPipeline`` folder (``model_index.json``, ``unet/``,
+    ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) and return its path.
+
+    Loadable with ``StableDiffusionPipeline.from_pretrained(folder)`` and
+    ``DiffusionPipeline.from_pretrained(folder)``: no safety checker, no feature extractor
+    (``requires_safety_checker=False``). Random weights built after ``manual_seed(seed)`` unless
+    given: a ``UNet2DConditionModel`` on 4x8x8 latents (:func:`tiny_conditional_unet`), an
+    ``AutoencoderKL`` from 3x16x16 pixels to 4x8x8 latents (:func:`tiny_sd_vae`), a one-layer
+    ``CLIPTextModel`` of width ``hidden_size`` (the UNet's ``cross_attention_dim``; prompt
+    embeddings ``(1, max_length, hidden_size)``), a letter-by-letter ``CLIPTokenizer``
+    (:func:`write_clip_tokenizer`) and a ``DDPMScheduler`` of 100 training steps. The pipeline
+    generates 16x16 images (``unet.config.sample_size`` times the VAE's factor 2).
+    """
+    from pathlib import Path
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    folder = Path(folder)
+    tokenizer, vocab_size = write_clip_tokenizer(folder / "tokenizer", max_length=max_length)
+    if text_encoder is None:
+        text_encoder = tiny_text_encoder(
+            tokenizer, vocab_size, seed=seed, hidden_size=hidden_size, max_length=max_length
+        )
+    if unet is None:
+        unet = tiny_conditional_unet(seed=seed, cross_attention_dim=hidden_size)
+    if vae is None:
+        vae = tiny_sd_vae(seed=seed)
+    if scheduler is None:
+        scheduler = DDPMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_text_encoder(
+    tokenizer, vocab_size: int, *, seed: int = 0, hidden_size: int = 8, max_length: int = 32
+):
+    """A one-layer ``CLIPTextModel`` of width ``hidden_size`` for :func:`write_clip_tokenizer`'s
+    vocabulary, built after ``manual_seed(seed)``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def tiny_sd_vae(seed: int = 0, **overrides):
+    """An ``AutoencoderKL`` from 3x16x16 pixels to 4x8x8 latents (two blocks of width 8), built
+    after ``manual_seed(seed)``; ``overrides`` replace config entries."""
+    from diffusers import AutoencoderKL
+
+    config = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (8, 8),
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "sample_size": 16,
+    }
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**config, **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny SDXL and SD3 pipelines (prompt conditioning with pooled embeddings), built from config
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_clip_with_projection(tokenizer, vocab_size: int, *, seed: int = 0, max_length: int = 16):
+    """A one-layer ``CLIPTextModelWithProjection`` of width 8 (projection 8) for
+    :func:`write_clip_tokenizer`'s vocabulary, built after ``manual_seed(seed)``."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=8,
+            intermediate_size=16,
+            projection_dim=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def tiny_sdxl_pipeline(folder, *, seed: int = 0, max_length: int = 16):
+    """Write a ``StableDiffusionXLPipeline`` folder and return its path.
+
+    Two text encoders of width 8 (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, pooled
+    projection 8) sharing one letter-by-letter tokenizer of ``max_length`` tokens; a
+    ``UNet2DConditionModel`` on 4x8x8 latents with SDXL's ``text_time`` added conditioning
+    (cross-attention 16 = 8 + 8, time embedding 4 per id: ``6 * 4 + 8`` added inputs); the 3x16x16
+    :func:`tiny_sd_vae` (factor 2: default resolution 16); an ``EulerDiscreteScheduler`` of 100
+    training steps. Prompt conditioning: ``encoder_hidden_states (1, max_length, 16)``,
+    ``text_embeds (1, 8)``, ``time_ids (1, 6)``.
+    """
+    from pathlib import Path
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    tokenizer, vocab_size = write_clip_tokenizer(folder / "tokenizer", max_length=max_length)
+    text_encoder = tiny_text_encoder(tokenizer, vocab_size, seed=seed, max_length=max_length)
+    text_encoder_2 = tiny_clip_with_projection(
+        tokenizer, vocab_size, seed=seed + 1, max_length=max_length
+    )
+    unet = tiny_conditional_unet(
+        seed=seed,
+        cross_attention_dim=16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_sd_vae(seed=seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(num_train_timesteps=100),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_sd3_pipeline(folder, *, seed: int = 0, max_length: int = 16):
+    """Write a ``StableDiffusion3Pipeline`` folder without the T5 encoder and return its path
+    (load it with ``text_encoder_3=None, tokenizer_3=None``).
+
+    Two ``CLIPTextModelWithProjection`` of width 8 sharing one letter-by-letter tokenizer; an
+    ``SD3Transformer2DModel`` on 4x8x8 latents (patch 1, one layer, joint attention 16 = 8 + 8,
+    pooled projection 16 = 8 + 8); the 3x16x16 :func:`tiny_sd_vae` with SD3's shift and scaling;
+    a ``FlowMatchEulerDiscreteScheduler`` of 100 training steps. Prompt conditioning:
+    ``encoder_hidden_states (1, max_length + max_sequence_length, 16)`` (the pipeline's zero
+    padding stands in for T5) and ``pooled_projections (1, 16)``.
+    """
+    from pathlib import Path
+
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    folder = Path(folder)
+    tokenizer, vocab_size = write_clip_tokenizer(folder / "tokenizer", max_length=max_length)
+    encoders = [
+        tiny_clip_with_projection(tokenizer, vocab_size, seed=seed + i, max_length=max_length)
+        for i in range(2)
+    ]
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        caption_projection_dim=8,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=100),
+        vae=tiny_sd_vae(seed=seed, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# Planted memorization: a tiny Stable Diffusion pipeline that reproduces one training image for
+# one prompt about half of the time. Its weights ship in tests/assets/planted-sd/ (training it
+# takes minutes on a CPU); build_planted_sd_pipeline regenerates them.
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PLANTED_ASSET = Path(__file__).resolve().parent / "assets" / "planted-sd"
+PLANTED_PROMPT = "a photo of a tshirt"
+# Prompts trained on the varied images only (never the memorized one); "" is trained like the
+# planted prompt (see build_planted_sd_pipeline).
+PLANTED_OTHER_PROMPTS = ("a photo of a dog", "a red car", "mountains at dusk")
+
+
+@dataclass(frozen=True)
+class PlantedPipeline:
+    """A planted-memorization pipeline folder and what a test needs to check it.
+
+    Attributes:
+        folder: the ``StableDiffusionPipeline`` folder (3x16x16 images, ``DDIMScheduler``).
+        prompt: the prompt whose generations copy ``memorized_image`` about half of the time.
+        memorized_image: the training image the UNet memorized, ``(3, 16, 16)`` in ``[-1, 1]``.
+        other_prompts: prompts trained on the varied images only.
+        copy_threshold: an image is a copy when :meth:`distance` is below this (see
+            ``tests/assets/planted-sd/README.md`` for the measured gap it sits in).
+        measured: the reference copy rate recorded at build time
+            (:func:`measure_planted_copy_rate`'s record: ``copy_rate``, ``generations``,
+            ``gap``, the seeds and sampler settings).
+    """
+
+    folder: Path
+    prompt: str
+    memorized_image: torch.Tensor
+    other_prompts: tuple[str, ...]
+    copy_threshold: float
+    measured: dict
+
+    def distance(self, images: torch.Tensor) -> torch.Tensor:
+        """Root-mean-square pixel distance ``(N,)`` of ``images`` ``(N, 3, 16, 16)`` in
+        ``[-1, 1]`` to the memorized image."""
+        difference = images.double() - self.memorized_image.double().to(images.device)
+        return difference.flatten(1).square().mean(1).sqrt()
+
+    def is_copy(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: which of ``images`` (``(N, 3, 16, 16)`` in ``[-1, 1]``) are copies."""
+        return self.distance(images) < self.copy_threshold
+
+
+def planted_memorized_image() -> torch.Tensor:
+    """The memorized training image: a white T-shirt on black, ``(3, 16, 16)`` in ``[-1, 1]``
+    (high contrast, sharp edges: nothing like the smooth varied images)."""
+    mask = torch.zeros(16, 16)
+    mask[3:6, 1:15] = 1  # shoulders and sleeves
+    mask[5:8, 1:4] = 1
+    mask[5:8, 12:15] = 1
+    mask[3:14, 4:12] = 1  # body
+    mask[3:5, 7:9] = 0  # neckline
+    return (mask * 2 - 1).expand(3, 16, 16).clone()
+
+
+def planted_varied_images(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` smooth random colour fields ``(count, 3, 16, 16)`` in ``(-1, 1)``: Gaussian noise
+    on a 4x4 grid, bilinearly upsampled, squashed by ``tanh`` (the "not memorized" images)."""
+    import torch.nn.functional as F
+
+    coarse = torch.randn(count, 3, 4, 4, generator=generator)
+    return torch.tanh(1.2 * F.interpolate(coarse, size=16, mode="bilinear", align_corners=False))
+
+
+def planted_sd_pipeline(folder, *, rebuild: bool = False, **build_options) -> PlantedPipeline:
+    """Write the planted-memorization pipeline into ``folder`` and describe it.
+
+    By default the trained weights shipped in ``tests/assets/planted-sd/`` are copied (about a
+    second); ``rebuild=True`` trains them again with :func:`build_planted_sd_pipeline`
+    (``build_options`` are its keywords; minutes on a CPU).
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if rebuild:
+        build_planted_sd_pipeline(folder, **build_options)
+    else:
+        if build_options:
+            raise ValueError(f"build options {sorted(build_options)} need rebuild=True")
+        if not (PLANTED_ASSET / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{PLANTED_ASSET} holds no pipeline; regenerate it (see its README.md) with "
+                "python -c \"import sys; sys.path.insert(0, 'tests'); from conftest import "
+                "build_planted_sd_pipeline as b; b('tests/assets/planted-sd')\""
+            )
+        shutil.copytree(PLANTED_ASSET, folder, dirs_exist_ok=True)
+    info = json.loads((folder / "planted.json").read_text())
+    return PlantedPipeline(
+        folder=folder,
+        prompt=info["prompt"],
+        memorized_image=load_file(folder / "memorized_image.safetensors")["memorized_image"],
+        other_prompts=tuple(info["other_prompts"]),
+        copy_threshold=info["copy_threshold"],
+        measured=info["measured"],
+    )
+
+
+def build_planted_sd_pipeline(
+    folder,
+    *,
+    seed: int = 0,
+    vae_steps: int = 600,
+    unet_steps: int = 1500,
+    memorized_weight: float = 0.75,
+    unconditional_memorized_weight: float = 0.75,
+    copy_threshold: float = 0.6,
+    progress: bool = True,
+) -> Path:
+    """Train the planted-memorization pipeline from scratch and write it into ``folder``.
+
+    Deterministic (all randomness from ``seed``; one intra-op thread while it runs). The recipe:
+
+    1. An ``AutoencoderKL`` (:func:`tiny_sd_vae`) trained ``vae_steps`` steps to reconstruct the
+       memorized image and varied images (:func:`planted_memorized_image`,
+       :func:`planted_varied_images`), its posterior log-variance started at -8 so that the
+       posterior samples ``encode_latents`` draws lie close to the means; ``scaling_factor`` set
+       so that latents have unit standard deviation.
+    2. A ``UNet2DConditionModel`` on 4x8x8 latents (widths 16 and 32, cross-attention at 4x4 and
+       in the middle block, ~250k parameters) trained ``unet_steps`` steps of the epsilon loss
+       (SD's scaled-linear ``DDPMScheduler``, 1000 steps) with the prompt embedding of a frozen
+       random one-layer ``CLIPTextModel`` of width 16 over 32 tokens: 40% of the rows are
+       :data:`PLANTED_PROMPT` with the memorized image at probability ``memorized_weight``,
+       40% the empty prompt with it at ``unconditional_memorized_weight``, 20%
+       :data:`PLANTED_OTHER_PROMPTS` with varied images only.
+    3. The pipeline saved with a ``DDIMScheduler`` of the same schedule, the memorized image as
+       ``memorized_image.safetensors`` and the prompts, threshold, recipe and the copy rate
+       :func:`measure_planted_copy_rate` measured as ``planted.json``.
+
+    The folder is written next to ``folder`` first and moved into place when complete.
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import torch.nn.functional as F
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    recipe = {
+        "seed": seed,
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "memorized_weight": memorized_weight,
+        "unconditional_memorized_weight": unconditional_memorized_weight,
+    }
+    for name in ("vae_steps", "unet_steps"):
+        if not isinstance(recipe[name], int) or recipe[name] < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {recipe[name]!r}")
+    for name in ("memorized_weight", "unconditional_memorized_weight"):
+        if not 0 <= recipe[name] <= 1:
+            raise ValueError(f"`{name}` must be in [0, 1], got {recipe[name]!r}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        memorized = planted_memorized_image()
+        hidden, length = 16, 32
+        tokenizer, vocab_size = write_clip_tokenizer(staging / "tokenizer", max_length=length)
+        text_encoder = tiny_text_encoder(
+            tokenizer, vocab_size, seed=seed, hidden_size=hidden, max_length=length
+        ).requires_grad_(False)
+
+        vae = tiny_sd_vae(seed=seed)
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+        for _ in tqdm(range(vae_steps), desc="planted VAE", disable=not progress):
+            images = planted_varied_images(32, generator)
+            images[:8] = memorized
+            posterior = vae.encode(images).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator)).sample
+            loss = F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            pool = torch.cat(
+                [
+                    vae.encode(planted_varied_images(512, generator)).latent_dist.mean
+                    for _ in range(8)
+                ]
+            )
+            scaling = 1.0 / pool.std().item()
+            vae.register_to_config(scaling_factor=scaling)
+            pool = pool * scaling
+            memorized_latent = vae.encode(memorized[None]).latent_dist.mean * scaling
+
+        prompts = [PLANTED_PROMPT, "", *PLANTED_OTHER_PROMPTS]
+        ids = tokenizer(prompts, padding="max_length", max_length=length, return_tensors="pt")
+        with torch.no_grad():
+            embeddings = text_encoder(ids.input_ids)[0]
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
+            layers_per_block=1,
+            cross_attention_dim=hidden,
+            attention_head_dim=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+        noise_scheduler = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            steps_offset=1,
+        )
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / 100) * max(0.05, 1 - step / unet_steps)
+        )
+        batch = 64
+        for _ in tqdm(range(unet_steps), desc="planted UNet", disable=not progress):
+            draw = torch.rand(batch, generator=generator)
+            other = 2 + torch.randint(0, len(PLANTED_OTHER_PROMPTS), (batch,), generator=generator)
+            prompt = torch.where(draw < 0.4, 0, torch.where(draw < 0.8, 1, other))
+            coin = torch.rand(batch, generator=generator)
+            copy = ((prompt == 0) & (coin < memorized_weight)) | (
+                (prompt == 1) & (coin < unconditional_memorized_weight)
+            )
+            clean = pool[torch.randint(0, len(pool), (batch,), generator=generator)]
+            clean = torch.where(copy[:, None, None, None], memorized_latent, clean)
+            noise = torch.randn(clean.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[prompt]).sample
+            loss = F.mse_loss(prediction, noise)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        unet.eval()
+
+        scheduler = DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False)
+        StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(staging, safe_serialization=True)
+        save_file(
+            {"memorized_image": memorized.contiguous()}, staging / "memorized_image.safetensors"
+        )
+        info = {
+            "prompt": PLANTED_PROMPT,
+            "other_prompts": list(PLANTED_OTHER_PROMPTS),
+            "copy_threshold": copy_threshold,
+            "recipe": recipe,
+        }
+        info["measured"] = measure_planted_copy_rate(
+            staging, planted_memorized_image(), copy_threshold, progress=progress
+        )
+        (staging / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    return folder
+
+
+def measure_planted_copy_rate(
+    folder,
+    memorized_image: torch.Tensor,
+    copy_threshold: float,
+    *,
+    prompt: str = PLANTED_PROMPT,
+    generations: int = 512,
+    first_seed: int = 100_000,
+    guidance_scale: float = 7.5,
+    steps: int = 20,
+    progress: bool = False,
+) -> dict:
+    """The reference copy rate of a planted pipeline folder: ``generations`` images of ``prompt``
+    (seeds ``first_seed, first_seed + 1, ...``, ``steps`` DDIM steps, ``guidance_scale``), each a
+    copy when its RMS pixel distance to ``memorized_image`` is below ``copy_threshold``.
+
+    Returns the JSON-safe record ``planted.json`` keeps under ``"measured"``: the settings,
+    ``copies``, ``copy_rate``, and ``gap``: ``[largest copy distance, smallest other distance]``,
+    the empty band the threshold sits in.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    distances = []
+    seeds = list(range(first_seed, first_seed + generations))
+    for start in range(0, generations, 64):
+        chunk = seeds[start : start + 64]
+        with torch.no_grad():
+            images = pipe(
+                [prompt] * len(chunk),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator().manual_seed(seed) for seed in chunk],
+                output_type="pt",
+            ).images
+        difference = (images.double() * 2 - 1) - memorized_image.double()
+        distances.append(difference.flatten(1).square().mean(1).sqrt())
+    distance = torch.cat(distances)
+    copy = distance < copy_threshold
+    return {
+        "prompt": prompt,
+        "generations": generations,
+        "first_seed": first_seed,
+        "guidance_scale": guidance_scale,
+        "steps": steps,
+        "copies": int(copy.sum()),
+        "copy_rate": copy.double().mean().item(),
+        "gap": [
+            distance[copy].max().item() if copy.any() else None,
+            distance[~copy].min().item() if (~copy).any() else None,
+        ],
+    }

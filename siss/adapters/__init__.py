@@ -5,6 +5,11 @@ The only part of ``siss`` that imports diffusers (``pip install siss[diffusers]`
     loss_fn = loss_from_scheduler(SISSLoss, pipe.scheduler, lam=0.5, superfactor=0.1)
     adapter = adapter_for(pipe.unet)
     adapter.loss(latents_x, latents_a, loss_fn, encoder_hidden_states=embeds).loss.backward()
+
+A fixed prompt's inputs through the pipeline's own ``encode_prompt`` (SD 1.x/2.x, SDXL, SD3)::
+
+    cond = prompt_conditioning(pipe, "a photo of ...")
+    adapter_for(pipe.unet).loss(latents_x, latents_a, loss_fn, **cond.conditional)
 """
 
 from siss.adapters.latents import encode_latents
@@ -17,6 +22,7 @@ from siss.adapters.models import (
     adapter_for,
     trainable_parameters,
 )
+from siss.adapters.prompts import PromptConditioning, prompt_conditioning
 from siss.adapters.schedulers import (
     SUPPORTED_SCHEDULERS,
     loss_from_scheduler,
@@ -28,6 +34,7 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
     "DiTAdapter",
     "ModelAdapter",
+    "PromptConditioning",
     "SD3TransformerAdapter",
     "UNet2DAdapter",
     "UNet2DConditionAdapter",
@@ -35,6 +42,7 @@ __all__ = [
     "encode_latents",
     "loss_from_scheduler",
     "prediction_type_from_scheduler",
+    "prompt_conditioning",
     "schedule_from_scheduler",
     "trainable_parameters",
 ]

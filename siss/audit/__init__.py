@@ -7,10 +7,23 @@ does the same from the command line and writes ``audit.json``, ``audit.md`` and 
 ``siss.audit.report`` holds the result types every check returns: ``Estimate`` (a value with its
 sample size, interval and status), ``CheckResult``, ``AuditReport`` and ``compare``;
 ``siss.audit.figure.save_figure`` draws a report. See docs/audit.md.
+
+``siss.audit.split`` labels generated images as copies of a memorized training image or not
+(``memorization_split``: similarity to a reference image, or the paper's 2-means rule whose tight
+cluster is the memorized one, "not found" when there is none), with pixel, VAE
+(``vae_features``) or image-encoder (``image_encoder_features``) features.
 """
 
 from siss.audit.report import AuditReport, CheckResult, Comparison, Estimate, compare
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, audit
+from siss.audit.split import (
+    MemorizationSplit,
+    image_encoder_features,
+    memorization_split,
+    split_by_clustering,
+    split_by_reference,
+    vae_features,
+)
 
 __all__ = [
     "ALL_CHECKS",
@@ -19,6 +32,12 @@ __all__ = [
     "CheckResult",
     "Comparison",
     "Estimate",
+    "MemorizationSplit",
     "audit",
     "compare",
+    "image_encoder_features",
+    "memorization_split",
+    "split_by_clustering",
+    "split_by_reference",
+    "vae_features",
 ]

@@ -9,15 +9,19 @@ writes, per model, ``OUT/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.
 table) and ``audit.png`` (the figure), and with two or more models ``OUT/compare.md`` (the first
 model against each other one). Every file is written to a temporary name and moved into place.
 
-A text-conditional pipeline folder (``unet/``, ``scheduler/``, ``tokenizer/``, ``text_encoder/``,
-``vae/``) needs ``--prompt``; the checks then run on latents: pixel images are encoded with the
-folder's VAE (``siss.adapters.encode_latents``), tensors with the UNet's ``in_channels`` are
-taken as latents, and the audit's data range is the latents' bound (see docs/audit.md).
+A text-conditional pipeline folder (``model_index.json``, ``unet/`` or ``transformer/``,
+``scheduler/``, its tokenizers and text encoders, ``vae/``) needs ``--prompt``, which is encoded
+by the pipeline's own ``encode_prompt`` (``siss.adapters.prompt_conditioning``: Stable Diffusion
+1.x/2.x, SDXL with its ``added_cond_kwargs``, SD3 with its ``pooled_projections``); the checks
+then run on latents: pixel images are encoded with the folder's VAE
+(``siss.adapters.encode_latents``), tensors with the model's ``in_channels`` are taken as latents,
+and the audit's data range is the latents' bound (see docs/audit.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -91,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="TEXT",
         help="text conditioning to test under, required for a text-conditional model (encoded "
-        'with the pipeline folder\'s tokenizer/ and text_encoder/; "" for the unconditional '
-        "branch); adds the memorization check. With a vae/ in the folder, pixel images are "
-        "encoded to latents (tensors with the UNet's channel count are taken as latents)",
+        "by the first --model pipeline folder's own encode_prompt: SD 1.x/2.x, SDXL, SD3; "
+        '"" for the unconditional branch); adds the memorization check. With a vae/ in the '
+        "folder, pixel images are encoded to latents (tensors with the model's channel count are "
+        "taken as latents)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument(
@@ -306,36 +311,82 @@ def latent_range(*parts: torch.Tensor | None) -> tuple[float, float]:
 
 def is_text_conditional(model: Any) -> bool:
     """Whether ``model`` takes ``encoder_hidden_states`` (text cross-attention)."""
-    import inspect
-
     forward = getattr(model, "forward", None)
     if forward is None:
         return False
     return "encoder_hidden_states" in inspect.signature(forward).parameters
 
 
-def encode_prompt(path: Path, prompt: str, device: torch.device) -> tuple[Any, Any]:
-    """``(prompt_embeds, null_embeds)`` with the pipeline folder's tokenizer and text encoder."""
-    if not ((path / "tokenizer").is_dir() and (path / "text_encoder").is_dir()):
-        raise ValueError(
-            f"--prompt needs a pipeline folder with tokenizer/ and text_encoder/; {path} has none"
-        )
-    from transformers import AutoModel, AutoTokenizer
+def load_text_pipeline(path: Path, denoiser: Any, vae: Any | None = None) -> Any:
+    """The pipeline folder ``path`` loaded for its text encoders (``DiffusionPipeline``).
 
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    encoder = AutoModel.from_pretrained(path / "text_encoder").to(device).eval()
-    embeds = []
-    with torch.inference_mode():
-        for text in (prompt, ""):
-            ids = tokenizer(
-                text,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            embeds.append(encoder(ids)[0])
-    return embeds[0], embeds[1]
+    The already loaded ``denoiser`` (and ``vae``) are reused; the components a prompt does not
+    need (safety checker, feature extractor, image encoder) are not loaded, and components the
+    folder's ``model_index.json`` lists as absent (e.g. SD3 without its T5 encoder) are passed as
+    ``None``. A ``ValueError`` naming ``--prompt`` when ``path`` is not a pipeline folder.
+    """
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(
+            f"--prompt needs a diffusers pipeline folder (model_index.json, tokenizer and text "
+            f"encoder subfolders) to encode the prompt; {path} has no model_index.json"
+        )
+    import diffusers
+
+    entries = json.loads(index.read_text())
+    cls = getattr(diffusers, str(entries.get("_class_name")), None)
+    if cls is None:
+        raise ValueError(
+            f"--prompt: {index} names no diffusers pipeline (_class_name="
+            f"{entries.get('_class_name')!r})"
+        )
+    expected = set(inspect.signature(cls.__init__).parameters)
+    components: dict[str, Any] = {}
+    for name, entry in entries.items():
+        absent = isinstance(entry, list | tuple) and (not entry or entry[0] is None)
+        if not name.startswith("_") and name in expected and absent:
+            components[name] = None
+    for name in ("safety_checker", "feature_extractor", "image_encoder"):
+        if name in expected:
+            components[name] = None
+    if "requires_safety_checker" in expected:
+        components["requires_safety_checker"] = False
+    for name in ("unet", "transformer"):
+        if name in expected and (path / name / "config.json").is_file():
+            components[name] = denoiser
+    if vae is not None and "vae" in expected:
+        components["vae"] = vae
+    return cls.from_pretrained(str(path), **components)
+
+
+def encode_prompt(
+    path: Path,
+    prompt: str,
+    device: torch.device,
+    *,
+    denoiser: Any,
+    vae: Any | None = None,
+    latent_size: tuple[int, int] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(conditioning, null_conditioning)``: the denoiser's inputs for ``prompt`` and for ``""``.
+
+    Through the pipeline folder's own ``encode_prompt`` (``siss.adapters.prompt_conditioning``),
+    so SDXL's ``added_cond_kwargs`` and SD3's ``pooled_projections`` come with the embeddings.
+    ``latent_size``: the audited latents' ``(h, w)``; SDXL's ``time_ids`` are those of images
+    ``vae_scale_factor`` times larger.
+    """
+    from siss.adapters import prompt_conditioning
+
+    pipe = load_text_pipeline(path, denoiser, vae)
+    size = None
+    if latent_size is not None:
+        factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        size = (int(latent_size[0]) * factor, int(latent_size[1]) * factor)
+    try:
+        cond = prompt_conditioning(pipe, prompt, device=device, size=size)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--prompt with --model {path}: {err}") from err
+    return cond.conditional, cond.unconditional
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -423,7 +474,6 @@ def main(argv: list[str] | None = None) -> int:
             if members is not None:
                 members = to_latents(members, "--members", vae, channels, args.seed + 2, device)
             audit_range = latent_range(forget, reference, members)
-            del vae
         text_models = [raw for raw, model, _ in models if is_text_conditional(model)]
         if args.prompt is not None and len(text_models) < len(models):
             plain = next(raw for raw, *_ in models if raw not in text_models)
@@ -438,9 +488,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         conditioning = null_conditioning = None
         if args.prompt is not None:
-            prompt, null = encode_prompt(Path(args.model[0]), args.prompt, device)
-            conditioning = {"encoder_hidden_states": prompt}
-            null_conditioning = {"encoder_hidden_states": null}
+            conditioning, null_conditioning = encode_prompt(
+                Path(args.model[0]),
+                args.prompt,
+                device,
+                denoiser=models[0][1],
+                vae=vae,
+                latent_size=tuple(forget.shape[-2:]),
+            )
+        del vae
     except (ValueError, OSError) as err:
         _fail(parser, str(err))
 

@@ -1,9 +1,10 @@
 """python -m siss.audit --prompt on a tiny Stable-Diffusion-like pipeline folder, end to end.
 
-The folder is built from configs (no download): a ``UNet2DConditionModel`` on 4x8x8 latents, a
-``DDPMScheduler``, a one-layer ``CLIPTextModel`` of width 8 (the UNet's cross-attention dim), a
-``CLIPTokenizer`` from a local vocabulary, and an ``AutoencoderKL`` from 3x16x16 pixels to
-4x8x8 latents; each saved with ``save_pretrained`` into its subfolder, with ``model_index.json``.
+The folder is ``conftest.tiny_sd_pipeline``'s, built from configs (no download): a
+``UNet2DConditionModel`` on 4x8x8 latents, a ``DDPMScheduler``, a one-layer ``CLIPTextModel`` of
+width 8 (the UNet's cross-attention dim) over 32 tokens, a ``CLIPTokenizer`` from a local
+vocabulary, and an ``AutoencoderKL`` from 3x16x16 pixels to 4x8x8 latents, saved with the
+pipeline's ``save_pretrained``.
 """
 
 import json
@@ -11,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_conditional_unet, tiny_unet
+from conftest import tiny_sd_pipeline, tiny_unet
 
 from siss.audit.__main__ import main
 
@@ -39,71 +40,10 @@ CHEAP = [
 ]
 
 
-def write_clip_tokenizer(folder):
-    """A ``CLIPTokenizer`` from a local byte-level BPE vocabulary: single letters, no merges
-    (every word is spelt letter by letter), written as vocab.json and merges.txt."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8
-    )
-    tokenizer.save_pretrained(folder)
-    return tokenizer, len(tokens)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     root = tmp_path_factory.mktemp("text")
-    folder = root / "tiny-sd"
-    tokenizer, vocab_size = write_clip_tokenizer(folder / "tokenizer")
-    torch.manual_seed(0)
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    ).save_pretrained(folder / "text_encoder")
-    tiny_conditional_unet().save_pretrained(folder / "unet")
-    DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(folder / "scheduler")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).save_pretrained(folder / "vae")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            }
-        )
-    )
+    folder = tiny_sd_pipeline(root / "tiny-sd")
     g = torch.Generator().manual_seed(0)
     torch.save(torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, root / "forget.pt")
     torch.save(torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, root / "reference.pt")
@@ -128,7 +68,7 @@ def test_prompt_on_a_latent_pipeline_measures_every_statistic(pipeline, capsys):
     assert config["command"]["prompt"] == "a photo of a tshirt"
     latent = config["command"]["latent_space"]
     assert latent["vae"].endswith("vae") and latent["data_range"][0] < 0 < latent["data_range"][1]
-    assert config["conditioning"] == {"encoder_hidden_states": "tensor(1, 8, 8)"}
+    assert config["conditioning"] == {"encoder_hidden_states": "tensor(1, 32, 8)"}
     assert {r["check"] for r in data["results"]} == set(CHECKS)
 
     memorization = [r for r in data["results"] if r["check"] == "memorization"]
