@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from siss.audit import ALL_CHECKS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_training_set
@@ -86,9 +88,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the pretrained model once per seed): ~1.5 min per run with the default checks",
     )
     p.add_argument(
-        "--audit-checks", nargs="+", default=None, metavar="CHECK", help="unlearn.py's default"
+        "--audit-checks",
+        nargs="+",
+        default=None,
+        choices=[c for c in ALL_CHECKS if c != "memorization"],
+        metavar="CHECK",
+        help="checks of the audit, from %(choices)s (%(default)s: unlearn.py's default)",
     )
-    return p.parse_args(argv)
+    # The audit's other settings, passed on to unlearn.py (None: unlearn.py's default).
+    for flag, help_text in (
+        ("--audit-samples", "samples of the generation check"),
+        ("--audit-steps", "DDIM steps of the audit's sampling"),
+        ("--audit-references", "T-shirt variants (non-members)"),
+    ):
+        p.add_argument(
+            flag, type=int, default=None, help=f"{help_text} (%(default)s: unlearn.py's)"
+        )
+    p.add_argument(
+        "--audit-option",
+        action="append",
+        default=[],
+        metavar="CHECK.KEY=VALUE",
+        help="a per-check option of siss.audit.audit, VALUE as JSON (unlearn.py --audit-option)",
+    )
+    args = p.parse_args(argv)
+    # the audit's flags checked now, not after hours of training
+    if args.audit:
+        unlearn_args(audit_flags(args))
+    return args
+
+
+def audit_flags(args: argparse.Namespace) -> list[str]:
+    """The study's audit settings as unlearn.py flags."""
+    flags = ["--audit"]
+    if args.audit_checks:
+        flags += ["--audit-checks", *args.audit_checks]
+    for name in ("samples", "steps", "references"):
+        value = getattr(args, f"audit_{name}")
+        if value is not None:
+            flags += [f"--audit-{name}", str(value)]
+    for option in args.audit_option:
+        flags += ["--audit-option", option]
+    return flags
 
 
 def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) -> dict:
@@ -120,17 +161,26 @@ def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) ->
 
 
 def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
-    """``unlearn.py --audit`` of a finished run; the pretrained audit shared by the seed's runs."""
+    """``unlearn.py --audit`` of a finished run; the pretrained audit shared by the seed's runs.
+
+    A run's audit is reused only if it was made with the same audit flags (``audit_flags.json``
+    next to ``audit_compare.md``); otherwise it is redone.
+    """
     out = args.output_dir / f"{label}-seed{seed}"
-    if (out / "audit_compare.md").exists():
+    flags = audit_flags(args)
+    record = out / "audit_flags.json"
+    if (
+        (out / "audit_compare.md").exists()
+        and record.exists()
+        and json.loads(record.read_text()) == flags
+    ):
         return
-    argv = [*METHODS[label][0], "--seed", str(seed), "--output-dir", str(out), "--audit"]
-    if args.audit_checks:
-        argv += ["--audit-checks", *args.audit_checks]
+    argv = [*METHODS[label][0], "--seed", str(seed), "--output-dir", str(out), *flags]
     if args.no_progress:
         argv.append("--no-progress")
     before = args.output_dir / f"pretrained-seed{seed}" / "audit.json"
     table = audit_run(unlearn_args(argv), before_path=before)
+    write_json_atomically(record, flags)
     print(f"{LABELS[label]}, seed {seed}:\n{table}\n")
 
 

@@ -18,6 +18,11 @@ Panels:
   the reference images' own values (``details["reference_values"]``) with each forget image's
   value as a vertical line and its interval as a band; a check without reference values (an
   older report) says so instead.
+
+Many forget images (e.g. a member set for the membership AUC): the per-image panels show the
+first ``MAX_SHOWN`` and say how many of all are held; the histograms draw every forget image's
+value as a second histogram instead of lines; the verdict text adds the set-level statistics
+(AUC, TPR at low FPR) with their intervals.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ _HISTOGRAMS = (
     ("membership", "error", "denoising loss (lower: member-like)"),
 )
 _COLORS = ("tab:red", "tab:orange", "tab:purple", "tab:brown")
+MAX_SHOWN = 4  # forget images drawn one by one; beyond it, counts and histograms
 
 
 def _show(ax: Any, image: Any, data_range: tuple[float, float], title: str = "") -> None:
@@ -131,14 +138,22 @@ def audit_figure(
     return fig
 
 
+def _held_count(results: list[CheckResult]) -> str:
+    return f"{sum(r.held is True for r in results)} of {len(results)} images held"
+
+
 def _rank_panel(ax: Any, report: AuditReport) -> None:
-    rows = []
+    rows, more = [], []
     for check, name, label in _RANKED:
-        for result in _results(report, check):
-            if result.image is None or name not in result.statistics:
-                continue
+        per_image = [
+            r for r in _results(report, check) if r.image is not None and name in r.statistics
+        ]
+        for result in per_image[:MAX_SHOWN]:
             rows.append((f"{label}, image {result.image}", result, result.statistics[name]))
-    ax.set_title("rank among non-members: share of reference more member-like", fontsize=8)
+        if len(per_image) > MAX_SHOWN:
+            more.append(f"{check}: first {MAX_SHOWN} shown; {_held_count(per_image)}")
+    title = "rank among non-members: share of reference more member-like"
+    ax.set_title(title + ("\n" + "; ".join(more) if more else ""), fontsize=8 if not more else 7)
     if not rows:
         ax.text(0.5, 0.5, "no ranked check in this audit", ha="center", va="center", fontsize=8)
         ax.set_axis_off()
@@ -161,11 +176,14 @@ def _rank_panel(ax: Any, report: AuditReport) -> None:
             color=color,
             capsize=3,
         )
+        # the label beside the interval, on whichever side has room inside the panel
+        right = high <= 0.6
         ax.text(
-            min(high + 0.02, 0.7),
+            high + 0.02 if right else low - 0.02,
             y + 0.25,
             f"{value:.2f} [{low:.2f}, {high:.2f}] n={estimate.n}: {_verdict(result.held)}",
             fontsize=6,
+            ha="left" if right else "right",
         )
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=6)
     ax.set_xlim(-0.02, 1.02)
@@ -194,7 +212,25 @@ def _histogram_panel(ax: Any, report: AuditReport, check: str, name: str, label:
     title += f" ({dropped} non-finite, not drawn)" if dropped else ""
     ax.set_title(title, fontsize=7)
     text = "" if finite else "no finite reference value"
-    for k, result in enumerate(rows[:4]):
+    if len(rows) > MAX_SHOWN:
+        own = [
+            r.statistics[name].value
+            for r in rows
+            if name in r.statistics and r.statistics[name].measured
+        ]
+        if own:
+            ax.hist(
+                own,
+                bins=min(30, max(5, len(own) // 3)),
+                color="tab:red",
+                alpha=0.5,
+                label=f"{len(own)} forget images",
+            )
+            ax.set_title(f"{title}; {_held_count(rows)}", fontsize=7)
+        if len(own) < len(rows):
+            text += f"\n{len(rows) - len(own)} forget values not measured (not drawn)"
+        rows = []  # drawn as a histogram, not as lines
+    for k, result in enumerate(rows[:MAX_SHOWN]):
         estimate = result.statistics.get(name)
         color = _COLORS[k % len(_COLORS)]
         if estimate is None or not estimate.measured:
@@ -215,7 +251,7 @@ def _histogram_panel(ax: Any, report: AuditReport, check: str, name: str, label:
     ax.set_ylabel("reference images", fontsize=7)
     ax.tick_params(labelsize=6)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, loc="upper right")
+        ax.legend(fontsize=6, loc="best")
 
 
 def _level(report: AuditReport) -> float:
@@ -266,6 +302,12 @@ def _generation_panel(ax: Any, report: AuditReport) -> None:
         ax.text(0.5, 0.5, "no generation check in this audit", ha="center", va="center")
         ax.set_axis_off()
         return
+    if len(rows) > MAX_SHOWN:
+        ax.set_title(
+            f"generation rate (exact 95% interval); first {MAX_SHOWN} shown, {_held_count(rows)}",
+            fontsize=7,
+        )
+        rows = rows[:MAX_SHOWN]
     top = 0.0
     for y, result in enumerate(rows):
         rate = result.statistics["rate"]
@@ -298,21 +340,29 @@ def _generation_panel(ax: Any, report: AuditReport) -> None:
 
 def _missing_panel(ax: Any, report: AuditReport) -> None:
     ax.set_axis_off()
-    lines = []
+    lines, missing = [], 0
     for result in report.results:
         image = "all" if result.image is None else result.image
         for name, estimate in result.statistics.items():
             if not estimate.measured:
+                missing += 1
+                if missing > 6:  # e.g. one per forget image: the first few say why
+                    continue
                 lines.append(f"{result.check}[{image}].{name}: {estimate.status}")
-                lines.append(f"    {estimate.note[:95]}")
-                if len(estimate.note) > 95:
-                    lines.append(f"    {estimate.note[95:190]}")
-    verdicts = "\n".join(
-        f"  {r.check}{'' if r.image == 0 else ' (set)'}: {_verdict(r.held)}"
-        for r in report.results
-        if r.image in (0, None)
-    )
-    text = "verdicts, image 0:\n" + verdicts + "\n\n"
+                wrapped = textwrap.wrap(estimate.note, 95, max_lines=2, placeholder=" ...")
+                lines.extend(f"    {line}" for line in wrapped)
+    if missing > 6:
+        lines.append(f"... and {missing - 6} more (audit.json)")
+    verdicts = []
+    for r in report.results:
+        if r.image not in (0, None):
+            continue
+        line = f"  {r.check}{'' if r.image == 0 else ' (set)'}: {_verdict(r.held)}"
+        if r.image is None:
+            measured = [f"{n} {e.format()}" for n, e in r.statistics.items() if e.measured]
+            line += ("; " + ", ".join(measured)) if measured else ""
+        verdicts.append(line)
+    text = "verdicts, image 0:\n" + "\n".join(verdicts) + "\n\n"
     text += "not measured:\n" + "\n".join(lines) if lines else "every statistic was measured"
     ax.text(0.0, 1.0, text, va="top", ha="left", fontsize=6, family="monospace", wrap=True)
 

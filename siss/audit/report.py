@@ -36,6 +36,12 @@ class Estimate:
             ``"non-finite"`` (the model produced NaN or inf: a diverged model, never a pass).
         note: how it was measured (the interval's method, the threshold) or why it was not.
         confidence: level of the interval.
+
+    Example:
+        >>> Estimate(0.014, 0.0077, 0.023, 1000, "higher").format()
+        '0.014 [0.0077, 0.023] (n=1000)'
+        >>> Estimate.missing("no reference images", "lower").format()
+        'not measured (no reference images)'
     """
 
     value: float
@@ -201,6 +207,18 @@ def compare(before: AuditReport, after: AuditReport) -> Comparison:
 
     A statistic present in only one report, or not measured in either, is ``"not comparable"``
     (never "no change").
+
+    Example:
+        >>> def rate(value, high, held):
+        ...     stats = {"rate": Estimate(value, 0.0, high, 1000, "higher")}
+        ...     return [CheckResult("generation", 0, stats, held, "at least one sample")]
+        >>> before = AuditReport("pretrained", rate(0.014, 0.023, True))
+        >>> after = AuditReport("unlearned", rate(0.0, 0.0037, False))
+        >>> check, image, name, first, second, direction = compare(before, after).rows[0]
+        >>> name, first.format(), second.format(), direction
+        ('rate', '0.014 [0, 0.023] (n=1000)', '0 [0, 0.0037] (n=1000)', 'toward not held')
+        >>> after.result("generation").held, AuditReport.from_dict(after.to_dict()) == after
+        (False, True)
     """
     rows = []
     index = {(r.check, r.image): r for r in after.results}

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from siss.audit._models import config_sample_shape, model_device_dtype, scheduler_kind
 from siss.audit.report import AuditReport, CheckResult, Estimate
 
-__all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "audit", "check_seed"]
+__all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "audit", "check_options", "check_seed", "parse_options"]
 
 ALL_CHECKS = (
     "generation",
@@ -107,7 +107,8 @@ def parse_options(values: Sequence[str], flag: str = "--option") -> dict[str, di
     ``VALUE`` is read as JSON (a list becomes a tuple), else kept as a bare string:
     ``["likelihood.repeats=8", "reconstruction_sweep.ts=[100,500]"]`` gives
     ``{"likelihood": {"repeats": 8}, "reconstruction_sweep": {"ts": (100, 500)}}``. A malformed
-    item raises ``ValueError`` naming ``flag``.
+    item, an unknown check or an option the check does not take (:func:`check_options`) raises
+    ``ValueError`` naming ``flag``, so that a command fails before its long work.
     """
     options: dict[str, dict[str, Any]] = {}
     for item in values:
@@ -120,6 +121,10 @@ def parse_options(values: Sequence[str], flag: str = "--option") -> dict[str, di
         except json.JSONDecodeError:
             value = raw  # a bare string
         options.setdefault(check, {})[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        check_options(options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{flag}: {error}") from error
     return options
 
 
@@ -148,9 +153,13 @@ def _functions() -> dict[str, Callable[..., Any]]:
     }
 
 
-def _check_options(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{check: kwargs}`` with every key a known check (or ``"sampling"``) and every kwarg a
-    parameter of that check's function that the orchestrator does not set itself."""
+def check_options(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`audit`'s per-check options, checked without running anything.
+
+    Returns ``{check: kwargs}``; raises ``TypeError`` unless every key is a known check (or
+    ``"sampling"``) and every kwarg a parameter of that check's function, and ``ValueError`` for
+    a kwarg the orchestrator sets itself.
+    """
     functions = _functions()
     out: dict[str, dict[str, Any]] = {}
     for name, kwargs in options.items():
@@ -346,7 +355,7 @@ def audit(
     if unknown:
         raise ValueError(f"`checks` has unknown names {unknown}; known: {list(ALL_CHECKS)}")
     checks = tuple(dict.fromkeys(checks))
-    per_check = _check_options(options)
+    per_check = check_options(options)
     if "memorization" in checks:
         if not text or not null_conditioning or "encoder_hidden_states" not in null_conditioning:
             raise ValueError(

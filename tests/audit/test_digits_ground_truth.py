@@ -9,8 +9,15 @@ checks run with their documented defaults, only the sample counts are reduced in
 The cheap test (default run) covers membership and reconstruction at t=250 with 72 reference
 images (the fewest with which a percentile interval can lie beyond 5%); the slow test runs the
 full default audit (1,000 samples, the NLL, the sweep, 128 references), as docs/audit.md reports.
+
+The membership AUC needs members and non-members of one distribution, which the T-shirt models
+lack (they trained on every digit). ``examples/assets/membership`` is a small UNet trained on 128
+random digits (members) and shipped with its split; the next 128 of the same draw are its
+non-members (``examples/audit_digits.py --train-membership``). On it the attacks must tell the
+two apart (AUC interval above 0.5); on retrain, which trained on both halves, they must not.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +37,13 @@ def _digits():
     import digits
 
     return digits
+
+
+def _audit_digits():
+    _digits()
+    import audit_digits
+
+    return audit_digits
 
 
 def _load(name):
@@ -113,3 +127,83 @@ def test_full_audit_separates_pretrained_from_retrain():
         assert retrain.held is False, retrain.reason
     assert reports["pretrained"].result("membership").held is True
     assert reports["retrain"].result("membership").held is False
+
+
+# ------------------------------------------------------------------ membership AUC
+
+
+def _membership_audit(name, score):
+    members, nonmembers = _audit_digits().read_split(ASSETS / "membership")
+    model, scheduler = _load(name)
+    report = audit(
+        model,
+        scheduler,
+        members,
+        nonmembers,
+        checks=["membership"],
+        seed=0,
+        progress=False,
+        label=name,
+        membership={"score": score},
+    )
+    return report, report.result("membership", None)
+
+
+@pytest.mark.parametrize("score", ["loss", "pia"])
+def test_membership_auc_tells_members_from_nonmembers(score):
+    """The shipped member/non-member pair: AUC interval above 0.5 for both attacks."""
+    report, overall = _membership_audit("membership", score)
+    auc, tpr = overall.statistics["auc"], overall.statistics["tpr_at_fpr"]
+    assert overall.held is True, overall.reason
+    assert auc.measured and auc.low > 0.5 and auc.n == 256
+    assert overall.details["n_members"] == 128 and overall.details["n_nonmembers"] == 128
+    assert tpr.measured and tpr.low <= tpr.value <= tpr.high  # 128 >= 100 non-members
+    # individual members: far more than the 5% a non-member would give are called held
+    held = sum(r.held is True for r in report.results if r.image is not None)
+    assert held > 128 * 0.05 + 4 * (128 * 0.05 * 0.95) ** 0.5
+
+
+def test_membership_auc_is_at_chance_when_both_halves_are_members():
+    """Control: retrain trained on all 1,797 digits, so the 'non-members' are members too; the
+    same attack on the same images must not tell the halves apart (PIA here, the loss in the slow
+    test)."""
+    _, overall = _membership_audit("retrain", "pia")
+    auc = overall.statistics["auc"]
+    assert auc.measured and auc.low <= 0.5 <= auc.high
+    assert overall.held is False
+
+
+@pytest.mark.slow
+def test_membership_loss_auc_is_at_chance_on_retrain():
+    _, overall = _membership_audit("retrain", "loss")
+    auc = overall.statistics["auc"]
+    assert auc.measured and auc.low <= 0.5 <= auc.high and overall.held is False
+
+
+def test_membership_model_script_writes_a_pair_it_can_read_back(tmp_path):
+    """audit_digits.py --train-membership on the smallest settings: the model folder, its split
+    in training_info.json, the tensors that split gives, and the reference figure."""
+    from diffusers import UNet2DModel
+
+    audit_digits = _audit_digits()
+    model, data = tmp_path / "membership", tmp_path / "data"
+    audit_digits.main([
+        "--train-membership", str(model), "--membership-count", "4", "--membership-steps", "2",
+        "--out", str(data), "--count", "3", "--figure", str(tmp_path / "reference.png"),
+        "--no-progress",
+    ])  # fmt: skip
+    info = json.loads((model / "training_info.json").read_text())
+    assert info["split"]["count"] == 4 and len(info["split"]["member_index"]) == 4
+    assert not set(info["split"]["member_index"]) & set(info["split"]["nonmember_index"])
+    assert info["membership_auc"]["loss"]["auc"]["n"] == 8
+    members, nonmembers = torch.load(data / "members.pt"), torch.load(data / "nonmembers.pt")
+    again, _, index, _ = audit_digits.membership_split(4, 0)
+    assert torch.equal(members, again) and index.tolist() == info["split"]["member_index"]
+    assert nonmembers.shape == (4, 1, 16, 16)
+    assert tuple(UNet2DModel.from_pretrained(model).config.block_out_channels) == (16, 32, 32)
+    assert (tmp_path / "reference.png").stat().st_size > 0
+    assert torch.load(data / "tshirt_variants.pt").shape == (3, 1, 16, 16)
+    info["split"]["member_index"][0] += 1  # a split that no longer matches is refused
+    (model / "training_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="member indices"):
+        audit_digits.read_split(model)

@@ -181,10 +181,12 @@ def test_pia_error_of_the_standard_gaussian_score_is_closed_form():
     torch.testing.assert_close(pia_errors(model, schedule, images), expected, rtol=1e-4, atol=0)
 
 
-def test_exact_gaussian_score_gives_chance_membership():
+@pytest.mark.parametrize("score", ["loss", "pia"])
+def test_exact_gaussian_score_gives_chance_membership(score):
     """Members and non-members from the same Gaussian, model = the Gaussian's exact score: the
     score cannot tell them apart, so the AUC is 0.5 up to its standard error and an image is
-    'held' with probability at most `level` (the conformal p-value's guarantee)."""
+    'held' with probability at most `level` (the conformal p-value's guarantee). Both attacks:
+    the loss (Carlini et al.) and PIA's deterministic t-error."""
     schedule, g = ddpm_schedule(), torch.Generator().manual_seed(6)
     forget, reference = draw(30, g), draw(200, g)
     results = membership_check(
@@ -192,6 +194,7 @@ def test_exact_gaussian_score_gives_chance_membership():
         schedule,
         forget,
         reference,
+        score=score,
         generator=g,
         noise_draws=4,
         batch_size=512,

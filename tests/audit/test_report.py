@@ -65,3 +65,40 @@ def test_compare_states_the_direction_of_each_change():
     rows = {(r[0], r[2]): r[5] for r in compare(before, unmeasured).rows}
     assert rows[("likelihood", "nll")] == "not comparable"  # never "no change"
     assert "| toward not held |" in compare(before, after).to_markdown()
+
+
+def test_figure_of_many_forget_images_counts_them_and_shows_the_set_statistics():
+    """A member set as forget images (the membership AUC): the first four drawn one by one, the
+    held count of all of them in the title, their values as a histogram over the reference's,
+    and the set-level AUC with its interval in the verdict text."""
+    from siss.audit.figure import MAX_SHOWN, audit_figure
+
+    reference = [0.1 + 0.01 * k for k in range(20)]
+    results = [
+        CheckResult(
+            "membership",
+            i,
+            {
+                "error": Estimate(0.05 + 0.01 * i, math.nan, math.nan, 1, "lower"),
+                "percentile": Estimate(0.0 if i < 3 else 0.5, 0.0, 0.6, 20, "lower"),
+            },
+            i < 3,
+            "p-value",
+            {"reference_values": reference},
+        )
+        for i in range(10)
+    ]
+    auc = Estimate(0.9, 0.8, 0.97, 30, "higher")
+    tpr = Estimate.missing("needs 100 non-members", "higher", n=30)
+    results.append(CheckResult("membership", None, {"auc": auc, "tpr_at_fpr": tpr}, True, "auc"))
+    fig = audit_figure(AuditReport("m", results, {"data_range": [-1.0, 1.0]}))
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    rank = next(ax for title, ax in titles.items() if title.startswith("rank among"))
+    assert "first 4 shown; 3 of 10 images held" in rank.get_title()
+    assert len(rank.get_yticks()) == MAX_SHOWN
+    histogram = titles["membership: 20 reference values; 3 of 10 images held"]
+    assert histogram.get_legend_handles_labels()[1] == ["10 forget images"]
+    assert not histogram.get_lines()  # one histogram, not ten lines
+    text = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert "membership (set): held; auc 0.9 [0.8, 0.97] (n=30)" in text
+    assert "tpr_at_fpr: not measured" in text and "needs 100 non-members" in text

@@ -10,7 +10,7 @@ from conftest import tiny_conditional_unet
 from diffusers import DDPMScheduler
 
 from siss.audit import AuditReport, audit
-from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, check_seed
+from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, check_options, check_seed, parse_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -247,3 +247,21 @@ def test_memorization_scores_every_step_of_a_short_run():
     assert report.config["resolved_defaults"]["memorization"] == {"num_steps": 3}
     estimate = result.statistics["noise_magnitude"]
     assert estimate.measured and estimate.n == 4 and estimate.low <= estimate.value <= estimate.high
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("likelihood", "CHECK.KEY=VALUE"),
+        ("likelyhood.repeats=2", "likelyhood"),
+        ("membership.noise_draw=2", "noise_draw"),
+        ("membership.members=1", "set by audit"),
+    ],
+)
+def test_parse_options_refuses_what_audit_would_refuse_naming_the_flag(item, match):
+    """A command's options fail when parsed, before any model is loaded or trained."""
+    with pytest.raises(ValueError, match=match) as error:
+        parse_options([item], "--audit-option")
+    assert str(error.value).startswith("--audit-option")
+    assert parse_options(["membership.score=pia"]) == {"membership": {"score": "pia"}}
+    assert check_options({"membership": {"score": "pia"}}) == {"membership": {"score": "pia"}}
