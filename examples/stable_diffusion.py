@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -47,11 +46,12 @@ from typing import Any
 
 import torch
 
+from siss.loop import BatchPlan, derived_seed
+
 STAGES = ("run", "generate", "split", "unlearn", "verify")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py
 MEMORIZED_TYPES = ("MV", "RV", "TV")  # Webster's overfit_type labels of memorized prompts
 CHECKPOINT_PREFIX = "step-"
-LORA_CHECKPOINT_FILE = "lora_weights.safetensors"
 RUN_STATE_FILE = "run_state.json"
 
 # Flags whose change makes the images on disk, the split or the training run another
@@ -974,66 +974,6 @@ def image_grid(images: torch.Tensor, marks: torch.Tensor | None = None) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def tensor_features(model: Any) -> Any:
-    """transformers 5 returns a ModelOutput from ``get_text_features``/``get_image_features``
-    (the projection in ``pooler_output``); torchmetrics 1.9 expects the tensor."""
-    for name in ("get_text_features", "get_image_features"):
-        method = getattr(model, name)
-
-        @functools.wraps(method)
-        def call(*args: Any, _method: Any = method, **kwargs: Any) -> torch.Tensor:
-            output = _method(*args, **kwargs)
-            return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-        setattr(model, name, call)
-    return model
-
-
-class Quality:
-    """CLIP-IQA (Wang et al., 2023; the paper's quality metric) and CLIP score through
-    torchmetrics, with a local CLIP model (``--clip-model``) or torchmetrics' own CLIP-IQA
-    weights (``clip_iqa``, via piq)."""
-
-    def __init__(self, source: str, device: torch.device):
-        from torchmetrics.multimodal import CLIPImageQualityAssessment, CLIPScore
-
-        self.device = device
-        if source == "clip_iqa":
-            # piq's model takes [0, 1] images: uint8 / data_range.
-            self.iqa = CLIPImageQualityAssessment("clip_iqa", data_range=255.0)
-            self.clip_score = None
-        else:
-            from transformers import CLIPModel, CLIPProcessor
-
-            def load() -> tuple[Any, Any]:
-                model = CLIPModel.from_pretrained(source)
-                return tensor_features(model), CLIPProcessor.from_pretrained(source)
-
-            # The transformers processor rescales by 1/255 itself: it wants 0..255 values.
-            self.iqa = CLIPImageQualityAssessment(load, data_range=1.0)
-            self.clip_score = CLIPScore(load)
-        self.iqa.to(device)
-        if self.clip_score is not None:
-            self.clip_score.to(device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompt: str) -> dict[str, Any]:
-        """Mean CLIP-IQA and CLIP score of uint8 images ``(N, 3, H, W)`` against ``prompt``."""
-        pixels = images.float().to(self.device)
-        self.iqa.reset()
-        per_image = self.iqa(pixels).reshape(-1).double().cpu()
-        result: dict[str, Any] = {
-            "clip_iqa": float(per_image.mean()),
-            "clip_iqa_se": float(per_image.std() / math.sqrt(len(per_image)))
-            if len(per_image) > 1
-            else None,
-        }
-        if self.clip_score is not None:
-            self.clip_score.reset()
-            result["clip_score"] = float(self.clip_score(pixels, [prompt] * len(pixels)))
-        return result
-
-
 class Verifier:
     """Measures the model at one step: for the training and the original prompt, on the same
     fresh seeds every time (seed + num-images + i, never a training image's)."""
@@ -1056,7 +996,9 @@ class Verifier:
         self.quality = None
         self.quality_reason = "not measured: no --clip-model (a local CLIP folder) given"
         if args.clip_model is not None and accelerator.is_main_process:
-            self.quality = Quality(args.clip_model, accelerator.device)
+            from siss.metrics import CLIPQuality
+
+            self.quality = CLIPQuality(args.clip_model, accelerator.device)
             self.quality_reason = None
 
     def __call__(self, step: int, tag: str | None = None) -> dict[str, Any]:
@@ -1148,58 +1090,6 @@ class Verifier:
 # --------------------------------------------------------------------------------------------
 
 
-def derived_seed(*parts: Any) -> int:
-    """A seed for ``torch.Generator.manual_seed`` from a tuple (blake2b of its repr)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class BatchPlan:
-    """Which rows each micro-batch of each step holds, and the generator of its draw.
-
-    Step ``s`` is ``J = batch_size / micro_batch_size`` global micro-batches. Global micro-batch
-    ``j`` holds the keep rows at positions ``s * B + j * m + [0, m)`` of an endless sequence of
-    seeded permutations of X \\ A (one per epoch), ``m`` forget rows drawn with replacement from
-    A, and draws its timesteps, mixture coins and noise from its own generator, seeded by
-    ``(seed, s, j)``. Process ``r`` of ``R`` runs micro-batches ``r, r + R, r + 2R, ...``: the
-    data is sharded, every process draws its own noise, and the global batch, hence the
-    (averaged) gradient of each step, is the same for any number of processes.
-    """
-
-    def __init__(self, seed: int, keep: int, forget: int, batch: int, micro: int, world: int):
-        if batch % (micro * world):
-            raise SystemExit(
-                f"--batch-size {batch} is not a multiple of --micro-batch-size {micro} x "
-                f"{world} processes: choose them so that it is"
-            )
-        self.seed, self.keep, self.forget = seed, keep, forget
-        self.batch, self.micro, self.world = batch, micro, world
-        self.accumulation = batch // (micro * world)
-        self._permutations: dict[int, torch.Tensor] = {}
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._permutations:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, "keep", epoch))
-            self._permutations = {epoch: torch.randperm(self.keep, generator=generator)}
-        return self._permutations[epoch]
-
-    def micro_batches(
-        self, step: int, rank: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Generator]]:
-        """``(keep rows (m,), forget rows (m,), generator)`` of this process's micro-batches."""
-        for u in range(self.accumulation):
-            j = rank + u * self.world
-            positions = step * self.batch + j * self.micro + torch.arange(self.micro)
-            epochs = positions // self.keep
-            keep_rows = torch.empty(self.micro, dtype=torch.long)
-            for epoch in epochs.unique().tolist():
-                at = epochs == epoch
-                keep_rows[at] = self._permutation(epoch)[positions[at] % self.keep]
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, "draw", step, j))
-            forget_rows = torch.randint(self.forget, (self.micro,), generator=generator)
-            yield keep_rows, forget_rows, generator
-
-
 def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int) -> Any:
     from siss.adapters import loss_from_scheduler
 
@@ -1246,37 +1136,6 @@ def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:
             parameter.data = parameter.data.float()
 
 
-def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return {
-        k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()
-    }
-
-
-def register_lora_checkpoint_hooks(accelerator: Any, denoiser: torch.nn.Module) -> list[Any]:
-    """``save_state``/``load_state`` keep the LoRA weights only (not the frozen base UNet)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
-        if accelerator.is_main_process:
-            save_file(lora_state_dict(denoiser), os.path.join(output_dir, LORA_CHECKPOINT_FILE))
-        weights.clear()  # accelerate would otherwise write the whole UNet
-
-    def load_hook(models: list[Any], input_dir: str) -> None:
-        state = load_file(os.path.join(input_dir, LORA_CHECKPOINT_FILE))
-        result = set_peft_model_state_dict(denoiser, state)
-        if getattr(result, "unexpected_keys", None):
-            raise SystemExit(f"--resume: unexpected LoRA weights {result.unexpected_keys[:3]}")
-        models.clear()
-
-    return [
-        accelerator.register_save_state_pre_hook(save_hook),
-        accelerator.register_load_state_pre_hook(load_hook),
-    ]
-
-
 def checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
@@ -1321,7 +1180,7 @@ def unlearn(
     """Fine-tune the denoiser; returns the history of verifications (main process)."""
     from tqdm.auto import tqdm
 
-    from siss.adapters import adapter_for, trainable_parameters
+    from siss.adapters import adapter_for, register_lora_checkpoint_hooks, trainable_parameters
     from siss.adapters.prompts import prompt_conditioning
 
     out, device = job.out, accelerator.device
@@ -1343,10 +1202,17 @@ def unlearn(
         model = torch.compile(model)
     hooks = [] if args.full else register_lora_checkpoint_hooks(accelerator, denoiser)
 
-    plan = BatchPlan(
-        args.seed, len(keep), len(forget), args.batch_size, args.micro_batch_size,
-        accelerator.num_processes,
-    )  # fmt: skip
+    try:
+        plan = BatchPlan(
+            args.seed, len(keep), len(forget), args.batch_size, args.micro_batch_size,
+            accelerator.num_processes,
+        )  # fmt: skip
+    except ValueError:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x {accelerator.num_processes} processes: choose them so "
+            "that it is"
+        ) from None
     loss_fn = build_loss(args, pipe.training_scheduler, len(latents), len(forget)).to(device)
     balancer = build_balancer(args, params, accelerator.backward)
     adapter = adapter_for(model)
@@ -1359,7 +1225,10 @@ def unlearn(
     step, history, train_wall, past_losses = 0, [], 0.0, []
     saved = checkpoints(out)
     if saved and args.resume:
-        accelerator.load_state(str(saved[-1]))
+        try:
+            accelerator.load_state(str(saved[-1]))
+        except (ValueError, FileNotFoundError) as error:  # the LoRA checkpoint hooks' checks
+            raise SystemExit(f"--resume {saved[-1]}: {error}") from None
         state = read_json(saved[-1] / RUN_STATE_FILE)
         step, history, train_wall = state["step"], state["history"], state["train_wall_s"]
         past_losses = state["loss"]

@@ -13,7 +13,7 @@ from siss.baselines import (
     NegGradLoss,
     SISSNoISLoss,
 )
-from siss.loop import paired_batches, rank_generator
+from siss.loop import BatchPlan, derived_seed, paired_batches, rank_generator
 from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss, siss_terms
 from siss.registry import METHODS, make_loss
 from siss.sampler import mixture_sample
@@ -28,6 +28,7 @@ __all__ = [
     "METHODS",
     "PREDICTION_TYPES",
     "BalanceStats",
+    "BatchPlan",
     "DenoisingDraw",
     "EraseDiffLoss",
     "LossTerms",
@@ -39,6 +40,7 @@ __all__ = [
     "SISSLoss",
     "SISSNoISLoss",
     "UnlearningLoss",
+    "derived_seed",
     "importance_weights",
     "log_density_ratio",
     "make_loss",

@@ -1,4 +1,5 @@
-"""Training-loop helpers: pairing keep and forget batches, and per-process random streams.
+"""Training-loop helpers: pairing keep and forget batches, per-process random streams, and a
+batch plan that does not depend on the number of processes.
 
 Pairing.
 ``zip(keep_loader, forget_loader)`` stops when the shorter loader does; with one image to forget
@@ -6,13 +7,20 @@ Pairing.
 through the keep loader once and starts the forget loader again whenever it runs out, so each pass
 over the forget set is a fresh iteration (re-shuffled by its sampler, not a replay of cached
 batches as ``itertools.cycle`` would give).
+
+Batch plan.
+``BatchPlan`` seeds every global micro-batch of a step from ``(seed, step, index)`` (through
+``derived_seed``) and hands process ``r`` of ``R`` the micro-batches ``r, r + R, r + 2R, ...``: the
+global batch of a step, its noise included, is the same whether one process runs it or four, so a
+run's weights do not depend on how many GPUs trained it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -97,3 +105,113 @@ def rank_generator(seed: int, device: torch.device | str | None = None) -> torch
     return torch.Generator(device if device is not None else "cpu").manual_seed(
         seed + process_index()
     )
+
+
+def derived_seed(*parts: Any) -> int:
+    """A seed for ``torch.Generator.manual_seed`` from a tuple: blake2b of its ``repr``.
+
+    Derived streams (``derived_seed(seed, "draw", step, j)``) are independent of each other and of
+    the order they are created in, unlike ``seed + offset`` schemes whose streams collide (seed 1's
+    step 0 is seed 0's step 1). ``parts`` should have a stable ``repr``: ints, strings, tuples.
+    The result is in ``[0, 2**63)``.
+
+    Example:
+        >>> derived_seed(0, "draw", 3, 1) == derived_seed(0, "draw", 3, 1)
+        True
+        >>> derived_seed(0, "draw", 3, 1) == derived_seed(0, "draw", 1, 3)
+        False
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _check_count(value: object, name: str) -> int:
+    value = check_index(value, name)
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}")
+    return value
+
+
+class BatchPlan:
+    """Which rows each micro-batch of each step holds, and the generator of its draws.
+
+    Step ``s`` is ``J = batch / micro`` global micro-batches. Global micro-batch ``j`` holds the
+    keep rows at positions ``s * batch + j * micro + [0, micro)`` of an endless sequence of seeded
+    permutations of ``X \\ A`` (one per epoch, so every keep row is used once per epoch),
+    ``micro`` forget rows drawn with replacement from ``A``, and draws its timesteps, mixture coins
+    and noise from its own generator, seeded by ``derived_seed(seed, "draw", s, j)``. Process
+    ``r`` of ``world`` runs micro-batches ``r, r + world, r + 2 world, ...``: the data is sharded,
+    every process draws its own noise, and the global batch, hence the averaged gradient of each
+    step, is the same for any number of processes (``accumulation = batch / (micro * world)``
+    micro-batches per process per step).
+
+    Args:
+        seed: the run's seed, a non-negative int.
+        keep: the number of keep rows ``|X \\ A|`` (``>= 1``).
+        forget: the number of forget rows ``|A|`` (``>= 1``).
+        batch: the global batch size of one optimizer step.
+        micro: the rows of one forward/backward pass (one micro-batch).
+        world: the number of processes; ``batch`` must be a multiple of ``micro * world``.
+
+    Example:
+        >>> plan = BatchPlan(0, keep=10, forget=2, batch=4, micro=2, world=2)
+        >>> plan.accumulation
+        1
+        >>> [(keep_rows.shape, forget_rows.shape) for keep_rows, forget_rows, _
+        ...  in plan.micro_batches(step=0, rank=1)]
+        [(torch.Size([2]), torch.Size([2]))]
+    """
+
+    def __init__(self, seed: int, keep: int, forget: int, batch: int, micro: int, world: int = 1):
+        seed = check_index(seed, "seed")
+        if seed < 0:
+            raise ValueError(f"`seed` must be >= 0, got {seed}")
+        keep, forget = _check_count(keep, "keep"), _check_count(forget, "forget")
+        batch, micro = _check_count(batch, "batch"), _check_count(micro, "micro")
+        world = _check_count(world, "world")
+        if batch % (micro * world):
+            raise ValueError(
+                f"`batch` ({batch}) must be a multiple of `micro` ({micro}) x `world` ({world} "
+                "processes): choose them so that it is"
+            )
+        self.seed, self.keep, self.forget = seed, keep, forget
+        self.batch, self.micro, self.world = batch, micro, world
+        self.accumulation = batch // (micro * world)
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "keep", epoch))
+            # One epoch cached: the steps run in order, so the next one is all that is needed.
+            self._permutations = {epoch: torch.randperm(self.keep, generator=generator)}
+        return self._permutations[epoch]
+
+    def micro_batches(
+        self, step: int, rank: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Generator]]:
+        """This process's micro-batches of ``step``, in order.
+
+        Args:
+            step: the optimizer step, ``>= 0``.
+            rank: this process's index, ``0 <= rank < world`` (``accelerator.process_index``).
+
+        Yields:
+            ``(keep_rows, forget_rows, generator)``: int64 CPU indices ``(micro,)`` into the keep
+            and the forget rows, and the CPU generator the micro-batch's draws come from.
+        """
+        step, rank = check_index(step, "step"), check_index(rank, "rank")
+        if step < 0:
+            raise ValueError(f"`step` must be >= 0, got {step}")
+        if not 0 <= rank < self.world:
+            raise ValueError(f"`rank` must be in [0, {self.world}) (`world`), got {rank}")
+        for local in range(self.accumulation):
+            index = rank + local * self.world
+            positions = step * self.batch + index * self.micro + torch.arange(self.micro)
+            epochs = positions // self.keep
+            keep_rows = torch.empty(self.micro, dtype=torch.long)
+            for epoch in epochs.unique().tolist():  # CPU indices: no device sync
+                at = epochs == epoch
+                keep_rows[at] = self._permutation(epoch)[positions[at] % self.keep]
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "draw", step, index))
+            forget_rows = torch.randint(self.forget, (self.micro,), generator=generator)
+            yield keep_rows, forget_rows, generator

@@ -1,10 +1,15 @@
-"""Training-loop helpers: paired_batches runs a full epoch; rank_generator differs per rank."""
+"""Training-loop helpers: paired_batches runs a full epoch; rank_generator differs per rank;
+BatchPlan gives the same global batch for any number of processes."""
 
 import pytest
 import torch
+from conftest import fuzz_settings
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from siss import paired_batches, rank_generator
+from siss.loop import BatchPlan, derived_seed
 
 
 def test_one_forget_image_pairs_with_every_keep_batch():
@@ -62,3 +67,87 @@ def test_an_accelerate_prepared_forget_loader_raises():
     finally:  # accelerate's state is process-wide: leave none behind for other tests
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def plan_rows(plan: BatchPlan, step: int, rank: int) -> list[tuple[list[int], list[int], int]]:
+    return [
+        (keep_rows.tolist(), forget_rows.tolist(), generator.initial_seed())
+        for keep_rows, forget_rows, generator in plan.micro_batches(step, rank)
+    ]
+
+
+@fuzz_settings(100)
+@given(
+    seed=st.integers(0, 2**32),
+    keep=st.integers(1, 12),
+    forget=st.integers(1, 4),
+    micro=st.integers(1, 3),
+    micro_batches=st.integers(1, 3),
+    world=st.integers(1, 4),
+)
+def test_batch_plan_union_over_ranks_is_the_one_process_plan(
+    seed, keep, forget, micro, micro_batches, world
+):
+    """For world sizes 1..4 the ranks together run exactly the 1-process step: same rows, same
+    draw seeds, each micro-batch on one rank only."""
+    batch = micro * micro_batches * world
+    one = BatchPlan(seed, keep=keep, forget=forget, batch=batch, micro=micro, world=1)
+    shared = [
+        BatchPlan(seed, keep=keep, forget=forget, batch=batch, micro=micro, world=world)
+        for _ in range(world)
+    ]
+    assert shared[0].accumulation == micro_batches
+    for step in range(3):
+        single = plan_rows(one, step, 0)
+        per_rank = [plan_rows(shared[rank], step, rank) for rank in range(world)]
+        union = [entry for rows in per_rank for entry in rows]
+        assert sorted(union) == sorted(single)
+        assert all(len(rows) == micro_batches for rows in per_rank)
+        # process r takes global micro-batches r, r + R, ...
+        assert per_rank[0] == single[::world]
+        assert len({draw_seed for *_, draw_seed in single}) == len(single)  # own stream each
+        assert all(0 <= row < keep for rows, _, _ in single for row in rows)
+        assert all(0 <= row < forget for _, rows, _ in single for row in rows)
+
+
+def test_batch_plan_uses_every_keep_row_once_per_epoch():
+    plan = BatchPlan(0, keep=10, forget=3, batch=8, micro=2, world=1)
+    rows = torch.cat([k for s in range(5) for k, _, _ in plan.micro_batches(s, 0)])
+    epochs = [sorted(rows[i : i + 10].tolist()) for i in range(0, 40, 10)]
+    assert all(epoch == list(range(10)) for epoch in epochs)
+    assert len({tuple(rows[i : i + 10].tolist()) for i in range(0, 40, 10)}) > 1  # re-shuffled
+
+
+def test_batch_plan_draws_are_reproducible_and_seeded():
+    first = BatchPlan(3, keep=7, forget=2, batch=4, micro=2)
+    again = BatchPlan(3, keep=7, forget=2, batch=4, micro=2)
+    other = BatchPlan(4, keep=7, forget=2, batch=4, micro=2)
+    assert plan_rows(first, 2, 0) == plan_rows(again, 2, 0)
+    assert plan_rows(first, 2, 0) != plan_rows(other, 2, 0)
+    (_, _, generator), _ = first.micro_batches(0, 0)
+    assert generator.initial_seed() == derived_seed(3, "draw", 0, 0)
+
+
+def test_batch_plan_bad_arguments_raise():
+    with pytest.raises(ValueError, match=r"`batch`.*`micro`.*`world`"):
+        BatchPlan(0, keep=4, forget=1, batch=6, micro=2, world=2)
+    with pytest.raises(ValueError, match="`keep`"):
+        BatchPlan(0, keep=0, forget=1, batch=2, micro=1)
+    with pytest.raises(ValueError, match="`forget`"):
+        BatchPlan(0, keep=1, forget=0, batch=2, micro=1)
+    with pytest.raises(ValueError, match="`seed`"):
+        BatchPlan(-1, keep=1, forget=1, batch=2, micro=1)
+    with pytest.raises(TypeError, match="`micro`"):
+        BatchPlan(0, keep=1, forget=1, batch=2, micro=1.5)
+    plan = BatchPlan(0, keep=4, forget=1, batch=4, micro=2, world=2)
+    with pytest.raises(ValueError, match="`rank`"):
+        next(plan.micro_batches(0, 2))
+    with pytest.raises(ValueError, match="`step`"):
+        next(plan.micro_batches(-1, 0))
+
+
+def test_derived_seed_fits_manual_seed_and_separates_parts():
+    seeds = {derived_seed(0, "draw", step, index) for step in range(20) for index in range(5)}
+    assert len(seeds) == 100
+    assert all(0 <= seed < 2**63 for seed in seeds)
+    torch.Generator().manual_seed(max(seeds))

@@ -10,9 +10,18 @@ A fixed prompt's inputs through the pipeline's own ``encode_prompt`` (SD 1.x/2.x
 
     cond = prompt_conditioning(pipe, "a photo of ...")
     adapter_for(pipe.unet).loss(latents_x, latents_a, loss_fn, **cond.conditional)
+
+LoRA checkpoints through ``accelerate`` that hold the adapter, not the frozen model::
+
+    register_lora_checkpoint_hooks(accelerator, pipe.unet)  # save_state / load_state
 """
 
 from siss.adapters.latents import encode_latents
+from siss.adapters.lora import (
+    LORA_CHECKPOINT_FILE,
+    lora_state_dict,
+    register_lora_checkpoint_hooks,
+)
 from siss.adapters.models import (
     DiTAdapter,
     ModelAdapter,
@@ -31,6 +40,7 @@ from siss.adapters.schedulers import (
 )
 
 __all__ = [
+    "LORA_CHECKPOINT_FILE",
     "SUPPORTED_SCHEDULERS",
     "DiTAdapter",
     "ModelAdapter",
@@ -40,9 +50,11 @@ __all__ = [
     "UNet2DConditionAdapter",
     "adapter_for",
     "encode_latents",
+    "lora_state_dict",
     "loss_from_scheduler",
     "prediction_type_from_scheduler",
     "prompt_conditioning",
+    "register_lora_checkpoint_hooks",
     "schedule_from_scheduler",
     "trainable_parameters",
 ]

@@ -7,9 +7,11 @@ Nothing here imports diffusers: every metric takes plain tensors and callables.
 - ``is_score``, ``fid_score`` (and the tensor-level ``inception_score``,
   ``frechet_distance``): quality under an injectable feature extractor.
 - ``DigitClassifier``: the small CNN used as that extractor for the digits example.
+- ``CLIPQuality``: CLIP-IQA and CLIP score of generated images (torchmetrics, a local CLIP).
 """
 
 from siss.metrics.classifier import ClassifierOutput, DigitClassifier
+from siss.metrics.clip import CLIPQuality
 from siss.metrics.nll import VPSchedule, bits_per_dim, log_likelihood
 from siss.metrics.quality import (
     ScoreEstimate,
@@ -30,6 +32,7 @@ from siss.metrics.rate import (
 )
 
 __all__ = [
+    "CLIPQuality",
     "ClassifierOutput",
     "DigitClassifier",
     "RateEstimate",
