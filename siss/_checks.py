@@ -24,7 +24,13 @@ _validate_values = os.environ.get("SISS_VALIDATE_VALUES", "0") not in ("", "0")
 
 
 def validate_values_enabled() -> bool:
-    """Whether the value checks of ``set_validate_values`` are in force."""
+    """Whether the value checks of ``set_validate_values`` are in force.
+
+    Example:
+        >>> with set_validate_values(True):
+        ...     validate_values_enabled()
+        True
+    """
     return _validate_values
 
 

@@ -112,6 +112,17 @@ class BalanceStats(NamedTuple):
             by the mode's rule and is held for the amortized steps that follow. ``False`` on
             amortized steps and on refreshes whose forget gradient counted as zero (``c = 0``
             was used, and the next step refreshes again).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> balancer = NormBalancer(model.parameters(), ratio=0.1, every=2)
+        >>> for step in range(2):
+        ...     out = model(torch.randn(4, 2))
+        ...     balancer.backward(out.square().mean(), out.mean())
+        ...     stats = balancer.step()
+        ...     print(stats.refreshed, stats.measured, stats.skipped, stats.keep_norm is None)
+        True True False False
+        False False False True
     """
 
     coefficient: Tensor

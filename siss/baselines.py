@@ -72,6 +72,15 @@ class DenoisingDraw:
         uniform_target: EraseDiff's forget targets ``u ~ U[0, 1)`` for the forget rows, shape
             ``(R - num_keep, ...)``; ``None`` for the other losses.
         method: name of the loss that drew it (checked by ``terms``).
+
+    Example:
+        >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        >>> loss_fn = SISSNoISLoss(alphas_cumprod, superfactor=0.1)
+        >>> draw = loss_fn.sample(torch.randn(3, 2, 4, 4), torch.randn(1, 2, 4, 4))
+        >>> draw.blocks, draw.num_keep, draw.noisy.shape  # torch.cat([x_t, a_t])
+        (2, 3, torch.Size([6, 2, 4, 4]))
+        >>> draw.from_forget.tolist()
+        [False, False, False, True, True, True]
     """
 
     noisy: Tensor

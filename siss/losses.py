@@ -55,6 +55,14 @@ class LossTerms(NamedTuple):
     ``keep`` estimates the naive-deletion loss ``L_{X\\A}`` (Eq. 2) and ``forget`` estimates
     ``k/(n-k) L_A`` (the NegGrad loss of Eq. 3 up to the constant of Eq. 4). Scalars for
     ``reduction="mean"``/``"sum"``, ``(B,)`` for ``"none"``.
+
+    Example:
+        >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        >>> loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
+        >>> draw = loss_fn.sample(torch.randn(4, 8), torch.randn(1, 8))
+        >>> terms = loss_fn.terms(torch.zeros(4, 8), draw)  # your model's output on draw.noisy
+        >>> torch.allclose(terms.loss, terms.keep - 0.1 * terms.forget)
+        True
     """
 
     loss: Tensor
@@ -76,6 +84,15 @@ class SISSDraw:
         noise: ``eps`` with ``noisy = gamma * source + sigma * eps``, shape ``(B, ...)``.
         from_forget: which rows took their source from ``a0``, shape ``(B,)``, bool.
         weight_x, weight_a: importance weights of Eq. 8, shape ``(B,)``, float32, detached.
+
+    Example:
+        >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        >>> loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
+        >>> draw = loss_fn.sample(torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8), timesteps=999)
+        >>> draw.noisy.shape, draw.timesteps.tolist()
+        (torch.Size([4, 3, 8, 8]), [999, 999, 999, 999])
+        >>> torch.allclose(0.5 * draw.weight_x + 0.5 * draw.weight_a, torch.ones(4))  # λ = 0.5
+        True
     """
 
     noisy: Tensor
@@ -131,6 +148,17 @@ def siss_terms(
         weight_a: importance weights ``w_a``, shape ``(B,)``.
         forget_ratio: ``ρ = k/(n-k)``.
         x_from: where ``x`` is drawn from, ``"all"`` or ``"retain"``.
+
+    Returns:
+        ``(keep, forget)``, each ``(B,)``.
+
+    Example:
+        >>> error_x, error_a = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+        >>> weight_x, weight_a = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+        >>> siss_terms(error_x, error_a, weight_x, weight_a, 0.25, "retain")  # Eq. 15
+        (tensor([2., 0.]), tensor([0., 2.]))
+        >>> siss_terms(error_x, error_a, weight_x, weight_a, 0.25, "all")  # Eq. 8: keep - forget
+        (tensor([ 2.5000, -2.0000]), tensor([0., 2.]))
     """
     forget = forget_ratio * weight_a * error_a
     keep = weight_x * error_x
@@ -178,6 +206,18 @@ class UnlearningLoss(nn.Module):
         prediction_type: what the model predicts; see ``siss.targets``.
         reduction: ``"mean"`` (default, the diffusers convention), ``"sum"`` over the batch, or
             ``"none"`` for per-row losses ``(B,)``.
+
+    Example:
+        >>> from siss import EraseDiffLoss
+        >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+        >>> x0, a0 = torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8)
+        >>> losses = SISSLoss(alphas_cumprod, superfactor=0.1), EraseDiffLoss(alphas_cumprod)
+        >>> for loss_fn in losses:
+        ...     draw = loss_fn.sample(x0, a0)  # one batch for ONE model call
+        ...     terms = loss_fn.terms(torch.zeros_like(draw.noisy), draw)  # model(draw.noisy, ...)
+        ...     print(type(loss_fn).__name__, tuple(draw.noisy.shape), terms.loss.shape)
+        SISSLoss (4, 3, 8, 8) torch.Size([])
+        EraseDiffLoss (8, 3, 8, 8) torch.Size([])
     """
 
     def __init__(

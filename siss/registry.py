@@ -31,7 +31,12 @@ _CLASSES: dict[str, type[UnlearningLoss]] = {
 }
 
 METHODS: tuple[str, ...] = tuple(_CLASSES)
-"""The names ``make_loss`` accepts."""
+"""The names ``make_loss`` accepts.
+
+Example:
+    >>> METHODS
+    ('siss', 'siss-nois', 'naive', 'neggrad', 'erasediff')
+"""
 
 
 def make_loss(

@@ -27,6 +27,13 @@ from siss._checks import append_dims
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample", "flow_prediction")
+"""The ``prediction_type`` values every loss takes: diffusers' names, and ``"flow_prediction"``
+for the velocity ``noise - clean`` of rectified flow.
+
+Example:
+    >>> "v_prediction" in PREDICTION_TYPES, "flow_prediction" in PREDICTION_TYPES
+    (True, True)
+"""
 
 
 def prediction_target(
@@ -43,6 +50,14 @@ def prediction_target(
 
     Returns:
         Shape of ``clean``, in the dtype of ``noise``.
+
+    Example:
+        >>> clean, noise = torch.ones(2, 3), torch.zeros(2, 3)
+        >>> gamma, sigma = torch.full((2,), 0.6), torch.full((2,), 0.8)
+        >>> prediction_target("v_prediction", clean, noise, gamma, sigma)[0]  # γ noise - σ clean
+        tensor([-0.8000, -0.8000, -0.8000])
+        >>> prediction_target("flow_prediction", clean, noise, gamma, sigma)[0]  # noise - clean
+        tensor([-1., -1., -1.])
     """
     if prediction_type == "epsilon":
         return noise

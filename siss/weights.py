@@ -49,7 +49,15 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 DEFAULT_MAX_WEIGHT = 1e4
-"""Cap on the one weight that is unbounded at ``λ = 0`` (``w_a``) or ``λ = 1`` (``w_x``)."""
+"""Cap on the one weight that is unbounded at ``λ = 0`` (``w_a``) or ``λ = 1`` (``w_x``).
+
+Example:
+    >>> x0, a0 = torch.zeros(1, 4), torch.full((1, 4), 10.0)
+    >>> # λ = 0, a noisy point right at a: w_a = e^{-r} = e^{200}, capped
+    >>> w_x, w_a = importance_weights(a0, x0, a0, torch.ones(1), torch.ones(1), lam=0.0)
+    >>> w_x.item(), round(w_a.item()) == DEFAULT_MAX_WEIGHT
+    (1.0, True)
+"""
 
 
 def log_density_ratio(
@@ -66,6 +74,12 @@ def log_density_ratio(
 
     Returns:
         ``(B,)``, float32 (float64 for float64 inputs), detached; autocast is disabled inside.
+
+    Example:
+        >>> x0, a0 = torch.zeros(2, 4), torch.ones(2, 4)
+        >>> # m = x: r = ||γ(x - a)||² / 2σ² = 4 / 2
+        >>> log_density_ratio(x0, x0, a0, torch.ones(2), torch.ones(2))
+        tensor([2., 2.])
     """
     dtype = work_dtype(noisy, x0, a0)
     with torch.no_grad(), _no_autocast(noisy.device.type):

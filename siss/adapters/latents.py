@@ -32,6 +32,16 @@ def encode_latents(vae: Any, images: Tensor, generator: torch.Generator | None =
             through the encoder (not a VAE; integer pixels; not ``(B, C, H, W)`` with the VAE's
             ``in_channels`` and a size divisible by its downsampling factor; on the meta device).
             NaN or inf pixels give NaN latents unless ``siss.set_validate_values(True)`` is on.
+
+    Example:
+        >>> from diffusers import AutoencoderKL
+        >>> vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
+        ...     layers_per_block=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        ...     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+        >>> images = torch.rand(2, 3, 16, 16) * 2 - 1  # pixels in [-1, 1]
+        >>> latents = encode_latents(vae, images, generator=torch.Generator().manual_seed(0))
+        >>> latents.shape, latents.requires_grad
+        (torch.Size([2, 4, 8, 8]), False)
     """
     if not (
         isinstance(vae, torch.nn.Module)

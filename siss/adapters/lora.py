@@ -106,8 +106,9 @@ def register_lora_checkpoint_hooks(
         >>> handles = register_lora_checkpoint_hooks(accelerator, model)
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     _ = accelerator.save_state(folder)
-        ...     [name for name in sorted(os.listdir(folder)) if "random_states" not in name]
-        ['lora_weights.safetensors']
+        ...     names = [n for n in sorted(os.listdir(folder)) if "random_states" not in n]
+        >>> names == [LORA_CHECKPOINT_FILE] == ["lora_weights.safetensors"]
+        True
         >>> for handle in handles:
         ...     handle.remove()
         >>> from accelerate.state import AcceleratorState, GradientState

@@ -163,6 +163,18 @@ class ModelAdapter(nn.Module):
 
     Raises:
         TypeError: when the (unwrapped) model is not one of ``model_classes``.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> from siss import SISSLoss
+        >>> from siss.adapters import loss_from_scheduler
+        >>> class MLPAdapter(ModelAdapter):  # any model mapping (noisy, timesteps) to a prediction
+        ...     def predict(self, noisy, timesteps, **conditioning):
+        ...         return self.model(noisy)
+        >>> loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), lam=0.5, superfactor=0.1)
+        >>> adapter = MLPAdapter(torch.nn.Linear(4, 4))
+        >>> adapter.loss(torch.randn(8, 4), torch.randn(1, 4), loss_fn).loss.shape
+        torch.Size([])
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
@@ -525,6 +537,18 @@ class DiTAdapter(ModelAdapter):
 
     Conditioning: ``class_labels`` ``(B,)`` int64. A learned-variance output (``2C`` channels, as
     in DiT-XL/2) is cut to its first ``C`` channels, the mean prediction the loss trains.
+
+    Example:
+        >>> from diffusers import DDPMScheduler, DiTTransformer2DModel
+        >>> from siss import SISSLoss
+        >>> from siss.adapters import loss_from_scheduler
+        >>> dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        ...     out_channels=8, num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        >>> loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), lam=0.5, superfactor=0.1)
+        >>> latents_x, latents_a = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        >>> labels = torch.tensor([3])  # one class for every row
+        >>> DiTAdapter(dit).loss(latents_x, latents_a, loss_fn, class_labels=labels).loss.shape
+        torch.Size([])
     """
 
     model_classes = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -555,6 +579,23 @@ class SD3TransformerAdapter(ModelAdapter):
     the scheduler's float timesteps and the target is the velocity ``eps - x_0``.
     Conditioning: ``encoder_hidden_states`` ``(B, L, D_joint)`` and ``pooled_projections``
     ``(B, D_pool)``, as returned by ``StableDiffusion3Pipeline.encode_prompt``.
+
+    Example:
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        >>> from siss import SISSLoss
+        >>> from siss.adapters import loss_from_scheduler
+        >>> transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4,
+        ...     out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        ...     joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8)
+        >>> scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        >>> loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.5, superfactor=0.1)
+        >>> loss_fn.prediction_type
+        'flow_prediction'
+        >>> terms = SD3TransformerAdapter(transformer).loss(
+        ...     torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8), loss_fn,
+        ...     encoder_hidden_states=torch.randn(1, 5, 16), pooled_projections=torch.randn(1, 8))
+        >>> terms.loss.shape
+        torch.Size([])
     """
 
     model_classes = ("SD3Transformer2DModel",)
@@ -621,6 +662,17 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
     Raises:
         TypeError: for a model class no adapter handles, naming those that are handled.
+
+    Example:
+        >>> from diffusers import UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+        ...     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        ...     down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> type(adapter_for(unet)).__name__
+        'UNet2DAdapter'
+        >>> type(adapter_for(torch.compile(unet))).__name__  # wrappers are looked through
+        'UNet2DAdapter'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -647,6 +699,21 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
     Returns:
         The trainable parameters, in ``model.parameters()`` order, without duplicates.
+
+    Example:
+        >>> from diffusers import UNet2DConditionModel
+        >>> from peft import LoraConfig
+        >>> unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+        ...     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        ...     cross_attention_dim=8, attention_head_dim=2,
+        ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        >>> _ = unet.requires_grad_(False)  # as diffusers' LoRA scripts do
+        >>> unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        >>> params = trainable_parameters(unet)  # for the optimizer and the NormBalancer
+        >>> names = [name for name, p in unet.named_parameters() if p.requires_grad]
+        >>> len(params) == len(names) > 0, all(".lora_" in name for name in names)
+        (True, True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {_describe(model)}")

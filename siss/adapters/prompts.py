@@ -182,6 +182,39 @@ def prompt_conditioning(
             is not one of the supported pipelines.
         ValueError: naming ``pipe`` when it lacks the tokenizer or text encoder its
             ``encode_prompt`` needs, or ``size`` when it is not a pair of positive ints.
+
+    Example:
+        A tiny Stable Diffusion pipeline from config, with a letter-by-letter vocabulary (no
+        download; the VAE and the scheduler are not needed):
+
+        >>> import json, tempfile
+        >>> from pathlib import Path
+        >>> from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        >>> from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        >>> letters = list("abcdefghijklmnopqrstuvwxyz")
+        >>> tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> vocab, merges = Path(folder.name, "vocab.json"), Path(folder.name, "merges.txt")
+        >>> _ = vocab.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+        >>> _ = merges.write_text("#version: 0.2\\n")
+        >>> tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=16)
+        >>> folder.cleanup()
+        >>> text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=8,
+        ...     intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...     max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        >>> unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+        ...     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+        ...     cross_attention_dim=8, attention_head_dim=2,
+        ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        >>> pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+        ...     unet=unet, scheduler=None, safety_checker=None, feature_extractor=None,
+        ...     requires_safety_checker=False)
+        >>> cond = prompt_conditioning(pipe, "a photo of a hippo")
+        >>> cond.conditional["encoder_hidden_states"].shape  # one row, broadcast to any batch
+        torch.Size([1, 16, 8])
+        >>> list(cond.unconditional)  # the empty prompt's: classifier-free guidance's other branch
+        ['encoder_hidden_states']
     """
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")

@@ -61,6 +61,13 @@ VP_SCHEDULERS: tuple[str, ...] = (
 # Schedulers whose training process is rectified flow with `shift`.
 FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
 SUPPORTED_SCHEDULERS: tuple[str, ...] = VP_SCHEDULERS + FLOW_SCHEDULERS
+"""Class names of the diffusers schedulers whose training process ``schedule_from_scheduler``
+reads: the variance-preserving (DDPM-style) ones, then rectified flow.
+
+Example:
+    >>> SUPPORTED_SCHEDULERS[0], SUPPORTED_SCHEDULERS[-1]
+    ('DDPMScheduler', 'FlowMatchEulerDiscreteScheduler')
+"""
 
 _VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Diffusers' Euler-family schedulers accept "original_sample" as a synonym of "sample".

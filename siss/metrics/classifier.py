@@ -26,6 +26,11 @@ class ClassifierOutput(NamedTuple):
     Attributes:
         logits: ``(B, num_classes)`` class scores.
         features: ``(B, feature_dim)`` penultimate activations (after ReLU).
+
+    Example:
+        >>> logits, features = DigitClassifier(feature_dim=32)(torch.zeros(3, 1, 16, 16))
+        >>> logits.shape, features.shape
+        (torch.Size([3, 10]), torch.Size([3, 32]))
     """
 
     logits: torch.Tensor
