@@ -2,7 +2,7 @@
 
 The paper's Stable Diffusion experiment (Section 5.3) holds the prompt fixed during unlearning, so
 the text-conditional model is trained as an unconditional one: every row of every batch gets the
-same conditioning. :func:`prompt_conditioning` computes it once, through the pipeline's own
+same conditioning. ``prompt_conditioning`` computes it once, through the pipeline's own
 ``encode_prompt``, as the keyword inputs of the denoiser, one row each (the adapters broadcast a
 1-row conditioning to any batch)::
 
@@ -175,7 +175,7 @@ def prompt_conditioning(
             ``lora_scale``, SD3's ``max_sequence_length``).
 
     Returns:
-        A :class:`PromptConditioning` with 1-row tensors.
+        A ``PromptConditioning`` with 1-row tensors.
 
     Raises:
         TypeError: naming ``prompt``/``negative_prompt`` when not a string, or ``pipe`` when it

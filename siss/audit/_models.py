@@ -3,7 +3,7 @@
 A model is a diffusers model (called through ``siss.adapters.adapter_for(model).predict``), a
 ``siss.adapters.ModelAdapter``, or any callable ``(x_t (B, ...), t (B,), **conditioning) ->
 prediction (B, ...)``. Its prediction is turned into a noise (or clean-sample) prediction with
-the schedule's ``gamma`` and ``sigma`` by :func:`eps_from_prediction` / :func:`x0_from_prediction`.
+the schedule's ``gamma`` and ``sigma`` by ``eps_from_prediction`` / ``x0_from_prediction``.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def x0_from_prediction(
     prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
 ) -> Tensor:
     """The clean-sample estimate implied by a model output (the inverse relations of
-    :func:`eps_from_prediction`), for ``x_t = gamma x_0 + sigma eps``."""
+    ``eps_from_prediction``), for ``x_t = gamma x_0 + sigma eps``."""
     pred, x, g, s = _promote(prediction, noisy, gamma, sigma)
     if prediction_type == "epsilon":
         return (x - s * pred) / g

@@ -2,13 +2,13 @@
 
 Ranking a forget image's statistic among the same statistic on reference (non-member) images:
 
-* :func:`percentile_among`: the fraction ``k / R`` of reference values on the "not held" side
+* ``percentile_among``: the fraction ``k / R`` of reference values on the "not held" side
   of the value, ties counted against "held" (``held_when="lower"``: ``k = #{ref <= value}``;
   ``"higher"``: ``k = #{ref < value}``), with the exact Clopper-Pearson interval of ``k`` out of
   ``R``;
-* :func:`rank_against_reference`: that percentile and a verdict from its interval (the
+* ``rank_against_reference``: that percentile and a verdict from its interval (the
   likelihood and reconstruction checks);
-* :func:`conformal_verdict`: a verdict from the conformal p-value ``(1 + k') / (R + 1)``, ``k'``
+* ``conformal_verdict``: a verdict from the conformal p-value ``(1 + k') / (R + 1)``, ``k'``
   the reference values at least as member-like (the membership and memorization checks).
 """
 
@@ -79,7 +79,7 @@ def rank_against_reference(
 ) -> tuple[Estimate, bool | None, str, dict[str, Any]]:
     """Where ``value`` sits among the reference images' values, and the verdict.
 
-    The percentile is :func:`percentile_among`'s ``k / R`` (ties count against "held"), with
+    The percentile is ``percentile_among``'s ``k / R`` (ties count against "held"), with
     the exact Clopper-Pearson interval of ``k`` out of ``R``.
 
     Verdict: ``"lower"``: held if the interval lies below ``percentile``, not held if above;

@@ -375,7 +375,7 @@ def save_figure(
     reference: torch.Tensor | None = None,
     dpi: int = 110,
 ) -> Path:
-    """Draw :func:`audit_figure` and write it to ``path`` (PNG) atomically."""
+    """Draw ``audit_figure`` and write it to ``path`` (PNG) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = audit_figure(report, forget=forget, reference=reference)

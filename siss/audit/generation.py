@@ -87,12 +87,12 @@ def generation_check(
     """Per forget image: the rate at which ``samples`` reproduce it, with an exact interval.
 
     Args:
-        samples: ``(N, *S)`` generated images (e.g. from :func:`siss.audit.sampling.generate`),
+        samples: ``(N, *S)`` generated images (e.g. from ``siss.audit.sampling.generate``),
             floating point, in ``data_range``; ``N >= 1``. Rows with NaN or inf are counted
             (see the module docstring).
         forget: ``(M, *S)`` finite images to forget (or one image ``(*S)``), same space.
         features: ``features(images (B, *S)) -> (B, F)``, the feature map distances are taken
-            in; ``None`` for :func:`pixel_features` (pixels in ``[0, 1]``). Called in batches of
+            in; ``None`` for ``pixel_features`` (pixels in ``[0, 1]``). Called in batches of
             ``batch_size`` under ``torch.inference_mode``.
         threshold: a sample counts as the image when its Euclidean feature distance is
             ``< threshold`` (finite, ``> 0``). ``None`` is allowed with the default features

@@ -5,13 +5,15 @@ probability-flow ODE and places it among the NLLs of reference images the model 
 
 * VP schedules (DDPM, DDIM, ...): ``siss.metrics.bits_per_dim`` (Song et al. 2021; the model's
   prediction is converted to eps with the scheduler's ``prediction_type``).
-* Flow matching (``FlowMatchEulerDiscreteScheduler``): :func:`flow_bits_per_dim` here. The
+* Flow matching (``FlowMatchEulerDiscreteScheduler``): ``flow_bits_per_dim`` here. The
   rectified-flow process ``x_s = (1 - s) x_0 + s eps``, ``s in [0, 1]``, has the ODE
   ``dx/ds = v(x, s)`` with the model's velocity ``v`` (its input timestep is ``s * T``, the
   diffusers convention whatever the ``shift``: the shift only moves the sampling grid), and
 
-  .. math:: \\log p_{s_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{s_\\epsilon}^1
-      \\nabla\\cdot v(x(s), s)\\, ds,
+  $$
+  \\log p_{s_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{s_\\epsilon}^1
+  \\nabla\\cdot v(x(s), s)\\, ds,
+  $$
 
   the divergence by Hutchinson's estimator with Rademacher probes fixed along the trajectory,
   integrated with torchdiffeq's adaptive ``dopri5``; bits/dim as in ``siss.metrics.bits_per_dim``
@@ -163,7 +165,7 @@ def flow_bits_per_dim(
     num_bins: int | None = 256,
     **kwargs: Any,
 ) -> Tensor:
-    """NLL in bits/dim under a flow-matching model: :func:`flow_log_likelihood` converted as
+    """NLL in bits/dim under a flow-matching model: ``flow_log_likelihood`` converted as
     ``-log p / (D ln 2) + log2(num_bins / (hi - lo))`` (no offset with ``num_bins=None``).
 
     Returns:

@@ -8,7 +8,7 @@ Two published loss-based attacks, both "lower error = more member-like":
       L(x_0) = mean_{t, k} ||eps_k - eps_theta(gamma_t x_0 + sigma_t eps_k, t)||^2 / D
 
   over the given small ``t`` and ``k = 1 .. noise_draws`` draws ``eps_k ~ N(0, I)``, ``D`` values
-  per image (:func:`denoising_errors`).
+  per image (``denoising_errors``).
 * **PIA** (Kong et al., ICLR 2024, "An Efficient Membership Inference Attack for the Diffusion
   Model by Proximal Initialization"; matched against ``kong13661/PIA``, ``DDPM/components.py``
   class ``PIA``: ``eps_0 = eps_theta(x_0, 0)``, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps_0``,
@@ -16,10 +16,10 @@ Two published loss-based attacks, both "lower error = more member-like":
 
       PIA(x_0) = mean_d |eps_0 - eps_theta(gamma_t x_0 + sigma_t eps_0, t)|_d^p,   p = 4
 
-  deterministic, two model calls per image (:func:`pia_errors`; here averaged over ``D`` instead
+  deterministic, two model calls per image (``pia_errors``; here averaged over ``D`` instead
   of summed, which changes no ranking).
 
-:func:`membership_check` scores the forget images against a reference set of comparable images
+``membership_check`` scores the forget images against a reference set of comparable images
 the model never trained on (non-members): each forget image's percentile among the reference
 scores, and, over members versus non-members, the AUC and the TPR at a low FPR, the two numbers
 the membership-inference literature reports (PIA's ``attack.py`` computes them with torchmetrics'
@@ -28,7 +28,7 @@ the membership-inference literature reports (PIA's ``attack.py`` computes them w
 Models: ``eps_model`` is a diffusers model (called through ``siss.adapters.adapter_for(model)
 .predict(noisy, timesteps, **conditioning)``), a ``siss.adapters.ModelAdapter``, or any callable
 ``(x_t (B, ...), t (B,), **conditioning) -> prediction (B, ...)``. Its prediction is turned into a
-noise prediction with the schedule (``prediction_type``, see :func:`eps_from_prediction`), so
+noise prediction with the schedule (``prediction_type``, see ``eps_from_prediction``), so
 v-prediction, x0-prediction and flow-matching models are scored on the same epsilon scale.
 """
 
@@ -172,10 +172,11 @@ def denoising_errors(
 ) -> Tensor:
     """Carlini et al.'s (2023) loss-based membership score: the denoising error at small ``t``.
 
-    .. math::
-        L(x_0) = \\frac{1}{K M} \\sum_{t \\in \\text{timesteps}} \\sum_{k=1}^{M}
-        \\frac{1}{D} \\lVert \\epsilon_k - \\hat\\epsilon_\\theta(\\gamma_t x_0 + \\sigma_t
-        \\epsilon_k, t) \\rVert^2, \\quad \\epsilon_k \\sim N(0, I)
+    $$
+    L(x_0) = \\frac{1}{K M} \\sum_{t \\in \\text{timesteps}} \\sum_{k=1}^{M}
+    \\frac{1}{D} \\lVert \\epsilon_k - \\hat\\epsilon_\\theta(\\gamma_t x_0 + \\sigma_t
+    \\epsilon_k, t) \\rVert^2, \\quad \\epsilon_k \\sim N(0, I)
+    $$
 
     Lower is more member-like (training images are denoised better). Batched: the ``N * K * M``
     noisy rows go through the model ``batch_size`` rows at a time.
@@ -195,7 +196,7 @@ def denoising_errors(
         conditioning: model keyword inputs (e.g. ``{"encoder_hidden_states": embeds}``,
             ``{"class_labels": labels}``), each with ``N`` rows or 1 (shared).
         prediction_type: what the model predicts; ``None`` reads it from a diffusers scheduler
-            (``"epsilon"`` for a ``NoiseSchedule``). Converted with :func:`eps_from_prediction`.
+            (``"epsilon"`` for a ``NoiseSchedule``). Converted with ``eps_from_prediction``.
         progress: show a tqdm bar.
 
     Returns:
@@ -239,10 +240,11 @@ def pia_errors(
 ) -> Tensor:
     """PIA's t-error (Kong et al., ICLR 2024): a deterministic, proximally initialised loss.
 
-    .. math::
-        \\epsilon_0 = \\hat\\epsilon_\\theta(x_0, t_0), \\quad
-        \\text{PIA}(x_0) = \\frac{1}{D} \\sum_d \\lvert \\epsilon_0 - \\hat\\epsilon_\\theta(
-        \\gamma_t x_0 + \\sigma_t \\epsilon_0, t) \\rvert_d^{p}
+    $$
+    \\epsilon_0 = \\hat\\epsilon_\\theta(x_0, t_0), \\quad
+    \\text{PIA}(x_0) = \\frac{1}{D} \\sum_d \\lvert \\epsilon_0 - \\hat\\epsilon_\\theta(
+    \\gamma_t x_0 + \\sigma_t \\epsilon_0, t) \\rvert_d^{p}
+    $$
 
     with ``t_0`` the least noisy grid entry (``t = 0`` on a DDPM grid) and ``p = 4`` as in the
     reference code (``kong13661/PIA``, class ``PIA``, ``lp=4``; it sums over ``d``, we average,
@@ -250,7 +252,7 @@ def pia_errors(
 
     Args:
         eps_model, schedule, images, batch_size, conditioning, prediction_type, progress: as in
-            :func:`denoising_errors`.
+            ``denoising_errors``.
         timestep: grid index ``t``; ``None``: the 200th least noisy grid entry (``t = 200`` on
             a 1000-step DDPM grid, inside the range ``10 .. 300`` PIA's reference code scans).
         p: the exponent of the distance.
@@ -355,7 +357,7 @@ def _bootstrap(
     """Stratified bootstrap ``(B,)`` AUCs and TPRs at ``fpr`` (vectorised over resamples).
 
     AUC as the Mann-Whitney statistic (ties count 1/2), equal to ``binary_auroc``; TPR at FPR as
-    in :func:`tpr_at_fpr`: with ``k = floor(fpr * n)`` false positives allowed, the threshold
+    in ``tpr_at_fpr``: with ``k = floor(fpr * n)`` false positives allowed, the threshold
     sits just below the ``(k + 1)``-th smallest non-member score.
     """
     m, n = len(members), len(nonmembers)
@@ -437,7 +439,7 @@ def membership_check(
 
     Per forget image ``i`` (``CheckResult("membership", image=i, ...)``):
 
-    * ``"error"``: its score (:func:`denoising_errors` or :func:`pia_errors`), ``held_when``
+    * ``"error"``: its score (``denoising_errors`` or ``pia_errors``), ``held_when``
       ``"lower"``; for the loss score, a Student-t interval over its ``K * M`` draws.
     * ``"percentile"``: the fraction of reference scores at or below it, i.e. the false-positive
       rate of a threshold attack placed at this image's score; ``held_when="lower"`` (a member
@@ -454,7 +456,7 @@ def membership_check(
     if given, else the forget images):
 
     * ``"auc"``: ``binary_auroc`` with lower score = member; 0.5 is chance.
-    * ``"tpr_at_fpr"``: TPR at ``FPR <= fpr`` (:func:`tpr_at_fpr`). Needs ``R >= 1 / fpr``
+    * ``"tpr_at_fpr"``: TPR at ``FPR <= fpr`` (``tpr_at_fpr``). Needs ``R >= 1 / fpr``
       non-members (100 for 1%): with fewer, one false positive is already more than ``fpr`` and
       the number would be the TPR at FPR 0; it is reported as not measured instead.
     * intervals: percentile bootstrap, ``bootstrap`` stratified resamples (members and
@@ -465,13 +467,13 @@ def membership_check(
 
     Args:
         eps_model, schedule, timesteps, noise_draws, prediction_type, batch_size, progress: as
-            in :func:`denoising_errors`.
+            in ``denoising_errors``.
         forget: forget images ``(F, ...)``.
         reference: non-member images ``(R, ...)``, comparable to the forget images (same
             distribution, never trained on).
         members: a separate member set ``(m, ...)`` for the AUC (e.g. retained training images).
         score: ``"loss"`` (Carlini et al.) or ``"pia"`` (Kong et al.).
-        pia_timestep: ``timestep`` of :func:`pia_errors`.
+        pia_timestep: ``timestep`` of ``pia_errors``.
         conditioning: the forget images' model inputs (``F`` rows or 1).
         reference_conditioning, member_conditioning: the other sets'; default to
             ``conditioning`` when all its tensors have 1 row.

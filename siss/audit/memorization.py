@@ -4,9 +4,10 @@ Wen, Liu, Chen and Lyu, "Detecting, Explaining, and Mitigating Memorization in D
 Models" (ICLR 2024): along the classifier-free-guided sampling trajectory of a prompt ``c``, the
 magnitude of the text-conditional part of the noise prediction,
 
-.. math::
-    d = \\frac{1}{S} \\sum_{i=1}^{S} \\lVert \\hat\\epsilon_\\theta(x_{t_i}, c) -
-    \\hat\\epsilon_\\theta(x_{t_i}, \\varnothing) \\rVert_2,
+$$
+d = \\frac{1}{S} \\sum_{i=1}^{S} \\lVert \\hat\\epsilon_\\theta(x_{t_i}, c) -
+\\hat\\epsilon_\\theta(x_{t_i}, \\varnothing) \\rVert_2,
+$$
 
 is high for memorized prompts. Matched against the authors' code (``YuxinWenRick/
 diffusion_memorization``): ``local_sd_pipeline.py`` records, at every step of a DDIM run with
@@ -327,7 +328,7 @@ def memorization_check(
 
     Statistics (``CheckResult("memorization", image, ...)``, ``held_when="higher"``):
 
-    * ``"noise_magnitude"``: the mean of :func:`noise_magnitude_score` over the ``G``
+    * ``"noise_magnitude"``: the mean of ``noise_magnitude_score`` over the ``G``
       generations, with a Student-t interval over them (``n = G``; no interval for ``G = 1``).
       Non-finite scores: status ``"non-finite"``, never a pass.
     * ``"percentile"`` (with ``reference_scores``, the mean scores of comparable prompts that
@@ -344,7 +345,7 @@ def memorization_check(
     Args:
         eps_model, schedule, latents, prompt_embeds, null_embeds, num_inference_steps,
             num_steps, guidance_scale, generator, prediction_type, embeds_key, conditioning,
-            null_conditioning, progress: as in :func:`noise_magnitude_score`.
+            null_conditioning, progress: as in ``noise_magnitude_score``.
         reference_scores: ``(P,)`` reference prompts' scores.
         threshold: a score above which the prompt counts as memorized.
         image: the forget image this prompt belongs to (``None``: the forget set's prompt).

@@ -11,7 +11,7 @@ Forward process and denoiser:
 * VP schedulers: ``DDIMScheduler.from_config(scheduler.config)`` (a copy): ``x_t =
   add_noise(x_0, eps, t)`` (``sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) eps``), then deterministic DDIM
   (``eta = 0``) steps ``t, t - r, ..., > 0`` with DDIM's stride ``r = T // num_inference_steps``
-  (the stride :func:`siss.audit.sampling.generate` uses over the whole schedule; 13 steps from
+  (the stride ``siss.audit.sampling.generate`` uses over the whole schedule; 13 steps from
   ``t = 250`` at the default 50), the last one landing on ``x_0``. The config's ``clip_sample``
   applies (override with ``clip_sample``).
 * ``FlowMatchEulerDiscreteScheduler``: ``t`` is the model's timestep value, ``sigma = t / T``
@@ -340,16 +340,16 @@ def reconstruction_sweep(
     confidence: float = 0.95,
     **kwargs: Any,
 ) -> list[CheckResult]:
-    """:func:`reconstruction_check` at each ``t`` in ``ts``, one result per forget image.
+    """``reconstruction_check`` at each ``t`` in ``ts``, one result per forget image.
 
     Each ``t``'s intervals are at the Bonferroni-corrected level ``1 - (1 - confidence) /
     len(ts)``, so that the sweep's verdict holds at ``confidence``: held if held at some ``t``,
     not held if not held at every ``t``, undecided otherwise.
 
     Args:
-        ts: distinct timesteps (each as ``t`` of :func:`reconstruction_check`), non-empty.
+        ts: distinct timesteps (each as ``t`` of ``reconstruction_check``), non-empty.
         confidence: the sweep's overall level.
-        **kwargs: the other arguments of :func:`reconstruction_check`.
+        **kwargs: the other arguments of ``reconstruction_check``.
 
     Returns:
         One ``CheckResult("reconstruction_sweep", i, statistics, held, reason, details)`` per

@@ -98,6 +98,12 @@ class CheckResult:
         reason: the rule behind ``held`` (threshold, margin, p-value), in words.
         details: anything else worth keeping (per-sample distances, the threshold used, ...);
             JSON-serialisable.
+
+    Example:
+        >>> nll = Estimate(1.93, 1.9, 1.96, 4, "lower", note="Student-t over 4 repeats")
+        >>> result = CheckResult("likelihood", 0, {"nll_bpd": nll}, None, "too few references")
+        >>> result.statistics["nll_bpd"].format(), result.held
+        ('1.93 [1.9, 1.96] (n=4)', None)
     """
 
     check: str
@@ -116,6 +122,17 @@ class AuditReport:
         model: a label for the audited model (a path or a name).
         results: every ``CheckResult``.
         config: what the audit was run with (thresholds, t, sample counts, seed, feature map).
+
+    Example:
+        >>> rate = Estimate(0.014, 0.0077, 0.023, 1000, "higher")
+        >>> report = AuditReport(
+        ...     "pretrained", [CheckResult("generation", 0, {"rate": rate}, True, "14 of 1000")])
+        >>> report.result("generation", image=0).held
+        True
+        >>> print(report.to_markdown().splitlines()[-1])
+        | generation | 0 | rate | 0.014 [0.0077, 0.023] (n=1000) | held |
+        >>> AuditReport.from_dict(report.to_dict()) == report  # JSON round trip
+        True
     """
 
     model: str
@@ -171,7 +188,26 @@ Direction = Literal["toward not held", "toward held", "no change", "not comparab
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two audits side by side: per statistic, before, after and the direction of the change."""
+    """Two audits side by side: per statistic, before, after and the direction of the change.
+
+    Attributes:
+        before, after: the two reports, as given to ``compare``.
+        rows: ``(check, image, statistic, before, after, direction)`` per statistic of
+            ``before``; ``direction`` is ``"toward not held"``, ``"toward held"``,
+            ``"no change"`` or ``"not comparable"``.
+
+    Example:
+        >>> def nll(value, held):
+        ...     stats = {"nll_bpd": Estimate(value, value - 0.1, value + 0.1, 4, "lower")}
+        ...     return [CheckResult("likelihood", 0, stats, held)]
+        >>> comparison = compare(AuditReport("pretrained", nll(1.2, True)),
+        ...                      AuditReport("unlearned", nll(3.4, False)))
+        >>> check, image, statistic, before, after, direction = comparison.rows[0]
+        >>> direction  # a higher NLL: the model holds the image less
+        'toward not held'
+        >>> print(comparison.to_markdown().splitlines()[-1])
+        | likelihood | 0 | nll_bpd | 1.2 [1.1, 1.3] (n=4) | 3.4 [3.3, 3.5] (n=4) | toward not held |
+    """
 
     before: AuditReport
     after: AuditReport

@@ -1,6 +1,6 @@
 """Sampling for the audit: DDIM (VP schedules) or Euler (flow matching) with diffusers schedulers.
 
-:func:`generate` draws samples from a diffusion model through a *copy* of its scheduler built
+``generate`` draws samples from a diffusion model through a *copy* of its scheduler built
 with ``from_config`` (the user's scheduler is never stepped or modified):
 
 * variance-preserving schedulers (``DDPMScheduler``, ``DDIMScheduler``, ... see
@@ -13,7 +13,7 @@ The model is either a diffusers model (called through ``siss.adapters.adapter_fo
 .predict``, so every family the adapters support works, conditioning included) or a plain
 callable ``model(x_t, timesteps, **conditioning) -> prediction`` returning the scheduler's
 ``prediction_type`` (``"epsilon"``, ``"v_prediction"``, ``"sample"``, or the velocity
-``eps - x_0`` for flow matching). :func:`prediction_fn` is that wrapper; the likelihood and
+``eps - x_0`` for flow matching). ``prediction_fn`` is that wrapper; the likelihood and
 reconstruction checks use it too.
 
 Data range: samples come back in the model's data space (``[-1, 1]`` for the digits models,
@@ -190,7 +190,7 @@ def generate(
 
     Args:
         model: a diffusers model (through ``siss.adapters.adapter_for``) or a callable
-            ``model(x_t, timesteps, **conditioning) -> prediction`` (see :func:`prediction_fn`),
+            ``model(x_t, timesteps, **conditioning) -> prediction`` (see ``prediction_fn``),
             predicting the scheduler's ``prediction_type``.
         scheduler: the model's diffusers scheduler (read through ``from_config``; not modified).
         num_samples: ``N >= 1``.
@@ -253,7 +253,7 @@ def ddim_denoise_from(predict: PredictionFn, sampler: Any, x_t: Tensor, t: int) 
     """Denoise ``x_t`` at training timestep ``t`` to ``t = 0`` with DDIM (``eta = 0``).
 
     The steps are ``t, t - r, t - 2r, ... > 0`` with DDIM's stride ``r = T //
-    sampler.num_inference_steps`` (the same discretisation :func:`generate` uses over the whole
+    sampler.num_inference_steps`` (the same discretisation ``generate`` uses over the whole
     schedule); the last step lands on ``x_0`` (``final_alpha_cumprod``).
     """
     stride = sampler.config.num_train_timesteps // sampler.num_inference_steps

@@ -3,14 +3,14 @@
 The paper's Stable Diffusion experiment (Section 5.3) samples 128 images for a memorized prompt
 and labels each as memorized (A) or not (X \\ A) with a k-means classifier; the labelled sets are
 then the forget and keep data of SISS, and the same labelling counts the memorized samples after
-unlearning ("0 of 16"). Two rules, one result type (:class:`MemorizationSplit`):
+unlearning ("0 of 16"). Two rules, one result type (``MemorizationSplit``):
 
-* **Reference** (:func:`split_by_reference`): the user has the training image to remove. An image
+* **Reference** (``split_by_reference``): the user has the training image to remove. An image
   is memorized when its feature distance to the reference is below a threshold (or its cosine
-  similarity above one). On pixels the convention of :mod:`siss.audit.generation` holds: pixels
+  similarity above one). On pixels the convention of ``siss.audit.generation`` holds: pixels
   mapped to ``[0, 1]``, Euclidean distance, threshold ``siss.metrics.default_threshold(S)`` (the
   paper's ``L2 < 10`` at 28x28, a per-pixel RMS distance of 0.357).
-* **2-means** (:func:`split_by_clustering`): no reference. sklearn's ``KMeans(n_clusters=2)`` on
+* **2-means** (``split_by_clustering``): no reference. sklearn's ``KMeans(n_clusters=2)`` on
   the features; the memorized cluster is the *tight*, near-duplicate one. With ``s_t`` the
   within-cluster spread of the tight cluster (RMS distance of its members to its centre), ``s_o``
   the other cluster's and ``d`` the distance between the centres, the rule compares ``s_t`` to
@@ -34,14 +34,14 @@ unlearning ("0 of 16"). Two rules, one result type (:class:`MemorizationSplit`):
   copies alone cannot tell them from diverse images (the reason says so: look at the grid, or
   give a reference image); and a few copies among many diverse images can go unfound (2-means
   prefers the split of lowest within-cluster variance; a second start from the densest image
-  helps, see :func:`split_by_clustering`).
+  helps, see ``split_by_clustering``).
   The large-sample bounds above are for many images; in one or two dimensions, chance gaps in a
   small sample lower the ratio (a 1-D uniform sample of 128 gives 0.23 to 0.28, so 4 of 10 such
   draws come out "found"): the rule is meant for image features of many dimensions (measured
-  false-alarm rates: :func:`split_by_clustering`).
+  false-alarm rates: ``split_by_clustering``).
 
-Features: :func:`pixel_features` by default (no download), :func:`vae_features` (the pipeline's
-own VAE), :func:`image_encoder_features` (a CLIP / DINOv2 image model from a local folder, or any
+Features: ``pixel_features`` by default (no download), ``vae_features`` (the pipeline's
+own VAE), ``image_encoder_features`` (a CLIP / DINOv2 image model from a local folder, or any
 callable such as an SSCD torchscript module); a feature map takes images ``(N, 3, H, W)`` in
 ``[-1, 1]`` and returns ``(N, F)`` features.
 """
@@ -310,12 +310,12 @@ def split_by_reference(
             audit's generation-check convention; on pixels in ``[0, 1]`` use
             ``siss.metrics.default_threshold(S)``). ``metric="cosine"``: memorized if the cosine
             similarity is ``> threshold``, in ``(-1, 1)`` (for L2-normalised embeddings such as
-            :func:`image_encoder_features`'; Somepalli et al. (2023) count an SSCD similarity
+            ``image_encoder_features``'; Somepalli et al. (2023) count an SSCD similarity
             above 0.5 as a replica; calibrate yours on known copies and non-copies).
         metric: ``"euclidean"`` or ``"cosine"``.
 
     Returns:
-        A :class:`MemorizationSplit` with ``rule="reference"``; ``found`` when at least one
+        A ``MemorizationSplit`` with ``rule="reference"``; ``found`` when at least one
         image passes the threshold.
 
     Raises:
@@ -456,7 +456,7 @@ def _two_means(
     """Candidate 2-means partitions of ``features`` ``(M, F)`` (at least two distinct rows).
 
     Returns the coordinates the clustering ran on, ``(M, D)`` in the rows' order (the features,
-    or :func:`_coordinates`' with the same distances), and the candidates ``(start, labels (M,),
+    or ``_coordinates``' with the same distances), and the candidates ``(start, labels (M,),
     label of the lexicographically first row)``.
 
     Two starts: sklearn's k-means++ (10 of them, the lowest within-cluster variance kept), and
@@ -563,7 +563,7 @@ def split_by_clustering(
         seed: ``KMeans``'s ``random_state`` (its k-means++ starts; 10 of them).
 
     Returns:
-        A :class:`MemorizationSplit` with ``rule="2-means"``, its statistics (``set_aside``
+        A ``MemorizationSplit`` with ``rule="2-means"``, its statistics (``set_aside``
         counts the outliers), the cluster labels and centres; ``found=False`` with a reason when
         no cluster is tight enough, when fewer than two groups of ``min_size`` images remain, or
         when all (remaining) rows are identical.
@@ -732,20 +732,20 @@ def memorization_split(
         images: ``(N, *S)`` generated images in ``data_range`` (e.g. ``(N, 3, H, W)`` in
             ``[-1, 1]``); ``N >= 2`` for 2-means.
         features: ``features(images (B, *S)) -> (B, F)``; ``None`` for
-            :func:`siss.audit.generation.pixel_features` (pixels mapped to ``[0, 1]``). Called
+            ``siss.audit.generation.pixel_features`` (pixels mapped to ``[0, 1]``). Called
             in batches of ``batch_size`` under ``torch.inference_mode``.
         reference: the training image to remove, ``(*S)`` or ``(R, *S)`` (several views), in
             the same range as ``images``; selects the reference rule.
-        threshold: the reference rule's threshold (see :func:`split_by_reference`). ``None``
+        threshold: the reference rule's threshold (see ``split_by_reference``). ``None``
             with the default pixel features and ``metric="euclidean"``:
             ``siss.metrics.default_threshold(S)``; required otherwise.
         metric: the reference rule's ``"euclidean"`` or ``"cosine"``.
-        tightness, min_size, seed: the 2-means rule's (see :func:`split_by_clustering`).
+        tightness, min_size, seed: the 2-means rule's (see ``split_by_clustering``).
         data_range: ``(lo, hi)`` of the images, for the default pixel features.
         batch_size: images per ``features`` call.
 
     Returns:
-        A :class:`MemorizationSplit` whose ``features`` names the feature map.
+        A ``MemorizationSplit`` whose ``features`` names the feature map.
 
     Raises:
         TypeError, ValueError: naming the argument, before any feature is computed where the
@@ -829,7 +829,7 @@ def vae_features(vae: Any) -> FeatureMap:
     """A feature map through the pipeline's VAE: posterior means in the model's latent space.
 
     ``((vae.encode(x).latent_dist.mean - shift_factor) * scaling_factor)``, flattened: the
-    latents :func:`siss.adapters.encode_latents` would give without the posterior noise, so the
+    latents ``siss.adapters.encode_latents`` would give without the posterior noise, so the
     features are deterministic. No download beyond the pipeline itself.
 
     Args:
@@ -841,6 +841,18 @@ def vae_features(vae: Any) -> FeatureMap:
 
     Raises:
         TypeError: naming ``vae`` when it is not an autoencoder.
+
+    Example:
+        An untrained one-block ``AutoencoderKL`` (no downsampling: 4 latent channels at 8x8):
+
+        >>> from diffusers import AutoencoderKL
+        >>> _ = torch.manual_seed(0)
+        >>> vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1)
+        >>> features = vae_features(vae)
+        >>> images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        >>> latents = features(images)
+        >>> latents.shape, latents.dtype, torch.equal(latents, features(images))  # posterior mean
+        (torch.Size([2, 256]), torch.float64, True)
     """
     if not (
         isinstance(vae, torch.nn.Module)
@@ -941,7 +953,7 @@ def image_encoder_features(
     square input size and normalised with its mean and std, all batched in torch on the model's
     device; the embedding is the model's projected image embedding (``CLIPModel``,
     ``CLIPVisionModelWithProjection``), else its pooled output (``CLIPVisionModel``, DINOv2), else
-    its first token. For cosine similarities use :func:`split_by_reference` with
+    its first token. For cosine similarities use ``split_by_reference`` with
     ``metric="cosine"`` (on unit vectors the Euclidean distance is ``sqrt(2 - 2 cos)``).
 
     Args:
@@ -964,6 +976,20 @@ def image_encoder_features(
     Raises:
         ValueError: naming ``path_or_model`` for a folder that does not exist or holds no
             ``config.json``; TypeError for something that is neither a path nor callable.
+
+    Example:
+        Any callable from pixels to embeddings works (here a linear map on 8x8 inputs; a CLIP
+        or DINOv2 folder is used the same way, by its path):
+
+        >>> _ = torch.manual_seed(0)
+        >>> encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+        >>> features = image_encoder_features(encoder, image_size=8)
+        >>> images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        >>> embeddings = features(images)  # resized to 8x8, normalised, embedded
+        >>> embeddings.shape, embeddings.dtype
+        (torch.Size([5, 16]), torch.float64)
+        >>> bool(torch.allclose(embeddings.norm(dim=1), torch.ones(5, dtype=torch.float64)))
+        True
     """
     folder: Path | None = None
     if isinstance(path_or_model, str | Path):

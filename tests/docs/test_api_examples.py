@@ -31,7 +31,6 @@ PACKAGES = ("siss", "siss.adapters", "siss.metrics", "siss.audit")
 # example lands.
 _QUALITY = "siss/metrics/quality.py is being moved onto torchmetrics (issue 13) by another engineer"
 _RATE = "siss/metrics/rate.py is being edited by another engineer this session"
-_AUDIT = "siss/audit is owned by another engineer this session (issue 9); examples to follow"
 MISSING_EXAMPLES: dict[str, str] = {
     "siss.metrics.ScoreEstimate": _QUALITY,
     "siss.metrics.extract": _QUALITY,
@@ -43,14 +42,6 @@ MISSING_EXAMPLES: dict[str, str] = {
     "siss.metrics.default_threshold": _RATE,
     "siss.metrics.l2_distances": _RATE,
     "siss.metrics.proportion_ci": _RATE,
-    "siss.audit.ALL_CHECKS": _AUDIT,
-    "siss.audit.DEFAULT_CHECKS": _AUDIT,
-    "siss.audit.AuditReport": _AUDIT,
-    "siss.audit.CheckResult": _AUDIT,
-    "siss.audit.Comparison": _AUDIT,
-    "siss.audit.audit": _AUDIT,
-    "siss.audit.image_encoder_features": _AUDIT,
-    "siss.audit.vae_features": _AUDIT,
 }
 
 
