@@ -53,6 +53,11 @@ class RateEstimate(NamedTuple):
         total: number of finite samples (those the rate is over).
         nonfinite: number of samples holding a NaN or ±inf value, left out of ``count`` and
             ``total`` (so ``total + nonfinite`` is the number of samples given).
+
+    Example:
+        >>> estimate = RateEstimate(rate=0.25, low=0.05, high=0.6, count=2, total=8)
+        >>> estimate.total + estimate.nonfinite
+        8
     """
 
     rate: float
@@ -78,6 +83,12 @@ def default_threshold(image_shape: Sequence[int] | torch.Size) -> float:
     Args:
         image_shape: the shape ``S`` of one image, a sequence of positive ints (numpy ints are
             accepted).
+
+    Example:
+        >>> default_threshold((1, 28, 28))
+        10.0
+        >>> round(default_threshold((1, 16, 16)), 2)
+        5.71
     """
     if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, Sequence):
         raise TypeError(
@@ -123,6 +134,11 @@ def l2_distances(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N,)`` float64 distances. A sample holding NaN or ±inf values (or a non-finite
         target) gives a NaN or inf distance in its row; ``generation_rate`` reports those.
+
+    Example:
+        >>> samples = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+        >>> l2_distances(samples, torch.zeros(2)).tolist() == [5.0, 0.0]
+        True
     """
     samples, target = _check_images(samples, target)
     diff = (samples.to(torch.float64) - target.to(samples.device, torch.float64)).flatten(1)
@@ -151,6 +167,11 @@ def proportion_ci(
     Returns:
         ``(low, high)``, finite, in ``[0, 1]``; with ``count == 0`` the low end is 0 and with
         ``count == total`` the high end is 1.
+
+    Example:
+        >>> low, high = proportion_ci(0, 10)
+        >>> low, round(high, 4)
+        (0.0, 0.3085)
     """
     total = check_int(total, "total", minimum=1)
     count = check_int(count, "count", minimum=0)

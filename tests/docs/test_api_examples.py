@@ -29,20 +29,7 @@ PACKAGES = ("siss", "siss.adapters", "siss.metrics", "siss.audit")
 
 # Public objects without a runnable example yet, and why (2026-11-23). Remove an entry when its
 # example lands.
-_QUALITY = "siss/metrics/quality.py is being moved onto torchmetrics (issue 13) by another engineer"
-_RATE = "siss/metrics/rate.py is being edited by another engineer this session"
-MISSING_EXAMPLES: dict[str, str] = {
-    "siss.metrics.ScoreEstimate": _QUALITY,
-    "siss.metrics.extract": _QUALITY,
-    "siss.metrics.fid_score": _QUALITY,
-    "siss.metrics.frechet_distance_from_statistics": _QUALITY,
-    "siss.metrics.gaussian_statistics": _QUALITY,
-    "siss.metrics.is_score": _QUALITY,
-    "siss.metrics.RateEstimate": _RATE,
-    "siss.metrics.default_threshold": _RATE,
-    "siss.metrics.l2_distances": _RATE,
-    "siss.metrics.proportion_ci": _RATE,
-}
+MISSING_EXAMPLES: dict[str, str] = {}
 
 
 def public_names() -> list[str]:

@@ -290,3 +290,63 @@ def test_numpy_scalars_are_accepted_by_quality_metrics():
     assert inception_score(logits, splits=np.int64(2)).mean == pytest.approx(4.0)
     assert extract(lambda x: x, torch.zeros(3, 2), batch_size=np.int64(2)).shape == (3, 2)
     assert DigitClassifier(image_size=np.int64(8), feature_dim=np.int32(4)).image_size == 8
+
+
+# --- torchmetrics' FrechetInceptionDistance against the former float64 formula -----------------
+
+
+def _former_frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """The formula ``frechet_distance`` used before torchmetrics (issue 13), in float64.
+
+    Two-pass covariances and the symmetric cross term ``tr (S1^1/2 S2 S1^1/2)^1/2`` from ``eigh``.
+    """
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1 = (f1 - mu1).T @ (f1 - mu1) / (f1.shape[0] - 1)
+    s2 = (f2 - mu2).T @ (f2 - mu2) / (f2.shape[0] - 1)
+    evals, evecs = torch.linalg.eigh(s1)
+    root1 = (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp(min=0).sqrt().sum()
+    return max(float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross), 0.0)
+
+
+def _rounding_bound(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Float64 round-off bound of the distance of full-rank feature sets.
+
+    Both formulas are backward-stable float64 eigen solves, exact up to ~F * eps relative to the
+    size of the matrices they factor; torchmetrics forms its covariances in one pass
+    (``sum f f^T - N mu mu^T``), so that size is the raw second moment ``|mu|^2 + tr S`` of each
+    set, not ``tr S`` alone. A factor 8 covers the few roundings per entry.
+    """
+    scale = sum(float(f.double().square().sum(1).mean()) for f in (f1, f2))
+    return 8 * f1.shape[1] * torch.finfo(torch.float64).eps * scale
+
+
+@pytest.mark.parametrize(("n", "dim", "seed"), [(400, 16, 0), (1000, 128, 1), (50, 3, 2)])
+def test_frechet_distance_equals_the_former_float64_formula(n, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    f1 = torch.randn(n, dim, generator=gen)
+    f2 = 0.7 * torch.randn(n, dim, generator=gen) @ torch.randn(dim, dim, generator=gen) / dim**0.5
+    f2 = f2 + 0.3
+    expected = _former_frechet_distance(f1, f2)
+    assert abs(frechet_distance(f1, f2) - expected) <= _rounding_bound(f1, f2)
+    assert abs(frechet_distance(f2, f1) - expected) <= _rounding_bound(f1, f2)
+
+
+def test_fid_score_equals_the_former_formula_on_classifier_features():
+    torch.manual_seed(0)
+    model = DigitClassifier(feature_dim=8).eval()
+    gen = torch.Generator().manual_seed(7)
+    images1 = torch.rand(300, 1, 16, 16, generator=gen) * 2 - 1
+    images2 = torch.rand(200, 1, 16, 16, generator=gen) * 1.6 - 0.8
+    # The same batches as fid_score's: float32 features vary with the batch size (~1e-7).
+    f1 = extract(model, images1, select="features", batch_size=64)
+    f2 = extract(model, images2, select="features", batch_size=64)
+    got = fid_score(model, images1, images2, select="features", batch_size=64)
+    assert got == frechet_distance(f1, f2)
+    # A nearly dead ReLU unit makes both covariances nearly singular: a ~0 eigenvalue of the
+    # cross term comes out as round-off delta <= bound * m (m: larger raw second moment) and
+    # enters through sqrt, so each of the F eigenvalues may carry sqrt(delta), doubled.
+    m = max(float(f.double().square().sum(1).mean()) for f in (f1, f2))
+    bound = 2 * f1.shape[1] * math.sqrt(_rounding_bound(f1, f2) * m)
+    assert abs(got - _former_frechet_distance(f1, f2)) <= bound
