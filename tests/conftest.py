@@ -809,3 +809,66 @@ def measure_planted_copy_rate(
             distance[~copy].min().item() if (~copy).any() else None,
         ],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny full CLIP (text and vision towers) for the quality metrics (CLIP-IQA, CLIP score)
+# --------------------------------------------------------------------------------------------
+
+
+def write_tiny_clip(folder):
+    """A random ``CLIPModel`` (width 16, projection 8, 32x32 images) + ``CLIPProcessor`` saved
+    to ``folder``; returns it. Its values mean nothing: the quality plumbing is tested with it."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    tokenizer, vocab = write_clip_tokenizer(folder, max_length=32)
+    text = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32, projection_dim=8,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
+    )
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+# the audit command at its cheapest (2 DDIM steps, few draws, loose ODE tolerances), on the CPU:
+# for tests of the command's plumbing, whose figures mean nothing
+CHEAP_AUDIT_FLAGS = [
+    "--steps",
+    "2",
+    "--option",
+    "reconstruction.noise_draws=2",
+    "--option",
+    "membership.noise_draws=2",
+    "--option",
+    "membership.bootstrap=100",
+    "--option",
+    "likelihood.repeats=2",
+    "--option",
+    "likelihood.rtol=1e-2",
+    "--option",
+    "likelihood.atol=1e-2",
+    "--no-progress",
+    "--device",
+    "cpu",
+]

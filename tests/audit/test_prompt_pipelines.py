@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_sd3_pipeline, tiny_sdxl_pipeline
+from conftest import CHEAP_AUDIT_FLAGS, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 import siss.audit.run
 from siss.adapters import prompt_conditioning
@@ -18,26 +18,7 @@ from siss.audit.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CHEAP = [
-    "--steps",
-    "2",
-    "--option",
-    "reconstruction.noise_draws=2",
-    "--option",
-    "membership.noise_draws=2",
-    "--option",
-    "membership.bootstrap=100",
-    "--option",
-    "likelihood.repeats=2",
-    "--option",
-    "likelihood.rtol=1e-2",
-    "--option",
-    "likelihood.atol=1e-2",
-    "--no-progress",
-    "--no-figure",
-    "--device",
-    "cpu",
-]
+CHEAP = [*CHEAP_AUDIT_FLAGS, "--no-figure"]
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
 
 

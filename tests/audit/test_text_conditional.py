@@ -12,32 +12,14 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_sd_pipeline, tiny_unet
+from conftest import CHEAP_AUDIT_FLAGS, tiny_sd_pipeline, tiny_unet
 
 from siss.audit.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHECKS = ["memorization", "membership", "reconstruction", "likelihood"]
-CHEAP = [
-    "--steps",
-    "2",
-    "--option",
-    "reconstruction.noise_draws=2",
-    "--option",
-    "membership.noise_draws=2",
-    "--option",
-    "membership.bootstrap=100",
-    "--option",
-    "likelihood.repeats=2",
-    "--option",
-    "likelihood.rtol=1e-2",
-    "--option",
-    "likelihood.atol=1e-2",
-    "--no-progress",
-    "--device",
-    "cpu",
-]
+CHEAP = CHEAP_AUDIT_FLAGS
 
 
 @pytest.fixture(scope="module")

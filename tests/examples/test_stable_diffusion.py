@@ -392,40 +392,11 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random tiny CLIP (transformers CLIPModel + CLIPProcessor) saved to a folder: the
-    quality plumbing is measured with it (its values mean nothing)."""
-    from conftest import write_clip_tokenizer
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
+    """A random tiny CLIP saved to a folder: the quality plumbing is measured with it (its
+    values mean nothing)."""
+    from conftest import write_tiny_clip
 
-    folder = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer, vocab = write_clip_tokenizer(folder, max_length=32)
-    text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=32, projection_dim=8,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
-    )
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
 def binomial_drop(before: dict, after: dict) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import write_clip_tokenizer
+from conftest import write_tiny_clip
 
 from siss.metrics import CLIPQuality
 
@@ -16,38 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random ``CLIPModel`` (width 16, projection 8, 32x32 images) + ``CLIPProcessor``."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
-
-    folder = tmp_path_factory.mktemp("clip") / "clip"
-    tokenizer, vocab = write_clip_tokenizer(folder, max_length=32)
-    text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=32, projection_dim=8,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
-    )
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+    """A random tiny CLIP saved to a folder (``conftest.write_tiny_clip``)."""
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
 def images(count: int, seed: int = 0) -> torch.Tensor:
