@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -80,7 +80,23 @@ def build_scheduler() -> DDPMScheduler:
     )
 
 
-@torch.no_grad()
+SAMPLERS = ("ddpm", "ddim", "dpm")
+
+
+def inference_scheduler(scheduler_config: dict, sampler: str = "ddpm"):
+    """A fresh sampling scheduler from a DDPM config: ``"ddpm"`` (ancestral), ``"ddim"`` (eta 0)
+    or ``"dpm"`` (DPM-Solver++ 2M, diffusers' ``DPMSolverMultistepScheduler``)."""
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(scheduler_config)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler_config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}")
+
+
 def sample_images(
     unet: UNet2DModel,
     scheduler_config: dict,
@@ -92,22 +108,25 @@ def sample_images(
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Draws ``(num_samples, C, H, W)`` images in ``[-1, 1]`` with DDPM or DDIM (eta 0)."""
-    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    scheduler = cls.from_config(scheduler_config)
-    scheduler.set_timesteps(num_inference_steps)
+    """Draws ``(num_samples, C, H, W)`` images in ``[-1, 1]`` (see :func:`inference_scheduler`).
+
+    Runs under ``torch.inference_mode``; ``generator`` draws the initial noise of each batch and
+    the DDPM noise of every step, so a seed and a batch size give the same samples."""
+    scheduler = inference_scheduler(scheduler_config, sampler)
     unet.eval()
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     out = []
     bar = tqdm(total=num_samples, desc=f"sampling ({sampler})", disable=not progress)
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        x = torch.randn((n, *shape), generator=generator)
-        for t in scheduler.timesteps:
-            eps = unet(x, t).sample
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        out.append(x.clamp(-1, 1))
-        bar.update(n)
+    with torch.inference_mode():
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            scheduler.set_timesteps(num_inference_steps)  # resets the multistep solver's state
+            x = torch.randn((n, *shape), generator=generator)
+            for t in scheduler.timesteps:
+                eps = unet(x, t).sample
+                x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            out.append(x.clamp(-1, 1))
+            bar.update(n)
     bar.close()
     return torch.cat(out)
 
@@ -285,7 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--eval-samples", type=int, default=2000, help="0 skips the evaluation")
     p.add_argument("--eval-steps", type=int, default=50)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--eval-only", action="store_true", help="load --output-dir and evaluate")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)

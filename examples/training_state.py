@@ -77,9 +77,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
     extra: dict[str, Any],
+    ema: Any | None = None,
     keep: int = 2,
 ) -> Path:
-    """Writes ``root/step-NNNNNNN`` atomically and prunes all but the newest ``keep`` ones."""
+    """Writes ``root/step-NNNNNNN`` atomically and prunes all but the newest ``keep`` ones.
+
+    ``ema``: a ``diffusers.training_utils.EMAModel`` (or anything with its ``state_dict``), whose
+    averaged weights go to ``ema.safetensors`` and its step counter and settings to ``ema.json``.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
@@ -93,6 +98,12 @@ def save_checkpoint(
             {name: gen.get_state() for name, gen in generators.items()},
             str(tmp / "generators.safetensors"),
         )
+        if ema is not None:
+            state = dict(ema.state_dict())
+            shadow = state.pop("shadow_params")
+            tensors = {f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}
+            save_file(tensors, str(tmp / "ema.safetensors"))
+            (tmp / "ema.json").write_text(json.dumps(state))
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
         if final.exists():  # a rerun past an earlier checkpoint of the same step
             shutil.rmtree(final)
@@ -117,8 +128,19 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
+    ema: Any | None = None,
 ) -> dict[str, Any]:
-    """Restores model weights, optimizer and generators in place; returns the JSON state."""
+    """Restores model weights, optimizer, generators (and ``ema``) in place; returns the JSON
+    state. A checkpoint written without an EMA cannot resume a run with one (``ValueError``)."""
+    if ema is not None:
+        if not (folder / "ema.safetensors").exists():
+            raise ValueError(f"{folder} holds no EMA weights: resume it without an EMA")
+        tensors = load_file(str(folder / "ema.safetensors"))
+        device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+        shadow = [tensors[f"shadow.{i}"].to(device) for i in range(len(tensors))]
+        ema.load_state_dict(
+            {**json.loads((folder / "ema.json").read_text()), "shadow_params": shadow}
+        )
     model.load_state_dict(load_file(str(folder / MODEL_FILE)))
     _load_optimizer(optimizer, folder)
     states = load_file(str(folder / "generators.safetensors"))

@@ -71,13 +71,14 @@ def test_every_method_runs_and_writes_its_outputs(checkpoint, tmp_path, method):
     assert any(not torch.equal(weights[k], before[k]) for k in before)
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path):
+@pytest.mark.parametrize("ema", [[], ["--ema-decay", "0.99"]], ids=["raw", "ema"])
+def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path, ema):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    expected = unlearn.run(unlearn.parse_args(argv(checkpoint, whole)))
-    stopped = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--stop-after", "2")))
+    expected = unlearn.run(unlearn.parse_args(argv(checkpoint, whole, *ema)))
+    stopped = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--stop-after", "2", *ema)))
     assert stopped == {"stopped_at": 2}
     assert not (parts / "metrics.json").exists()
-    resumed = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--resume")))
+    resumed = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--resume", *ema)))
     name = "diffusion_pytorch_model.safetensors"
     first = load_file(str(whole / "model" / name))
     second = load_file(str(parts / "model" / name))
@@ -88,6 +89,56 @@ def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path):
         return [{k: v for k, v in row.items() if k != "eval_wall_s"} for row in history]
 
     assert untimed(resumed["history"]) == untimed(expected["history"])
+
+
+def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
+    """--ema-decay: checkpoints hold the raw weights and the EMA; model/ holds the EMA, which
+    is the average diffusers' EMAModel gives for the same raw trajectory."""
+    from diffusers.training_utils import EMAModel
+
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--ema-decay", "0.99")))
+    name = "diffusion_pytorch_model.safetensors"
+    saved = load_file(str(tmp_path / "model" / name))
+    raw = load_file(str(tmp_path / "checkpoints" / "step-0000004" / name))
+    assert any(not torch.equal(saved[k], raw[k]) for k in raw)
+    ema_file = load_file(str(tmp_path / "checkpoints" / "step-0000004" / "ema.safetensors"))
+    model = UNet2DModel.from_pretrained(checkpoint)
+    ema = EMAModel(list(model.parameters()), decay=0.99, use_ema_warmup=True, power=0.75)
+    ema.shadow_params = [ema_file[f"shadow.{i}"] for i in range(len(ema_file))]
+    ema.copy_to(model.parameters())
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit):
+        unlearn.parse_args(["--ema-decay", "1"])
+
+
+def test_the_learning_rate_is_annealed_to_zero_by_the_last_step(checkpoint, tmp_path):
+    """The default cosine schedule: half the peak lr at mid-run, 0 at the last step (the
+    pretrained checkpoint ends annealed; a run that stops at a constant lr loses quality)."""
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--lr", "1e-4")))
+    groups = {
+        step: json.loads(
+            (tmp_path / "checkpoints" / f"step-{step:07d}" / "optimizer.json").read_text()
+        )
+        for step in (2, 4)
+    }
+    assert groups[2]["param_groups"][0]["lr"] == pytest.approx(5e-5)
+    assert groups[4]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "ddim"])
+def test_the_evaluation_sampler_can_be_chosen(checkpoint, tmp_path, sampler):
+    flags = argv(checkpoint, tmp_path, "--method", "naive", "--eval-sampler", sampler)
+    result = unlearn.run(unlearn.parse_args(flags))
+    assert result["config"]["eval_sampler"] == sampler
+    assert result["after"]["samples"] == 8 and isinstance(result["after"]["fid"], float)
+
+
+def test_resuming_an_ema_run_from_a_checkpoint_without_one_is_refused(checkpoint, tmp_path):
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2")))
+    with pytest.raises(ValueError, match="no EMA weights"):
+        unlearn.run(
+            unlearn.parse_args(argv(checkpoint, tmp_path, "--resume", "--ema-decay", "0.9"))
+        )
 
 
 def test_checkpoints_are_pruned_and_complete(checkpoint, tmp_path):
