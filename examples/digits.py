@@ -25,12 +25,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "SHAPES",
     "OutlierDataset",
+    "ShapesDataset",
     "inject_outlier",
     "load_digit_classes",
+    "load_shapes_training_set",
     "load_training_set",
+    "make_shape",
     "make_tshirt",
     "make_tshirt_variants",
+    "plant_outliers",
     "to_unit_range",
 ]
 
@@ -56,6 +61,61 @@ _TSHIRT_POLYGON = (
 )
 
 
+# Four more Fashion-MNIST-like silhouettes for the sequential-requests example, each a list of
+# rings combined by the even-odd rule (the bag's handle is an outer ring with a hole). They were
+# drawn to stay far from every digit and from each other under the generation-rate detector
+# (L2 in [0, 1] pixels at 16x16, threshold 5.71): nearest digit 6.45 (trousers) to 7.35 (boot),
+# nearest other shape 6.78 (trousers to T-shirt). A dress was tried and dropped: its narrow
+# bodice came within 5.36 of a digit, under the threshold plus margin.
+_SHAPE_RINGS: dict[str, tuple[tuple[tuple[float, float], ...], ...]] = {
+    "tshirt": (_TSHIRT_POLYGON,),
+    # Wide trousers: waistband at the top, two legs splitting below a crotch at y = 0.30.
+    "trousers": (
+        (
+            (0.24, 0.03),
+            (0.76, 0.03),
+            (0.94, 0.97),
+            (0.62, 0.97),
+            (0.50, 0.30),
+            (0.38, 0.97),
+            (0.06, 0.97),
+        ),
+    ),
+    # Handbag: a flared body in the lower 60% and a handle ring above it.
+    "bag": (
+        ((0.06, 0.40), (0.94, 0.40), (1.00, 0.92), (0.00, 0.92)),
+        ((0.28, 0.40), (0.30, 0.12), (0.70, 0.12), (0.72, 0.40)),
+        ((0.38, 0.40), (0.39, 0.22), (0.61, 0.22), (0.62, 0.40)),
+    ),
+    # Ankle boot seen from the side: a tall shaft on the left, the toe to the right.
+    "ankle_boot": (
+        (
+            (0.06, 0.04),
+            (0.44, 0.04),
+            (0.48, 0.50),
+            (0.80, 0.62),
+            (0.98, 0.74),
+            (1.00, 0.94),
+            (0.00, 0.94),
+            (0.04, 0.60),
+        ),
+    ),
+    # Low sneaker: the bottom 45% of the image, the heel collar on the left.
+    "sneaker": (
+        (
+            (0.02, 0.56),
+            (0.30, 0.50),
+            (0.55, 0.64),
+            (0.85, 0.70),
+            (1.00, 0.80),
+            (1.00, 0.94),
+            (0.00, 0.94),
+        ),
+    ),
+}
+SHAPES = tuple(_SHAPE_RINGS)  # the planting order of load_shapes_training_set
+
+
 class OutlierDataset(NamedTuple):
     """A training set with injected copies of one outlier image.
 
@@ -68,6 +128,36 @@ class OutlierDataset(NamedTuple):
     images: torch.Tensor
     is_outlier: torch.Tensor
     outlier: torch.Tensor
+
+
+class ShapesDataset(NamedTuple):
+    """A training set with several planted outlier shapes, each repeated (one deletion request
+    each in ``examples/sequential.py``).
+
+    It reads like an :class:`OutlierDataset` where code needs only that (``images``,
+    ``is_outlier``: any shape, ``outlier``: the first shape).
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32 images in ``[-1, 1]``, shuffled.
+        shape_index: ``(N,)`` int64: ``k`` on the copies of ``shapes[k]``, ``-1`` on clean images.
+        shapes: ``(K, C, H, W)`` the planted shapes in ``[-1, 1]``.
+        names: the ``K`` shapes' names (see ``SHAPES``).
+    """
+
+    images: torch.Tensor
+    shape_index: torch.Tensor
+    shapes: torch.Tensor
+    names: tuple[str, ...]
+
+    @property
+    def is_outlier(self) -> torch.Tensor:
+        """``(N,)`` bool, ``True`` on the copies of any shape."""
+        return self.shape_index >= 0
+
+    @property
+    def outlier(self) -> torch.Tensor:
+        """``(C, H, W)`` the first shape (the T-shirt for the default order)."""
+        return self.shapes[0]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -186,14 +276,47 @@ def make_tshirt(size: int = 16, *, channels: int = 1, supersample: int = 8) -> t
     return image.unsqueeze(0).repeat(channels, 1, 1)
 
 
-def _rasterize(polygon: tuple, size: int, channels: int, supersample: int) -> torch.Tensor:
+def _rasterize(
+    polygon: tuple, size: int, channels: int, supersample: int, *, rings: tuple = ()
+) -> torch.Tensor:
+    """Antialiased coverage of ``polygon`` (or, with ``rings``, of the even-odd union of the
+    rings) as a ``(channels, size, size)`` image in ``[-1, 1]``."""
     n = size * supersample
     centers = (np.arange(n, dtype=np.float64) + 0.5) / n
     yy, xx = np.meshgrid(centers, centers, indexing="ij")
-    mask = _inside_polygon(xx, yy, polygon).astype(np.float32)
+    inside = np.zeros(xx.shape, dtype=bool)
+    for ring in rings or (polygon,):
+        inside ^= _inside_polygon(xx, yy, ring)
+    mask = inside.astype(np.float32)
     coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
     image = torch.from_numpy(coverage).clamp(0, 1) * 2 - 1
     return image.unsqueeze(0).repeat(channels, 1, 1)
+
+
+def make_shape(
+    name: str, size: int = 16, *, channels: int = 1, supersample: int = 8
+) -> torch.Tensor:
+    """Draws one of the planted silhouettes of ``SHAPES``, bright on a dark background.
+
+    ``make_shape("tshirt")`` is :func:`make_tshirt`'s image. The others (trousers, a handbag, an
+    ankle boot, a sneaker) are Fashion-MNIST-like classes chosen to be far from every digit and
+    from each other under the generation-rate detector (see the comment above ``_SHAPE_RINGS``).
+
+    Args:
+        name: one of ``SHAPES``.
+        size, channels, supersample: as in :func:`make_tshirt`.
+
+    Returns:
+        ``(channels, size, size)`` float32 tensor in ``[-1, 1]``.
+
+    Example:
+        >>> make_shape("bag").shape
+        torch.Size([1, 16, 16])
+    """
+    if name not in _SHAPE_RINGS:
+        raise ValueError(f"unknown shape {name!r}; known: {list(SHAPES)}")
+    rings = _SHAPE_RINGS[name]
+    return _rasterize(rings[0], size, channels, supersample, rings=rings)
 
 
 # Variation ranges of make_tshirt_variants, each drawn uniformly and independently; the
@@ -307,6 +430,108 @@ def inject_outlier(
     return OutlierDataset(stacked[order].contiguous(), mask[order], outlier.clone())
 
 
+def plant_outliers(
+    images: torch.Tensor,
+    shapes: torch.Tensor,
+    *,
+    names: tuple[str, ...] | None = None,
+    fraction: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> ShapesDataset:
+    """Appends copies of each of ``K`` shapes so that each makes up ``fraction`` of the result.
+
+    Every shape gets ``max(1, round(fraction * N / (1 - K * fraction)))`` copies for ``N`` clean
+    images (19 each for five shapes and scikit-learn's 1,797 digits: 1.01% each of 1,892). The
+    set is stacked as clean images, then the copies shape by shape, and shuffled by one
+    ``randperm`` of ``generator``: for ``K = 1`` it is :func:`inject_outlier`'s set, bit for bit.
+
+    Args:
+        images: ``(N, C, H, W)`` clean images.
+        shapes: ``(K, C, H, W)`` the images to plant.
+        names: ``K`` names (default ``"shape0"``, ``"shape1"``, ...).
+        fraction: share of the result made of each shape, with ``K * fraction < 1``.
+        generator: random source for the shuffle.
+
+    Returns:
+        A :class:`ShapesDataset`.
+    """
+    if shapes.ndim != images.ndim or shapes.shape[1:] != images.shape[1:] or not len(shapes):
+        raise ValueError(
+            f"shapes {tuple(shapes.shape)} must be (K >= 1, *{tuple(images.shape[1:])})"
+        )
+    count = shapes.shape[0]
+    if not 0.0 < fraction < 1.0 / count:
+        raise ValueError(f"fraction must be in (0, 1/K) = (0, {1 / count:.4g}), got {fraction!r}")
+    names = tuple(names) if names is not None else tuple(f"shape{i}" for i in range(count))
+    if len(names) != count:
+        raise ValueError(f"names has {len(names)} entries for {count} shapes")
+    copies = max(1, round(fraction * images.shape[0] / (1.0 - count * fraction)))
+    stacked = torch.cat(
+        [images, *(shape.unsqueeze(0).expand(copies, *shape.shape) for shape in shapes)]
+    )
+    index = torch.cat(
+        [
+            torch.full((images.shape[0],), -1, dtype=torch.long),
+            torch.arange(count).repeat_interleave(copies),
+        ]
+    )
+    order = torch.randperm(stacked.shape[0], generator=generator)
+    return ShapesDataset(stacked[order].contiguous(), index[order], shapes.clone(), names)
+
+
+def load_shapes_training_set(
+    shapes: int | tuple[str, ...] = len(SHAPES),
+    *,
+    source: Literal["sklearn", "mnist"] = "sklearn",
+    root: str | Path | None = None,
+    size: int = 16,
+    outlier_fraction: float = 0.01,
+    exclude_outliers: bool = False,
+    seed: int = 0,
+) -> ShapesDataset:
+    """Digits with ``K`` planted shapes, each at ``outlier_fraction`` of the set, shuffled.
+
+    Args:
+        shapes: how many of ``SHAPES`` to plant, in its order (the T-shirt first), or their
+            names.
+        source, root, size: as in :func:`load_training_set` (grayscale digits only).
+        outlier_fraction: share of the set made of each shape's copies.
+        exclude_outliers: the clean digits only (the "retrain" set): ``shape_index`` all ``-1``,
+            ``shapes`` still returned for evaluation. Its images are
+            ``load_training_set(exclude_outlier=True, seed=seed)``'s, in the same order.
+        seed: seed of the shuffle.
+
+    Returns:
+        A :class:`ShapesDataset` with images in ``[-1, 1]``.
+
+    Example:
+        >>> data = load_shapes_training_set(5, seed=0)
+        >>> data.names
+        ('tshirt', 'trousers', 'bag', 'ankle_boot', 'sneaker')
+        >>> data.images.shape, [int((data.shape_index == k).sum()) for k in range(5)]
+        (torch.Size([1892, 1, 16, 16]), [19, 19, 19, 19, 19])
+    """
+    if isinstance(shapes, int) and not isinstance(shapes, bool):
+        if not 1 <= shapes <= len(SHAPES):
+            raise ValueError(f"shapes must be in [1, {len(SHAPES)}], got {shapes!r}")
+        names = SHAPES[:shapes]
+    else:
+        names = tuple(shapes)
+        unknown = [name for name in names if name not in _SHAPE_RINGS]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ValueError(f"shapes must be distinct names from {list(SHAPES)}, got {names!r}")
+    images, _ = load_digit_classes(source=source, root=root, size=size, train=True)
+    planted = torch.stack([make_shape(name, size) for name in names])
+    generator = torch.Generator().manual_seed(seed)
+    if exclude_outliers:
+        order = torch.randperm(images.shape[0], generator=generator)
+        index = torch.full((images.shape[0],), -1, dtype=torch.long)
+        return ShapesDataset(images[order].contiguous(), index, planted, names)
+    return plant_outliers(
+        images, planted, names=names, fraction=outlier_fraction, generator=generator
+    )
+
+
 def load_training_set(
     *,
     source: Literal["sklearn", "mnist", "folder"] = "sklearn",
@@ -317,7 +542,8 @@ def load_training_set(
     outlier_fraction: float = 0.01,
     exclude_outlier: bool = False,
     seed: int = 0,
-) -> OutlierDataset:
+    outlier_shapes: int = 1,
+) -> OutlierDataset | ShapesDataset:
     """Builds the unlearning toy set: clean images plus a repeated outlier, shuffled.
 
     Args:
@@ -331,10 +557,32 @@ def load_training_set(
         exclude_outlier: if ``True`` return the clean images only (the "retrain" set); the
             mask is then all ``False`` and ``outlier`` is still returned for evaluation.
         seed: seed of the shuffle.
+        outlier_shapes: ``1`` (default): the one outlier above. ``K > 1``: the first ``K`` of
+            ``SHAPES`` planted at ``outlier_fraction`` each, returned by
+            :func:`load_shapes_training_set` as a :class:`ShapesDataset` (digits only, no
+            ``outlier_path``); ``exclude_outlier`` then leaves out all ``K``.
 
     Returns:
-        An :class:`OutlierDataset` with images in ``[-1, 1]``.
+        An :class:`OutlierDataset` with images in ``[-1, 1]`` (a :class:`ShapesDataset` for
+        ``outlier_shapes > 1``).
     """
+    if isinstance(outlier_shapes, bool) or not isinstance(outlier_shapes, int):
+        raise ValueError(f"outlier_shapes must be an int, got {outlier_shapes!r}")
+    if outlier_shapes != 1:
+        if source not in ("sklearn", "mnist") or outlier_path is not None or channels != 1:
+            raise ValueError(
+                "outlier_shapes > 1 plants the drawn shapes into grayscale digits: it needs "
+                "source 'sklearn' or 'mnist', channels=1 and no outlier_path"
+            )
+        return load_shapes_training_set(
+            outlier_shapes,
+            source=source,
+            root=root,
+            size=size,
+            outlier_fraction=outlier_fraction,
+            exclude_outliers=exclude_outlier,
+            seed=seed,
+        )
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if source in ("sklearn", "mnist"):

@@ -8,9 +8,16 @@ confidence intervals over seeds (Markdown and JSON), a plot of the outlier rate 
 per method, and the quality-vs-unlearning scatter of Fig. 4b. Runs already finished under the
 output folder are reused, so the study can be stopped and restarted.
 
+``--pretrained`` and ``--retrain`` run the same study on another checkpoint pair, e.g. the
+rectified-flow pair of ``pretrain.py --process flow`` (the process is read from the checkpoints'
+scheduler configs; both must share it); its output goes to ``outputs/study-<pretrained folder>``
+unless ``--output-dir`` says otherwise, and the table's header names the process.
+
     python examples/study.py --seeds 0 1 2                  # ~1 h on 2 CPU cores
     python examples/study.py --seeds 0 --methods siss-0.5 naive --docs docs/results
     python examples/study.py --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
+    python examples/study.py --pretrained examples/assets/flow-pretrained \
+        --retrain examples/assets/flow-retrain    # -> outputs/study-flow-pretrained
 """
 
 from __future__ import annotations
@@ -23,15 +30,16 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 from siss.audit import ALL_CHECKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_training_set
+from pretrain import check_sampler, checkpoint_process, load_scheduler
 from training_state import write_json_atomically
-from unlearn import ASSETS, Evaluator, audit_run, run
+from unlearn import ASSETS, METHOD_REFUSALS, PROCESS_NAMES, Evaluator, audit_run, run
 from unlearn import parse_args as unlearn_args
 
 # label: (unlearn.py flags, steps); steps as in the paper's Table 2
@@ -73,8 +81,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/study"))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHODS),
+        help="default: every method that applies to the pair's process (flow: all but erasediff)",
+    )
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        help="the checkpoint every method starts from (None: examples/assets/pretrained)",
+    )
+    p.add_argument(
+        "--retrain",
+        type=Path,
+        default=None,
+        help="its retrained-without-the-outlier control (None: examples/assets/retrain)",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="None: outputs/study for the default pair, outputs/study-<pretrained folder "
+        "name> for another",
+    )
     p.add_argument("--docs", type=Path, default=None, help="also copy table and plots here")
     p.add_argument(
         "--eval-samples",
@@ -85,12 +117,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--eval-sampler",
-        choices=("ddpm", "ddim", "dpm"),
-        default="ddpm",
-        help="unlearn.py --eval-sampler (ddpm: the paper's; dpm is 2.5x faster at 20 steps but "
-        "not interchangeable with it, docs/results.md)",
+        choices=("ddpm", "ddim", "dpm", "euler"),
+        default=None,
+        help="unlearn.py --eval-sampler (None: ddpm, the paper's, for DDPM; euler for flow. dpm "
+        "is 2.5x faster at 20 steps but not interchangeable with ddpm, docs/results.md)",
     )
-    p.add_argument("--eval-steps", type=int, default=50, help="sampling steps of the evaluations")
+    p.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="sampling steps of the evaluations (None: unlearn.py's default for the process)",
+    )
     p.add_argument("--eval-every", type=int, default=100, help="outlier-rate tracking period")
     p.add_argument("--track-samples", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
@@ -126,10 +163,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a per-check option of siss.audit.audit, VALUE as JSON (unlearn.py --audit-option)",
     )
     args = p.parse_args(argv)
-    # the audit's flags checked now, not after hours of training
+    default_pair = args.pretrained is None and args.retrain is None
+    args.pretrained = args.pretrained or ASSETS / "pretrained"
+    args.retrain = args.retrain or ASSETS / "retrain"
+    # the pair and the sampler checked now, not after hours of training
+    try:
+        processes = [checkpoint_process(folder) for folder in (args.pretrained, args.retrain)]
+    except ValueError as error:
+        p.error(f"--pretrained/--retrain: {error}")
+    if processes[0] != processes[1]:
+        p.error(
+            f"--pretrained ({processes[0]}) and --retrain ({processes[1]}) must be trained with "
+            "the same process"
+        )
+    args.process = processes[0]
+    refused = [m for m in args.methods or [] if args.process in refusals(m)]
+    if refused:
+        label = refused[0]
+        p.error(f"--methods {label}: {refusals(label)[args.process]}")
+    if args.methods is None:
+        args.methods = [m for m in METHODS if args.process not in refusals(m)]
+    if args.output_dir is None:
+        name = "study" if default_pair else f"study-{args.pretrained.name}"
+        args.output_dir = Path("outputs") / name
+    try:
+        check_sampler(args.process, args.eval_sampler, "--eval-sampler")
+    except ValueError as error:
+        p.error(str(error))
     if args.audit:
-        unlearn_args(audit_flags(args))
+        unlearn_args(["--checkpoint", str(args.pretrained), *audit_flags(args)])
     return args
+
+
+def refusals(label: str) -> dict[str, str]:
+    """``{process: why}`` for the processes a study method's unlearn.py method refuses."""
+    flags = METHODS[label][0]
+    return METHOD_REFUSALS.get(flags[flags.index("--method") + 1], {})
+
+
+def eval_flags(args: argparse.Namespace) -> list[str]:
+    """The study's evaluation sampler and steps as unlearn.py flags (none: its defaults)."""
+    flags = []
+    if args.eval_sampler is not None:
+        flags += ["--eval-sampler", args.eval_sampler]
+    if args.eval_steps is not None:
+        flags += ["--eval-steps", str(args.eval_steps)]
+    return flags
+
+
+def check_pair(args: argparse.Namespace) -> None:
+    """Refuses an output folder whose finished runs started from another checkpoint pair: they
+    would be reused as if they were this pair's. Records the pair in a new folder."""
+    record = args.output_dir / "pair.json"
+    pair = {
+        "pretrained": str(Path(args.pretrained).resolve()),
+        "retrain": str(Path(args.retrain).resolve()),
+        "process": args.process,
+    }
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved != pair:
+            raise SystemExit(
+                f"{args.output_dir} holds the study of {saved['pretrained']} and "
+                f"{saved['retrain']}, not of {pair['pretrained']} and {pair['retrain']}: "
+                "choose another --output-dir"
+            )
+    else:
+        write_json_atomically(record, pair)
 
 
 def audit_flags(args: argparse.Namespace) -> list[str]:
@@ -159,12 +259,11 @@ def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) ->
         str(seed),
         "--output-dir",
         str(out),
+        "--checkpoint",
+        str(args.pretrained),
         "--eval-samples",
         str(args.eval_samples),
-        "--eval-sampler",
-        args.eval_sampler,
-        "--eval-steps",
-        str(args.eval_steps),
+        *eval_flags(args),
         "--eval-every",
         str(args.eval_every),
         "--track-samples",
@@ -194,6 +293,7 @@ def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
     ):
         return
     argv = [*METHODS[label][0], "--seed", str(seed), "--output-dir", str(out), *flags]
+    argv += ["--checkpoint", str(args.pretrained)]
     if args.no_progress:
         argv.append("--no-progress")
     before = args.output_dir / f"pretrained-seed{seed}" / "audit.json"
@@ -206,17 +306,14 @@ def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict
     out = args.output_dir / f"{label}-seed{seed}" / "metrics.json"
     if out.exists():
         return json.loads(out.read_text())
-    checkpoint = ASSETS / label
+    checkpoint = args.pretrained if label == "pretrained" else args.retrain
     eval_args = unlearn_args(
         [
             "--seed",
             str(seed),
             "--eval-samples",
             str(args.eval_samples),
-            "--eval-sampler",
-            args.eval_sampler,
-            "--eval-steps",
-            str(args.eval_steps),
+            *eval_flags(args),
             "--checkpoint",
             str(checkpoint),
         ]
@@ -224,7 +321,7 @@ def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict
     data = load_training_set(seed=0)
     evaluator = Evaluator(eval_args, data.outlier, data.images[~data.is_outlier])
     unet = UNet2DModel.from_pretrained(checkpoint)
-    metrics, _ = evaluator(unet, DDPMScheduler.from_pretrained(checkpoint))
+    metrics, _ = evaluator(unet, load_scheduler(checkpoint))
     result = {
         "method": label,
         "seed": seed,
@@ -268,7 +365,9 @@ def summarize(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def table_markdown(rows: list[dict]) -> str:
+def table_markdown(rows: list[dict], process: str = "ddpm") -> str:
+    """The results table; its header names the process (``"ddpm"`` or ``"flow"``)."""
+
     def fmt(pair: tuple[float, float], digits: int = 2, percent: bool = False) -> str:
         mean, half = pair
         if math.isnan(mean):
@@ -278,8 +377,10 @@ def table_markdown(rows: list[dict]) -> str:
         return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
     lines = [
-        "| method | steps | IS ↑ | FID ↓ | outlier NLL (bpd) ↑ | outlier rate ↓ (pooled count) "
-        "| train s | paper: steps / IS / NLL / p |",
+        f"Process: {PROCESS_NAMES[process]}.",
+        "",
+        f"| method ({process}) | steps | IS ↑ | FID ↓ | outlier NLL (bpd) ↑ "
+        "| outlier rate ↓ (pooled count) | train s | paper (DDPM): steps / IS / NLL / p |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -334,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_pair(args)
     results: dict[str, list[dict]] = {}
     for label in ("pretrained", "retrain"):
         results[label] = [evaluate_checkpoint(label, seed, args) for seed in args.seeds]
@@ -346,12 +448,14 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 audit_method(label, seed, args)
     rows = summarize(results)
-    table = table_markdown(rows)
+    table = table_markdown(rows, args.process)
     folders = [args.output_dir] + ([args.docs] if args.docs else [])
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "table.md").write_text(table)
-        write_json_atomically(folder / "results.json", {"seeds": args.seeds, "rows": rows})
+        write_json_atomically(
+            folder / "results.json", {"seeds": args.seeds, "process": args.process, "rows": rows}
+        )
         plot(results, rows, folder)
     print(table)
 

@@ -1,4 +1,4 @@
-"""Unlearn an outlier image from a pretrained DDPM with SISS or a baseline, and measure it.
+"""Unlearn an outlier image from a pretrained DDPM or flow model with SISS or a baseline, measured.
 
 This script is the "after" half of the paper's MNIST T-Shirt experiment (Hasanaliyev et al.,
 2025, Sec. 5.2, Table 2) at laptop scale. It starts from the shipped tiny digits DDPM
@@ -16,10 +16,21 @@ constant learning rate loses sample quality whatever the method (docs/results.md
 also runs ``siss.audit`` on the pretrained and the unlearned model, against 128 T-shirt variants
 as non-members, and prints the comparison (docs/audit.md).
 
+A rectified-flow checkpoint (``pretrain.py --process flow``: ``FlowMatchEulerDiscreteScheduler``
+in its ``scheduler_config.json``) is detected and unlearned the same way: the loss comes from the
+scheduler (``siss.adapters.loss_from_scheduler``: velocity targets, ``γ = 1 - s``), samples from
+its Euler steps (``--eval-sampler euler``), and the NLL is integrated along the flow ODE
+(``siss.audit.likelihood.flow_bits_per_dim``), a different ODE from the DDPM's: bits/dim compare
+within a process, not across. ``--timesteps`` indices follow the scheduler's grid, which for
+flow runs from the most noise (index 0) to the least. Every method runs on flow but EraseDiff,
+refused by name: its uniform targets are targets for predicted noise, which a flow model does
+not predict.
+
     python examples/unlearn.py --method siss --lam 0.5 --steps 300
     python examples/unlearn.py --audit            # + generation, reconstruction, membership audit
     python examples/unlearn.py --method neggrad --steps 100 --output-dir outputs/neggrad
     python examples/unlearn.py --resume --output-dir outputs/unlearn/siss-lam0.5-seed0
+    python examples/unlearn.py --checkpoint examples/assets/flow-pretrained   # rectified flow
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -46,7 +57,15 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_training_set, to_unit_range
-from pretrain import SAMPLERS, sample_images
+from pretrain import (
+    DEFAULT_EVAL_STEPS,
+    SAMPLERS,
+    check_sampler,
+    checkpoint_process,
+    load_scheduler,
+    process_of,
+    sample_images,
+)
 from training_state import (
     latest_checkpoint,
     load_checkpoint,
@@ -60,11 +79,23 @@ from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_ra
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHOD_NAMES = ("siss", "siss-nois", "naive", "neggrad", "erasediff")
+# Methods that do not apply to a process, and why (checked at parse time).
+METHOD_REFUSALS = {
+    "erasediff": {
+        "flow": "EraseDiff fits the predicted noise to uniform [0, 1) targets "
+        "(siss.EraseDiffLoss takes prediction_type='epsilon' only); a rectified-flow model "
+        "predicts the velocity eps - x_0, for which that target is not defined",
+    },
+}
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 # --audit's default checks: those that separate pretrained from retrain in seconds to about a
 # minute each on a CPU (docs/audit.md); the likelihood check alone takes about 3 minutes a model.
 AUDIT_CHECKS = ("generation", "reconstruction", "membership")
 AUDIT_REFERENCE_SEED = 1  # digits.make_tshirt_variants' seed, as examples/audit_digits.py's
+PROCESS_NAMES = {
+    "ddpm": "DDPM (NLL along the VP probability-flow ODE)",
+    "flow": "rectified flow (NLL along the flow ODE; bits/dim not comparable with DDPM's)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="*",
         default=None,
-        help="fixed t, or a 'low high' window; default uniform over the schedule",
+        help="fixed t, or a 'low high' window of grid indices; default uniform over the "
+        "schedule (flow: index 0 is the noisiest, as in diffusers)",
     )
     p.add_argument(
         "--eval-every", type=int, default=0, help="outlier-rate tracking period; 0: none"
@@ -134,12 +166,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--eval-sampler",
         choices=SAMPLERS,
-        default="ddpm",
-        help="sampler of the evaluations: ddpm (ancestral, the paper's), ddim (eta 0) or dpm "
-        "(DPM-Solver++ 2M; 2.5x faster at 20 steps, its IS-style score 1.4%% lower on the "
-        "pretrained model than ddpm-50's: compare only runs with the same sampler)",
+        default=None,
+        help="sampler of the evaluations. DDPM checkpoints: ddpm (ancestral, the paper's; the "
+        "default), ddim (eta 0) or dpm (DPM-Solver++ 2M; 2.5x faster at 20 steps, its IS-style "
+        "score 1.4%% lower on the pretrained model than ddpm-50's: compare only runs with the "
+        "same sampler). Flow checkpoints: euler (the scheduler's own steps; the default)",
     )
-    p.add_argument("--eval-steps", type=int, default=50, help="sampling steps of the evaluations")
+    p.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help=f"sampling steps of the evaluations (None: {DEFAULT_EVAL_STEPS['ddpm']} for DDPM, "
+        f"{DEFAULT_EVAL_STEPS['flow']} for flow)",
+    )
     p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes for the NLL")
     p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol for the NLL")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -224,10 +263,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--audit compares with T-shirt variants: it needs the T-shirt (no --outlier-image)")
     if args.audit_references < 1:
         p.error("--audit-references must be >= 1")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        p.error(f"--eval-steps must be >= 1, got {args.eval_steps}")
+    # The process is read from the checkpoint's scheduler config (no weights loaded), so that a
+    # sampler of the other process fails here, before any training.
+    try:
+        resolve_process(args)
+    except ValueError as error:
+        p.error(str(error))
+    if args.process in METHOD_REFUSALS.get(args.method, {}):
+        p.error(f"--method {args.method}: {METHOD_REFUSALS[args.method][args.process]}")
     if args.output_dir is None:
         label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
-        args.output_dir = Path("outputs/unlearn") / f"{label}-seed{args.seed}"
+        prefix = "flow-" if args.process == "flow" else ""
+        args.output_dir = Path("outputs/unlearn") / f"{prefix}{label}-seed{args.seed}"
     return args
+
+
+def resolve_process(args: argparse.Namespace) -> str:
+    """Sets ``args.process`` from ``--checkpoint`` and the evaluation sampler and steps of that
+    process where they were left at None; ``ValueError`` naming the flag otherwise."""
+    try:
+        args.process = checkpoint_process(args.checkpoint)
+    except ValueError as error:
+        raise ValueError(f"--checkpoint: {error}") from error
+    args.eval_sampler = check_sampler(args.process, args.eval_sampler, "--eval-sampler")
+    if args.eval_steps is None:
+        args.eval_steps = DEFAULT_EVAL_STEPS[args.process]
+    return args.process
 
 
 @contextmanager
@@ -250,7 +313,7 @@ def timestep_spec(values: list[int] | None) -> int | tuple[int, int] | None:
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
-def build_loss(args: argparse.Namespace, scheduler: DDPMScheduler, n: int, k: int):
+def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int):
     from siss.adapters import loss_from_scheduler
 
     kwargs: dict[str, Any] = {"superfactor": args.superfactor or 0.0}
@@ -272,6 +335,40 @@ def build_balancer(args: argparse.Namespace, params: list[torch.nn.Parameter]):
     if args.method == "erasediff":
         return NormBalancer(params, mode="bilevel")
     return NormBalancer(params, ratio=args.ratio, mode=args.balance_mode)
+
+
+def unlearning_step(
+    unet: UNet2DModel,
+    loss_fn: Any,
+    keep: torch.Tensor,
+    forget: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    *,
+    balancer: Any,
+    generator: torch.Generator,
+    timesteps: int | tuple[int, int] | None,
+    args: argparse.Namespace,
+) -> None:
+    """One optimizer step: ``--batch-size`` rows of ``keep`` ``(n-k, C, H, W)`` and of ``forget``
+    ``(k, C, H, W)`` drawn with ``generator``, one forward pass, the balancer's gradient (or the
+    loss's own with a fixed superfactor), clipping, AdamW and the lr schedule."""
+    params = optimizer.param_groups[0]["params"]
+    rows = torch.randint(len(keep), (args.batch_size,), generator=generator)
+    pick = torch.randint(len(forget), (args.batch_size,), generator=generator)
+    x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
+    draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
+    terms = loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw)
+    if balancer is None:
+        terms.loss.backward()
+    else:
+        balancer.backward(terms.keep, terms.forget)
+        balancer.step()  # .grad <- g_keep - c g_forget (None everywhere if non-finite)
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class Evaluator:
@@ -303,7 +400,7 @@ class Evaluator:
             progress=False,
         )
 
-    def track(self, unet: UNet2DModel, scheduler: DDPMScheduler) -> dict[str, Any]:
+    def track(self, unet: UNet2DModel, scheduler: Any) -> dict[str, Any]:
         """The outlier rate alone on ``--track-samples`` samples: the cheap in-run evaluation."""
         was_training = unet.training
         unet.eval()
@@ -320,9 +417,7 @@ class Evaluator:
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }
 
-    def __call__(
-        self, unet: UNet2DModel, scheduler: DDPMScheduler
-    ) -> tuple[dict[str, Any], torch.Tensor]:
+    def __call__(self, unet: UNet2DModel, scheduler: Any) -> tuple[dict[str, Any], torch.Tensor]:
         """Metrics of ``unet`` and the samples they were measured on, ``(N, C, H, W)``."""
         was_training = unet.training
         unet.eval()
@@ -335,12 +430,11 @@ class Evaluator:
         not_measured: dict[str, str] = {}
         nll = score = fid = None
         try:
-            nll = bits_per_dim(
-                lambda x, t: unet(x, t).sample,
+            nll = outlier_nll(
+                unet,
+                scheduler,
                 probes,
-                scheduler.alphas_cumprod,
-                rtol=self.args.nll_tolerance,
-                atol=self.args.nll_tolerance,
+                tolerance=self.args.nll_tolerance,
                 generator=torch.Generator().manual_seed(self.args.seed + 2),
             )
         except ValueError as error:
@@ -367,6 +461,39 @@ class Evaluator:
             "not_measured": not_measured,
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }, samples
+
+
+def outlier_nll(
+    unet: UNet2DModel,
+    scheduler: Any,
+    images: torch.Tensor,
+    *,
+    tolerance: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``(B,)`` bits/dim of ``images`` ``(B, C, H, W)``, one Hutchinson probe each, along the
+    process's probability-flow ODE: the VP ODE of ``siss.metrics.bits_per_dim`` for DDPM, the
+    rectified-flow ODE ``dx/ds = v`` of ``siss.audit.likelihood.flow_bits_per_dim`` for flow.
+    The two integrate different ODEs: their bits/dim compare within a process only."""
+    if process_of(scheduler) == "flow":
+        from siss.audit.likelihood import flow_bits_per_dim
+
+        return flow_bits_per_dim(
+            lambda x, t: unet(x, t).sample,
+            images,
+            num_train_timesteps=scheduler.config.num_train_timesteps,
+            rtol=tolerance,
+            atol=tolerance,
+            generator=generator,
+        )
+    return bits_per_dim(
+        lambda x, t: unet(x, t).sample,
+        images,
+        scheduler.alphas_cumprod,
+        rtol=tolerance,
+        atol=tolerance,
+        generator=generator,
+    )
 
 
 def _tiles(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -417,6 +544,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     """
     if args.threads:
         torch.set_num_threads(args.threads)
+    resolve_process(args)  # a Namespace built elsewhere may not have been through parse_args
     device = torch.device(args.device)
     out = Path(args.output_dir)
     unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
@@ -430,7 +558,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     )
     keep, forget = data.images[~data.is_outlier], data.images[data.is_outlier]
     n, k = len(data.images), len(forget)
-    scheduler = DDPMScheduler.from_pretrained(args.checkpoint)
+    scheduler = load_scheduler(args.checkpoint)
     loss_fn = build_loss(args, scheduler, n, k).to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -482,21 +610,18 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     )
     for step in bar:
         started = time.perf_counter()
-        rows = torch.randint(len(keep), (args.batch_size,), generator=generator)
-        pick = torch.randint(len(forget), (args.batch_size,), generator=generator)
-        x0, a0 = keep_dev[rows.to(device)], forget_dev[pick.to(device)]
-        draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
-        terms = loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw)
-        if balancer is None:
-            terms.loss.backward()
-        else:
-            balancer.backward(terms.keep, terms.forget)
-            balancer.step()  # .grad <- g_keep - c g_forget (None everywhere if non-finite)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        unlearning_step(
+            unet,
+            loss_fn,
+            keep_dev,
+            forget_dev,
+            optimizer,
+            lr_scheduler,
+            balancer=balancer,
+            generator=generator,
+            timesteps=timesteps,
+            args=args,
+        )
         if ema is not None:
             ema.step(params)
         train_wall += time.perf_counter() - started
@@ -531,6 +656,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     unet.save_pretrained(out / "model", safe_serialization=True)
     result = {
         "method": args.method,
+        "process": args.process,
         "lam": args.lam if args.method == "siss" else None,
         "seed": args.seed,
         "steps": args.steps,
@@ -571,7 +697,7 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
     from siss.audit.figure import save_figure
 
     out = Path(args.output_dir)
-    scheduler = DDPMScheduler.from_pretrained(args.checkpoint)
+    scheduler = load_scheduler(args.checkpoint)
     before_unet = UNet2DModel.from_pretrained(args.checkpoint)
     channels, size = before_unet.config.in_channels, before_unet.config.sample_size
     data = load_training_set(
@@ -642,7 +768,8 @@ def main(argv: list[str] | None = None) -> None:
     if "before" not in result:
         return
     table = audit_run(args) if args.audit else None
-    print(f"\n{'':8}{'outlier rate [95% CI]':>26}{'outlier NLL (bpd)':>20}{'IS':>8}{'FID':>8}")
+    print(f"\n{PROCESS_NAMES[args.process]}, sampled with {args.eval_sampler}-{args.eval_steps}")
+    print(f"{'':8}{'outlier rate [95% CI]':>26}{'outlier NLL (bpd)':>20}{'IS':>8}{'FID':>8}")
     for name in ("before", "after"):
         row = result[name]
         low, high = row["outlier_rate_ci95"]

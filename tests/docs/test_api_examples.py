@@ -25,7 +25,7 @@ from types import ModuleType
 
 import pytest
 
-PACKAGES = ("siss", "siss.adapters", "siss.metrics", "siss.audit")
+PACKAGES = ("siss", "siss.adapters", "siss.metrics", "siss.audit", "siss.sequential")
 
 # Public objects without a runnable example yet, and why (2026-11-23). Remove an entry when its
 # example lands.

@@ -1,0 +1,468 @@
+"""Unlearn a queue of deletion requests one after another, tracking every request after each.
+
+Real deletions arrive one at a time. This script plants five distinct shapes (T-shirt, trousers,
+bag, ankle boot, sneaker; ``digits.SHAPES``) at 1% each in the digits training set, starts from a
+model pretrained on that set (``pretrain.py --outlier-shapes 5``), and unlearns the shapes as
+separate requests in order, each from the previous request's result, with ``unlearn.py``'s loss,
+balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's
+sequential CelebA-HQ run). After each request it measures sample quality (IS- and FID-style
+scores under the shipped digit classifier) and EVERY shape's generation rate (95% interval) and
+NLL (bits/dim): the processed ones are flagged if they come back (rate interval excluding 0, or
+NLL below its value right after its own request by more than 1.96 standard errors), the waiting
+ones should stay put. Stop rule: the pretrained model is evaluated on ``--band-seeds`` noise seeds
+and the queue stops, naming the requests left, when FID rises above (or IS falls below) the
+one-sided ``--band-level`` prediction bound of those evaluations (``siss.sequential.QualityBand``:
+mean ± t_{level,S-1}·sd·sqrt(1+1/S)). State is saved atomically after every request (the model,
+then the queue file); ``--resume`` continues at the first unfinished request and refuses a folder
+made with other flags, naming them. Writes ``table.md``, ``sequential.png`` and ``queue.json``;
+``--docs DIR`` copies the table and plot there.
+
+    python examples/sequential.py                        # 5 requests x 60 steps
+    python examples/sequential.py --resume --output-dir outputs/sequential/siss-lam0.5-seed0
+    python examples/sequential.py --docs docs/results    # + docs/results/sequential.{md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits import SHAPES, load_shapes_training_set, to_unit_range
+from pretrain import SAMPLERS, load_scheduler, sample_images
+from training_state import write_json_atomically
+from unlearn import (
+    LR_SCHEDULES,
+    METHOD_NAMES,
+    Evaluator,
+    build_balancer,
+    build_loss,
+    outlier_nll,
+    resolve_process,
+    timestep_spec,
+    unlearning_step,
+    write_text_atomically,
+)
+
+from siss import derived_seed
+from siss.metrics import fid_score, generation_rate, is_score
+from siss.sequential import QualityBand, RequestQueue, forgetting_flags
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Flags that do not change any result: left out of the settings a resumed queue must match.
+NOT_SETTINGS = {"output_dir", "resume", "stop_after_requests", "docs", "threads", "no_progress"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--checkpoint", type=Path, default=ASSETS / "shapes-pretrained")
+    p.add_argument(
+        "--shapes", type=int, default=len(SHAPES), help="requests: the first K of digits.SHAPES"
+    )
+    p.add_argument("--method", choices=METHOD_NAMES, default="siss")
+    p.add_argument("--lam", type=float, default=0.5, help="SISS mixture weight λ")
+    p.add_argument("--superfactor", type=float, default=None, help="fixed s (no balancer)")
+    p.add_argument("--ratio", type=float, default=0.1, help="balancer's forget/keep norm ratio")
+    p.add_argument("--balance-mode", choices=("fix", "clip"), default="fix")
+    p.add_argument(
+        "--steps-per-request", type=int, default=60, help="paper's sequential CelebA-HQ run: 60"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="cosine",
+        help="per request, annealed to 0 by its last step (unlearn.py's default)",
+    )
+    p.add_argument("--lr-warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--timesteps", type=int, nargs="*", default=None, help="as unlearn.py's")
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation")
+    p.add_argument("--eval-sampler", choices=SAMPLERS, default=None, help="default: ddpm")
+    p.add_argument("--eval-steps", type=int, default=None, help="default: the process's (50)")
+    p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes per shape")
+    p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol")
+    p.add_argument(
+        "--band-seeds",
+        type=int,
+        default=5,
+        help="evaluation noise seeds of the pretrained model that define the quality band",
+    )
+    p.add_argument(
+        "--band-level",
+        type=float,
+        default=0.99,
+        help="one-sided coverage of the band's prediction bound: an unchanged model leaves it "
+        "with probability 1 - level per evaluation (about 5%% over a 5-request queue for 0.99)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the queue in --output-dir")
+    p.add_argument(
+        "--stop-after-requests",
+        type=int,
+        default=None,
+        help="process at most this many requests in this run (as if interrupted)",
+    )
+    p.add_argument("--docs", type=Path, default=None, help="copy table and plot into this folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for flag in ("shapes", "steps_per_request", "batch_size", "eval_samples", "nll_probes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 1 <= args.shapes <= len(SHAPES):
+        p.error(f"--shapes must be in [1, {len(SHAPES)}], got {args.shapes}")
+    if args.band_seeds < 2:
+        p.error(
+            f"--band-seeds must be >= 2 (a spread needs two evaluations), got {args.band_seeds}"
+        )
+    if not 0.5 < args.band_level < 1:
+        p.error(f"--band-level must be in (0.5, 1), got {args.band_level}")
+    if args.timesteps is not None and len(args.timesteps) not in (1, 2):
+        p.error("--timesteps takes one value (fixed) or two (a window)")
+    if args.stop_after_requests is not None and args.stop_after_requests < 0:
+        p.error(f"--stop-after-requests must be >= 0, got {args.stop_after_requests}")
+    if not (args.checkpoint / "config.json").is_file():
+        p.error(
+            f"--checkpoint {args.checkpoint} holds no model: train it with `python examples/"
+            "pretrain.py --outlier-shapes 5 --output-dir examples/assets/shapes-pretrained`"
+        )
+    try:
+        resolve_process(args)
+    except ValueError as error:
+        p.error(str(error))
+    if args.output_dir is None:
+        label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
+        args.output_dir = Path("outputs/sequential") / f"{label}-seed{args.seed}"
+    return args
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the results depend on, by flag name (what a refused resume names)."""
+    return {
+        "--" + key.replace("_", "-"): str(value) if isinstance(value, Path) else value
+        for key, value in sorted(vars(args).items())
+        if key not in NOT_SETTINGS
+    }
+
+
+def evaluate(
+    unet: UNet2DModel,
+    scheduler: Any,
+    data,
+    evaluator: Evaluator,
+    args: argparse.Namespace,
+    noise_seed: int | None = None,
+    with_nll: bool = True,
+) -> dict[str, Any]:
+    """Quality and every shape's rate and NLL; ``noise_seed`` other than the default only for
+    the band's extra evaluations of the pretrained model (quality alone)."""
+    unet.eval()
+    start = time.perf_counter()
+    if noise_seed is None:
+        samples = evaluator.samples(unet, scheduler.config, args.eval_samples)
+    else:
+        samples = sample_images(
+            unet,
+            scheduler.config,
+            args.eval_samples,
+            sampler=args.eval_sampler,
+            num_inference_steps=args.eval_steps,
+            generator=torch.Generator().manual_seed(noise_seed),
+            progress=False,
+        )
+    result: dict[str, Any] = {"inception_score": None, "fid": None, "not_measured": {}}
+    try:
+        result["inception_score"] = is_score(evaluator.classifier, samples, select="logits").mean
+        result["fid"] = fid_score(
+            evaluator.classifier, samples, evaluator.reference, select="features"
+        )
+    except ValueError as error:  # NaN samples: no quality, said so
+        result["not_measured"]["quality"] = str(error)
+    if not with_nll:
+        return result
+    shapes: dict[str, Any] = {}
+    unit = to_unit_range(samples)
+    nll = None
+    probes = data.shapes.repeat_interleave(args.nll_probes, dim=0)  # (K * probes, C, H, W)
+    try:
+        with torch.no_grad():
+            nll = outlier_nll(
+                unet,
+                scheduler,
+                probes.to(args.device),
+                tolerance=args.nll_tolerance,
+                generator=torch.Generator().manual_seed(args.seed + 2),
+            )
+        nll = nll.view(len(data.names), args.nll_probes).cpu()
+    except ValueError as error:
+        result["not_measured"]["nll_bpd"] = str(error)
+    for k, name in enumerate(data.names):
+        rate = generation_rate(unit, to_unit_range(data.shapes[k]))
+        shapes[name] = {
+            "count": rate.count,
+            "samples": rate.total + rate.nonfinite,
+            "rate": rate.rate,
+            "rate_ci95": [rate.low, rate.high],
+            "nll_bpd": None if nll is None else nll[k].mean().item(),
+            "nll_bpd_se": None
+            if nll is None or args.nll_probes < 2
+            else (nll[k].std() / math.sqrt(args.nll_probes)).item(),
+        }
+    result["shapes"] = shapes
+    result["eval_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def unlearn_request(
+    unet: UNet2DModel, scheduler: Any, data, index: int, args: argparse.Namespace, desc: str
+) -> float:
+    """``--steps-per-request`` steps unlearning shape ``index`` from ``unet`` in place, with the
+    still-waiting shapes in the keep set (they are still training data). Returns seconds."""
+    device = torch.device(args.device)
+    keep = data.images[(data.shape_index == -1) | (data.shape_index > index)].to(device)
+    forget = data.images[data.shape_index == index].to(device)
+    loss_fn = build_loss(args, scheduler, len(keep) + len(forget), len(forget)).to(device)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    balancer = build_balancer(args, params)
+    lr_scheduler = get_scheduler(
+        args.lr_schedule,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.steps_per_request,
+    )
+    # One stream per request, from the seed and the request's index: a resumed queue draws what
+    # an uninterrupted one draws.
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, "request", index))
+    timesteps = timestep_spec(args.timesteps)
+    unet.train()
+    start = time.perf_counter()
+    for _ in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
+        unlearning_step(
+            unet,
+            loss_fn,
+            keep,
+            forget,
+            optimizer,
+            lr_scheduler,
+            balancer=balancer,
+            generator=generator,
+            timesteps=timesteps,
+            args=args,
+        )
+    unet.eval()
+    return time.perf_counter() - start
+
+
+def save_model(unet: UNet2DModel, folder: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then renamed into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _cell(shape: dict[str, Any], flags: list[str], state: str) -> str:
+    low, high = shape["rate_ci95"]
+    nll = "n/a" if shape["nll_bpd"] is None else f"{shape['nll_bpd']:.2f}"
+    marks = "".join(
+        {"rate": " **⚠ rate back**", "nll": " **⚠ NLL fell back**"}[flag] for flag in flags
+    )
+    prefix = {"done": "✓ ", "now": "→ ", "waiting": ""}[state]
+    return f"{prefix}{shape['rate']:.2%} [{low:.2%}, {high:.2%}]; {nll}{marks}"
+
+
+def table(queue: RequestQueue, baseline: dict[str, Any], bands: list[QualityBand]) -> str:
+    """Markdown: one row per state (pretrained, after each request)."""
+    names = queue.requests
+    rows = [baseline["evaluation"], *[record["evaluation"] for record in queue.records]]
+    history = [record["evaluation"]["shapes"] for record in queue.records]
+    flags = forgetting_flags(history, names)
+    head = "| after | IS ↑ | FID ↓ | " + " | ".join(names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for j, row in enumerate(rows):
+        label = "pretrained" if j == 0 else f"{j}: {names[j - 1]}"
+        quality = [
+            "n/a" if row[key] is None else f"{row[key]:.2f}" for key in ("inception_score", "fid")
+        ]
+        cells = []
+        for k, name in enumerate(names):
+            state = "waiting" if k >= j else ("now" if k == j - 1 else "done")
+            cells.append(_cell(row["shapes"][name], flags[j - 1].get(name, []) if j else [], state))
+        lines.append(f"| {label} | " + " | ".join(quality + cells) + " |")
+    notes = [
+        "",
+        "Cells: generation rate [95% Clopper-Pearson interval]; NLL in bits/dim. ✓ unlearned "
+        "earlier, → unlearned in this row, no mark: still waiting (still training data). "
+        "⚠ rate back: a processed shape's rate interval excludes 0; ⚠ NLL fell back: its NLL is "
+        "more than 1.96 standard errors below its value right after its own request.",
+        "Quality band (stop rule): " + "; ".join(band.describe() for band in bands) + ".",
+    ]
+    if queue.stopped:
+        notes.append(f"Stopped: {queue.stopped}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(
+    queue: RequestQueue, baseline: dict[str, Any], bands: list[QualityBand], path: Path
+) -> None:
+    """Rate and NLL of every shape and quality against the request index, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [baseline["evaluation"], *[record["evaluation"] for record in queue.records]]
+    index = list(range(len(rows)))
+    fig, (ax_rate, ax_nll, ax_fid) = plt.subplots(1, 3, figsize=(13, 3.8))
+    for k, name in enumerate(queue.requests):
+        shapes = [row["shapes"][name] for row in rows]
+        rate = [100 * s["rate"] for s in shapes]
+        low = [100 * s["rate_ci95"][0] for s in shapes]
+        high = [100 * s["rate_ci95"][1] for s in shapes]
+        (line,) = ax_rate.plot(index, rate, marker="o", label=name)
+        ax_rate.fill_between(index, low, high, color=line.get_color(), alpha=0.12)
+        nll = [math.nan if s["nll_bpd"] is None else s["nll_bpd"] for s in shapes]
+        ax_nll.plot(index, nll, marker="o", color=line.get_color(), label=name)
+        for ax in (ax_rate, ax_nll):
+            ax.axvline(k + 1, color=line.get_color(), alpha=0.25, lw=0.8, ls=":")
+    ax_rate.set(xlabel="requests processed", ylabel="generation rate (%), 95% CI")
+    ax_nll.set(xlabel="requests processed", ylabel="NLL (bits/dim)")
+    ax_rate.legend(fontsize=7)
+    fid = [math.nan if row["fid"] is None else row["fid"] for row in rows]
+    ax_fid.plot(index, fid, marker="o", color="k", label="FID-style")
+    ax_fid.axhline(bands[0].bound, color="k", ls="--", lw=0.8, label="FID band bound")
+    ax_fid.set(xlabel="requests processed", ylabel="FID-style ↓")
+    ax_is = ax_fid.twinx()
+    score = [math.nan if row["inception_score"] is None else row["inception_score"] for row in rows]
+    ax_is.plot(index, score, marker="s", color="tab:red", label="IS-style")
+    ax_is.axhline(bands[1].bound, color="tab:red", ls="--", lw=0.8)
+    ax_is.set_ylabel("IS-style ↑", color="tab:red")
+    ax_fid.legend(fontsize=7, loc="upper left")
+    for ax in (ax_rate, ax_nll, ax_fid):
+        ax.set_xticks(index)
+    fig.suptitle("Sequential deletion requests (dotted: the request that unlearns each shape)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs or resumes the queue; returns ``{"queue": RequestQueue, "table": str}``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    data = load_shapes_training_set(args.shapes, seed=0)
+    queue = RequestQueue.open(out / "queue.json", data.names, settings(args), resume=args.resume)
+    scheduler = load_scheduler(args.checkpoint)
+    evaluator = Evaluator(args, data.outlier, data.images[data.shape_index == -1])
+    if evaluator.classifier is None:
+        raise ValueError("the quality band needs the digit classifier: 16x16 grayscale models")
+    done = len(queue.records)
+    source = args.checkpoint if done == 0 else out / "requests" / f"{done:02d}-{queue.done[-1]}"
+    unet = UNet2DModel.from_pretrained(source).to(args.device)
+
+    baseline_path = out / "baseline.json"
+    if args.resume and baseline_path.exists():  # queue.json matched: same settings
+        baseline = json.loads(baseline_path.read_text())
+    else:
+        pretrained = unet if done == 0 else UNet2DModel.from_pretrained(args.checkpoint)
+        pretrained = pretrained.to(args.device)
+        seeds = range(args.seed + 1, args.seed + 1 + args.band_seeds)
+        quality = []
+        for noise in tqdm(seeds, desc="quality band", disable=args.no_progress):
+            with_nll = noise == args.seed + 1  # the noise of every later evaluation
+            row = evaluate(pretrained, scheduler, data, evaluator, args, noise, with_nll)
+            quality.append(row)
+        if any(row["fid"] is None for row in quality):
+            raise ValueError(f"--checkpoint: its quality could not be measured: {quality}")
+        baseline = {
+            "evaluation": quality[0],
+            "band_fid": [row["fid"] for row in quality],
+            "band_is": [row["inception_score"] for row in quality],
+        }
+        write_json_atomically(baseline_path, baseline)
+    bands = [
+        QualityBand.from_evaluations("FID", baseline["band_fid"], level=args.band_level),
+        QualityBand.from_evaluations(
+            "IS", baseline["band_is"], level=args.band_level, higher_is_better=True
+        ),
+    ]
+
+    limit = math.inf if args.stop_after_requests is None else args.stop_after_requests
+    processed = 0
+    while not queue.finished and processed < limit:
+        index = len(queue.records)
+        name = queue.next_request
+        seconds = unlearn_request(
+            unet, scheduler, data, index, args, f"request {index + 1}/{len(data.names)}: {name}"
+        )
+        row = evaluate(unet, scheduler, data, evaluator, args)
+        save_model(unet, out / "requests" / f"{index + 1:02d}-{name}")
+        queue.complete({"train_wall_s": round(seconds, 1), "evaluation": row})
+        processed += 1
+        scores = {"FID": row["fid"], "IS": row["inception_score"]}
+        outside = [band for band in bands if not band.contains(scores[band.metric])]
+        if outside:
+            reasons = "; ".join(
+                f"{band.metric} {scores[band.metric]} outside {band.describe()}" for band in outside
+            )
+            queue.stop(
+                f"quality left its band after request {index + 1} ({name}): {reasons}. "
+                f"Requests not processed: {', '.join(queue.pending) or 'none'}"
+            )
+    text = table(queue, baseline, bands)
+    write_text_atomically(out / "table.md", text)
+    plot(queue, baseline, bands, out / "sequential.png")
+    if args.docs is not None:
+        args.docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "table.md", args.docs / "sequential.md")
+        shutil.copyfile(out / "sequential.png", args.docs / "sequential.png")
+    return {"queue": queue, "table": text}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except ValueError as error:  # a resume with other flags, a model without quality
+        raise SystemExit(f"error: {error}") from None
+    queue = result["queue"]
+    print(result["table"])
+    if queue.stopped:
+        print(f"STOPPED: {queue.stopped}")
+    elif queue.pending:
+        print(f"paused after {len(queue.done)} requests; continue with --resume")
+    print(f"table.md, sequential.png and queue.json in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

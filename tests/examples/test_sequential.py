@@ -1,0 +1,117 @@
+"""examples/sequential.py on a tiny UNet: outputs, resume, refused resume, the stop rule.
+
+The checkpoint is a tiny ``UNet2DModel`` built from config, saved and loaded by path. Few steps
+and samples: this checks the queue's plumbing, not the science.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import sequential  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    tiny_unet(sample_size=16).save_pretrained(folder, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    return folder
+
+
+def argv(checkpoint, out, *extra):
+    return [
+        "--checkpoint", str(checkpoint), "--output-dir", str(out), "--shapes", "3",
+        "--steps-per-request", "2", "--batch-size", "8", "--eval-samples", "16",
+        "--eval-steps", "2", "--nll-probes", "2", "--nll-tolerance", "1e-2", "--band-seeds", "2",
+        "--band-level", "0.9999", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def untimed(records):
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.endswith("wall_s")}
+        return value
+
+    return [strip(record) for record in records]
+
+
+def test_queue_runs_every_request_and_resumes_to_the_same_end(checkpoint, tmp_path):
+    whole = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path / "whole")))
+    queue = whole["queue"]
+    assert queue.done == ["tshirt", "trousers", "bag"] and queue.stopped is None
+    for record in queue.records:  # every shape measured after every request
+        assert set(record["evaluation"]["shapes"]) == {"tshirt", "trousers", "bag"}
+        for shape in record["evaluation"]["shapes"].values():
+            assert shape["samples"] == 16 and isinstance(shape["nll_bpd"], float)
+    table = (tmp_path / "whole" / "table.md").read_text()
+    assert table == whole["table"] and "| 3: bag |" in table and "Quality band" in table
+    assert (tmp_path / "whole" / "sequential.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "whole" / "queue.json").read_text())
+    assert [r["request"] for r in saved["records"]] == queue.done
+
+    parts = tmp_path / "parts"
+    first = sequential.run(
+        sequential.parse_args(argv(checkpoint, parts, "--stop-after-requests", "1"))
+    )
+    assert first["queue"].pending == ["trousers", "bag"]
+    resumed = sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume")))
+    assert untimed(resumed["queue"].records) == untimed(queue.records)
+    one = load_file(str(tmp_path / "whole" / "requests" / "03-bag" / WEIGHTS))
+    two = load_file(str(parts / "requests" / "03-bag" / WEIGHTS))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    before = load_file(str(checkpoint / WEIGHTS))
+    assert any(not torch.equal(one[k], before[k]) for k in before)
+
+    with pytest.raises(ValueError, match=r"--lam \(0.5 there, 1.0 now\)"):
+        sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume", "--lam", "1")))
+
+
+def test_the_queue_stops_when_quality_leaves_its_band(checkpoint, tmp_path, monkeypatch):
+    """A model whose FID-style score leaves the band after the first request stops the queue
+    there, naming the requests left; the record of that request is kept."""
+    evaluate = sequential.evaluate
+
+    def worse_after_training(unet, scheduler, data, evaluator, args, noise_seed=None, *rest):
+        row = evaluate(unet, scheduler, data, evaluator, args, noise_seed, *rest)
+        if noise_seed is None:  # after a request, not the band's evaluations
+            row["fid"] += 1e9
+        return row
+
+    monkeypatch.setattr(sequential, "evaluate", worse_after_training)
+    result = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path)))
+    queue = result["queue"]
+    assert queue.done == ["tshirt"] and queue.pending == ["trousers", "bag"]
+    assert "quality left its band after request 1 (tshirt)" in queue.stopped
+    assert queue.stopped.endswith("Requests not processed: trousers, bag")
+    assert "Stopped:" in result["table"]
+    again = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path, "--resume")))
+    assert again["queue"].done == ["tshirt"]  # a stopped queue stays stopped
+
+
+def test_flags_are_checked_before_any_work(checkpoint, tmp_path, capsys):
+    for extra, flag in (
+        (["--shapes", "6"], "--shapes"),
+        (["--band-seeds", "1"], "--band-seeds"),
+        (["--band-level", "1"], "--band-level"),
+        (["--steps-per-request", "0"], "--steps-per-request"),
+    ):
+        with pytest.raises(SystemExit):
+            sequential.parse_args(argv(checkpoint, tmp_path, *extra))
+        assert flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sequential.parse_args(argv(tmp_path / "missing", tmp_path))
+    assert "--outlier-shapes 5" in capsys.readouterr().err
