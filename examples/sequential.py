@@ -4,18 +4,18 @@ Real deletions arrive one at a time. This script plants five distinct shapes (T-
 bag, ankle boot, sneaker; ``digits.SHAPES``) at 1% each in the digits training set, starts from a
 model pretrained on that set (``pretrain.py --outlier-shapes 5``), and unlearns the shapes as
 separate requests in order, each from the previous request's result, with ``unlearn.py``'s loss,
-balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's
-sequential CelebA-HQ run). After each request it measures sample quality (IS- and FID-style
-scores under the shipped digit classifier) and EVERY shape's generation rate (95% interval) and
-NLL (bits/dim): the processed ones are flagged if they come back (rate interval excluding 0, or
-NLL below its value right after its own request by more than 1.96 standard errors), the waiting
-ones should stay put. Stop rule: the pretrained model is evaluated on ``--band-seeds`` noise seeds
-and the queue stops, naming the requests left, when FID rises above (or IS falls below) the
-one-sided ``--band-level`` prediction bound of those evaluations (``siss.sequential.QualityBand``:
-mean ± t_{level,S-1}·sd·sqrt(1+1/S)). State is saved atomically after every request (the model,
-then the queue file); ``--resume`` continues at the first unfinished request and refuses a folder
-made with other flags, naming them. Writes ``table.md``, ``sequential.png`` and ``queue.json``;
-``--docs DIR`` copies the table and plot there.
+balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's sequential
+CelebA-HQ run). After each request it measures sample quality (IS- and FID-style scores under the
+shipped digit classifier, on the samples that no shape's rate counts) and EVERY shape's generation
+rate (95% interval) and NLL (bits/dim): the processed ones are flagged if they come back (rate
+interval excluding 0, or NLL below its value right after its own request by more than 1.96 standard
+errors), the waiting ones should stay put. Stop rule: the pretrained model is evaluated on
+``--band-seeds`` noise seeds and the queue stops, naming the requests left, when FID rises above (or
+IS falls below) the one-sided ``--band-level`` prediction bound of those evaluations
+(``siss.sequential.QualityBand``: mean ± t_{level,S-1}·sd·sqrt(1+1/S)). State is saved atomically
+after every request (the model, then the queue file); ``--resume`` continues at the first unfinished
+request and refuses a folder made with other flags, naming them. Writes ``table.md``,
+``sequential.png`` and ``queue.json``; ``--docs DIR`` copies the table and plot there.
 
     python examples/sequential.py                        # 5 requests x 60 steps
     python examples/sequential.py --resume --output-dir outputs/sequential/siss-lam0.5-seed0
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import SHAPES, load_shapes_training_set, to_unit_range
-from pretrain import SAMPLERS, load_scheduler, sample_images
+from pretrain import SAMPLERS, is_near, load_scheduler, sample_images
 from training_state import write_json_atomically
 from unlearn import (
     LR_SCHEDULES,
@@ -190,18 +190,30 @@ def evaluate(
             generator=torch.Generator().manual_seed(noise_seed),
             progress=False,
         )
-    result: dict[str, Any] = {"inception_score": None, "fid": None, "not_measured": {}}
+    unit = to_unit_range(samples)
+    # Quality is that of the digits: samples within the rate's threshold of any planted shape are
+    # left out of IS/FID (against a digits-only reference), so that unlearning a shape does not
+    # read as a quality gain, nor its return as a loss; they are counted by the rates.
+    near_shape = torch.zeros(len(samples), dtype=torch.bool)
+    for shape in data.shapes:
+        near_shape |= is_near(samples, shape)
+    result: dict[str, Any] = {
+        "inception_score": None,
+        "fid": None,
+        "quality_samples": int((~near_shape).sum()),
+        "not_measured": {},
+    }
     try:
-        result["inception_score"] = is_score(evaluator.classifier, samples, select="logits").mean
+        digits = samples[~near_shape]
+        result["inception_score"] = is_score(evaluator.classifier, digits, select="logits").mean
         result["fid"] = fid_score(
-            evaluator.classifier, samples, evaluator.reference, select="features"
+            evaluator.classifier, digits, evaluator.reference, select="features"
         )
     except ValueError as error:  # NaN samples: no quality, said so
         result["not_measured"]["quality"] = str(error)
     if not with_nll:
         return result
     shapes: dict[str, Any] = {}
-    unit = to_unit_range(samples)
     nll = None
     probes = data.shapes.repeat_interleave(args.nll_probes, dim=0)  # (K * probes, C, H, W)
     try:

@@ -131,6 +131,8 @@ def test_the_evaluation_sampler_can_be_chosen(checkpoint, tmp_path, sampler):
     result = unlearn.run(unlearn.parse_args(flags))
     assert result["config"]["eval_sampler"] == sampler
     assert result["after"]["samples"] == 8 and isinstance(result["after"]["fid"], float)
+    counts = result["after"]["class_counts"]  # the digit mix the FID-style score reacts to
+    assert len(counts) == 10 and sum(counts) == 8
 
 
 def test_resuming_an_ema_run_from_a_checkpoint_without_one_is_refused(checkpoint, tmp_path):
