@@ -303,9 +303,9 @@ def save_model(unet: UNet2DModel, folder: Path) -> None:
 def _cell(shape: dict[str, Any], flags: list[str], state: str) -> str:
     low, high = shape["rate_ci95"]
     nll = "n/a" if shape["nll_bpd"] is None else f"{shape['nll_bpd']:.2f}"
-    marks = "".join(
-        {"rate": " **⚠ rate back**", "nll": " **⚠ NLL fell back**"}[flag] for flag in flags
-    )
+    # A shape unlearned in this very row that is still generated has not come back: it never left.
+    rate_mark = " **⚠ still generated**" if state == "now" else " **⚠ rate back**"
+    marks = "".join({"rate": rate_mark, "nll": " **⚠ NLL fell back**"}[flag] for flag in flags)
     prefix = {"done": "✓ ", "now": "→ ", "waiting": ""}[state]
     return f"{prefix}{shape['rate']:.2%} [{low:.2%}, {high:.2%}]; {nll}{marks}"
 
@@ -332,8 +332,9 @@ def table(queue: RequestQueue, baseline: dict[str, Any], bands: list[QualityBand
         "",
         "Cells: generation rate [95% Clopper-Pearson interval]; NLL in bits/dim. ✓ unlearned "
         "earlier, → unlearned in this row, no mark: still waiting (still training data). "
-        "⚠ rate back: a processed shape's rate interval excludes 0; ⚠ NLL fell back: its NLL is "
-        "more than 1.96 standard errors below its value right after its own request.",
+        "⚠ rate back: a shape unlearned earlier has a rate interval that excludes 0 (⚠ still "
+        "generated: the same for the shape of this row); ⚠ NLL fell back: its NLL is more than "
+        "1.96 standard errors below its value right after its own request.",
         "Quality band (stop rule): " + "; ".join(band.describe() for band in bands) + ".",
     ]
     if queue.stopped:
@@ -445,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outside = [band for band in bands if not band.contains(scores[band.metric])]
         if outside:
             reasons = "; ".join(
-                f"{band.metric} {scores[band.metric]} outside {band.describe()}" for band in outside
+                f"{band.metric} {scores[band.metric]:.4g} outside {band.describe()}"
+                for band in outside
             )
             queue.stop(
                 f"quality left its band after request {index + 1} ({name}): {reasons}. "
