@@ -1,6 +1,6 @@
 """The digits set with several planted shapes (examples/digits.py), for sequential requests."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,14 +11,9 @@ from siss.metrics import default_threshold, generation_rate
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def _load_digits_module():
-    spec = importlib.util.spec_from_file_location("siss_examples_digits", EXAMPLES / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(EXAMPLES))
 
-
-digits = _load_digits_module()
+import digits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
