@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -221,20 +222,14 @@ def sample_images(
     return torch.cat(out)
 
 
-def _save_atomically(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
-    info: dict,
-    out: Path,
-) -> None:
-    """Writes the checkpoint into a temporary sibling folder, then swaps it into place."""
+def save_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write(tmp)`` on a temporary sibling folder of ``out``, then swaps it into place:
+    ``out`` is the old folder or the complete new one, never a partial one."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp creates 0700
     try:
-        unet.save_pretrained(tmp, safe_serialization=True)
-        scheduler.save_pretrained(tmp)
-        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        write(tmp)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}-old-{os.getpid()}")
@@ -245,6 +240,22 @@ def _save_atomically(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _save_atomically(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
+    info: dict,
+    out: Path,
+) -> None:
+    """Writes the checkpoint into a temporary sibling folder, then swaps it into place."""
+
+    def write(tmp: Path) -> None:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        scheduler.save_pretrained(tmp)
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    save_folder_atomically(out, write)
 
 
 def load_data(args: argparse.Namespace, exclude_outlier: bool = False):

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import SHAPES, load_shapes_training_set, to_unit_range
-from pretrain import SAMPLERS, is_near, load_scheduler, sample_images
+from pretrain import SAMPLERS, is_near, load_scheduler, sample_images, save_folder_atomically
 from training_state import write_json_atomically
 from unlearn import (
     LR_SCHEDULES,
@@ -287,17 +285,8 @@ def unlearn_request(
 
 
 def save_model(unet: UNet2DModel, folder: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        unet.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    """``save_pretrained`` into a temporary sibling, then swapped into place."""
+    save_folder_atomically(folder, lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
 
 
 def _cell(shape: dict[str, Any], flags: list[str], state: str) -> str:
