@@ -39,6 +39,20 @@ def write_json_atomically(path: Path, payload: Any) -> None:
             os.remove(tmp)
 
 
+def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes ``tensors`` as safetensors to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}

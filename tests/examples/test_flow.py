@@ -249,7 +249,7 @@ def flow_study(flow_pair, tmp_path, monkeypatch):
     return [
         "--pretrained", str(pretrained), "--retrain", str(retrain), "--seeds", "0",
         "--methods", "naive", "--eval-samples", "8", "--eval-steps", "2", "--eval-every", "1",
-        "--track-samples", "4", "--no-progress",
+        "--track-samples", "4", "--no-progress", "--final-samples", "0",
     ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
@@ -57,7 +58,7 @@ def study_argv(out, *audit):
         "--eval-every", "2", "--track-samples", "4", "--no-progress", "--audit",
         "--audit-samples", "8", "--audit-steps", "2", "--audit-references", str(REFERENCES),
         "--audit-option", "membership.noise_draws=2",
-        "--audit-option", "reconstruction.noise_draws=2", *audit,
+        "--audit-option", "reconstruction.noise_draws=2", "--final-samples", "0", *audit,
     ]  # fmt: skip
 
 
@@ -122,3 +123,110 @@ def test_bad_audit_flags_fail_before_any_training(tmp_path, capsys, flags, messa
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
+
+
+def final_argv(out, samples):
+    return [
+        "--seeds", "0", "1", "--methods", "naive", "--output-dir", str(out), "--eval-samples",
+        "8", "--eval-steps", "2", "--eval-every", "2", "--track-samples", "4", "--no-progress",
+        "--final-samples", str(samples),
+    ]  # fmt: skip
+
+
+def test_the_final_evaluation_pools_the_rate_with_its_interval_and_checks_bf16(
+    tiny_study, monkeypatch
+):
+    out = tiny_study
+    monkeypatch.setattr(study, "FINAL_BATCH", 4)
+    study.main(final_argv(out, 10))
+    for run in ("pretrained-seed0", "retrain-seed1", "naive-seed1"):
+        folder = out / run / "final-10-ddpm2-bf16"
+        assert sorted(f.name for f in folder.glob("batch-*")) == [
+            "batch-0000.safetensors", "batch-0001.safetensors", "batch-0002.safetensors",
+        ]  # fmt: skip
+        assert json.loads((folder / "metrics.json").read_text())["samples"] == 10
+    results = json.loads((out / "results.json").read_text())
+    for row in results["rows"]:
+        assert row["final_samples"] == 10 and row["samples"] == 20  # 2 seeds x 10, pooled
+        low, high = row["outlier_rate_ci95"]
+        assert low <= row["outlier_count"] / 20 <= high
+    check = results["precision_check"]
+    assert sorted(check["models"]) == ["naive", "pretrained"]
+    for model in check["models"].values():
+        assert model["samples"] == 4 and 0 <= model["verdicts_differing"] <= 4
+        assert model["median_pixel_change"] > 0  # bf16 is not fp32, and says by how much
+    table = (out / "table.md").read_text()
+    assert "the final evaluation (10 samples a seed)" in table and "/20) |" in table
+    assert "The final evaluation samples in bf16" in table
+    # the pretrained model's spread: disjoint draws of 2 batches (8 samples), and of a seed's 10
+    draws = {d["samples_per_draw"]: d for d in results["pretrained_spread"]}
+    assert sorted(draws) == [8, 10] and len(draws[10]["fid"]) == 2
+    assert "over 2 disjoint draws of 10 samples" in table
+
+
+def test_the_final_evaluation_resumes_at_the_first_missing_batch(tiny_study, monkeypatch):
+    out = tiny_study
+    monkeypatch.setattr(study, "FINAL_BATCH", 4)
+    args = study.parse_args(final_argv(out, 10))
+    calls = []
+
+    def samples(label, seed, args, batch, precision, count):
+        calls.append(batch)
+        if batch == 1 and len(calls) == 2:
+            raise KeyboardInterrupt  # stopped while drawing the second batch
+        drawn = torch.rand(count, 1, 16, 16, generator=torch.Generator().manual_seed(batch))
+        drawn[0] = float("nan") if batch == 2 else drawn[0]  # one diverged sample
+        return drawn * 2 - 1
+
+    monkeypatch.setattr(study, "final_samples", samples)
+    with pytest.raises(KeyboardInterrupt):
+        study.final_evaluation("pretrained", 0, args)
+    assert calls == [0, 1]
+    metrics = study.final_evaluation("pretrained", 0, args)
+    assert calls == [0, 1, 1, 2]  # batch 0 was kept, not redrawn
+    assert (metrics["samples"], metrics["nonfinite_samples"]) == (10, 1)
+    # a non-finite sample makes the rate and the quality "not measured", never numbers
+    assert math.isnan(metrics["outlier_rate"]) and metrics["fid"] is None
+    assert "fid" in metrics["not_measured"]
+    runs = [{"after": {**AFTER}, "final": metrics, "steps": 0, "train_wall_s": 0.0}]
+    row = study.summarize({"pretrained": runs})[0]
+    assert math.isnan(row["outlier_rate_ci95"][0]) and math.isnan(row["fid"][0])
+    assert "not measured (1 non-finite samples)" in study.table_markdown([row])
+    again = study.final_evaluation("pretrained", 0, args)  # reused, not redrawn (NaN != NaN)
+    assert json.dumps(again) == json.dumps(metrics)
+    assert calls == [0, 1, 1, 2]
+
+
+AFTER = {
+    "inception_score": 9.0, "fid": 10.0, "outlier_nll_bpd": 3.0, "outlier_rate": 0.0,
+    "outlier_count": 0, "samples": 8,
+}  # fmt: skip
+
+
+def test_final_noise_differs_by_batch_and_seed_and_from_the_in_run_evaluation():
+    draws = {
+        (seed, batch): torch.randn(4, generator=study.final_noise(seed, batch))
+        for seed in (0, 1)
+        for batch in (0, 1)
+    }
+    draws["in-run"] = torch.randn(4, generator=torch.Generator().manual_seed(1))
+    values = list(draws.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
+    assert torch.equal(draws[0, 1], torch.randn(4, generator=study.final_noise(0, 1)))
+
+
+def test_a_negative_final_sample_count_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.parse_args(["--output-dir", str(tmp_path / "s"), "--final-samples", "-1"])
+    assert "--final-samples" in capsys.readouterr().err
+
+
+def test_timesteps_reach_every_method_and_the_folder_refuses_other_ones(tiny_study, capsys):
+    out = tiny_study
+    argv = [*final_argv(out, 0)[:-2], "--final-samples", "0", "--seeds", "0"]
+    study.main([*argv, "--timesteps", "0", "1"])
+    run = json.loads((out / "naive-seed0" / "metrics.json").read_text())
+    assert run["config"]["timesteps"] == "[0, 1]"
+    assert json.loads((out / "pair.json").read_text())["timesteps"] == [0, 1]
+    with pytest.raises(SystemExit, match=r"\['timesteps'\] differ"):
+        study.main(argv)  # unlearn.py's default window is not [0, 1]
