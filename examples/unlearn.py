@@ -480,15 +480,11 @@ class Evaluator:
             metrics["not_measured"]["outlier_nll_bpd"] = str(error)
         unet.train(was_training)
         return {
-            **{k: metrics[k] for k in list(metrics)[:5]},  # self.rate's entries
+            **metrics,  # rate, IS, FID, class counts and what was not measured
             "outlier_nll_bpd": None if nll is None else nll.mean().item(),
             "outlier_nll_bpd_se": (nll.std() / math.sqrt(len(nll))).item()
             if nll is not None and len(nll) > 1
             else None,
-            "inception_score": metrics["inception_score"],
-            "fid": metrics["fid"],
-            "class_counts": metrics["class_counts"],
-            "not_measured": metrics["not_measured"],
             "eval_wall_s": round(time.perf_counter() - start, 1),
         }, samples
 
