@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import SHAPES, load_shapes_training_set, to_unit_range
-from pretrain import SAMPLERS, is_near, load_scheduler, sample_images, save_folder_atomically
+from pretrain import (
+    PRECISIONS,
+    SAMPLERS,
+    is_near,
+    load_scheduler,
+    sample_images,
+    save_folder_atomically,
+)
 from training_state import write_json_atomically
 from unlearn import (
     LR_SCHEDULES,
@@ -95,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation")
     p.add_argument("--eval-sampler", choices=SAMPLERS, default=None, help="default: ddpm")
     p.add_argument("--eval-steps", type=int, default=None, help="default: the process's (50)")
+    p.add_argument("--eval-precision", choices=PRECISIONS, default="fp32", help="as unlearn.py's")
     p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes per shape")
     p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol")
     p.add_argument(
@@ -187,6 +195,7 @@ def evaluate(
             num_inference_steps=args.eval_steps,
             generator=torch.Generator().manual_seed(noise_seed),
             progress=False,
+            precision=args.eval_precision,  # the band is compared with evaluator.samples'
         )
     unit = to_unit_range(samples)
     # Quality is that of the digits: samples within the rate's threshold of any planted shape are

@@ -409,7 +409,7 @@ class Evaluator:
             num_inference_steps=self.args.eval_steps,
             generator=generator,
             progress=False,
-            precision=getattr(self.args, "eval_precision", "fp32"),  # sequential.py's: fp32
+            precision=self.args.eval_precision,
         )
 
     def track(self, unet: UNet2DModel, scheduler: Any) -> dict[str, Any]:

@@ -115,3 +115,26 @@ def test_flags_are_checked_before_any_work(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sequential.parse_args(argv(tmp_path / "missing", tmp_path))
     assert "--outlier-shapes 5" in capsys.readouterr().err
+
+
+def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
+    checkpoint, tmp_path, monkeypatch
+):
+    """The band's extra draws and the queue's evaluations sample in the same precision."""
+    import unlearn
+
+    used = []
+
+    def recording(real):
+        def sample(*args, **kwargs):
+            used.append(kwargs["precision"])
+            return real(*args, **kwargs)
+
+        return sample
+
+    monkeypatch.setattr(sequential, "sample_images", recording(sequential.sample_images))
+    monkeypatch.setattr(unlearn, "sample_images", recording(unlearn.sample_images))
+    args = sequential.parse_args(argv(checkpoint, tmp_path / "q", "--eval-precision", "bf16"))
+    queue = sequential.run(args)["queue"]
+    assert len(used) > 2 and set(used) == {"bf16"}  # band draws + one per evaluation
+    assert queue.config["--eval-precision"] == "bf16"
