@@ -51,6 +51,7 @@ from pretrain import (
 )
 from training_state import write_json_atomically
 from unlearn import (
+    DRAWS,
     LR_SCHEDULES,
     METHOD_NAMES,
     Evaluator,
@@ -63,7 +64,7 @@ from unlearn import (
     write_text_atomically,
 )
 
-from siss import derived_seed
+from siss import BatchPlan, derived_seed
 from siss.metrics import fid_score, generation_rate, is_score
 from siss.sequential import QualityBand, RequestQueue, forgetting_flags
 
@@ -163,12 +164,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags the results depend on, by flag name (what a refused resume names)."""
-    return {
+    """The flags the results depend on, by flag name (what a refused resume names), and how
+    the training rows are drawn (``draws``: a queue begun with rows drawn with replacement is
+    refused)."""
+    flags = {
         "--" + key.replace("_", "-"): str(value) if isinstance(value, Path) else value
         for key, value in sorted(vars(args).items())
         if key not in NOT_SETTINGS
     }
+    return {**flags, "draws": DRAWS}
 
 
 def evaluate(
@@ -270,13 +274,19 @@ def unlearn_request(
         num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.steps_per_request,
     )
-    # One stream per request, from the seed and the request's index: a resumed queue draws what
+    # One plan per request, from the seed and the request's index: a resumed queue draws what
     # an uninterrupted one draws.
-    generator = torch.Generator().manual_seed(derived_seed(args.seed, "request", index))
+    plan = BatchPlan(
+        derived_seed(args.seed, "request", index),
+        len(keep),
+        len(forget),
+        args.batch_size,
+        args.batch_size,
+    )
     timesteps = timestep_spec(args.timesteps)
     unet.train()
     start = time.perf_counter()
-    for _ in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
+    for step in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
         unlearning_step(
             unet,
             loss_fn,
@@ -285,7 +295,8 @@ def unlearn_request(
             optimizer,
             lr_scheduler,
             balancer=balancer,
-            generator=generator,
+            plan=plan,
+            step=step,
             timesteps=timesteps,
             args=args,
         )

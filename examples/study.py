@@ -53,7 +53,7 @@ from pretrain import (
     sample_images,
 )
 from training_state import write_json_atomically, write_tensors_atomically
-from unlearn import ASSETS, METHOD_REFUSALS, PROCESS_NAMES, Evaluator, audit_run, run
+from unlearn import ASSETS, DRAWS, METHOD_REFUSALS, PROCESS_NAMES, Evaluator, audit_run, run
 from unlearn import parse_args as unlearn_args
 
 # label: (unlearn.py flags, steps); steps as in the paper's Table 2
@@ -257,8 +257,8 @@ def eval_flags(args: argparse.Namespace) -> list[str]:
 
 def check_pair(args: argparse.Namespace) -> None:
     """Refuses an output folder whose finished runs started from another checkpoint pair, or
-    were trained on other ``--timesteps``: they would be reused as if they were this study's.
-    Records the pair in a new folder."""
+    were trained on other ``--timesteps`` or with other draws (``unlearn.DRAWS``): they would be
+    reused as if they were this study's. Records the pair in a new folder."""
     record = args.output_dir / "pair.json"
     pair = {
         "pretrained": str(Path(args.pretrained).resolve()),
@@ -267,10 +267,17 @@ def check_pair(args: argparse.Namespace) -> None:
     }
     if args.timesteps:
         pair["timesteps"] = args.timesteps
+    pair["draws"] = DRAWS
     if record.exists():
         saved = json.loads(record.read_text())
         if saved != pair:
             what = [k for k in pair.keys() | saved.keys() if saved.get(k) != pair.get(k)]
+            if "draws" in what:
+                raise SystemExit(
+                    f"{args.output_dir} holds runs trained with keep rows drawn with "
+                    "replacement, by an older unlearn.py; this one draws them in shuffled epochs "
+                    "(siss.BatchPlan): choose another --output-dir"
+                )
             raise SystemExit(
                 f"{args.output_dir} holds the study of {saved['pretrained']} and "
                 f"{saved['retrain']} (timesteps {saved.get('timesteps', 'default')}), not of "

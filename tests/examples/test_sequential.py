@@ -78,6 +78,13 @@ def test_queue_runs_every_request_and_resumes_to_the_same_end(checkpoint, tmp_pa
 
     with pytest.raises(ValueError, match=r"--lam \(0.5 there, 1.0 now\)"):
         sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume", "--lam", "1")))
+    # a queue begun by the unlearn.py that drew keep rows with replacement is not continued
+    saved = json.loads((parts / "queue.json").read_text())
+    assert saved["config"]["draws"] == sequential.DRAWS
+    del saved["config"]["draws"]
+    (parts / "queue.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="draws"):
+        sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume")))
 
 
 def test_the_queue_stops_when_quality_leaves_its_band(checkpoint, tmp_path, monkeypatch):

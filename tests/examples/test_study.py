@@ -230,3 +230,19 @@ def test_timesteps_reach_every_method_and_the_folder_refuses_other_ones(tiny_stu
     assert json.loads((out / "pair.json").read_text())["timesteps"] == [0, 1]
     with pytest.raises(SystemExit, match=r"\['timesteps'\] differ"):
         study.main(argv)  # unlearn.py's default window is not [0, 1]
+
+
+def test_a_folder_of_runs_drawn_with_replacement_is_refused(tiny_study):
+    """Runs of the unlearn.py that drew keep rows with replacement are not reused as this one's."""
+    out = tiny_study
+    out.mkdir()
+    pair = {
+        "pretrained": str((study.ASSETS / "pretrained").resolve()),
+        "retrain": str((study.ASSETS / "retrain").resolve()),
+        "process": "ddpm",
+    }
+    (out / "pair.json").write_text(json.dumps(pair))  # what 0.2.0 wrote: no "draws"
+    argv = [*final_argv(out, 0)[:-2], "--final-samples", "0", "--seeds", "0"]
+    with pytest.raises(SystemExit, match="drawn with replacement"):
+        study.main(argv)
+    assert sorted(path.name for path in out.iterdir()) == ["pair.json"]

@@ -91,6 +91,46 @@ def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path, ema):
     assert untimed(resumed["history"]) == untimed(expected["history"])
 
 
+def test_keep_rows_come_in_shuffled_epochs(checkpoint):
+    """Every keep row once per epoch, as in pretraining: rows drawn with replacement weigh the
+    images by Poisson counts, and the fine-tuned model's mix of digits follows those weights."""
+    args = unlearn.parse_args(["--method", "siss", "--batch-size", "4", "--superfactor", "0.1"])
+    unet = UNet2DModel.from_pretrained(checkpoint)
+    keep = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 1, 16, 16).contiguous()
+    forget = torch.full((1, 1, 16, 16), -1.0)
+    loss_fn = unlearn.build_loss(args, DDPMScheduler(num_train_timesteps=1000), 13, 1)
+    seen = []
+    sample = loss_fn.sample
+
+    def spy(x0, a0, **kwargs):
+        seen.append(x0[:, 0, 0, 0].long().tolist())
+        return sample(x0, a0, **kwargs)
+
+    loss_fn.sample = spy
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    plan = unlearn.BatchPlan(0, len(keep), len(forget), 4, 4)
+    for step in range(6):
+        unlearn.unlearning_step(
+            unet, loss_fn, keep, forget, optimizer, schedule,
+            balancer=None, plan=plan, step=step, timesteps=None, args=args,
+        )  # fmt: skip
+    epochs = [[row for rows in seen[3 * e : 3 * e + 3] for row in rows] for e in range(2)]
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
+    assert epochs[0] != epochs[1]  # a new order each epoch
+
+
+def test_a_checkpoint_from_rows_drawn_with_replacement_is_not_resumed(checkpoint, tmp_path):
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2")))
+    state_path = tmp_path / "checkpoints" / "step-0000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["draws"] == unlearn.DRAWS
+    del state["draws"]  # what the unlearn.py of 0.2.0 wrote
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match="drew the keep rows with replacement"):
+        unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--resume")))
+
+
 def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
     """--ema-decay: checkpoints hold the raw weights and the EMA; model/ holds the EMA, which
     is the average diffusers' EMAModel gives for the same raw trajectory."""
