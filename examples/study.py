@@ -167,6 +167,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="unlearn.py --timesteps for every method: a fixed grid index or a 'low high' window "
         "(None: unlearn.py's default)",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="unlearn.py --batch-size for every method (None: unlearn.py's default, 64). SISS "
+        "(λ=0.5) noises about half its rows from the forget point, so its keep term sees about "
+        "half the batch: 128 gives it naive deletion's gradient noise at 64 (docs/results.md)",
+    )
     p.add_argument("--eval-every", type=int, default=100, help="outlier-rate tracking period")
     p.add_argument("--track-samples", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
@@ -232,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.final_steps = args.eval_steps or DEFAULT_EVAL_STEPS[args.process]
     if args.timesteps is not None and len(args.timesteps) > 2:
         p.error("--timesteps takes one value (fixed) or two (a window)")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.final_samples < 0:
         p.error(f"--final-samples must be >= 0, got {args.final_samples}")
     if args.audit:
@@ -257,8 +267,8 @@ def eval_flags(args: argparse.Namespace) -> list[str]:
 
 def check_pair(args: argparse.Namespace) -> None:
     """Refuses an output folder whose finished runs started from another checkpoint pair, or
-    were trained on other ``--timesteps`` or with other draws (``unlearn.DRAWS``): they would be
-    reused as if they were this study's. Records the pair in a new folder."""
+    were trained on other ``--timesteps``, ``--batch-size`` or draws (``unlearn.DRAWS``): they
+    would be reused as if they were this study's. Records the pair in a new folder."""
     record = args.output_dir / "pair.json"
     pair = {
         "pretrained": str(Path(args.pretrained).resolve()),
@@ -267,6 +277,8 @@ def check_pair(args: argparse.Namespace) -> None:
     }
     if args.timesteps:
         pair["timesteps"] = args.timesteps
+    if args.batch_size:
+        pair["batch_size"] = args.batch_size
     pair["draws"] = DRAWS
     if record.exists():
         saved = json.loads(record.read_text())
@@ -278,12 +290,13 @@ def check_pair(args: argparse.Namespace) -> None:
                     "replacement, by an older unlearn.py; this one draws them in shuffled epochs "
                     "(siss.BatchPlan): choose another --output-dir"
                 )
+            values = ", ".join(
+                f"{key} {saved.get(key, 'default')} there, {pair.get(key, 'default')} now"
+                for key in sorted(what)
+            )
             raise SystemExit(
-                f"{args.output_dir} holds the study of {saved['pretrained']} and "
-                f"{saved['retrain']} (timesteps {saved.get('timesteps', 'default')}), not of "
-                f"{pair['pretrained']} and {pair['retrain']} (timesteps "
-                f"{pair.get('timesteps', 'default')}): {sorted(what)} differ; choose another "
-                "--output-dir"
+                f"{args.output_dir} holds another study: {sorted(what)} differ ({values}); "
+                "choose another --output-dir"
             )
     else:
         write_json_atomically(record, pair)
@@ -322,6 +335,7 @@ def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) ->
         str(args.eval_samples),
         *eval_flags(args),
         *(["--timesteps", *map(str, args.timesteps)] if args.timesteps else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--eval-every",
         str(args.eval_every),
         "--track-samples",

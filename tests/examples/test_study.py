@@ -246,3 +246,17 @@ def test_a_folder_of_runs_drawn_with_replacement_is_refused(tiny_study):
     with pytest.raises(SystemExit, match="drawn with replacement"):
         study.main(argv)
     assert sorted(path.name for path in out.iterdir()) == ["pair.json"]
+
+
+def test_batch_size_reaches_every_method_and_the_folder_refuses_another(tiny_study, monkeypatch):
+    out = tiny_study
+    argv = [*final_argv(out, 0)[:-2], "--final-samples", "0", "--seeds", "0"]
+    passed = []
+    cheap = study.unlearn_args  # the fixture's, which appends its own --batch-size 8 last
+    monkeypatch.setattr(study, "unlearn_args", lambda flags: passed.append(flags) or cheap(flags))
+    study.main([*argv, "--batch-size", "4"])
+    runs = [flags for flags in passed if "--method" in flags]  # the method runs' flags
+    assert runs and all(flags[flags.index("--batch-size") + 1] == "4" for flags in runs)
+    assert json.loads((out / "pair.json").read_text())["batch_size"] == 4
+    with pytest.raises(SystemExit, match=r"\['batch_size'\] differ \(batch_size 4 there"):
+        study.main([*argv, "--batch-size", "8"])
