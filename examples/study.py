@@ -173,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="unlearn.py --batch-size for every method (None: unlearn.py's default, 64). SISS "
         "(λ=0.5) noises about half its rows from the forget point, so its keep term sees about "
-        "half the batch: 128 gives it naive deletion's gradient noise at 64 (docs/results.md)",
+        "half the batch: at 128 its keep gradient is as noisy as naive deletion's at 64 "
+        "(docs/results.md)",
     )
     p.add_argument("--eval-every", type=int, default=100, help="outlier-rate tracking period")
     p.add_argument("--track-samples", type=int, default=500)
