@@ -377,10 +377,9 @@ def unlearning_step(
     timesteps, coins and noise; one forward pass, the balancer's gradient (or the loss's own with
     a fixed superfactor), clipping, AdamW and the lr schedule.
 
-    Keep rows come in epochs, as in pretraining, not drawn with replacement: with replacement,
-    300 steps of 64 weigh the images by Poisson(10.7) counts (±30%), and the fine-tuned model
-    follows those weights: its mix of digits moves with them (docs/results.md, "Why fine-tuning
-    loses quality here"; epochs alone did not keep quality there)."""
+    Keep rows come in epochs, as in pretraining, not drawn with replacement, which over 300
+    steps of 64 uses each image a Poisson(10.7) number of times (±30%). Epochs alone did not
+    keep sample quality (docs/results.md, "Why fine-tuning loses quality here")."""
     params = optimizer.param_groups[0]["params"]
     ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
     x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
@@ -624,13 +623,13 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     step, train_wall = 0, 0.0
     found = latest_checkpoint(out / "checkpoints") if args.resume else None
     if found is not None:
-        state = load_checkpoint(found, model=unet, optimizer=optimizer, generators={}, ema=ema)
-        if state.get("draws") != DRAWS:
+        if json.loads((found / "state.json").read_text()).get("draws") != DRAWS:
             raise SystemExit(
                 f"{found} was written by a version of unlearn.py that drew the keep rows with "
                 "replacement; this one draws them in shuffled epochs (siss.BatchPlan), so the run "
                 "cannot go on: start it again without --resume, or in another --output-dir"
             )
+        state = load_checkpoint(found, model=unet, optimizer=optimizer, generators={}, ema=ema)
         step, history, train_wall = state["step"], state["history"], state["train_wall_s"]
         # The schedule is a function of the step alone: replay it (torch warns that the
         # optimizer did not step in between, which is what a replay means).
