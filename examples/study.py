@@ -39,16 +39,17 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from siss.audit import ALL_CHECKS
-from siss.metrics import default_threshold, l2_distances, proportion_ci
+from siss.metrics import proportion_ci
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits import load_training_set, to_unit_range
+from digits import load_training_set
 from pretrain import (
     DEFAULT_EVAL_STEPS,
     PRECISIONS,
     check_sampler,
     checkpoint_process,
+    is_near,
     load_scheduler,
     sample_images,
 )
@@ -504,14 +505,13 @@ def precision_check(args: argparse.Namespace, labels: list[str]) -> dict:
     if record.exists():
         return json.loads(record.read_text())
     seed, rows = args.seeds[0], {}
-    outlier = to_unit_range(load_training_set(seed=0).outlier)
-    threshold = default_threshold(tuple(outlier.shape))
+    outlier = load_training_set(seed=0).outlier
     for label in labels:
         fp32, low = (
             final_samples(label, seed, args, 0, precision, FINAL_BATCH)
             for precision in ("fp32", args.final_precision)
         )
-        near = [l2_distances(to_unit_range(x), outlier).flatten() < threshold for x in (fp32, low)]
+        near = [is_near(x, outlier) for x in (fp32, low)]
         rows[label] = {
             "samples": FINAL_BATCH,
             "count_fp32": int(near[0].sum()),
