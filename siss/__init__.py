@@ -5,7 +5,7 @@ and ``siss.metrics`` holds the evaluation metrics.
 """
 
 from siss._checks import set_validate_values, validate_values_enabled
-from siss.balancer import BalanceStats, NormBalancer
+from siss.balancer import BalanceStats, NormBalancer, median_gradient_norm
 from siss.baselines import (
     DenoisingDraw,
     EraseDiffLoss,
@@ -14,7 +14,14 @@ from siss.baselines import (
     SISSNoISLoss,
 )
 from siss.loop import BatchPlan, derived_seed, paired_batches, rank_generator
-from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss, siss_terms
+from siss.losses import (
+    LossTerms,
+    SISSDraw,
+    SISSLoss,
+    UnlearningLoss,
+    siss_terms,
+    teacher_siss_terms,
+)
 from siss.registry import METHODS, make_loss
 from siss.sampler import mixture_sample
 from siss.schedule import NoiseSchedule
@@ -44,11 +51,13 @@ __all__ = [
     "importance_weights",
     "log_density_ratio",
     "make_loss",
+    "median_gradient_norm",
     "mixture_sample",
     "paired_batches",
     "prediction_target",
     "rank_generator",
     "set_validate_values",
     "siss_terms",
+    "teacher_siss_terms",
     "validate_values_enabled",
 ]

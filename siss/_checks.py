@@ -228,17 +228,20 @@ def check_rows(values: Tensor, name: str, like: Tensor) -> None:
 
 
 def check_model_output(
-    model_output: object, target_shape: torch.Size, device: torch.device
+    model_output: object,
+    target_shape: torch.Size,
+    device: torch.device,
+    name: str = "model_output",
 ) -> Tensor:
-    tensor = check_floating(model_output, "model_output")
-    check_finite_values(tensor, "model_output")
+    tensor = check_floating(model_output, name)
+    check_finite_values(tensor, name)
     if tensor.shape != target_shape:
         raise ValueError(
-            f"`model_output` must have the shape of the noisy batch {tuple(target_shape)}, "
+            f"`{name}` must have the shape of the noisy batch {tuple(target_shape)}, "
             f"got {tuple(tensor.shape)}"
         )
     if tensor.device != device:
-        raise ValueError(f"`model_output` must be on device {device}, got {tensor.device}")
+        raise ValueError(f"`{name}` must be on device {device}, got {tensor.device}")
     return tensor
 
 

@@ -157,6 +157,48 @@ def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(_stack(_norms(tensors)))
 
 
+def median_gradient_norm(params: Iterable[Tensor], losses: Iterable[Tensor]) -> float:
+    """The median over ``losses`` of ``||∇_params loss||`` (the lower middle one of an even count):
+    the scale of a gradient, measured once.
+
+    For ``NormBalancer(mode="absolute", target_norm=ratio * scale)`` with ``scale`` the
+    naive-deletion (keep) term's gradient norm at the starting weights: the paper's rule (§5,
+    the forget gradient at ~10% of the naive-deletion one) where the keep term has no noisy
+    gradient to measure it against, as with a teacher keep target (``teacher_siss_terms``),
+    whose keep gradient starts at about 0. The median, because those norms are heavy-tailed
+    from batch to batch (0.04 to 0.29 over 8 batches of the digits demo).
+
+    Args:
+        params: the parameters the balancer will see (those with ``requires_grad``).
+        losses: scalar losses, each with a graph to ``params``; consumed one at a time (pass a
+            generator so that each graph is freed before the next is built). ``.grad`` is not
+            touched.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> losses = (model(torch.randn(8, 3)).square().mean() for _ in range(5))
+        >>> scale = median_gradient_norm(model.parameters(), losses)
+        >>> scale > 0
+        True
+    """
+    params = _check_params(params)
+    if not params:
+        raise ValueError("`params` must hold at least one parameter with requires_grad=True")
+    norms = []
+    for index, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"`losses` must yield scalar tensors; item {index} is not one")
+        grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
+        present = [g for g in grads if g is not None]
+        norms.append(_global_norm(present, params[0].device).detach().cpu())
+    if not norms:
+        raise ValueError("`losses` must yield at least one loss")
+    scale = torch.stack(norms).median()
+    if not torch.isfinite(scale):
+        raise ValueError(f"the median gradient norm is {scale.item()}: a loss was not finite")
+    return scale.item()
+
+
 def _check_params(params: object) -> list[Tensor]:
     """The trainable tensors of ``params``, an iterable of tensors (as ``torch.optim`` takes)."""
     if isinstance(params, Tensor):

@@ -167,6 +167,64 @@ def siss_terms(
     return keep, forget
 
 
+def teacher_siss_terms(
+    distill: Tensor,
+    error_a: Tensor,
+    weight_x: Tensor,
+    weight_a: Tensor,
+    forget_ratio: float,
+    x_from: XFrom,
+) -> tuple[Tensor, Tensor]:
+    """Per-row keep and forget terms of the SISS loss with a frozen teacher's keep target.
+
+    The teacher is the model before unlearning. If its prediction ``f_pre(m)`` is the posterior
+    mean of the target given ``m`` under ``X`` (what pretraining on ``X`` fits), then for any
+    model ``f_θ``
+
+        L_X(θ) = D_X(θ) + C,        D_S(θ) = E_{c ~ S, m ~ q(·|c)} ||f_θ(m) - f_pre(m)||²,
+
+    with ``C`` free of ``θ`` (the denoising score-matching identity, Vincent 2011). Splitting
+    ``X`` into ``X \\ A`` and ``A`` gives ``L_{X\\A} = D_{X\\A} + ρ (D_A - L_A) + C'``: naive
+    deletion is "match the teacher everywhere, minus ``ρ`` NegGrad on ``A``". The terms below
+    estimate that from the same draw, with ``d = ||f_θ(m) - f_pre(m)||²`` (one value per row, as
+    it depends on ``m`` only) and ``ρ = k/(n-k)``:
+
+    * ``x_from="all"`` (Eq. 8 with ``l_x`` replaced by ``d``):
+      ``keep = n/(n-k) w_x d - ρ w_a l_a``;
+    * ``x_from="retain"`` (Eq. 15): ``keep = (w_x + ρ w_a) d - ρ w_a l_a``;
+    * ``forget = ρ w_a l_a`` in both, as in ``siss_terms``.
+
+    So ``E[keep - s forget]`` has the gradient of Lemma 1's objective, but the keep term no longer
+    regresses on the drawn noise: at the teacher's weights ``d`` and its gradient are exactly 0,
+    and the keep gradient carries none of the noise of ``l_x``, which fine-tuning otherwise
+    follows away from the pretrained model (docs/results.md, "Quality kept"). Where the teacher
+    is not that posterior mean, the fine-tuned model is held to the teacher rather than refitted
+    to ``X \\ A``: a bias towards the model you started from.
+
+    Args:
+        distill: ``d``, squared errors against the teacher's prediction, shape ``(B,)``.
+        error_a: squared errors ``l_a`` against the targets of ``a``, shape ``(B,)``.
+        weight_x, weight_a: importance weights ``w_x``, ``w_a``, shape ``(B,)``.
+        forget_ratio: ``ρ = k/(n-k)``, the true one (the keep term needs it).
+        x_from: ``"all"`` or ``"retain"``.
+
+    Returns:
+        ``(keep, forget)``, each ``(B,)``.
+
+    Example:
+        >>> distill, error_a = torch.tensor([0.0, 0.5]), torch.tensor([3.0, 4.0])
+        >>> weight_x, weight_a = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+        >>> teacher_siss_terms(distill, error_a, weight_x, weight_a, 0.25, "retain")
+        (tensor([ 0.0000, -1.7500]), tensor([0., 2.]))
+    """
+    forget = forget_ratio * weight_a * error_a
+    if x_from == "all":
+        keep = (1 + forget_ratio) * weight_x * distill - forget
+    else:
+        keep = (weight_x + forget_ratio * weight_a) * distill - forget
+    return keep, forget
+
+
 def required_superfactor(superfactor: float | None, owner: str) -> float:
     """``s`` given explicitly: the shortest call must not silently be naive deletion."""
     if superfactor is None:
@@ -395,6 +453,16 @@ class SISSLoss(UnlearningLoss):
         self.n, self.k, self.x_from, self.forget_ratio = check_subsets(n, k, x_from)
         self.max_weight = check_max_weight(max_weight)
 
+    def forward(
+        self,
+        model_output: Tensor,
+        draw: object,
+        weights: Tensor | None = None,
+        teacher_output: Tensor | None = None,
+    ) -> Tensor:
+        """The scalar loss (``(B,)`` with ``reduction="none"``); arguments as ``terms``'."""
+        return self.terms(model_output, draw, weights=weights, teacher_output=teacher_output).loss
+
     def extra_repr(self) -> str:
         return (
             f"lam={self.lam}, n={self.n}, k={self.k}, x_from={self.x_from!r}, "
@@ -444,7 +512,11 @@ class SISSLoss(UnlearningLoss):
         )
 
     def terms(
-        self, model_output: Tensor, draw: SISSDraw, weights: Tensor | None = None
+        self,
+        model_output: Tensor,
+        draw: SISSDraw,
+        weights: Tensor | None = None,
+        teacher_output: Tensor | None = None,
     ) -> LossTerms:
         """Keep and forget terms (``LossTerms``) of Eq. 8 / Eq. 15 for one model output.
 
@@ -453,10 +525,24 @@ class SISSLoss(UnlearningLoss):
                 float dtype (fp16/bf16 under autocast), reduced in float32.
             draw: the result of ``sample``.
             weights: optional per-row loss weights, shape ``(B,)`` (times min-SNR-γ's, if set).
+            teacher_output: optional prediction of the frozen model before unlearning on
+                ``draw.noisy`` (shape of ``model_output``; computed without gradient, e.g. under
+                ``torch.no_grad()``). The keep term then matches it instead of the drawn noise:
+                the same objective in expectation, without the keep term's noise
+                (``teacher_siss_terms``). Needs ``n`` and ``k``.
         """
         if not isinstance(draw, SISSDraw):
             raise TypeError(f"`draw` must come from SISSLoss.sample, got {type(draw).__name__}")
         check_model_output(model_output, draw.noisy.shape, draw.noisy.device)
+        if teacher_output is not None:
+            if self.n is None:
+                raise ValueError(
+                    "`teacher_output` needs the loss's `n` and `k`: its keep term weighs the "
+                    "forget rows by the true k/(n-k)"
+                )
+            check_model_output(
+                teacher_output, draw.noisy.shape, draw.noisy.device, "teacher_output"
+            )
         dtype = work_dtype(draw.x0, model_output)
         prediction = model_output.to(dtype)
         x0, a0, noise = (t.to(dtype) for t in (draw.x0, draw.a0, draw.noise))
@@ -464,16 +550,18 @@ class SISSLoss(UnlearningLoss):
         # own term is exactly `noise` and the other adds gamma/sigma times the gap: no cancellation.
         shift = append_dims(draw.gamma.to(dtype) / draw.sigma.to(dtype), x0.ndim) * (a0 - x0)
         forget_rows = append_dims(draw.from_forget.to(dtype), x0.ndim)
-        noise_x = torch.addcmul(noise, forget_rows, shift)
         noise_a = torch.addcmul(noise, 1 - forget_rows, shift, value=-1)
-        error_x = self._squared_error(prediction, x0, noise_x, draw.gamma, draw.sigma)
         error_a = self._squared_error(prediction, a0, noise_a, draw.gamma, draw.sigma)
-        keep, forget = siss_terms(
-            error_x,
-            error_a,
-            draw.weight_x.to(dtype),
-            draw.weight_a.to(dtype),
-            self.forget_ratio,
-            self.x_from,
-        )
+        weight_x, weight_a = draw.weight_x.to(dtype), draw.weight_a.to(dtype)
+        if teacher_output is None:
+            noise_x = torch.addcmul(noise, forget_rows, shift)
+            error_x = self._squared_error(prediction, x0, noise_x, draw.gamma, draw.sigma)
+            keep, forget = siss_terms(
+                error_x, error_a, weight_x, weight_a, self.forget_ratio, self.x_from
+            )
+        else:
+            distill = (prediction - teacher_output.detach().to(dtype)).square().flatten(1).mean(1)
+            keep, forget = teacher_siss_terms(
+                distill, error_a, weight_x, weight_a, self.forget_ratio, self.x_from
+            )
         return self._combine(keep, forget, draw, weights)

@@ -488,3 +488,30 @@ def test_bilevel_dot_product_in_float64_for_a_float64_model():
     expected = max(dot / float((forget_grad * forget_grad).sum()), 0.0)
     assert stats.coefficient.dtype == torch.float64
     assert stats.coefficient.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_median_gradient_norm_is_the_median_of_the_global_norms():
+    from siss import median_gradient_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).double()
+    batches = [torch.randn(6, 4, dtype=torch.float64) * scale for scale in (1, 5, 2, 9, 3)]
+    expected = []
+    for x in batches:
+        grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+        expected.append(torch.cat([g.flatten() for g in grads]).norm().item())
+    got = median_gradient_norm(model.parameters(), (model(x).square().mean() for x in batches))
+    assert got == pytest.approx(sorted(expected)[2], rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+
+
+def test_median_gradient_norm_errors_name_the_problem():
+    from siss import median_gradient_norm
+
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="at least one loss"):
+        median_gradient_norm(model.parameters(), iter([]))
+    with pytest.raises(ValueError, match="item 0 is not one"):
+        median_gradient_norm(model.parameters(), [model(torch.randn(4, 3))])
+    with pytest.raises(ValueError, match="not finite"):
+        median_gradient_norm(model.parameters(), [model(torch.full((1, 3), float("nan"))).sum()])

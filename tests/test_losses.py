@@ -520,3 +520,80 @@ def test_what_holds_at_the_lambda_extremes(lam):
             assert abs(z.item()) <= Z_LOSS, (name, batch_means.mean().item(), truth[name])
         else:  # biased low, far beyond the Monte Carlo error
             assert batch_means.mean().item() < 0.8 * truth[name], (name, truth[name])
+
+
+# --- The teacher keep target (teacher_siss_terms) -------------------------------------------------
+#
+# With the teacher equal to the posterior mean E_X[eps | m] of the finite training set X (closed
+# form: a softmax over the points), the denoising score-matching identity makes the teacher form
+# an unbiased estimator of Lemma 1's gradient, for any model. A teacher fitted to X \ A instead is
+# not that posterior mean, and the same z-test must reject it.
+
+
+def posterior_mean_noise(points, noisy, gamma, sigma):
+    """E[eps | m] for m = gamma c + sigma eps, c uniform over ``points`` (P, ...): float64."""
+    m, c = noisy.flatten(1), points.flatten(1)
+    g, s = gamma.double()[:, None], sigma.double()[:, None]
+    squared = (m[:, None, :] - g[:, :, None] * c[None]).square().sum(-1)  # (B, P)
+    posterior = torch.softmax(-squared / (2 * s.square()), dim=1)
+    return ((m - g * (posterior @ c)) / s).view_as(noisy)
+
+
+def teacher_monte_carlo(problem, teacher_points):
+    keep, forget, w, b, g = make_data(problem)
+    loss_fn = build(problem)
+    pool = torch.cat([keep, forget]) if problem["x_from"] == "all" else keep
+    x0 = pool[torch.randint(len(pool), (BATCHES * ROWS,), generator=g)]
+    a0 = forget[torch.randint(len(forget), (BATCHES * ROWS,), generator=g)]
+    draw = loss_fn.sample(x0, a0, generator=g)
+    points = torch.cat([keep, forget]) if teacher_points == "X" else keep
+    teacher = posterior_mean_noise(points, draw.noisy, draw.gamma, draw.sigma)
+    w_copies = w.detach().repeat(BATCHES, 1).requires_grad_()
+    b_copies = b.detach().repeat(BATCHES, 1).requires_grad_()
+    noisy = draw.noisy.flatten(1).view(BATCHES, ROWS, -1)
+    model_output = (w_copies[:, None] * noisy + b_copies[:, None]).view_as(draw.noisy)
+    loss_fn.reduction = "none"
+    rows = loss_fn.terms(model_output, draw, teacher_output=teacher).loss
+    (gw, gb) = torch.autograd.grad(rows.view(BATCHES, ROWS).mean(1).sum(), (w_copies, b_copies))
+    grads = torch.cat([gw, gb], dim=1)
+    return z_scores(grads, expected(problem, keep, forget, w, b)[1]).abs().max().item(), grads
+
+
+@settings(max_examples=40)
+@given(problems())
+def test_teacher_keep_target_has_lemma1s_gradient(problem):
+    """E[∇ teacher form] = ∇(L_{X\\A} - s k/(n-k) L_A) when the teacher is E_X[eps | m]."""
+    z, grads = teacher_monte_carlo(problem, "X")
+    assert z <= gradient_z_bound(grads.shape[1])
+
+
+def test_teacher_keep_target_check_rejects_a_teacher_of_the_wrong_set():
+    """The z-test has power: a teacher fitted to X \\ A (not X) biases the gradient visibly."""
+    z, grads = teacher_monte_carlo(FIXED_PROBLEM, "X minus A")
+    assert z > gradient_z_bound(grads.shape[1])
+
+
+def test_teacher_keep_target_at_the_teachers_weights(alphas_cumprod):
+    """At the teacher's own output d = 0: keep is -forget, and no gradient reaches the teacher."""
+    loss_fn = SISSLoss(alphas_cumprod, superfactor=0.5, n=20, k=2, reduction="none")
+    draw = loss_fn.sample(torch.randn(6, 2, 4, 4), torch.randn(1, 2, 4, 4))
+    teacher = torch.randn(6, 2, 4, 4, requires_grad=True)
+    model_output = teacher.detach().clone().requires_grad_()
+    terms = loss_fn.terms(model_output, draw, teacher_output=teacher)
+    torch.testing.assert_close(terms.keep, -terms.forget)
+    terms.loss.sum().backward()
+    assert teacher.grad is None and model_output.grad is not None
+
+
+def test_teacher_keep_target_errors(alphas_cumprod):
+    draw_loss = SISSLoss(alphas_cumprod, superfactor=0.1)  # n, k unset: k/(n-k) taken as 1
+    draw = draw_loss.sample(torch.randn(3, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="`teacher_output` needs the loss's `n` and `k`"):
+        draw_loss.terms(torch.zeros(3, 4), draw, teacher_output=torch.zeros(3, 4))
+    loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1, n=10, k=1)
+    with pytest.raises(ValueError, match="`teacher_output` must have the shape"):
+        loss_fn.terms(torch.zeros(3, 4), draw, teacher_output=torch.zeros(3, 5))
+    import siss
+
+    with siss.set_validate_values(True), pytest.raises(ValueError, match="`teacher_output`"):
+        loss_fn.terms(torch.zeros(3, 4), draw, teacher_output=torch.full((3, 4), float("nan")))
