@@ -10,6 +10,8 @@ all alike; every round runs ``--unit`` consecutive steps of each (so the amortiz
 * ``siss-nois`` SISS (No IS): one forward on 2B rows (x_t and a_t), one ``loss.backward()``
 * ``balanced``  SISS + ``NormBalancer`` (fix mode, ratio 0.1), exact every step: two backwards
 * ``amortized`` SISS + ``NormBalancer(every=K)``: two backwards once per K steps, one otherwise
+* ``teacher``   SISS with the teacher keep target (the scripts' default): one forward of a frozen
+  copy of the model without gradient, then as ``balanced`` (``NormBalancer`` in absolute mode)
 * ``authors``   SISS + a re-implementation of the authors' gradient surgery: keep backward with
   ``retain_graph``, clone every ``.grad``, forget backward, subtract the clones, Python loops
   over the parameters for the norms and the combination (``.item()`` per parameter)
@@ -32,6 +34,7 @@ where gradient copies show.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -46,7 +49,7 @@ from siss import SISSLoss
 from siss.balancer import NormBalancer
 from siss.baselines import SISSNoISLoss
 
-METHODS = ("plain", "siss", "siss-nois", "balanced", "amortized", "authors")
+METHODS = ("plain", "siss", "siss-nois", "balanced", "amortized", "authors", "teacher")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,7 +110,8 @@ def build_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    siss = SISSLoss(scheduler.alphas_cumprod, lam=0.5, superfactor=0.1).to(device)
+    # n, k: the teacher keep target needs the true k/(n-k); the timings do not depend on them
+    siss = SISSLoss(scheduler.alphas_cumprod, lam=0.5, superfactor=0.1, n=1000, k=10).to(device)
     nois = SISSNoISLoss(scheduler.alphas_cumprod, superfactor=0.1).to(device)
     shape = (batch_size, 3, args.resolution, args.resolution)
     x0 = torch.rand(shape, device=device) * 2 - 1
@@ -115,6 +119,8 @@ def build_steps(
     generator = torch.Generator(device).manual_seed(args.seed)
     exact = NormBalancer(params, ratio=args.ratio)
     amortized = NormBalancer(params, ratio=args.ratio, every=args.unit)
+    absolute = NormBalancer(params, mode="absolute", target_norm=1e-2)
+    teacher_model = copy.deepcopy(model).requires_grad_(False).eval()
 
     def finish() -> None:
         if optimize:
@@ -136,10 +142,14 @@ def build_steps(
 
         return step
 
-    def with_terms(combine) -> Callable[[], None]:
+    def with_terms(combine, teacher: torch.nn.Module | None = None) -> Callable[[], None]:
         def step() -> None:
             draw = siss.sample(x0, a0, generator=generator)
-            terms = siss.terms(model(draw.noisy, draw.timesteps).sample, draw)
+            extra = {}
+            if teacher is not None:
+                with torch.no_grad():
+                    extra["teacher_output"] = teacher(draw.noisy, draw.timesteps).sample
+            terms = siss.terms(model(draw.noisy, draw.timesteps).sample, draw, **extra)
             combine(terms.keep, terms.forget)
             finish()
 
@@ -159,6 +169,7 @@ def build_steps(
         "balanced": with_terms(balanced_with(exact)),
         "amortized": with_terms(balanced_with(amortized)),
         "authors": with_terms(lambda k, f: authors_surgery(params, k, f, args.ratio)),
+        "teacher": with_terms(balanced_with(absolute), teacher_model),
     }
     return steps, model
 
@@ -248,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             "amortized / plain": ratio("amortized", "plain"),
             "authors / plain": ratio("authors", "plain"),
             "balanced / authors": ratio("balanced", "authors"),
+            "teacher / balanced": ratio("teacher", "balanced"),
         },
         "peak_memory_mib": {
             batch: {k: None if v is None else v / 2**20 for k, v in per.items()}

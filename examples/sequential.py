@@ -55,9 +55,14 @@ from unlearn import (
     LR_SCHEDULES,
     METHOD_NAMES,
     Evaluator,
+    add_keep_target_flags,
     build_balancer,
     build_loss,
+    build_teacher,
+    calibrate,
+    needs_calibration,
     outlier_nll,
+    resolve_keep_target,
     resolve_process,
     timestep_spec,
     unlearning_step,
@@ -85,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=0.5, help="SISS mixture weight λ")
     p.add_argument("--superfactor", type=float, default=None, help="fixed s (no balancer)")
     p.add_argument("--ratio", type=float, default=0.1, help="balancer's forget/keep norm ratio")
-    p.add_argument("--balance-mode", choices=("fix", "clip"), default="fix")
+    add_keep_target_flags(p)
     p.add_argument(
         "--steps-per-request", type=int, default=60, help="paper's sequential CelebA-HQ run: 60"
     )
@@ -155,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     try:
         resolve_process(args)
+        resolve_keep_target(args)
     except ValueError as error:
         p.error(str(error))
     if args.output_dir is None:
@@ -267,7 +273,7 @@ def unlearn_request(
     loss_fn = build_loss(args, scheduler, len(keep) + len(forget), len(forget)).to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    balancer = build_balancer(args, params)
+    teacher = build_teacher(args, unet)  # the previous request's result, frozen
     lr_scheduler = get_scheduler(
         args.lr_schedule,
         optimizer,
@@ -286,6 +292,10 @@ def unlearn_request(
     timesteps = timestep_spec(args.timesteps)
     unet.train()
     start = time.perf_counter()
+    scale = None
+    if needs_calibration(args):
+        scale = calibrate(unet, loss_fn, keep, forget, plan, timesteps, args.calibration_batches)
+    balancer = build_balancer(args, params, scale)
     for step in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
         unlearning_step(
             unet,
@@ -299,6 +309,7 @@ def unlearn_request(
             step=step,
             timesteps=timesteps,
             args=args,
+            teacher=teacher,
         )
     unet.eval()
     return time.perf_counter() - start

@@ -60,8 +60,12 @@ from unlearn import parse_args as unlearn_args
 # label: (unlearn.py flags, steps); steps as in the paper's Table 2
 METHODS: dict[str, tuple[list[str], int]] = {
     "naive": (["--method", "naive"], 300),
+    # Naive deletion's expected gradient, from SISS's draws with no extra forget weight (s = 0)
+    # and the teacher keep target: the same objective without the keep term's noise.
+    "naive-teacher": (["--method", "siss", "--lam", "0.5", "--superfactor", "0"], 300),
     "siss-0": (["--method", "siss", "--lam", "0"], 300),
     "siss-0.5": (["--method", "siss", "--lam", "0.5"], 300),
+    "siss-0.5-noise": (["--method", "siss", "--lam", "0.5", "--keep-target", "noise"], 300),
     "siss-nois": (["--method", "siss-nois"], 300),
     "erasediff": (["--method", "erasediff"], 100),
     "siss-1": (["--method", "siss", "--lam", "1"], 100),
@@ -71,8 +75,10 @@ LABELS = {
     "pretrained": "Pretrained",
     "retrain": "Retrain",
     "naive": "Naive deletion",
+    "naive-teacher": "Naive deletion, teacher keep target (SISS, s=0)",
     "siss-0": "SISS (λ=0)",
-    "siss-0.5": "SISS (λ=0.5)",
+    "siss-0.5": "SISS (λ=0.5), teacher keep target",
+    "siss-0.5-noise": "SISS (λ=0.5), noise keep target (the paper's)",
     "siss-nois": "SISS (No IS)",
     "erasediff": "EraseDiff",
     "siss-1": "SISS (λ=1)",
@@ -82,8 +88,10 @@ PAPER = {  # Table 2 of the paper: steps, IS, NLL (bits/dim), p
     "pretrained": ("117500", 9.6, 1.00, "0.74%"),
     "retrain": ("117500", 9.6, 6.17, "0%"),
     "naive": ("300", 9.5, 1.19, "0.04%"),
+    "naive-teacher": ("300", 9.5, 1.19, "0.04%"),
     "siss-0": ("300", 9.4, 1.04, "0.003%"),
     "siss-0.5": ("300", 9.2, 8.09, "0%"),
+    "siss-0.5-noise": ("300", 9.2, 8.09, "0%"),
     "siss-nois": ("300", 9.2, 8.68, "0%"),
     "erasediff": ("100", 5.1, 12.04, "N/A"),
     "siss-1": ("100", 1.2, 9.30, "N/A"),
@@ -282,6 +290,7 @@ def check_pair(args: argparse.Namespace) -> None:
     if args.batch_size:
         pair["batch_size"] = args.batch_size
     pair["draws"] = DRAWS
+    pair["siss_keep_target"] = "teacher"  # unlearn.py's default for SISS since it was added
     if record.exists():
         saved = json.loads(record.read_text())
         if saved != pair:

@@ -12,10 +12,10 @@ classifier); ``--eval-every N`` also tracks the T-shirt rate every N steps. Chec
 written atomically in safetensors; a run that is interrupted and restarted with ``--resume`` ends
 with the same weights as an uninterrupted one. The learning rate follows a cosine schedule to 0
 (``--lr-schedule``) and the keep rows come in shuffled epochs (``siss.BatchPlan``), as in the
-pretraining. Sample quality is not yet kept: every method raises the FID-style score, by an
-amount that varies widely between training draws. SISS (λ=0.5) noises about half its rows from
-the forget point, so its keep term sees about half the batch; docs/results.md ('Why fine-tuning
-loses quality here') measures it at ``--batch-size 128``. ``--audit``
+pretraining. SISS's keep term matches a frozen copy of the pretrained model instead of the drawn
+noise (``--keep-target teacher``, the default): the same expected gradient, without the noise
+that fine-tuning otherwise follows away from the model, which doubled the FID-style score of every
+method (docs/results.md, 'Quality kept'). ``--audit``
 also runs ``siss.audit`` on the pretrained and the unlearned model, against 128 T-shirt variants
 as non-members, and prints the comparison (docs/audit.md).
 
@@ -39,6 +39,7 @@ not predict.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -77,7 +78,7 @@ from training_state import (
     write_json_atomically,
 )
 
-from siss import BatchPlan
+from siss import BatchPlan, median_gradient_norm
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
 
@@ -92,6 +93,7 @@ METHOD_REFUSALS = {
     },
 }
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+KEEP_TARGETS = ("teacher", "noise")
 # How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
 DRAWS = "siss.BatchPlan: keep rows in shuffled epochs"
 
@@ -122,9 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ratio",
         type=float,
         default=0.1,
-        help="norm of the forget gradient as a fraction of the keep gradient's (§5)",
+        help="norm of the forget gradient as a fraction of the keep (naive-deletion) gradient's "
+        "(§5): per step in 'fix' mode, of its norm measured at the start in 'absolute' mode",
     )
-    p.add_argument("--balance-mode", choices=("fix", "clip"), default="fix")
+    add_keep_target_flags(p)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument(
         "--batch-size",
@@ -270,6 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--timesteps takes one value (fixed) or two (a window)")
     if args.lr_warmup_steps < 0:
         p.error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
+    try:
+        resolve_keep_target(args)
+    except ValueError as error:
+        p.error(str(error))
     if not 0.0 <= args.ema_decay < 1.0:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.ema_power <= 0:
@@ -299,6 +306,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prefix = "flow-" if args.process == "flow" else ""
         args.output_dir = Path("outputs/unlearn") / f"{prefix}{label}-seed{args.seed}"
     return args
+
+
+def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
+    """``--keep-target``, ``--balance-mode`` and ``--calibration-batches`` (``resolve_keep_target``
+    fills in their defaults), shared with sequential.py."""
+    p.add_argument(
+        "--keep-target",
+        choices=KEEP_TARGETS,
+        default=None,
+        help="SISS's keep term: 'teacher' (default for --method siss) matches the frozen "
+        "pretrained model's prediction, which has the same expected gradient and none of the "
+        "noise that fine-tuning otherwise follows away from the model (siss.teacher_siss_terms; "
+        "docs/results.md, 'Quality kept'); 'noise' regresses on the drawn noise (the paper's Eq. "
+        "15, the only choice for the other methods)",
+    )
+    p.add_argument(
+        "--balance-mode",
+        choices=("fix", "clip", "absolute"),
+        default=None,
+        help="superfactor rule (siss.NormBalancer). Default: 'absolute' with the teacher keep "
+        "target (the forget gradient at --ratio times the naive-deletion gradient's norm, "
+        "measured over --calibration-batches at the start), 'fix' otherwise (--ratio times the "
+        "keep gradient's norm, every step)",
+    )
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="batches whose median naive-deletion gradient norm sets 'absolute' mode's scale",
+    )
+
+
+def resolve_keep_target(args: argparse.Namespace) -> None:
+    """Sets ``--keep-target`` and ``--balance-mode`` where they were left at None; ``ValueError``
+    naming the flag for a teacher target on a method without SISS's keep term."""
+    if getattr(args, "keep_target", None) is None:
+        args.keep_target = "teacher" if args.method == "siss" else "noise"
+    if args.keep_target == "teacher" and args.method != "siss":
+        raise ValueError(
+            f"--keep-target teacher: --method {args.method} has no SISS keep term to give it "
+            "(use --method siss, or --keep-target noise)"
+        )
+    if getattr(args, "balance_mode", None) is None:
+        args.balance_mode = "absolute" if args.keep_target == "teacher" else "fix"
+    if getattr(args, "calibration_batches", 8) < 1:
+        raise ValueError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
 
 
 def resolve_process(args: argparse.Namespace) -> str:
@@ -347,15 +400,64 @@ def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int):
     return loss_from_scheduler(args.method, scheduler, **kwargs)
 
 
-def build_balancer(args: argparse.Namespace, params: list[torch.nn.Parameter]):
-    """The paper's superfactor rule (§5) unless a fixed superfactor was asked for."""
+def build_balancer(
+    args: argparse.Namespace,
+    params: list[torch.nn.Parameter],
+    scale: float | None = None,
+):
+    """The paper's superfactor rule (§5) unless a fixed superfactor was asked for. ``scale``:
+    the naive-deletion gradient norm that 'absolute' mode takes ``--ratio`` of
+    (``calibrate``)."""
     if args.superfactor is not None or args.method in ("naive", "neggrad"):
         return None
     from siss.balancer import NormBalancer
 
     if args.method == "erasediff":
         return NormBalancer(params, mode="bilevel")
+    if args.balance_mode == "absolute":
+        if scale is None:
+            raise ValueError("--balance-mode absolute needs the calibrated scale")
+        return NormBalancer(params, mode="absolute", target_norm=args.ratio * scale)
     return NormBalancer(params, ratio=args.ratio, mode=args.balance_mode)
+
+
+def needs_calibration(args: argparse.Namespace) -> bool:
+    """Whether the balancer is 'absolute' mode's, which needs ``calibrate``'s scale."""
+    return (
+        args.superfactor is None
+        and args.method not in ("naive", "neggrad", "erasediff")
+        and args.balance_mode == "absolute"
+    )
+
+
+def calibrate(
+    unet: UNet2DModel,
+    loss_fn: Any,
+    keep: torch.Tensor,
+    forget: torch.Tensor,
+    plan: BatchPlan,
+    timesteps: int | tuple[int, int] | None,
+    batches: int,
+) -> float:
+    """The median norm of the naive-deletion (noise-target keep) gradient over the first
+    ``batches`` of ``plan``, at the current weights (``siss.median_gradient_norm``)."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def losses() -> Iterator[torch.Tensor]:
+        for step in range(batches):
+            ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
+            x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
+            draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
+            yield loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw).keep
+
+    return median_gradient_norm(params, losses())
+
+
+def build_teacher(args: argparse.Namespace, unet: UNet2DModel) -> UNet2DModel | None:
+    """A frozen copy of ``unet``, the model before unlearning, for ``--keep-target teacher``."""
+    if args.keep_target != "teacher":
+        return None
+    return copy.deepcopy(unet).requires_grad_(False).eval()
 
 
 def unlearning_step(
@@ -371,20 +473,26 @@ def unlearning_step(
     step: int,
     timesteps: int | tuple[int, int] | None,
     args: argparse.Namespace,
+    teacher: UNet2DModel | None = None,
 ) -> None:
     """Optimizer step ``step``: the rows ``plan`` gives it, of ``keep`` ``(n-k, C, H, W)`` (in
     shuffled epochs) and of ``forget`` ``(k, C, H, W)``, with the step's own generator for the
     timesteps, coins and noise; one forward pass, the balancer's gradient (or the loss's own with
-    a fixed superfactor), clipping, AdamW and the lr schedule.
+    a fixed superfactor), clipping, AdamW and the lr schedule. With a ``teacher`` (the frozen
+    model before unlearning) its prediction on the same noisy batch, taken without gradient, is
+    the keep term's target (``SISSLoss.terms(..., teacher_output=)``).
 
     Keep rows come in epochs, as in pretraining, not drawn with replacement, which over 300
-    steps of 64 uses each image a Poisson(10.7) number of times (±30%). Epochs alone did not
-    keep sample quality (docs/results.md, "Why fine-tuning loses quality here")."""
+    steps of 64 uses each image a Poisson(10.7) number of times (±30%)."""
     params = optimizer.param_groups[0]["params"]
     ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
     x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
     draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
-    terms = loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw)
+    extra = {}
+    if teacher is not None:  # only SISSLoss takes a teacher (resolve_keep_target)
+        with torch.no_grad():
+            extra["teacher_output"] = teacher(draw.noisy, draw.timesteps).sample
+    terms = loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw, **extra)
     if balancer is None:
         terms.loss.backward()
     else:
@@ -588,7 +696,9 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     resolve_process(args)  # a Namespace built elsewhere may not have been through parse_args
     device = torch.device(args.device)
     out = Path(args.output_dir)
+    resolve_keep_target(args)
     unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
+    teacher = build_teacher(args, unet)  # before a resume loads the checkpoint's weights
     data = load_training_set(
         source=args.data,
         root=args.data_root,
@@ -603,7 +713,6 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     loss_fn = build_loss(args, scheduler, n, k).to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    balancer = build_balancer(args, params)
     lr_scheduler = get_scheduler(
         args.lr_schedule,
         optimizer,
@@ -620,17 +729,24 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     timesteps = timestep_spec(args.timesteps)
 
     history: list[dict[str, Any]] = []
-    step, train_wall = 0, 0.0
+    step, train_wall, scale = 0, 0.0, None
     found = latest_checkpoint(out / "checkpoints") if args.resume else None
     if found is not None:
-        if json.loads((found / "state.json").read_text()).get("draws") != DRAWS:
+        saved = json.loads((found / "state.json").read_text())
+        if saved.get("draws") != DRAWS:
             raise SystemExit(
                 f"{found} was written by a version of unlearn.py that drew the keep rows with "
                 "replacement; this one draws them in shuffled epochs (siss.BatchPlan), so the run "
                 "cannot go on: start it again without --resume, or in another --output-dir"
             )
+        if saved.get("keep_target", "noise") != args.keep_target:
+            raise SystemExit(
+                f"{found} was trained with --keep-target {saved.get('keep_target', 'noise')}, "
+                f"not {args.keep_target}: pass that, or start again in another --output-dir"
+            )
         state = load_checkpoint(found, model=unet, optimizer=optimizer, generators={}, ema=ema)
         step, history, train_wall = state["step"], state["history"], state["train_wall_s"]
+        scale = state.get("calibrated_scale")
         # The schedule is a function of the step alone: replay it (torch warns that the
         # optimizer did not step in between, which is what a replay means).
         with warnings.catch_warnings():
@@ -648,6 +764,13 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
+    if scale is None and needs_calibration(args):  # at the starting weights, once
+        started = time.perf_counter()
+        scale = calibrate(
+            unet, loss_fn, keep_dev, forget_dev, plan, timesteps, args.calibration_batches
+        )
+        train_wall += time.perf_counter() - started
+    balancer = build_balancer(args, params, scale)
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     bar = tqdm(
         range(step, last), initial=step, total=args.steps, desc=out.name, disable=args.no_progress
@@ -666,6 +789,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             step=step,
             timesteps=timesteps,
             args=args,
+            teacher=teacher,
         )
         if ema is not None:
             ema.step(params)
@@ -683,7 +807,13 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                 model=unet,
                 optimizer=optimizer,
                 generators={},
-                extra={"history": history, "train_wall_s": train_wall, "draws": DRAWS},
+                extra={
+                    "history": history,
+                    "train_wall_s": train_wall,
+                    "draws": DRAWS,
+                    "keep_target": args.keep_target,
+                    "calibrated_scale": scale,
+                },
                 ema=ema,
             )
     bar.close()

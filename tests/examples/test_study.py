@@ -234,18 +234,29 @@ def test_timesteps_reach_every_method_and_the_folder_refuses_other_ones(tiny_stu
 
 def test_a_folder_of_runs_drawn_with_replacement_is_refused(tiny_study):
     """Runs of the unlearn.py that drew keep rows with replacement are not reused as this one's."""
-    out = tiny_study
+    refused_with(tiny_study, {}, "drawn with replacement")  # what 0.2.0 wrote: no "draws"
+
+
+def refused_with(out, extra, match):
+    """A folder whose pair.json is the default pair plus ``extra`` is refused, untouched."""
     out.mkdir()
     pair = {
         "pretrained": str((study.ASSETS / "pretrained").resolve()),
         "retrain": str((study.ASSETS / "retrain").resolve()),
         "process": "ddpm",
+        **extra,
     }
-    (out / "pair.json").write_text(json.dumps(pair))  # what 0.2.0 wrote: no "draws"
+    (out / "pair.json").write_text(json.dumps(pair))
     argv = [*final_argv(out, 0)[:-2], "--final-samples", "0", "--seeds", "0"]
-    with pytest.raises(SystemExit, match="drawn with replacement"):
+    with pytest.raises(SystemExit, match=match):
         study.main(argv)
     assert sorted(path.name for path in out.iterdir()) == ["pair.json"]
+
+
+def test_a_folder_of_runs_with_the_noise_keep_target_is_refused(tiny_study):
+    """SISS runs made before the teacher keep target became its default are not reused."""
+    # no "siss_keep_target": written before the teacher keep target
+    refused_with(tiny_study, {"draws": study.DRAWS}, "siss_keep_target default there, teacher now")
 
 
 def test_batch_size_reaches_every_method_and_the_folder_refuses_another(tiny_study, monkeypatch):

@@ -131,6 +131,51 @@ def test_a_checkpoint_from_rows_drawn_with_replacement_is_not_resumed(checkpoint
         unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--resume")))
 
 
+def test_siss_matches_a_frozen_teacher_by_default(checkpoint, tmp_path):
+    """--keep-target teacher is SISS's default, with the 'absolute' superfactor rule scaled by
+    the naive-deletion gradient norm measured at the start (kept in every checkpoint, so that
+    a resume uses it, not one measured at the resumed weights); the other methods keep the
+    noise target, and asking them for a teacher is refused by flag."""
+    args = unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2"))
+    assert (args.keep_target, args.balance_mode) == ("teacher", "absolute")
+    naive = unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive"))
+    assert (naive.keep_target, naive.balance_mode) == ("noise", "fix")
+    with pytest.raises(SystemExit):
+        unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive", "--keep-target=teacher"))
+    unlearn.run(args)
+    state = json.loads((tmp_path / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["keep_target"] == "teacher" and state["calibrated_scale"] > 0
+    # A checkpoint of the teacher target is not resumed as a run of the noise target.
+    noise = unlearn.parse_args(argv(checkpoint, tmp_path, "--resume", "--keep-target=noise"))
+    with pytest.raises(SystemExit, match="--keep-target teacher, not noise"):
+        unlearn.run(noise)
+
+
+def test_the_teacher_is_the_starting_model_and_receives_nothing(checkpoint):
+    """One step with the teacher target: the teacher is a frozen copy of the starting weights
+    (unchanged after the step, no gradient), while the model moves."""
+    args = unlearn.parse_args(argv(checkpoint, Path("unused")))
+    unet = UNet2DModel.from_pretrained(checkpoint)
+    teacher = unlearn.build_teacher(args, unet)
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    data = torch.randn(12, 1, 16, 16)
+    keep, forget = data[:10], data[10:]
+    loss_fn = unlearn.build_loss(args, DDPMScheduler(num_train_timesteps=1000), 12, 2)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    plan = unlearn.BatchPlan(0, 10, 2, 8, 8)
+    scale = unlearn.calibrate(unet, loss_fn, keep, forget, plan, None, 2)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    balancer = unlearn.build_balancer(args, params, scale)
+    unlearn.unlearning_step(
+        unet, loss_fn, keep, forget, optimizer, lr_scheduler, balancer=balancer, plan=plan,
+        step=0, timesteps=None, args=args, teacher=teacher,
+    )  # fmt: skip
+    assert all(torch.equal(v, start[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert any(not torch.equal(v, start[k]) for k, v in unet.state_dict().items())
+
+
 def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
     """--ema-decay: checkpoints hold the raw weights and the EMA; model/ holds the EMA, which
     is the average diffusers' EMAModel gives for the same raw trajectory."""
