@@ -204,7 +204,8 @@ def teacher_siss_terms(
     Args:
         distill: ``d``, squared errors against the teacher's prediction, shape ``(B,)``.
         error_a: squared errors ``l_a`` against the targets of ``a``, shape ``(B,)``.
-        weight_x, weight_a: importance weights ``w_x``, ``w_a``, shape ``(B,)``.
+        weight_x: importance weights ``w_x``, shape ``(B,)``.
+        weight_a: importance weights ``w_a``, shape ``(B,)``.
         forget_ratio: ``ρ = k/(n-k)``, the true one (the keep term needs it).
         x_from: ``"all"`` or ``"retain"``.
 
