@@ -182,8 +182,6 @@ def median_gradient_norm(params: Iterable[Tensor], losses: Iterable[Tensor]) -> 
         True
     """
     params = _check_params(params)
-    if not params:
-        raise ValueError("`params` must hold at least one parameter with requires_grad=True")
     norms = []
     for index, loss in enumerate(losses):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -200,7 +198,8 @@ def median_gradient_norm(params: Iterable[Tensor], losses: Iterable[Tensor]) -> 
 
 
 def _check_params(params: object) -> list[Tensor]:
-    """The trainable tensors of ``params``, an iterable of tensors (as ``torch.optim`` takes)."""
+    """The trainable tensors of ``params``, an iterable of tensors (as ``torch.optim`` takes);
+    at least one."""
     if isinstance(params, Tensor):
         raise TypeError(
             "`params` must be an iterable of tensors (e.g. `model.parameters()`), got a single "
@@ -215,7 +214,10 @@ def _check_params(params: object) -> list[Tensor]:
     for tensor in tensors:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"`params` must hold tensors only, got a {type(tensor).__name__}")
-    return [p for p in tensors if p.requires_grad]
+    trainable = [p for p in tensors if p.requires_grad]
+    if not trainable:
+        raise ValueError("`params` must hold at least one parameter with requires_grad=True")
+    return trainable
 
 
 def _has_reentrant_checkpoint(root: Tensor) -> bool:
@@ -314,8 +316,6 @@ class NormBalancer:
         backward: Callable[..., object] | None = None,
     ) -> None:
         self.params = _check_params(params)
-        if not self.params:
-            raise ValueError("`params` must hold at least one parameter with requires_grad=True")
         self.mode = check_choice(mode, "mode", MODES)
         self.ratio = check_nonnegative(ratio, "ratio")
         self.superfactor = check_nonnegative(superfactor, "superfactor")
