@@ -400,6 +400,14 @@ def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int):
     return loss_from_scheduler(args.method, scheduler, **kwargs)
 
 
+def balance_mode(args: argparse.Namespace) -> str | None:
+    """The ``NormBalancer`` mode of the run: None for a fixed superfactor or a method without a
+    keep term to balance against, 'bilevel' for EraseDiff, ``--balance-mode`` otherwise."""
+    if args.superfactor is not None or args.method in ("naive", "neggrad"):
+        return None
+    return "bilevel" if args.method == "erasediff" else args.balance_mode
+
+
 def build_balancer(
     args: argparse.Namespace,
     params: list[torch.nn.Parameter],
@@ -408,26 +416,38 @@ def build_balancer(
     """The paper's superfactor rule (§5) unless a fixed superfactor was asked for. ``scale``:
     the naive-deletion gradient norm that 'absolute' mode takes ``--ratio`` of
     (``calibrate``)."""
-    if args.superfactor is not None or args.method in ("naive", "neggrad"):
+    mode = balance_mode(args)
+    if mode is None:
         return None
     from siss.balancer import NormBalancer
 
-    if args.method == "erasediff":
+    if mode == "bilevel":
         return NormBalancer(params, mode="bilevel")
-    if args.balance_mode == "absolute":
+    if mode == "absolute":
         if scale is None:
             raise ValueError("--balance-mode absolute needs the calibrated scale")
         return NormBalancer(params, mode="absolute", target_norm=args.ratio * scale)
-    return NormBalancer(params, ratio=args.ratio, mode=args.balance_mode)
+    return NormBalancer(params, ratio=args.ratio, mode=mode)
 
 
 def needs_calibration(args: argparse.Namespace) -> bool:
     """Whether the balancer is 'absolute' mode's, which needs ``calibrate``'s scale."""
-    return (
-        args.superfactor is None
-        and args.method not in ("naive", "neggrad", "erasediff")
-        and args.balance_mode == "absolute"
-    )
+    return balance_mode(args) == "absolute"
+
+
+def step_draw(
+    loss_fn: Any,
+    keep: torch.Tensor,
+    forget: torch.Tensor,
+    plan: BatchPlan,
+    step: int,
+    timesteps: int | tuple[int, int] | None,
+) -> Any:
+    """Step ``step``'s draw: ``plan``'s rows of ``keep`` and ``forget``, noised with the step's
+    own generator (timesteps, coins and noise)."""
+    ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
+    x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
+    return loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
 
 
 def calibrate(
@@ -445,9 +465,7 @@ def calibrate(
 
     def losses() -> Iterator[torch.Tensor]:
         for step in range(batches):
-            ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
-            x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
-            draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
+            draw = step_draw(loss_fn, keep, forget, plan, step, timesteps)
             yield loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw).keep
 
     return median_gradient_norm(params, losses())
@@ -485,9 +503,7 @@ def unlearning_step(
     Keep rows come in epochs, as in pretraining, not drawn with replacement, which over 300
     steps of 64 uses each image a Poisson(10.7) number of times (±30%)."""
     params = optimizer.param_groups[0]["params"]
-    ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
-    x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
-    draw = loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
+    draw = step_draw(loss_fn, keep, forget, plan, step, timesteps)
     extra = {}
     if teacher is not None:  # only SISSLoss takes a teacher (resolve_keep_target)
         with torch.no_grad():
