@@ -22,7 +22,8 @@ from siss.losses import (
     siss_terms,
     teacher_siss_terms,
 )
-from siss.registry import METHODS, make_loss
+from siss.recipe import StepResult, Unlearner, UnlearningConfig, teacher_for
+from siss.registry import METHODS, RULES, MethodRules, make_loss
 from siss.sampler import mixture_sample
 from siss.schedule import NoiseSchedule
 from siss.targets import PREDICTION_TYPES, prediction_target
@@ -34,11 +35,13 @@ __all__ = [
     "DEFAULT_MAX_WEIGHT",
     "METHODS",
     "PREDICTION_TYPES",
+    "RULES",
     "BalanceStats",
     "BatchPlan",
     "DenoisingDraw",
     "EraseDiffLoss",
     "LossTerms",
+    "MethodRules",
     "NaiveDeletionLoss",
     "NegGradLoss",
     "NoiseSchedule",
@@ -46,6 +49,9 @@ __all__ = [
     "SISSDraw",
     "SISSLoss",
     "SISSNoISLoss",
+    "StepResult",
+    "Unlearner",
+    "UnlearningConfig",
     "UnlearningLoss",
     "derived_seed",
     "importance_weights",
@@ -58,6 +64,7 @@ __all__ = [
     "rank_generator",
     "set_validate_values",
     "siss_terms",
+    "teacher_for",
     "teacher_siss_terms",
     "validate_values_enabled",
 ]

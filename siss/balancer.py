@@ -356,6 +356,36 @@ class NormBalancer:
         """The ``c`` held for amortized steps: the last measured one, ``None`` before any."""
         return self._coefficient
 
+    def state_dict(self) -> dict[str, object]:
+        """What a resume needs to go on as an uninterrupted run would: the held ``c`` and the
+        steps since it was measured (the rule's settings are the constructor's).
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> balancer = NormBalancer(model.parameters(), every=4)
+            >>> out = model(torch.randn(3, 2))
+            >>> balancer.backward(out.square().mean(), out.mean())
+            >>> _ = balancer.step()
+            >>> again = NormBalancer(model.parameters(), every=4)
+            >>> again.load_state_dict(balancer.state_dict())
+            >>> torch.equal(again.coefficient, balancer.coefficient)
+            True
+        """
+        if self._refresh is not None:
+            raise RuntimeError("NormBalancer.state_dict() inside an optimizer step: call step()")
+        coefficient = None if self._coefficient is None else self._coefficient.detach().cpu()
+        return {"coefficient": coefficient, "since_refresh": self._since_refresh}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore ``state_dict()``'s state (the coefficient moves to the parameters' device)."""
+        coefficient = state["coefficient"]
+        if coefficient is not None and not isinstance(coefficient, Tensor):
+            raise TypeError(f"`coefficient` must be a Tensor or None, got {type(coefficient)}")
+        self._coefficient = None if coefficient is None else coefficient.to(self.params[0].device)
+        self._since_refresh = int(state["since_refresh"])  # type: ignore[call-overload]
+        self._refresh = None
+        self._forget = None
+
     def _distributed(self) -> bool:
         if self.sync is not None:
             return self.sync

@@ -14,7 +14,9 @@ name           class                     the paper's method
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -22,15 +24,74 @@ from siss.baselines import EraseDiffLoss, NaiveDeletionLoss, NegGradLoss, SISSNo
 from siss.losses import SISSLoss, UnlearningLoss
 from siss.schedule import NoiseSchedule
 
-_CLASSES: dict[str, type[UnlearningLoss]] = {
-    "siss": SISSLoss,
-    "siss-nois": SISSNoISLoss,
-    "naive": NaiveDeletionLoss,
-    "neggrad": NegGradLoss,
-    "erasediff": EraseDiffLoss,
-}
 
-METHODS: tuple[str, ...] = tuple(_CLASSES)
+class MethodRules(NamedTuple):
+    """What an unlearning method needs from the training step around it (``siss.recipe``).
+
+    Attributes:
+        loss: the ``UnlearningLoss`` class.
+        teacher: the method has SISS's keep term, which a frozen model's prediction can replace
+            (``SISSLoss.terms(..., teacher_output=)``; ``teacher_siss_terms``).
+        subsets: the loss takes ``n = |X|`` and ``k = |A|`` (the forget term's ``k/(n-k)``).
+        superfactor: the superfactor when none is given and no balancer sets it: NegGrad's and
+            EraseDiff's forget term is the whole objective (``s = 1``); ``0.0`` for the others.
+        balancer: the superfactor rule (``NormBalancer`` mode): ``"config"`` for the run's
+            ``balance_mode``, ``"bilevel"`` for EraseDiff's own rule, ``None`` for methods with
+            nothing to balance (naive deletion has no forget term, NegGrad no keep term).
+        refused: prediction type -> why the method cannot train a model of that type.
+
+    Example:
+        >>> RULES["neggrad"].superfactor, RULES["neggrad"].balancer
+        (1.0, None)
+    """
+
+    loss: type[UnlearningLoss]
+    teacher: bool
+    subsets: bool
+    superfactor: float
+    balancer: str | None
+    refused: Mapping[str, str] = MappingProxyType({})
+
+
+RULES: Mapping[str, MethodRules] = MappingProxyType(
+    {
+        "siss": MethodRules(
+            SISSLoss, teacher=True, subsets=True, superfactor=0.0, balancer="config"
+        ),
+        "siss-nois": MethodRules(
+            SISSNoISLoss, teacher=False, subsets=True, superfactor=0.0, balancer="config"
+        ),
+        "naive": MethodRules(
+            NaiveDeletionLoss, teacher=False, subsets=False, superfactor=0.0, balancer=None
+        ),
+        "neggrad": MethodRules(
+            NegGradLoss, teacher=False, subsets=False, superfactor=1.0, balancer=None
+        ),
+        "erasediff": MethodRules(
+            EraseDiffLoss,
+            teacher=False,
+            subsets=False,
+            superfactor=1.0,
+            balancer="bilevel",
+            refused=MappingProxyType(
+                {
+                    "flow_prediction": "EraseDiff fits the predicted noise to uniform [0, 1) "
+                    "targets; a rectified-flow model predicts the velocity eps - x_0, for which "
+                    "that target is not defined",
+                }
+            ),
+        ),
+    }
+)
+"""Per-method rules, by the names ``make_loss`` accepts: one table, read by the recipe and the
+commands (``MethodRules``).
+
+Example:
+    >>> [name for name, rules in RULES.items() if rules.teacher]
+    ['siss']
+"""
+
+METHODS: tuple[str, ...] = tuple(RULES)
 """The names ``make_loss`` accepts.
 
 Example:
@@ -58,7 +119,7 @@ def make_loss(
         0.0
     """
     try:
-        cls = _CLASSES[name]
+        cls = RULES[name].loss
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown unlearning method {name!r}; choose one of {', '.join(map(repr, METHODS))}"

@@ -332,6 +332,7 @@ class ModelAdapter(nn.Module):
         timesteps: TimestepSpec = None,
         generator: torch.Generator | None = None,
         weights: Tensor | Callable[[Any], Tensor] | None = None,
+        teacher: ModelAdapter | None = None,
         **conditioning: Any,
     ) -> LossTerms:
         """Sample a draw, call the model once on it and return the loss terms.
@@ -348,6 +349,10 @@ class ModelAdapter(nn.Module):
                 that depend on the draw's timesteps, e.g.
                 ``lambda draw: compute_snr(noise_scheduler, draw.timesteps)``; see
                 ``UnlearningLoss.terms`` (``snr_gamma`` in the loss needs neither).
+            teacher: the frozen model before unlearning, as an adapter (``siss.recipe.teacher_for``
+                builds one): its prediction on the same noisy rows and conditioning, taken under
+                ``torch.inference_mode``, is the keep term's target
+                (``SISSLoss.terms(..., teacher_output=)``); ``SISSLoss`` only.
             **conditioning: the model's conditioning, ``B`` rows each (or 1, shared), e.g.
                 ``encoder_hidden_states=(B, L, D)``; duplicated when the draw has ``2B`` rows.
                 Row ``j`` conditions BOTH ``x0[j]`` and ``a0[j]``: with SISS's one call per pair
@@ -401,12 +406,18 @@ class ModelAdapter(nn.Module):
         if _checks.validate_values_enabled():
             for name, value in _tensors(conditioning):
                 _checks.check_finite_values(value, name)
+        extra = {}
+        if teacher is not None:
+            with torch.inference_mode():  # no graph, no saved activations
+                extra["teacher_output"] = teacher.predict(
+                    draw.noisy, draw.timesteps, **conditioning
+                )
         prediction = self.predict(draw.noisy, draw.timesteps, **conditioning)
         if _checks.validate_values_enabled() and isinstance(prediction, Tensor):
             _check_finite_prediction(prediction)
         if callable(weights):
             weights = weights(draw)
-        return loss_fn.terms(prediction, draw, weights=weights)
+        return loss_fn.terms(prediction, draw, weights=weights, **extra)
 
 
 class UNet2DAdapter(ModelAdapter):

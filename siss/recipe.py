@@ -1,0 +1,733 @@
+"""The unlearning recipe: one configuration and one training-step object for any diffusers model.
+
+The loss (``SISSLoss``) is exact; what makes unlearning *keep the model* is the recipe around it:
+
+- **the teacher keep target** (``keep_target="teacher"``, SISS's default): the keep term matches
+  the frozen model's prediction on the same noisy batch instead of the drawn noise, which has
+  Lemma 1's expected gradient without the keep term's noise (``teacher_siss_terms``,
+  docs/math.md). The teacher is a frozen copy of the model, or, for a PEFT LoRA, the same model
+  with its adapters disabled (no copy); it runs under ``torch.inference_mode``;
+- **a calibrated forget scale**: with a teacher the keep gradient starts at about 0, so the
+  paper's rule (the forget gradient at ~``ratio`` of the naive-deletion gradient, §5) is held
+  against the naive-deletion gradient's norm measured once, over the first
+  ``calibration_batches`` optimizer steps' batches, before any weight moves
+  (``NormBalancer(mode="absolute")``), and refreshed every ``balance_every`` steps;
+- **accelerate**: processes, gradient accumulation (the balancer steps on ``sync_gradients``
+  only), mixed precision (fp16 steps whose norms overflow are skipped and the loss scale
+  lowered), gradient clipping, EMA, and the state a resume needs (registered with
+  ``accelerator.register_for_checkpointing``: a resumed run is bit-identical to an
+  uninterrupted one).
+
+In a diffusers training loop, after ``accelerator.prepare(...)``::
+
+    unlearner = Unlearner(unet, noise_scheduler, UnlearningConfig(), n=n, k=k,
+                          accelerator=accelerator, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    for batch, forget_batch in paired_batches(train_dataloader, forget_loader):
+        result = unlearner.step(latents, forget_latents, encoder_hidden_states=embeds)
+
+``step`` enters ``accelerator.accumulate`` itself: do not wrap it in another one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from siss._checks import check_choice
+from siss.balancer import BalanceStats, NormBalancer, _global_norm
+from siss.loop import derived_seed, process_index
+from siss.losses import LossTerms
+from siss.registry import METHODS, RULES
+from siss.schedule import TimestepSpec
+
+KeepTarget = Literal["teacher", "noise"]
+KEEP_TARGETS: tuple[str, ...] = ("teacher", "noise")
+BALANCE_MODES: tuple[str, ...] = ("fix", "clip", "absolute")
+LR_SCHEDULERS: tuple[str, ...] = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+DEFAULT_BALANCE_EVERY = 10
+"""``balance_every`` of the calibrated ('absolute') rule: the forget-gradient norm is measured
+(a second backward) once every 10 optimizer steps; docs/benchmarks.md gives the cost and
+docs/choosing_hyperparameters.md how it was chosen."""
+
+
+def _field_error(name: str, message: str) -> ValueError:
+    return ValueError(f"UnlearningConfig.{name}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlearningConfig:
+    """The settings of one unlearning run, validated once; every error names its field.
+
+    Defaults left at ``None`` are resolved from the method's rules (``siss.registry.RULES``):
+    ``keep_target`` is ``"teacher"`` for SISS and ``"noise"`` otherwise; ``balance_mode`` is
+    ``"absolute"`` (calibrated) with a teacher and ``"fix"`` (per step, the paper's) otherwise;
+    ``balance_every`` is ``DEFAULT_BALANCE_EVERY`` for ``"absolute"`` and 1 otherwise.
+
+    Args:
+        method: one of ``siss.METHODS``.
+        lam: SISS's mixture weight ``λ`` in ``[0, 1]`` (SISS only).
+        keep_target: ``"teacher"`` or ``"noise"`` (see the module docstring).
+        superfactor: a fixed superfactor ``s``, which turns the balancer off; ``None``: the
+            balancer's rule sets it each step.
+        ratio: ``||s g_forget||`` as a fraction of the keep gradient's norm (``"fix"``,
+            ``"clip"``) or of the calibrated naive-deletion gradient's norm (``"absolute"``).
+        balance_mode: ``"fix"``, ``"clip"`` or ``"absolute"`` (``NormBalancer``'s modes).
+        balance_every: refresh the balancer's coefficient every this many optimizer steps.
+        calibration_batches: optimizer steps' batches whose median naive-deletion gradient norm
+            sets ``"absolute"``'s scale.
+        timesteps: ``None`` (uniform), a fixed grid index, or an inclusive ``(low, high)`` window.
+        x_from: ``"retain"`` when the keep batches come from ``X \\ A`` (Eq. 15), ``"all"``
+            when from ``X`` (Eq. 8).
+        snr_gamma: min-SNR-γ weighting (diffusers' ``--snr_gamma``); ``None``: none.
+        learning_rate: AdamW's peak learning rate (the paper's 5e-5).
+        lr_scheduler: diffusers' ``get_scheduler`` name; ``"cosine"`` anneals to 0 by
+            ``max_train_steps``, as pretraining usually did.
+        lr_warmup_steps: linear warmup steps of ``lr_scheduler``.
+        max_train_steps: optimizer steps of the run (the schedule's length).
+        adam_weight_decay: AdamW's weight decay (0: the fine-tune is not pulled toward 0).
+        ema_decay: largest decay of an EMA of the trained weights (diffusers' ``EMAModel`` with
+            warmup); 0: no EMA.
+        ema_power: the EMA warmup's power.
+        max_grad_norm: gradient clipping after the balancer; 0: none.
+        seed: seed of every draw (timesteps, mixture coins, noise): draw ``i`` of process ``r``
+            uses ``derived_seed(seed, "draw", i, r)``, so a resume draws what an uninterrupted
+            run draws.
+
+    Example:
+        >>> config = UnlearningConfig()
+        >>> config.keep_target, config.balance_mode, config.balance_every
+        ('teacher', 'absolute', 10)
+        >>> UnlearningConfig(max_train_steps=-5)
+        Traceback (most recent call last):
+        ...
+        ValueError: UnlearningConfig.max_train_steps: must be >= 1, got -5
+    """
+
+    method: str = "siss"
+    lam: float = 0.5
+    keep_target: KeepTarget | None = None
+    superfactor: float | None = None
+    ratio: float = 0.1
+    balance_mode: Literal["fix", "clip", "absolute"] | None = None
+    balance_every: int | None = None
+    calibration_batches: int = 8
+    timesteps: TimestepSpec = None
+    x_from: Literal["retain", "all"] = "retain"
+    snr_gamma: float | None = None
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 300
+    adam_weight_decay: float = 0.0
+    ema_decay: float = 0.0
+    ema_power: float = 0.75
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise _field_error(
+                "method", f"{self.method!r} is not one of {', '.join(map(repr, METHODS))}"
+            )
+        rules = RULES[self.method]
+        _number(self, "lam", low=0.0, high=1.0)
+        _number(self, "ratio", low=0.0)
+        _number(self, "learning_rate", low=0.0, open_low=True)
+        _number(self, "adam_weight_decay", low=0.0)
+        _number(self, "max_grad_norm", low=0.0)
+        _number(self, "ema_power", low=0.0, open_low=True)
+        _number(self, "ema_decay", low=0.0, high=1.0, open_high=True)
+        if self.superfactor is not None:
+            _number(self, "superfactor", low=0.0)
+        if self.snr_gamma is not None:
+            _number(self, "snr_gamma", low=0.0, open_low=True)
+        _integer(self, "calibration_batches", low=1)
+        _integer(self, "lr_warmup_steps", low=0)
+        _integer(self, "max_train_steps", low=1)
+        _integer(self, "seed", low=0)
+        _choice(self, "lr_scheduler", LR_SCHEDULERS)
+        _choice(self, "x_from", ("retain", "all"))
+        _check_timesteps(self.timesteps)
+
+        keep_target = self.keep_target
+        if keep_target is None:
+            keep_target = "teacher" if rules.teacher else "noise"
+        _choice(self, "keep_target", KEEP_TARGETS, keep_target)
+        if keep_target == "teacher" and not rules.teacher:
+            raise _field_error(
+                "keep_target",
+                f"'teacher' needs SISS's keep term; method {self.method!r} has none "
+                "(use method='siss', or keep_target='noise')",
+            )
+        mode = self.balance_mode
+        if mode is None:
+            mode = "absolute" if keep_target == "teacher" else "fix"
+        _choice(self, "balance_mode", BALANCE_MODES, mode)
+        every = self.balance_every
+        if every is None:
+            every = DEFAULT_BALANCE_EVERY if mode == "absolute" else 1
+        object.__setattr__(self, "keep_target", keep_target)
+        object.__setattr__(self, "balance_mode", mode)
+        _integer(self, "balance_every", low=1, value=every)
+        object.__setattr__(self, "balance_every", every)
+
+    @property
+    def balancer(self) -> str | None:
+        """The ``NormBalancer`` mode of the run: ``None`` with a fixed superfactor or for a
+        method with nothing to balance, ``"bilevel"`` for EraseDiff, ``balance_mode``
+        otherwise."""
+        rule = RULES[self.method].balancer
+        if self.superfactor is not None or rule is None:
+            return None
+        return "bilevel" if rule == "bilevel" else self.balance_mode
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run measures the naive-deletion gradient's norm before training."""
+        return self.balancer == "absolute"
+
+    def loss_kwargs(self, n: int | None, k: int | None) -> dict[str, Any]:
+        """The keyword arguments of the method's loss (``siss.make_loss``)."""
+        rules = RULES[self.method]
+        kwargs: dict[str, Any] = {
+            "superfactor": rules.superfactor if self.superfactor is None else self.superfactor,
+            "snr_gamma": self.snr_gamma,
+        }
+        if self.balancer is not None:  # the balancer sets the forget term's weight
+            kwargs["superfactor"] = 0.0
+        if self.method == "siss":
+            kwargs["lam"] = self.lam
+        if rules.subsets:
+            kwargs.update(n=n, k=k, x_from=self.x_from)
+        return kwargs
+
+    def check_prediction_type(self, prediction_type: str) -> None:
+        """A ``ValueError`` naming ``method`` if the method cannot train that prediction type."""
+        reason = RULES[self.method].refused.get(prediction_type)
+        if reason is not None:
+            raise _field_error("method", f"{self.method!r} cannot train this model: {reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved settings, JSON-ready (a ``(low, high)`` window as a list)."""
+        values = dataclasses.asdict(self)
+        if isinstance(values["timesteps"], tuple):
+            values["timesteps"] = list(values["timesteps"])
+        return values
+
+
+def _number(
+    config: UnlearningConfig,
+    name: str,
+    *,
+    low: float,
+    high: float = math.inf,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _field_error(name, f"must be a finite number, got {value!r}")
+    below = value <= low if open_low else value < low
+    above = value >= high if open_high else value > high
+    if below or above:
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
+        raise _field_error(name, f"must be in {left}{low:g}, {high:g}{right}, got {value!r}")
+
+
+def _integer(
+    config: UnlearningConfig, name: str, *, low: int, value: object = dataclasses.MISSING
+) -> None:
+    value = getattr(config, name) if value is dataclasses.MISSING else value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _field_error(name, f"must be an int, got {value!r}")
+    if value < low:
+        raise _field_error(name, f"must be >= {low}, got {value}")
+
+
+def _choice(
+    config: UnlearningConfig,
+    name: str,
+    choices: tuple[str, ...],
+    value: object = dataclasses.MISSING,
+) -> None:
+    value = getattr(config, name) if value is dataclasses.MISSING else value
+    try:
+        check_choice(value, name, choices)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise _field_error(
+            name, f"{value!r} is not one of {', '.join(map(repr, choices))}"
+        ) from None
+
+
+def _check_timesteps(value: object) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, tuple | list) else (value,)
+    if len(values) not in (1, 2) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
+    ):
+        raise _field_error(
+            "timesteps",
+            f"must be None, a grid index >= 0 or a (low, high) window of them, got {value!r}",
+        )
+    if len(values) == 2 and values[0] > values[1]:
+        raise _field_error("timesteps", f"the window {tuple(values)} has low > high")
+
+
+class StepResult(NamedTuple):
+    """What one ``Unlearner.step`` call did. Tensors are detached; reading them syncs the host.
+
+    Attributes:
+        terms: the micro-batch's ``LossTerms(loss, keep, forget)``; during calibration the
+            naive-deletion keep term (noise target) whose gradient was measured.
+        stats: the balancer's ``BalanceStats`` on a step that ended an optimizer step with a
+            balancer; ``None`` otherwise.
+        calibrating: the batch measured the naive-deletion gradient norm; no weight moved.
+        optimizer_step: an optimizer step ended with this micro-batch (``sync_gradients``,
+            after calibration); the weights moved unless ``skipped``.
+        skipped: the step's gradient norms were not finite (fp16 overflow): nothing moved, the
+            fp16 loss scale was lowered.
+
+    Example:
+        >>> result = StepResult(LossTerms(*torch.zeros(3)), None, True, False, False)
+        >>> result.calibrating, result.optimizer_step
+        (True, False)
+    """
+
+    terms: LossTerms
+    stats: BalanceStats | None
+    calibrating: bool
+    optimizer_step: bool
+    skipped: bool
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """``model`` without a ``DistributedDataParallel`` wrapper (DDP's forward would prepare a
+    gradient reduction and broadcast buffers for a prediction that needs neither)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+def _has_peft_adapters(model: nn.Module) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False)) or callable(
+        getattr(model, "disable_adapter", None)
+    )
+
+
+class _AdaptersDisabled:
+    """A teacher that is the model itself with its PEFT adapters disabled: the base model of a
+    LoRA, with no copy of its weights."""
+
+    def __init__(self, adapter: Any, model: nn.Module) -> None:
+        self.adapter, self.model = adapter, model
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
+        if callable(getattr(self.model, "disable_adapter", None)):  # a peft.PeftModel
+            with self.model.disable_adapter():
+                return self.adapter.predict(noisy, timesteps, **conditioning)
+        self.model.disable_adapters()  # diffusers' PeftAdapterMixin
+        try:
+            return self.adapter.predict(noisy, timesteps, **conditioning)
+        finally:
+            self.model.enable_adapters()
+
+
+class _Autocast:
+    """A teacher run under ``accelerator.autocast()``: the mixed precision of the prepared model,
+    which accelerate applies to the prepared model's own forward only."""
+
+    def __init__(self, teacher: Any, accelerator: Any) -> None:
+        self.teacher, self.accelerator = teacher, accelerator
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
+        with self.accelerator.autocast():
+            return self.teacher.predict(noisy, timesteps, **conditioning)
+
+
+def teacher_for(model: nn.Module) -> Any:
+    """The frozen model before unlearning, as something with the adapters' ``predict``.
+
+    A model carrying PEFT adapters (``unet.add_adapter(LoraConfig(...))``, or a ``PeftModel``)
+    is its own teacher with the adapters disabled: the base weights do not train, so they are
+    the model before unlearning, and no copy is made. Any other model is copied
+    (``copy.deepcopy``), frozen and put in eval mode: build the teacher before the first step,
+    and before ``accelerator.load_state`` on a resume, so that it holds the starting weights.
+
+    Args:
+        model: the diffusers model being unlearned (wrapped by DDP or not).
+
+    Example:
+        >>> from diffusers import UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+        ...     block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        ...     down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> teacher = teacher_for(unet)
+        >>> teacher.model is unet, teacher.model.training
+        (False, False)
+    """
+    from siss.adapters import adapter_for
+
+    inner = _inner(model)
+    if _has_peft_adapters(inner):
+        return _AdaptersDisabled(adapter_for(inner), inner)
+    frozen = copy.deepcopy(inner).requires_grad_(False).eval()
+    return adapter_for(frozen)
+
+
+class Unlearner:
+    """One unlearning training step for any diffusers model: the recipe behind ``SISSLoss``.
+
+    Build it after ``accelerator.prepare(...)`` (the model, optimizer and lr scheduler are the
+    prepared ones) and, on a resume, before ``accelerator.load_state``: it registers itself for
+    checkpointing, so accelerate saves and restores its state (the draw counter, the calibrated
+    scale, the balancer's held coefficient, the EMA) with the rest.
+
+    Args:
+        model: the diffusers model (``UNet2DModel``, ``UNet2DConditionModel``, DiT, SD3 or
+            any model ``siss.adapters.adapter_for`` takes), possibly prepared by accelerate and
+            carrying PEFT adapters (only the trainable parameters train).
+        noise_scheduler: the diffusers scheduler the model was trained with: the forward
+            process and the prediction type come from it (``loss_from_scheduler``).
+        config: the run's ``UnlearningConfig``.
+        n: ``|X|``, the whole training set with the forget set (SISS and SISS (No IS)).
+        k: ``|A|``, the number of points to forget.
+        accelerator: an ``accelerate.Accelerator``; ``None``: one process, no accumulation,
+            plain ``backward``.
+        optimizer: the (prepared) optimizer; ``None``: AdamW over the trainable parameters at
+            ``config.learning_rate`` (prepared with ``accelerator``).
+        lr_scheduler: the (prepared) learning-rate scheduler; ``None``: diffusers'
+            ``get_scheduler(config.lr_scheduler, ...)`` over ``config.max_train_steps``.
+
+    Attributes:
+        loss_fn: the method's loss; ``teacher``: the teacher (``None`` for the noise target);
+        balancer: the ``NormBalancer`` (``None`` without one); ``ema``: the ``EMAModel`` or
+        ``None``; ``optimizer_steps``: optimizer steps taken (calibration excluded);
+        ``scale``: the calibrated naive-deletion gradient norm (``None`` before).
+
+    Example:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+        ...     block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        ...     down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> config = UnlearningConfig(calibration_batches=1, max_train_steps=2)
+        >>> unlearner = Unlearner(unet, DDPMScheduler(), config, n=101, k=1)
+        >>> keep, forget = torch.randn(4, 1, 8, 8), torch.ones(1, 1, 8, 8)
+        >>> [unlearner.step(keep, forget).calibrating for _ in range(3)]
+        [True, False, False]
+        >>> unlearner.optimizer_steps
+        2
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_scheduler: Any,
+        config: UnlearningConfig | None = None,
+        *,
+        n: int | None = None,
+        k: int | None = None,
+        accelerator: Any | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: Any | None = None,
+    ) -> None:
+        from siss.adapters import adapter_for, loss_from_scheduler, trainable_parameters
+        from siss.adapters.schedulers import prediction_type_from_scheduler
+
+        config = UnlearningConfig() if config is None else config
+        if not isinstance(config, UnlearningConfig):
+            raise TypeError(f"`config` must be an UnlearningConfig, got {type(config).__name__}")
+        config.check_prediction_type(prediction_type_from_scheduler(noise_scheduler))
+        self.config = config
+        self.model = model
+        self.accelerator = accelerator
+        self.adapter = adapter_for(model)
+        self.params = trainable_parameters(model)
+        if not self.params:
+            raise ValueError("`model` has no trainable parameter (requires_grad=True)")
+        device = self.params[0].device
+        self.loss_fn = loss_from_scheduler(
+            config.method, noise_scheduler, **config.loss_kwargs(n, k)
+        ).to(device)
+        self.teacher = None
+        if config.keep_target == "teacher":
+            self.teacher = teacher_for(model)
+            if accelerator is not None:  # a prepared model's autocast does not reach the teacher
+                self.teacher = _Autocast(self.teacher, accelerator)
+        self._backward = Tensor.backward if accelerator is None else accelerator.backward
+
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(
+                self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay
+            )
+            if accelerator is not None:
+                optimizer = accelerator.prepare(optimizer)
+        if lr_scheduler is None:
+            from diffusers.optimization import get_scheduler
+
+            # A prepared scheduler steps once per process per optimizer step, as in diffusers'
+            # training scripts.
+            processes = 1 if accelerator is None else accelerator.num_processes
+            lr_scheduler = get_scheduler(
+                config.lr_scheduler,
+                optimizer,
+                num_warmup_steps=config.lr_warmup_steps * processes,
+                num_training_steps=config.max_train_steps * processes,
+            )
+            if accelerator is not None:
+                lr_scheduler = accelerator.prepare(lr_scheduler)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+
+        self.ema = None
+        if config.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(
+                self.params, decay=config.ema_decay, use_ema_warmup=True, power=config.ema_power
+            )
+        self.balancer: NormBalancer | None = None
+        self.scale: float | None = None
+        self._norms: list[Tensor] = []
+        self.draws = 0  # micro-batches drawn, calibration included: the draw seeds' counter
+        self.optimizer_steps = 0
+        if not config.calibrated:
+            self.balancer = self._build_balancer()
+        if accelerator is not None:
+            accelerator.register_for_checkpointing(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"Unlearner(method={self.config.method!r}, keep_target={self.config.keep_target!r}, "
+            f"balancer={self.config.balancer!r}, scale={self.scale}, "
+            f"optimizer_steps={self.optimizer_steps})"
+        )
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the next batches measure the naive-deletion gradient norm (no training)."""
+        return self.config.calibrated and self.scale is None
+
+    def _build_balancer(self) -> NormBalancer | None:
+        mode, config = self.config.balancer, self.config
+        if mode is None:
+            return None
+        kwargs: dict[str, Any] = {"every": config.balance_every, "backward": self._backward}
+        if mode == "absolute":
+            kwargs["target_norm"] = config.ratio * self.scale
+        elif mode != "bilevel":
+            kwargs["ratio"] = config.ratio
+        return NormBalancer(self.params, mode=mode, **kwargs)
+
+    def _generator(self) -> torch.Generator:
+        """Draw ``draws``'s generator: a function of (seed, draw, process), no state to save."""
+        seed = derived_seed(self.config.seed, "draw", self.draws, process_index())
+        return torch.Generator(self.params[0].device).manual_seed(seed)
+
+    def _accumulate(self) -> Any:
+        return (
+            nullcontext() if self.accelerator is None else self.accelerator.accumulate(self.model)
+        )
+
+    def _sync(self) -> bool:
+        return self.accelerator is None or bool(self.accelerator.sync_gradients)
+
+    def _loss_scale(self) -> Tensor | float:
+        """The fp16 ``GradScaler``'s current scale (a device tensor, no host sync), else 1."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = getattr(scaler, "_scale", None)
+        return 1.0 if scale is None else scale
+
+    def step(
+        self,
+        x0: Tensor | None,
+        a0: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        weights: Tensor | Any | None = None,
+        **conditioning: Any,
+    ) -> StepResult:
+        """One micro-batch: draw, one forward pass (and the teacher's, without gradient),
+        backward, and on ``sync_gradients`` the balancer, clipping, the optimizer and lr steps.
+
+        While ``calibrating`` (the first ``calibration_batches`` optimizer steps' batches with
+        the calibrated rule), the batch's naive-deletion gradient norm is measured instead and no
+        weight moves; the optimizer and the lr schedule do not step.
+
+        Args:
+            x0: keep points ``(B, C, H, W)`` (pixels or latents; ``None`` for NegGrad).
+            a0: forget points, shape of ``x0`` or ``(1, C, H, W)``.
+            generator: the draw's generator; ``None``: the run's own, seeded by
+                ``(config.seed, draw, process)``.
+            weights: per-row loss weights ``(B,)`` or a callable of the draw.
+            **conditioning: the model's conditioning (``encoder_hidden_states=...``), as for
+                ``ModelAdapter.loss``.
+
+        Returns:
+            ``StepResult``.
+        """
+        generator = self._generator() if generator is None else generator
+        self.draws += 1
+        with self._accumulate():
+            if self.calibrating:
+                return self._calibration_step(x0, a0, generator, weights, conditioning)
+            terms = self.adapter.loss(
+                x0,
+                a0,
+                self.loss_fn,
+                timesteps=self.config.timesteps,
+                generator=generator,
+                weights=weights,
+                teacher=self.teacher,
+                **conditioning,
+            )
+            if self.balancer is None:
+                self._backward(terms.loss)
+            else:
+                self.balancer.backward(terms.keep, terms.forget)
+            terms = LossTerms(*(t.detach() for t in terms))
+            if not self._sync():
+                return StepResult(terms, None, False, False, False)
+            if self.balancer is not None and self.balancer.mode == "absolute":
+                # fp16: both gradients carry the loss scale, so the target norm must too
+                self.balancer.target_norm = self.config.ratio * self.scale * self._loss_scale()
+            stats = None if self.balancer is None else self.balancer.step()
+            skipped = stats is not None and stats.skipped
+            if skipped:
+                self._skip()
+            else:
+                if self.config.max_grad_norm > 0:
+                    self._clip()
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.step(self.params)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1
+            return StepResult(terms, stats, False, True, skipped)
+
+    def _calibration_step(
+        self,
+        x0: Tensor | None,
+        a0: Tensor,
+        generator: torch.Generator,
+        weights: Any,
+        conditioning: dict[str, Any],
+    ) -> StepResult:
+        """Accumulate the naive-deletion (noise-target keep) gradient; on ``sync_gradients``
+        record its norm (the reduced gradient's, unscaled) and clear ``.grad``."""
+        terms = self.adapter.loss(
+            x0,
+            a0,
+            self.loss_fn,
+            timesteps=self.config.timesteps,
+            generator=generator,
+            weights=weights,
+            **conditioning,
+        )
+        self._backward(terms.keep)
+        terms = LossTerms(*(t.detach() for t in terms))
+        if not self._sync():
+            return StepResult(terms, None, True, False, False)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = _global_norm(grads, self.params[0].device) / self._loss_scale()
+        self._norms.append(norm.detach().reshape(()).cpu())
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(self._norms) >= self.config.calibration_batches:
+            self._finish_calibration()
+        return StepResult(terms, None, True, False, False)
+
+    def _finish_calibration(self) -> None:
+        norms = torch.stack(self._norms)
+        finite = norms[torch.isfinite(norms)]
+        if finite.numel() < len(norms):  # fp16 overflow: measure more batches
+            if finite.numel() == 0 and len(norms) >= 4 * self.config.calibration_batches:
+                raise ValueError(
+                    f"calibration: no finite naive-deletion gradient norm in {len(norms)} "
+                    "batches: the model or the data gives non-finite losses"
+                )
+            if finite.numel() < self.config.calibration_batches:
+                return
+        self.scale = finite.median().item()
+        self._norms = []
+        self.balancer = self._build_balancer()
+
+    def _clip(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+
+    def _skip(self) -> None:
+        """A step whose norms were not finite: ``.grad`` is already ``None``; lower the fp16
+        loss scale as ``GradScaler`` does on an overflow (it saw no gradient to find it)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The EMA's weights in the model for the block, the trained ones back after it (no-op
+        without an EMA)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs beyond the model, optimizer and lr scheduler."""
+        if self.calibrating and self._norms and not self._sync():
+            raise RuntimeError("Unlearner.state_dict() in the middle of an accumulation")
+        return {
+            "config": self.config.to_dict(),
+            "draws": self.draws,
+            "optimizer_steps": self.optimizer_steps,
+            "scale": self.scale,
+            "calibration_norms": [n.item() for n in self._norms],
+            "balancer": None if self.balancer is None else self.balancer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a ``ValueError`` naming every setting that differs from
+        this run's configuration."""
+        saved, current = state["config"], self.config.to_dict()
+        differ = [
+            f"{k}: saved {saved.get(k)!r}, now {v!r}"
+            for k, v in current.items()
+            if saved.get(k) != v
+        ]
+        if differ:
+            raise ValueError(
+                "the checkpoint was written by an unlearning run with other settings ("
+                + "; ".join(differ)
+                + "): resume with those, or start again in another output folder"
+            )
+        self.draws, self.optimizer_steps = int(state["draws"]), int(state["optimizer_steps"])
+        self.scale = state["scale"]
+        self._norms = [torch.tensor(v) for v in state["calibration_norms"]]
+        self.balancer = None if self.calibrating else self._build_balancer()
+        if self.balancer is not None and state["balancer"] is not None:
+            self.balancer.load_state_dict(state["balancer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])

@@ -1,0 +1,358 @@
+"""siss.recipe: the configuration's validation and rules, and the Unlearner's step, calibration,
+teacher and checkpoint state (tiny diffusers models from config, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from siss import RULES, NormBalancer, Unlearner, UnlearningConfig, teacher_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
+def scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+def batches(count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    forget = torch.ones(1, 1, 8, 8)
+    return [(torch.rand(4, 1, 8, 8, generator=generator) * 2 - 1, forget) for _ in range(count)]
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_defaults_follow_the_methods_rules():
+    siss = UnlearningConfig()
+    assert (siss.keep_target, siss.balance_mode, siss.balance_every) == ("teacher", "absolute", 10)
+    assert siss.balancer == "absolute" and siss.calibrated
+    noise = UnlearningConfig(keep_target="noise")
+    assert (noise.balance_mode, noise.balance_every, noise.calibrated) == ("fix", 1, False)
+    assert UnlearningConfig(method="naive").balancer is None
+    assert UnlearningConfig(method="neggrad").balancer is None
+    assert UnlearningConfig(method="erasediff").balancer == "bilevel"
+    assert UnlearningConfig(superfactor=0.3).balancer is None
+    assert UnlearningConfig(method="neggrad").loss_kwargs(None, None)["superfactor"] == 1.0
+    assert UnlearningConfig(superfactor=0.3).loss_kwargs(10, 1)["superfactor"] == 0.3
+    assert UnlearningConfig().loss_kwargs(10, 1) == {
+        "superfactor": 0.0,
+        "snr_gamma": None,
+        "lam": 0.5,
+        "n": 10,
+        "k": 1,
+        "x_from": "retain",
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("method", "sis"),
+        ("lam", 1.5),
+        ("lam", float("nan")),
+        ("keep_target", "teachr"),
+        ("superfactor", -1.0),
+        ("ratio", -0.1),
+        ("balance_mode", "bilevel"),
+        ("balance_every", 0),
+        ("calibration_batches", 0),
+        ("calibration_batches", 2.0),
+        ("timesteps", (500, 10)),
+        ("timesteps", -1),
+        ("x_from", "retained"),
+        ("snr_gamma", 0.0),
+        ("learning_rate", 0.0),
+        ("lr_scheduler", "cosin"),
+        ("lr_warmup_steps", -1),
+        ("max_train_steps", -5),
+        ("max_train_steps", True),
+        ("ema_decay", 1.0),
+        ("ema_power", 0.0),
+        ("max_grad_norm", -1.0),
+        ("seed", -1),
+    ],
+)
+def test_each_bad_value_is_named_by_its_field(field, value):
+    with pytest.raises(ValueError, match=rf"^UnlearningConfig\.{field}: .*{value!r}"[:60]):
+        UnlearningConfig(**{field: value})
+
+
+def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
+    for method in RULES:
+        if not RULES[method].teacher:
+            with pytest.raises(ValueError, match="keep_target: 'teacher' needs SISS's keep term"):
+                UnlearningConfig(method=method, keep_target="teacher")
+    with pytest.raises(ValueError, match="UnlearningConfig.method: 'erasediff' cannot train"):
+        UnlearningConfig(method="erasediff").check_prediction_type("flow_prediction")
+    UnlearningConfig(method="erasediff").check_prediction_type("epsilon")
+
+
+# --- teacher ---------------------------------------------------------------------------------------
+
+
+def test_teacher_is_a_frozen_copy_of_a_plain_model():
+    unet = tiny_unet()
+    teacher = teacher_for(unet)
+    assert teacher.model is not unet and not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    noisy, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    torch.testing.assert_close(teacher.predict(noisy, t), unet(noisy, t).sample, rtol=0, atol=0)
+
+
+def _check_base_model_teacher(model, call, lora_model) -> None:
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): give it something to change
+        for name, param in lora_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    teacher = teacher_for(lora_model)
+    assert teacher.model is lora_model  # no copy
+    base = call(model).detach()
+    assert not torch.equal(call(lora_model), base)  # the adapter changes the output...
+    torch.testing.assert_close(call(teacher), base, rtol=0, atol=0)  # ...not the teacher's
+    assert not torch.equal(call(lora_model), base)  # and is enabled again
+
+
+def test_teacher_of_a_diffusers_lora_is_the_base_model():
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    noisy, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    base = copy.deepcopy(unet)
+    unet.add_adapter(
+        LoraConfig(r=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    )
+
+    def call(model):
+        if hasattr(model, "predict"):
+            return model.predict(noisy, t, encoder_hidden_states=text)
+        return model(noisy, t, encoder_hidden_states=text).sample
+
+    _check_base_model_teacher(base, call, unet)
+
+
+def test_teacher_of_a_peft_model_is_the_base_model():
+    from peft import LoraConfig, get_peft_model
+
+    unet = tiny_unet()
+    base = copy.deepcopy(unet)
+    lora = get_peft_model(
+        unet, LoraConfig(r=2, init_lora_weights="gaussian", target_modules=["conv1", "conv2"])
+    )
+    noisy, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+
+    def call(model):
+        return model.predict(noisy, t) if hasattr(model, "predict") else model(noisy, t).sample
+
+    _check_base_model_teacher(base, call, lora)
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+def test_calibration_measures_without_training_then_the_balancer_is_held():
+    unet = tiny_unet()
+    config = UnlearningConfig(calibration_batches=3, balance_every=2, max_train_steps=4)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    start = flat(unet)
+    for x0, a0 in batches(3):
+        result = unlearner.step(x0, a0)
+        assert result.calibrating and not result.optimizer_step
+        assert torch.equal(flat(unet), start), "a calibration batch moved the weights"
+        assert all(p.grad is None for p in unet.parameters())
+    assert unlearner.scale is not None and unlearner.scale > 0
+    assert unlearner.balancer.target_norm == pytest.approx(0.1 * unlearner.scale)
+    refreshed = []
+    for x0, a0 in batches(4, seed=2):
+        result = unlearner.step(x0, a0)
+        assert result.optimizer_step and not result.calibrating and not result.skipped
+        refreshed.append(result.stats.refreshed)
+    assert refreshed == [True, False, True, False]
+    assert not torch.equal(flat(unet), start)
+    assert unlearner.optimizer_steps == 4 and unlearner.draws == 7
+
+
+def test_calibrated_scale_is_the_median_naive_deletion_gradient_norm():
+    """The scale equals ``siss.median_gradient_norm`` of the same draws' noise-target keep terms."""
+    from siss import median_gradient_norm
+    from siss.adapters import adapter_for
+
+    unet = tiny_unet()
+    reference = copy.deepcopy(unet)
+    unlearner = Unlearner(unet, scheduler(), UnlearningConfig(calibration_batches=3), n=101, k=1)
+    data = batches(3)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    for (x0, a0), generator in zip(data, generators, strict=True):
+        unlearner.step(x0, a0, generator=generator)
+    adapter, loss_fn = adapter_for(reference), unlearner.loss_fn
+    losses = (
+        adapter.loss(x0, a0, loss_fn, generator=torch.Generator().manual_seed(i)).keep
+        for i, (x0, a0) in enumerate(data)
+    )
+    assert unlearner.scale == median_gradient_norm(list(reference.parameters()), losses)
+
+
+def test_the_step_gives_the_loss_the_teachers_prediction_without_a_graph():
+    """At the starting weights the teacher (a frozen copy) predicts what the model does, taken
+    under inference mode; the keep term is then ``teacher_siss_terms``' with zero distillation."""
+    unet = tiny_unet()
+    unlearner = Unlearner(unet, scheduler(), UnlearningConfig(superfactor=0.1), n=101, k=1)
+    seen = {}
+    terms = unlearner.loss_fn.terms
+
+    def spy(prediction, draw, weights=None, teacher_output=None):
+        seen.update(prediction=prediction.detach(), teacher=teacher_output, draw=draw)
+        return terms(prediction, draw, weights=weights, teacher_output=teacher_output)
+
+    unlearner.loss_fn.terms = spy
+    x0, a0 = batches(1)[0]
+    result = unlearner.step(x0, a0)
+    assert result.optimizer_step and result.stats is None  # a fixed superfactor: no balancer
+    assert seen["teacher"].is_inference() and not seen["teacher"].requires_grad
+    torch.testing.assert_close(seen["teacher"], seen["prediction"], rtol=0, atol=0)
+    plain = terms(seen["prediction"], seen["draw"])  # the noise target, same draw
+    assert plain.keep.item() > 0 and result.terms.keep.item() < plain.keep.item()
+
+
+def test_non_finite_gradients_skip_the_step():
+    unet = tiny_unet()
+    config = UnlearningConfig(keep_target="noise")
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    start = flat(unet)
+    x0, a0 = batches(1)[0]
+    result = unlearner.step(x0 * float("nan"), a0)
+    assert result.skipped and result.optimizer_step
+    assert torch.equal(flat(unet), start)
+    assert all(p.grad is None for p in unet.parameters())
+    assert all(not state for state in unlearner.optimizer.state.values())
+
+
+@pytest.mark.parametrize("method", ["siss", "siss-nois", "naive", "neggrad", "erasediff"])
+def test_every_method_trains(method):
+    unet = tiny_unet()
+    config = UnlearningConfig(method=method, calibration_batches=1)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    start = flat(unet)
+    for x0, a0 in batches(3):
+        result = unlearner.step(None if method == "neggrad" else x0, a0)
+    assert result.optimizer_step and not result.skipped
+    assert torch.isfinite(flat(unet)).all() and not torch.equal(flat(unet), start)
+
+
+def test_erasediff_is_refused_for_a_flow_model():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="UnlearningConfig.method: 'erasediff' cannot train"):
+        Unlearner(tiny_unet(), FlowMatchEulerDiscreteScheduler(), UnlearningConfig("erasediff"))
+
+
+def test_ema_weights_are_averaged_and_restored():
+    unet = tiny_unet()
+    config = UnlearningConfig(keep_target="noise", ema_decay=0.9, learning_rate=1e-3)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    for x0, a0 in batches(3):
+        unlearner.step(x0, a0)
+    trained = flat(unet)
+    with unlearner.averaged_weights():
+        averaged = flat(unet)
+    assert not torch.equal(averaged, trained) and torch.equal(flat(unet), trained)
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+
+def _accelerated_run(tmp_path, stop: int | None, resume: bool, steps: int = 8):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
+    unet = accelerator.prepare(tiny_unet())
+    config = UnlearningConfig(calibration_batches=2, balance_every=3, max_train_steps=steps)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1, accelerator=accelerator)
+    data = batches(2 * (2 + steps))
+    start = 0
+    if resume:
+        accelerator.load_state(str(tmp_path / "state"))
+        start = unlearner.draws
+    for index in range(start, len(data)):
+        unlearner.step(*data[index])
+        if stop is not None and index + 1 == stop:
+            accelerator.save_state(str(tmp_path / "state"))
+            break
+    weights = flat(accelerator.unwrap_model(unet))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return weights, unlearner
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """Stop in the middle (after calibration, between balancer refreshes), save with accelerate,
+    resume in new objects: the weights equal an uninterrupted run's, bf16 and accumulation 2."""
+    whole, _ = _accelerated_run(tmp_path, stop=None, resume=False)
+    _, stopped = _accelerated_run(tmp_path, stop=10, resume=False)
+    assert stopped.optimizer_steps == 3 and stopped.scale is not None
+    resumed, unlearner = _accelerated_run(tmp_path, stop=None, resume=True)
+    assert unlearner.optimizer_steps == 8
+    assert torch.equal(whole, resumed)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    unet = tiny_unet()
+    unlearner = Unlearner(unet, scheduler(), UnlearningConfig(), n=101, k=1)
+    state = unlearner.state_dict()
+    other = Unlearner(tiny_unet(), scheduler(), UnlearningConfig(lam=0.3, ratio=0.2), n=101, k=1)
+    with pytest.raises(ValueError, match=r"lam: saved 0\.5, now 0\.3; ratio: saved 0\.1, now 0\.2"):
+        other.load_state_dict(state)
+
+
+def test_balancer_state_round_trips():
+    model = torch.nn.Linear(3, 1)
+    balancer = NormBalancer(model.parameters(), every=3)
+    out = model(torch.randn(5, 3))
+    balancer.backward(out.square().mean(), out.mean())
+    balancer.step()
+    state = balancer.state_dict()
+    again = NormBalancer(model.parameters(), every=3)
+    again.load_state_dict(state)
+    assert torch.equal(again.coefficient, balancer.coefficient)
+    assert again.state_dict()["since_refresh"] == 1
