@@ -44,6 +44,7 @@ def accelerator():
 
 def test_the_readme_marks_the_blocks_this_file_runs():
     assert list(harness.readme_blocks()) == [
+        "readme-recipe",
         "readme-setup",
         "readme-loop",
         "readme-weights",
@@ -119,6 +120,13 @@ def test_text_to_image_lora_loop_with_balancer(accelerator):
     assert all(torch.isfinite(p).all() for p in balancer.params)
 
 
+def test_recipe_loop(accelerator):
+    """The recipe's block in ``train_text_to_image_lora.py``: LoRA, bf16, accumulation 2."""
+    ns, recorder = harness.lora_namespace(accelerator, harness.RECIPE_KEEP_BATCHES)
+    harness.run_loop(ns, recorder, "readme-recipe")
+    harness.check_recipe_loop(ns, recorder)
+
+
 def test_two_processes():
     """The same blocks on 2 real processes: per-rank draws, and ranks kept in sync."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -142,7 +150,7 @@ def test_two_processes():
     assert len(reports) == 1, output
     report = reports[0]
     assert report["num_processes"] == 2, output
-    for loop in ("readme-loop", "readme-lora"):
+    for loop in ("readme-loop", "readme-lora", "readme-recipe"):
         first = report[loop]["first_timesteps"]
         assert first[0] != first[1], f"{loop}: both ranks drew the first timesteps {first[0]}"
         assert report[loop]["params_equal_across_ranks"], f"{loop}: the ranks' weights differ"

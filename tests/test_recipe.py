@@ -108,12 +108,12 @@ def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
         if not RULES[method].teacher:
             with pytest.raises(ValueError, match="keep_target: 'teacher' needs SISS's keep term"):
                 UnlearningConfig(method=method, keep_target="teacher")
-    with pytest.raises(ValueError, match="UnlearningConfig.method: 'erasediff' cannot train"):
+    with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot train"):
         UnlearningConfig(method="erasediff").check_prediction_type("flow_prediction")
     UnlearningConfig(method="erasediff").check_prediction_type("epsilon")
 
 
-# --- teacher ---------------------------------------------------------------------------------------
+# --- teacher -------------------------------------------------------------------------------------
 
 
 def test_teacher_is_a_frozen_copy_of_a_plain_model():
@@ -280,7 +280,7 @@ def test_every_method_trains(method):
 def test_erasediff_is_refused_for_a_flow_model():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    with pytest.raises(ValueError, match="UnlearningConfig.method: 'erasediff' cannot train"):
+    with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot train"):
         Unlearner(tiny_unet(), FlowMatchEulerDiscreteScheduler(), UnlearningConfig("erasediff"))
 
 
@@ -296,7 +296,7 @@ def test_ema_weights_are_averaged_and_restored():
     assert not torch.equal(averaged, trained) and torch.equal(flat(unet), trained)
 
 
-# --- resume ----------------------------------------------------------------------------------------
+# --- resume --------------------------------------------------------------------------------------
 
 
 def _accelerated_run(tmp_path, stop: int | None, resume: bool, steps: int = 8):

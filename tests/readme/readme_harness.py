@@ -54,10 +54,15 @@ def run_block(name: str, namespace: dict[str, Any], path: Path = README) -> None
 
 
 def run_loop(namespace: dict[str, Any], recorder: StepRecorder, loop: str) -> None:
-    """The setup block, then ``loop`` (``"readme-loop"`` or ``"readme-lora"``)."""
+    """The setup block, then ``loop`` (``"readme-loop"`` or ``"readme-lora"``); the recipe's
+    block (``"readme-recipe"``) alone."""
     with recorder.watching_balancer():
-        run_block("readme-setup", namespace)
+        if loop != "readme-recipe":
+            run_block("readme-setup", namespace)
         run_block(loop, namespace)
+
+
+RECIPE_KEEP_BATCHES = 48  # 8 calibration steps of 2 micro-batches, then training, on 2 ranks too
 
 
 def weight_dtype_of(accelerator: Any) -> torch.dtype:
@@ -123,6 +128,8 @@ class StepRecorder:
             NormBalancer.step = step  # type: ignore[method-assign]
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.is_inference_mode_enabled():  # a teacher's prediction, not a training call
+            return
         self.syncs.append(bool(self.accelerator.sync_gradients))
         self.timesteps.append(args[1].detach().clone())
         self.snapshots.append(flat(self.params))
@@ -187,7 +194,9 @@ def unconditional_namespace(
     return namespace, recorder
 
 
-def lora_namespace(accelerator: Any) -> tuple[dict[str, Any], StepRecorder]:
+def lora_namespace(
+    accelerator: Any, keep_batches: int = LORA_KEEP_BATCHES
+) -> tuple[dict[str, Any], StepRecorder]:
     """``train_text_to_image_lora.py`` after ``accelerator.prepare``: a tiny SD with LoRA.
 
     As in the script: every model in ``weight_dtype``, frozen, a PEFT LoRA on the UNet's
@@ -257,7 +266,7 @@ def lora_namespace(accelerator: Any) -> tuple[dict[str, Any], StepRecorder]:
             "input_ids": torch.randint(0, 64, (8,)),
         }
 
-    keep = [item() for _ in range(LORA_KEEP_BATCHES * BATCH)]
+    keep = [item() for _ in range(keep_batches * BATCH)]
     forget_set = [item()]
     train_dataloader = torch.utils.data.DataLoader(keep, batch_size=BATCH, shuffle=True)
     lr_scheduler = _constant_lr(optimizer)
@@ -269,7 +278,13 @@ def lora_namespace(accelerator: Any) -> tuple[dict[str, Any], StepRecorder]:
     namespace = {
         "torch": torch,
         "accelerator": accelerator,
-        "args": SimpleNamespace(prediction_type="v_prediction", snr_gamma=5.0, max_grad_norm=1.0),
+        "args": SimpleNamespace(
+            prediction_type="v_prediction",
+            snr_gamma=5.0,
+            max_grad_norm=1.0,
+            max_train_steps=keep_batches,
+            seed=0,
+        ),
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
@@ -282,3 +297,28 @@ def lora_namespace(accelerator: Any) -> tuple[dict[str, Any], StepRecorder]:
         "forget_set": forget_set,
     }
     return namespace, recorder
+
+
+def check_recipe_loop(namespace: dict[str, Any], recorder: StepRecorder) -> None:
+    """What the recipe's README block must do on each rank: calibrate without moving a weight,
+    then train on sync steps only, with the LoRA's base model as the teacher."""
+    from siss.recipe import _AdaptersDisabled, _Autocast
+
+    unlearner = namespace["unlearner"]
+    micro = len(recorder.syncs)
+    assert micro == len(namespace["train_dataloader"]), f"ran {micro} micro-batches"
+    assert recorder.syncs == expected_syncs(micro)
+    calibration = 2 * unlearner.config.calibration_batches  # accumulation 2
+    changed = recorder.changed()
+    assert not any(changed[:calibration]), "a calibration batch moved the weights"
+    assert changed[calibration:] == recorder.syncs[calibration:], "weights moved without a sync"
+    assert unlearner.scale is not None and unlearner.scale > 0
+    assert unlearner.optimizer_steps == micro // 2 - unlearner.config.calibration_batches > 0
+    assert recorder.balancer_steps == [True] * unlearner.optimizer_steps
+    assert isinstance(unlearner.teacher, _Autocast)
+    assert isinstance(unlearner.teacher.teacher, _AdaptersDisabled)  # the base model, no copy
+    loss_fn = unlearner.loss_fn
+    assert (loss_fn.prediction_type, loss_fn.snr_gamma) == ("v_prediction", 5.0)
+    assert (loss_fn.n, loss_fn.k) == (RECIPE_KEEP_BATCHES * BATCH + 1, 1)
+    final = flat(recorder.params)
+    assert torch.isfinite(final).all() and not torch.equal(recorder.snapshots[0], final)

@@ -25,8 +25,10 @@ def check_loop(accelerator: Any, loop: str) -> dict[str, Any]:
 
     if loop == "readme-loop":
         namespace, recorder = harness.unconditional_namespace(accelerator)
-    else:
+    elif loop == "readme-lora":
         namespace, recorder = harness.lora_namespace(accelerator)
+    else:
+        namespace, recorder = harness.lora_namespace(accelerator, harness.RECIPE_KEEP_BATCHES)
     harness.run_loop(namespace, recorder, loop)
 
     world = accelerator.num_processes
@@ -45,6 +47,13 @@ def check_loop(accelerator: Any, loop: str) -> dict[str, Any]:
     assert first[0] != first[1], f"{loop}: both ranks drew the first timesteps {first[0]}"
     assert report["params_equal_across_ranks"], f"{loop}: the ranks' weights differ"
     assert report["steps_per_rank"] == report["batches_per_rank"], f"{loop} rank {rank}: {report}"
+    if loop == "readme-recipe":
+        harness.check_recipe_loop(namespace, recorder)
+        scales: list[Any] = [None] * world
+        dist.all_gather_object(scales, namespace["unlearner"].scale)
+        assert scales[0] == scales[1], f"{loop}: calibrated scales {scales} differ across ranks"
+        report["scales"] = scales
+        return report
     assert recorder.syncs == harness.expected_syncs(len(recorder.syncs)), recorder.syncs
     assert recorder.changed() == recorder.syncs, f"{loop}: weights moved without a sync"
     assert recorder.balancer_steps == [True] * (sum(recorder.syncs) if loop == "readme-lora" else 0)
@@ -60,7 +69,7 @@ def main() -> None:
     accelerator = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
     assert accelerator.num_processes == 2, f"{accelerator.num_processes} process(es), not 2"
     report: dict[str, Any] = {"num_processes": accelerator.num_processes}
-    for loop in ("readme-loop", "readme-lora"):
+    for loop in ("readme-loop", "readme-lora", "readme-recipe"):
         report[loop] = check_loop(accelerator, loop)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
