@@ -5,19 +5,14 @@ probability-flow ODE and places it among the NLLs of reference images the model 
 
 * VP schedules (DDPM, DDIM, ...): ``siss.metrics.bits_per_dim`` (Song et al. 2021; the model's
   prediction is converted to eps with the scheduler's ``prediction_type``).
-* Flow matching (``FlowMatchEulerDiscreteScheduler``): ``flow_bits_per_dim`` here. The
-  rectified-flow process ``x_s = (1 - s) x_0 + s eps``, ``s in [0, 1]``, has the ODE
-  ``dx/ds = v(x, s)`` with the model's velocity ``v`` (its input timestep is ``s * T``, the
-  diffusers convention whatever the ``shift``: the shift only moves the sampling grid), and
+* Flow matching (``FlowMatchEulerDiscreteScheduler``): ``siss.metrics.flow_bits_per_dim``, the
+  rectified-flow ODE ``dx/ds = v(x, s)`` with the model's velocity ``v`` (its input timestep is
+  ``s * T``, the diffusers convention whatever the ``shift``).
 
-  $$
-  \\log p_{s_\\epsilon}(x) = \\log \\mathcal N(x(1); 0, I) + \\int_{s_\\epsilon}^1
-  \\nabla\\cdot v(x(s), s)\\, ds,
-  $$
-
-  the divergence by Hutchinson's estimator with Rademacher probes fixed along the trajectory,
-  integrated with torchdiffeq's adaptive ``dopri5``; bits/dim as in ``siss.metrics.bits_per_dim``
-  (offset ``log2(256 / (hi - lo))``, 7 for ``[-1, 1]``).
+Both go through the one probability-flow ODE integrator of ``siss.metrics.nll`` (Hutchinson's
+divergence estimator, torchdiffeq's adaptive solvers; the equations are in its docstring), with
+the same bits/dim convention (offset ``log2(256 / (hi - lo))``, 7 for ``[-1, 1]``).
+``flow_log_likelihood`` and ``flow_bits_per_dim`` are re-exported here from ``siss.metrics``.
 
 Statistics per forget image:
 
@@ -43,7 +38,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from numbers import Real
 from typing import Any
 
 import torch
@@ -67,6 +61,13 @@ from siss.audit._models import (
 from siss.audit._stats import rank_against_reference, t_interval
 from siss.audit.report import CheckResult, Estimate
 from siss.audit.sampling import prediction_fn
+from siss.metrics.nll import (
+    VPSchedule,
+    _check_solver,
+    bits_per_dim,
+    flow_bits_per_dim,
+    flow_log_likelihood,
+)
 
 __all__ = [
     "flow_bits_per_dim",
@@ -75,7 +76,6 @@ __all__ = [
     "rank_against_reference",
 ]
 
-_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _DIVERGED = ("NaN or inf", "overflow", "underflow")
 
 
@@ -87,102 +87,10 @@ def _check_ode_images(x: object, name: str, rows: int = 1) -> Tensor:
     return x
 
 
-def flow_log_likelihood(
-    velocity_model: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    *,
-    num_train_timesteps: int = 1000,
-    num_probes: int = 1,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    t_eps: float = 1e-5,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Log-density (nats) of ``x`` under a flow-matching model, by its probability-flow ODE.
-
-    Args:
-        velocity_model: ``v(x_s, timesteps) -> (B, *S)`` the velocity ``eps - x_0`` at
-            ``x_s = (1 - s) x_0 + s eps``, with ``timesteps = s * num_train_timesteps`` ``(B,)``.
-        x: ``(B, *S)`` finite float32/float64 data points (the dtype integrated in).
-        num_train_timesteps: ``T``, the model's timestep scale.
-        num_probes: Rademacher probes per image (their mean is the divergence).
-        rtol, atol: tolerances of the adaptive solver.
-        method: an adaptive torchdiffeq method (``"dopri5"``, ...).
-        t_eps: start of the integration in ``(0, 1)``: the density is that of ``x_{t_eps}``.
-        generator: source of the probes (drawn on the CPU).
-
-    Returns:
-        ``(B,)`` float64 log-likelihoods. ``ValueError`` when the velocity or the solution is
-        NaN or inf (a diverged model has no likelihood).
-    """
-    from torchdiffeq import odeint
-
-    x = _check_ode_images(x, "x", rows=0)
-    if method not in _ADAPTIVE:
-        raise ValueError(f"`method` must be one of {_ADAPTIVE}, got {method!r}")
-    batch, dims = x.shape[0], math.prod(x.shape[1:])
-    bits = torch.randint(0, 2, (num_probes, *x.shape), generator=generator)
-    probes = (bits.to(torch.float64) * 2 - 1).to(x.device, x.dtype)
-
-    def dynamics(s: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        xs = state[0].detach()
-        timesteps = (s.detach().clamp(0.0, 1.0) * num_train_timesteps).to(x.device, x.dtype)
-        with torch.enable_grad():
-            xs.requires_grad_(True)
-            v = velocity_model(xs, timesteps.expand(batch))
-            if not isinstance(v, Tensor) or v.shape != xs.shape:
-                raise ValueError(f"`model` must return a tensor of shape {tuple(xs.shape)}")
-            v = v.to(x.dtype)
-            div = torch.zeros(batch, device=x.device, dtype=x.dtype)
-            for i, probe in enumerate(probes):
-                (vjp,) = torch.autograd.grad(v, xs, probe, retain_graph=i + 1 < num_probes)
-                div = div + (vjp * probe).reshape(batch, -1).sum(1)
-        if not bool(torch.isfinite(v).all() & torch.isfinite(div).all()):
-            raise ValueError(
-                f"the flow-matching velocity of `model` holds NaN or inf at s = {float(s):.4g}"
-            )
-        return v.detach(), div.detach() / num_probes
-
-    span = torch.tensor([t_eps, 1.0], dtype=x.dtype, device=x.device)
-    zero = torch.zeros(batch, dtype=x.dtype, device=x.device)
-    try:
-        xs, divs = odeint(dynamics, (x.detach(), zero), span, rtol=rtol, atol=atol, method=method)
-    except AssertionError as err:  # torchdiffeq asserts on a step size that underflows
-        raise ValueError(f"the flow ODE's step size underflowed: {err}") from err
-    x1 = xs[-1].double().reshape(batch, -1)
-    logp = -0.5 * dims * math.log(2 * math.pi) - 0.5 * (x1 * x1).sum(1) + divs[-1].double()
-    if not bool(torch.isfinite(logp).all()):
-        raise ValueError("the flow ODE of `model` overflows: NaN or inf log-likelihood")
-    return logp
-
-
-def flow_bits_per_dim(
-    velocity_model: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    *,
-    data_range: tuple[float, float] = (-1.0, 1.0),
-    num_bins: int | None = 256,
-    **kwargs: Any,
-) -> Tensor:
-    """NLL in bits/dim under a flow-matching model: ``flow_log_likelihood`` converted as
-    ``-log p / (D ln 2) + log2(num_bins / (hi - lo))`` (no offset with ``num_bins=None``).
-
-    Returns:
-        ``(B,)`` float64 bits per dimension.
-    """
-    lo, hi = check_range(data_range)
-    logp = flow_log_likelihood(velocity_model, x, **kwargs)
-    offset = 0.0 if num_bins is None else math.log2(num_bins / (hi - lo))
-    return -logp / (math.prod(x.shape[1:]) * math.log(2)) + offset
-
-
 def _nll_function(
     model: object, scheduler: Any, conditioning: dict[str, Any], options: dict[str, Any]
 ) -> tuple[Callable[[Tensor, torch.Generator | None], Tensor], str]:
     """``nll(x, generator) -> (B,)`` bits/dim for the scheduler's kind, and a description."""
-    from siss.metrics.nll import VPSchedule, bits_per_dim
-
     predict = prediction_fn(model, conditioning)
     if isinstance(scheduler, Tensor):
         alphas_cumprod, prediction_type, kind = scheduler.detach(), "epsilon", "vp"
@@ -286,15 +194,9 @@ def likelihood_check(
     percentile = check_fraction(percentile, "percentile")
     confidence = check_fraction(confidence, "confidence")
     repeats = check_int(repeats, "repeats")
-    num_probes = check_int(num_probes, "num_probes")
     batch_size = check_int(batch_size, "batch_size")
-    if method not in _ADAPTIVE:
-        raise ValueError(f"`method` must be an adaptive torchdiffeq method {_ADAPTIVE}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-            raise ValueError(f"`{name}` must be a number > 0, got {value!r}")
-    if isinstance(t_eps, bool) or not isinstance(t_eps, Real) or not 0 < t_eps < 1:
-        raise ValueError(f"`t_eps` must be in (0, 1), got {t_eps!r}")
+    # The integrator's own checks, here before any solve.
+    num_probes, rtol, atol, method, t_eps = _check_solver(num_probes, rtol, atol, method, t_eps)
     check_range(data_range)
     check_generator(generator)
     check_model_device(model, forget, "forget")

@@ -2,7 +2,9 @@
 
 Nothing here imports diffusers: every metric takes plain tensors and callables.
 
-- ``bits_per_dim`` / ``log_likelihood``: exact NLL through the probability-flow ODE.
+- ``bits_per_dim`` / ``log_likelihood`` (VP, DDPM) and ``flow_bits_per_dim`` /
+  ``flow_log_likelihood`` (rectified flow): exact NLL through the probability-flow ODE, one
+  integrator for both.
 - ``generation_rate``: how often samples reproduce a target image, with a binomial CI.
 - ``is_score``, ``fid_score`` (and the tensor-level ``inception_score``,
   ``frechet_distance``): quality under an injectable feature extractor.
@@ -12,7 +14,13 @@ Nothing here imports diffusers: every metric takes plain tensors and callables.
 
 from siss.metrics.classifier import ClassifierOutput, DigitClassifier
 from siss.metrics.clip import CLIPQuality
-from siss.metrics.nll import VPSchedule, bits_per_dim, log_likelihood
+from siss.metrics.nll import (
+    VPSchedule,
+    bits_per_dim,
+    flow_bits_per_dim,
+    flow_log_likelihood,
+    log_likelihood,
+)
 from siss.metrics.quality import (
     ScoreEstimate,
     extract,
@@ -42,6 +50,8 @@ __all__ = [
     "default_threshold",
     "extract",
     "fid_score",
+    "flow_bits_per_dim",
+    "flow_log_likelihood",
     "frechet_distance",
     "frechet_distance_from_statistics",
     "gaussian_statistics",

@@ -88,6 +88,15 @@ def test_flow_matching_nll_of_a_gaussian_model_is_the_closed_form(audit_models):
     assert "no interval" in result.statistics["nll_bpd"].note
 
 
+def test_the_flow_likelihood_is_the_one_of_siss_metrics():
+    """One integrator: ``siss.audit.likelihood`` re-exports the metrics' flow entry points."""
+    import siss.audit.likelihood as audit_likelihood
+    import siss.metrics
+
+    assert audit_likelihood.flow_log_likelihood is siss.metrics.flow_log_likelihood
+    assert audit_likelihood.flow_bits_per_dim is siss.metrics.flow_bits_per_dim
+
+
 @pytest.mark.parametrize("kind", ["vp", "flow"])
 def test_members_and_non_members_of_one_gaussian_rank_uniformly(audit_models, kind):
     """Exchangeable forget and reference images: percentiles ~ U(0, 1); nothing held."""

@@ -7,6 +7,10 @@ probability-flow ODE is affine: in the eigenbasis of Sigma every coordinate keep
 standardised value ``(x - m_t) / s_t``. Hence the ODE's end point ``x(1)`` and the value the
 method computes, ``log N(x(1); 0, I) + log p_eps(x) - log p_1(x(1))`` (the standard-normal prior
 replaces the true ``p_1``), are both closed form.
+
+The rectified-flow entry points (``flow_log_likelihood``, ``flow_bits_per_dim``) share the VP
+ones' integrator: they are checked against the closed form of ``N(0, I)`` data, whose flow ends
+at the prior exactly, and against the VP entry point on one drift written both ways.
 """
 
 import math
@@ -14,7 +18,14 @@ import math
 import pytest
 import torch
 
-from siss.metrics import VPSchedule, bits_per_dim, log_likelihood
+from siss.metrics import (
+    VPSchedule,
+    bits_per_dim,
+    flow_bits_per_dim,
+    flow_log_likelihood,
+    log_likelihood,
+)
+from siss.metrics import nll as nll_module
 from siss.metrics.nll import _dequantize
 
 T_EPS = 1e-5
@@ -329,3 +340,152 @@ def test_numpy_scalars_are_accepted(alphas_cumprod):
 def test_bad_scalar_arguments_name_the_argument(alphas_cumprod, kwargs, error, match):
     with pytest.raises(error, match=match):
         bits_per_dim(lambda x, t: x, torch.zeros(1, 1, 2, 2), alphas_cumprod, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Rectified flow: the same integrator with the model's velocity as the drift
+# --------------------------------------------------------------------------------------------
+
+
+def _standard_normal_velocity(num_train_timesteps=1000):
+    """The exact velocity ``E[eps - x_0 | x_s]`` of N(0, I) data: ``x_s ~ N(0, var_s I)`` with
+    ``var_s = (1 - s)^2 + s^2``, ``v = (2 s - 1) / var_s * x_s``, linear and diagonal."""
+
+    def velocity_model(x, timesteps):
+        s = timesteps[:1] / num_train_timesteps
+        return ((2 * s - 1) / ((1 - s) ** 2 + s**2)).to(x.dtype) * x
+
+    return velocity_model
+
+
+def test_flow_matches_the_closed_form_of_standard_normal_data():
+    """The flow of N(0, I) data ends at the prior exactly: log p = log N(x; 0, var_eps I)."""
+    t_eps, steps = 1e-3, 500
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    var = (1 - t_eps) ** 2 + t_eps**2
+    exact = -0.5 * 8 * math.log(2 * math.pi * var) - 0.5 * (x**2).flatten(1).sum(1) / var
+    model = _standard_normal_velocity(steps)
+    kw = {"num_train_timesteps": steps, "t_eps": t_eps, "rtol": TOL, "atol": TOL}
+    ll = flow_log_likelihood(model, x, **kw)
+    assert ll.shape == (3,) and ll.dtype == torch.float64
+    # A diagonal Jacobian: Hutchinson is exact, the only error is the solver's.
+    torch.testing.assert_close(ll, exact, rtol=0, atol=1e-5)
+    bpd = flow_bits_per_dim(model, x, data_range=(0.0, 1.0), **kw)
+    torch.testing.assert_close(bpd, -exact / (8 * math.log(2)) + 8.0, rtol=0, atol=1e-6)
+
+
+def test_vp_and_flow_entry_points_share_the_integrator(alphas_cumprod, monkeypatch):
+    calls = []
+    core = nll_module._ode_log_likelihood
+
+    def spy(model, name, *args, **kwargs):
+        calls.append(name)
+        return core(model, name, *args, **kwargs)
+
+    monkeypatch.setattr(nll_module, "_ode_log_likelihood", spy)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    bits_per_dim(_standard_normal_eps(alphas_cumprod), x, alphas_cumprod, **FAST)
+    flow_bits_per_dim(_standard_normal_velocity(), x, **FAST)
+    assert calls == ["eps_model", "velocity_model"]
+
+
+def test_one_drift_as_eps_and_as_velocity_gives_one_likelihood(alphas_cumprod):
+    """A dense, nonlinear drift ``g`` given once as a velocity and once as the eps that makes
+    the VP drift ``-beta / 2 (x - eps / sigma)`` equal to ``g``: the same ODE, the same probes
+    (one seed) and the same prior term give the same log-likelihood, while each entry point
+    queries its model on its own timestep scale (``s * T`` and ``t * (T - 1)``)."""
+    vp = VPSchedule(alphas_cumprod)
+    weight = 0.5 * torch.randn(
+        4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+
+    def g(x, t):
+        return torch.tanh(x.reshape(x.shape[0], -1) @ weight).reshape(x.shape) * (1 + t) - x
+
+    def velocity_model(x, timesteps):
+        return g(x, timesteps[:1] / 1000)
+
+    def eps_model(x, timesteps):
+        t = timesteps[:1] / 999
+        return vp.sigma(t) * (x + 2 * g(x, t) / vp.beta(t))
+
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = {"num_probes": 2, "rtol": 1e-6, "atol": 1e-6}
+    flow = flow_log_likelihood(velocity_model, x, generator=torch.Generator().manual_seed(3), **kw)
+    ddpm = log_likelihood(
+        eps_model, x, alphas_cumprod, generator=torch.Generator().manual_seed(3), **kw
+    )
+    torch.testing.assert_close(flow, ddpm, rtol=0, atol=1e-8)
+    other = flow_log_likelihood(velocity_model, x, generator=torch.Generator().manual_seed(4), **kw)
+    assert not torch.allclose(flow, other, rtol=0, atol=1e-6)  # the Jacobian is dense
+
+
+def test_flow_timesteps_are_s_times_num_train_timesteps():
+    seen = []
+    model = _standard_normal_velocity(250)
+
+    def velocity_model(x, timesteps):
+        assert timesteps.shape == (x.shape[0],) and timesteps.dtype == x.dtype
+        seen.append(float(timesteps[0]))
+        return model(x, timesteps)
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    flow_log_likelihood(velocity_model, x, num_train_timesteps=250, t_eps=1e-3, **FAST)
+    assert min(seen) == pytest.approx(1e-3 * 250) and max(seen) == 250.0
+
+
+def test_flow_seeded_dequantized_calls_are_reproducible():
+    net = torch.nn.Linear(4, 4, dtype=torch.float64)
+    torch.nn.init.normal_(net.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+
+    def velocity_model(x, timesteps):
+        return net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    kw = {"rtol": 1e-4, "atol": 1e-4, "dequantize": True}
+    a = flow_bits_per_dim(velocity_model, x, generator=torch.Generator().manual_seed(5), **kw)
+    b = flow_bits_per_dim(velocity_model, x, generator=torch.Generator().manual_seed(5), **kw)
+    c = flow_bits_per_dim(velocity_model, x, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_a_diverged_or_misshapen_velocity_model_raises_naming_it():
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"`velocity_model`.*NaN or inf"):
+        flow_bits_per_dim(lambda x, t: x * math.nan, x, **FAST)
+    with pytest.raises(ValueError, match=r"underflowed.*`velocity_model`"):  # it explodes
+        flow_bits_per_dim(lambda x, t: x + 3e38, x, **FAST)
+    with pytest.raises(ValueError, match="`velocity_model`"):
+        flow_bits_per_dim(lambda x, t: x[:1], x, **FAST)
+    with pytest.raises(TypeError, match="`velocity_model`"):
+        flow_bits_per_dim(lambda x, t: x.tolist(), x, **FAST)
+    with pytest.raises(TypeError, match="`velocity_model`"):
+        flow_log_likelihood(None, x, **FAST)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_train_timesteps": 0}, ValueError, "`num_train_timesteps`"),
+        ({"num_train_timesteps": True}, TypeError, "`num_train_timesteps`"),
+        ({"num_probes": 0}, ValueError, "`num_probes`"),
+        ({"method": "euler"}, ValueError, "`method`"),
+        ({"t_eps": 0.0}, ValueError, "`t_eps`"),
+        ({"data_range": (1.0, -1.0)}, ValueError, "`data_range`"),
+        ({"num_bins": None, "dequantize": True}, ValueError, "`dequantize`"),
+        ({"x": torch.zeros(0, 1, 2, 2)}, ValueError, "`x`"),
+        ({"x": torch.zeros(1, 1, 2, 2, dtype=torch.float16)}, TypeError, "`x`"),
+    ],
+)
+def test_bad_flow_arguments_name_the_argument(kwargs, error, match):
+    calls = []
+
+    def velocity_model(x, t):
+        calls.append(1)
+        return x
+
+    arguments = {"x": torch.zeros(1, 1, 2, 2), **kwargs}
+    with pytest.raises(error, match=match):
+        flow_bits_per_dim(velocity_model, **arguments)
+    assert not calls
