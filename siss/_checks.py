@@ -6,6 +6,13 @@ from an accelerator: the hot path stays free of host syncs. Checks of tensor val
 inputs, ``sigma > 0`` on an accelerator, a loss that overflowed) do cost a host sync; they run when
 ``set_validate_values(True)`` is in force (or ``SISS_VALIDATE_VALUES=1`` in the environment), and
 otherwise a NaN or inf *value* in the inputs propagates to a non-finite loss.
+
+This module is the one home of the generic argument checks of the package (the metrics and the
+audit import theirs from here). Wrong *types* (a bool where a number is expected, an integer tensor
+where a floating one is) raise ``TypeError``; wrong *values* (out of range, non-finite, wrong
+shape) raise ``ValueError``. Numpy scalars are accepted wherever a Python number is (numpy
+registers its integer and floating types with ``numbers``); bools are not numbers here, since
+``superfactor=True`` or ``splits=True`` is a bug, not a 1.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+from collections.abc import Sequence
 from numbers import Integral, Real
 from types import TracebackType
 
@@ -74,10 +82,26 @@ class set_validate_values:
         _validate_values = self._previous
 
 
-def check_finite_values(tensor: Tensor, name: str) -> None:
-    """A named ``ValueError`` for NaN or inf in ``tensor``, when value checks are on (a sync)."""
-    if _validate_values and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+def check_finite(tensor: Tensor, name: str) -> None:
+    """A named ``ValueError`` for NaN or inf in ``tensor`` (a sync; skipped on the meta device)."""
+    if tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"`{name}` holds NaN or inf values")
+
+
+def check_finite_values(tensor: Tensor, name: str) -> None:
+    """``check_finite`` when value checks are on (``set_validate_values``); free otherwise."""
+    if _validate_values:
+        check_finite(tensor, name)
+
+
+def nonfinite_rows(tensor: Tensor) -> Tensor:
+    """``(N,)`` bool: which rows (first axis) of an ``(N, ...)`` tensor hold a NaN or ±inf.
+
+    Example:
+        >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]))
+        tensor([False,  True])
+    """
+    return ~torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1)
 
 
 def check_positive_values(tensor: Tensor, name: str) -> None:
@@ -107,39 +131,118 @@ def check_index(value: object, name: str) -> int:
     return operator.index(value)
 
 
-def check_probability(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-    return float(value)
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    """An integer (Python or numpy, not bool) ``>= minimum``, returned as a Python int.
+
+    Example:
+        >>> check_int(np.int64(3), "splits", minimum=1)
+        3
+        >>> check_int(0, "splits", minimum=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `splits` must be >= 1, got 0
+    """
+    number = check_index(value, name)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    return number
 
 
-def check_nonnegative(value: float, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
+def check_real(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real number (Python or numpy, not bool) in an interval, returned as a float.
+
+    ``low`` / ``high`` are the ends of the interval (``None``: unbounded); ``low_open`` /
+    ``high_open`` exclude them.
+
+    Example:
+        >>> check_real(np.float32(0.5), "dropout", low=0.0, high=1.0)
+        0.5
+        >>> check_real(float("inf"), "ratio", low=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `ratio` must be a finite number in [0, inf), got inf
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}"
+        interval += ")" if high_open or high is None else "]"
+        raise ValueError(f"`{name}` must be a finite number in {interval}, got {value!r}")
+    return number
 
 
-def check_max_weight(value: float) -> float:
+def check_probability(value: object, name: str) -> float:
+    """A real number in ``[0, 1]``."""
+    return check_real(value, name, low=0.0, high=1.0)
+
+
+def check_fraction(value: object, name: str) -> float:
+    """A real number strictly between 0 and 1 (a confidence, a level, a percentile)."""
+    return check_real(value, name, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    """A finite real number ``>= 0``."""
+    return check_real(value, name, low=0.0)
+
+
+def check_max_weight(value: object) -> float:
     """The importance-weight cap: a finite number >= 1 (a cap below 1 would bind on every row)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, Real)
-        or not math.isfinite(value)
-        or value < 1
-    ):
-        raise ValueError(f"`max_weight` must be a finite number >= 1, got {value!r}")
-    return float(value)
+    return check_real(value, "max_weight", low=1.0)
 
 
-def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """One of the strings ``choices``.
+
+    Example:
+        >>> check_choice("sum", "reduction", ("mean", "sum", "none"))
+        'sum'
+        >>> check_choice("max", "reduction", ("mean", "sum", "none"))
+        Traceback (most recent call last):
+        ...
+        ValueError: `reduction` must be one of 'mean', 'sum', 'none'; got 'max'
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {type(value).__name__} {value!r}")
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_range(data_range: object, name: str = "data_range") -> tuple[float, float]:
+    """``(lo, hi)``: two finite real numbers with ``hi > lo`` (a data range), as floats."""
+    if (
+        not isinstance(data_range, Sequence)
+        or len(data_range) != 2
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in data_range)
+    ):
+        raise TypeError(f"`{name}` must be a pair of numbers (lo, hi), got {data_range!r}")
+    lo, hi = float(data_range[0]), float(data_range[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"`{name}` must be finite with hi > lo, got {data_range!r}")
+    return lo, hi
+
+
+def check_generator(generator: object) -> torch.Generator | None:
+    """A ``torch.Generator`` or ``None``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    return generator
 
 
 def check_set_sizes(n: int | None, k: int | None) -> tuple[int | None, int | None]:
@@ -148,12 +251,7 @@ def check_set_sizes(n: int | None, k: int | None) -> tuple[int | None, int | Non
         raise ValueError(f"give both `n` (|X|) and `k` (|A|) or neither; got n={n!r}, k={k!r}")
     if n is None:
         return None, None
-    sizes = []
-    for value, name in ((n, "n"), (k, "k")):
-        if isinstance(value, bool | np.bool_) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        sizes.append(operator.index(value))
-    n, k = sizes
+    n, k = check_int(n, "n", minimum=1), check_int(k, "k", minimum=1)
     if k >= n:
         raise ValueError(
             f"`k` (|A|={k}) must be smaller than `n` (|X|={n}): X \\ A must be non-empty"
@@ -161,11 +259,51 @@ def check_set_sizes(n: int | None, k: int | None) -> tuple[int | None, int | Non
     return n, k
 
 
+def check_tensor(
+    value: object,
+    name: str,
+    *,
+    dims: str = "",
+    min_dim: int = 0,
+    ndim: int | None = None,
+    floating: bool = True,
+    meta: bool = False,
+    hint: str = "",
+) -> Tensor:
+    """A tensor with the expected rank and dtype.
+
+    Args:
+        value: the argument.
+        name: its name, for the message.
+        dims: its documented shape, e.g. ``"(N, *S)"``, for the message.
+        min_dim: fewest dimensions.
+        ndim: exact number of dimensions (overrides ``min_dim``).
+        floating: require a floating-point dtype (integer and bool tensors raise ``TypeError``).
+        meta: accept a tensor on the meta device (by default it raises: it holds no values).
+        hint: how to fix a wrong dtype, appended to that message in parentheses.
+
+    Example:
+        >>> check_tensor(torch.zeros(2, 3, dtype=torch.long), "x", dims="(B, D)", ndim=2)
+        Traceback (most recent call last):
+        ...
+        TypeError: `x` must be a floating-point tensor, got dtype torch.int64
+    """
+    if not isinstance(value, Tensor):
+        shape = f" {dims}" if dims else ""
+        raise TypeError(f"`{name}` must be a torch.Tensor{shape}, got {type(value).__name__}")
+    if not meta and value.is_meta:
+        raise ValueError(f"`{name}` is a meta tensor: it holds no values to measure")
+    if floating and not value.is_floating_point():
+        fix = f" ({hint})" if hint else ""
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}{fix}")
+    if (value.dim() != ndim) if ndim is not None else (value.dim() < min_dim):
+        raise ValueError(f"`{name}` must have shape {dims}, got {tuple(value.shape)}")
+    return value
+
+
 def check_floating(tensor: object, name: str) -> Tensor:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {tensor.dtype}")
+    """A floating tensor with at least one dimension (the meta device allowed)."""
+    check_tensor(tensor, name, meta=True)
     if tensor.ndim < 1:
         raise ValueError(f"`{name}` must have a batch dimension, got a 0-dim tensor")
     return tensor
@@ -214,12 +352,7 @@ def check_pair(x0: Tensor, a0: Tensor) -> None:
 
 def check_rows(values: Tensor, name: str, like: Tensor) -> None:
     """A per-row floating tensor: shape ``(B,)`` matching the batch of ``like``, on its device."""
-    if not isinstance(values, Tensor):
-        raise TypeError(
-            f"`{name}` must be a torch.Tensor of shape (B,), got {type(values).__name__}"
-        )
-    if not values.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {values.dtype}")
+    check_tensor(values, name, dims="of shape (B,)", meta=True)
     if values.shape != like.shape[:1]:
         raise ValueError(f"`{name}` must have shape ({like.shape[0]},), got {tuple(values.shape)}")
     if values.device != like.device:

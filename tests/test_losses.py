@@ -289,7 +289,7 @@ def test_loss_moves_with_to(alphas_cumprod):
         ({"superfactor": float("nan")}, "`superfactor`"),
         ({"n": 5, "k": 5}, "`k`"),
         ({"n": 5}, "both `n`"),
-        ({"n": 5, "k": 0}, "`k` must be a positive int"),
+        ({"n": 5, "k": 0}, "`k` must be >= 1, got 0"),
         ({"x_from": "forget"}, "`x_from`"),
         ({"prediction_type": "score"}, "`prediction_type`"),
         ({"reduction": "max"}, "`reduction`"),

@@ -82,7 +82,7 @@ def test_lambda_extremes_pick_one_side():
     ("kwargs", "error", "match"),
     [
         ({"lam": 2.0}, ValueError, "`lam`"),
-        ({"lam": True}, ValueError, "`lam`"),
+        ({"lam": True}, TypeError, "`lam`"),
         ({"a0": torch.zeros(3, 2)}, ValueError, "`a0` must have the shape"),
         ({"x0": [[0.0]]}, TypeError, "`x0` must be a torch.Tensor"),
         ({"gamma": torch.ones(2)}, ValueError, "`gamma` must have shape"),

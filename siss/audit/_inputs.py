@@ -1,59 +1,39 @@
 """Argument checks and conditioning rows shared by the audit checks (private).
 
-Every check runs before the first model call and raises naming the argument. Integers go through
-``siss._checks.check_index``: Python and numpy ints are accepted, bools and floats are not.
+Every check runs before the first model call and raises naming the argument. The generic checks
+(``check_fraction``, ``check_generator``, ``check_range``) live in ``siss._checks``, the one home
+of the package's argument checks, and are re-exported here for the audit modules; what stays here
+is specific to the audit: integer counts (``>= 1`` unless told), image batches, conditioning.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from numbers import Real
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from siss._checks import check_index
+from siss import _checks
+from siss._checks import check_finite, check_fraction, check_generator, check_range, check_tensor
+
+__all__ = [
+    "broadcast_rows",
+    "check_conditioning",
+    "check_fraction",
+    "check_generator",
+    "check_images",
+    "check_int",
+    "check_range",
+    "shared",
+    "take_rows",
+    "tensors",
+]
 
 
 def check_int(value: object, name: str, minimum: int = 1) -> int:
-    """An int ``>= minimum``: ``TypeError`` for a non-int, ``ValueError`` below ``minimum``."""
-    number = check_index(value, name)
-    if number < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-    return number
-
-
-def check_fraction(value: object, name: str) -> float:
-    """A real number strictly between 0 and 1 (a confidence, a level, a percentile)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"`{name}` must be a number in (0, 1), got {value!r}")
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-    return float(value)
-
-
-def check_generator(generator: object) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
-        )
-    return generator
-
-
-def check_range(data_range: object) -> tuple[float, float]:
-    """``(lo, hi)``: two finite numbers with ``hi > lo``."""
-    if (
-        not isinstance(data_range, Sequence)
-        or len(data_range) != 2
-        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in data_range)
-    ):
-        raise TypeError(f"`data_range` must be a pair of numbers (lo, hi), got {data_range!r}")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ValueError(f"`data_range` must be finite with hi > lo, got {data_range!r}")
-    return lo, hi
+    """``siss._checks.check_int`` with the audit's default: a count, ``>= 1`` unless told."""
+    return _checks.check_int(value, name, minimum)
 
 
 def check_images(
@@ -70,17 +50,11 @@ def check_images(
     ``like``: the images must have its image shape ``S``. ``finite``: NaN or inf values raise
     (not checked on the meta device).
     """
-    if not isinstance(images, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor (N, *S), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(
-            f"`{name}` must be a floating-point tensor, got dtype {images.dtype} (scale integer "
-            "images to the model's range first)"
-        )
-    if images.ndim < 2 or math.prod(images.shape[1:]) == 0:
-        raise ValueError(
-            f"`{name}` must have shape (N, *S) with non-empty images, got {tuple(images.shape)}"
-        )
+    dims = "(N, *S) with non-empty images"
+    hint = "scale integer images to the model's range first"
+    check_tensor(images, name, dims=dims, min_dim=2, meta=True, hint=hint)
+    if math.prod(images.shape[1:]) == 0:
+        raise ValueError(f"`{name}` must have shape {dims}, got {tuple(images.shape)}")
     if images.shape[0] < rows:
         raise ValueError(f"`{name}` must hold N >= {rows} images, got {tuple(images.shape)}")
     if like is not None and images.shape[1:] != like.shape[1:]:
@@ -88,8 +62,8 @@ def check_images(
             f"`{name}` images have shape {tuple(images.shape[1:])} but the `{like_name}` images "
             f"have {tuple(like.shape[1:])}: they must be comparable"
         )
-    if finite and images.device.type != "meta" and not bool(torch.isfinite(images).all()):
-        raise ValueError(f"`{name}` holds NaN or inf values")
+    if finite:
+        check_finite(images, name)
     return images
 
 
