@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,27 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_digit_classes, make_tshirt, make_tshirt_variants
 
+from siss._files import atomic_path
+
 MEMBERSHIP_MODEL = Path(__file__).resolve().parent / "assets" / "membership"
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(temporary path)`` next to ``path``, then moves the file into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(tensor: torch.Tensor, path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(tensor, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(tensor, tmp)
 
 
 # ------------------------------------------------------------------ the member/non-member pair
@@ -231,7 +215,8 @@ def reference_figure(path: Path, variants: torch.Tensor, shown: int = 12) -> Non
         ax.set_yticks([])
         ax.set_title("T-shirt" if index == 0 else f"ref {index - 1}", fontsize=7)
     fig.tight_layout(pad=0.2, w_pad=0.3)
-    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

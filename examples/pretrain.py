@@ -32,10 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import load_training_set, to_unit_range
 
 from siss import rank_generator
+from siss._files import atomic_folder
 from siss.metrics import (
     DigitClassifier,
     default_threshold,
@@ -233,23 +231,10 @@ def sample_images(
 
 
 def save_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary sibling folder of ``out``, then swaps it into place:
-    ``out`` is the old folder or the complete new one, never a partial one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    try:
+    """Calls ``write(tmp)`` on a temporary sibling folder of ``out``, then swaps it into place
+    (``siss._files.atomic_folder``; kept for ``sequential.py``)."""
+    with atomic_folder(out) as tmp:
         write(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _save_atomically(
@@ -259,13 +244,10 @@ def _save_atomically(
     out: Path,
 ) -> None:
     """Writes the checkpoint into a temporary sibling folder, then swaps it into place."""
-
-    def write(tmp: Path) -> None:
+    with atomic_folder(out) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         scheduler.save_pretrained(tmp)
         (tmp / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    save_folder_atomically(out, write)
 
 
 def load_data(args: argparse.Namespace, exclude_outlier: bool = False):

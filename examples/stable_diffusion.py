@@ -33,19 +33,24 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from siss._files import (
+    atomic_folder,
+    atomic_path,
+    replace_folder,
+    write_atomically,
+    write_json_atomically,
+)
 from siss.loop import BatchPlan, derived_seed
 
 STAGES = ("run", "generate", "split", "unlearn", "verify")
@@ -410,49 +415,13 @@ def differing(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[str
 
 
 # --------------------------------------------------------------------------------------------
-# Files: everything written atomically (temporary sibling + os.replace)
+# Files: everything written atomically (siss._files: temporary sibling + os.replace)
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; renamed onto ``path`` when the block ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary sibling folder; it replaces ``path`` (and whatever was there) at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def write_json(path: Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    """``payload`` as indented JSON, atomically; what JSON cannot hold (paths) as ``str``."""
+    write_json_atomically(path, payload, default=str)
 
 
 def save_png(image: Any, path: Path) -> None:
@@ -1159,9 +1128,7 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any
     if accelerator.is_main_process:
         write_json(tmp / RUN_STATE_FILE, state)
         final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in checkpoints(out):
             if old != final:
                 shutil.rmtree(old)
@@ -1338,14 +1305,14 @@ def save_weights(
     if not accelerator.is_main_process:
         return folder
     if args.full:
-        with atomic_dir(folder) as tmp:
+        with atomic_folder(folder) as tmp:
             denoiser.save_pretrained(tmp, safe_serialization=True)
         return folder
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    with atomic_dir(folder) as tmp:
+    with atomic_folder(folder) as tmp:
         type(pipe).save_lora_weights(tmp, **{f"{name}_lora_layers": layers})
     return folder
 
@@ -1671,7 +1638,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict[str, A
     if args.prompts is not None and accelerator.is_main_process:
         write_json(args.out / "summary.json", rows)
         table = summary_table(rows)
-        write_text(args.out / "summary.md", table)
+        write_atomically(args.out / "summary.md", table)
         print(table)
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:

@@ -14,9 +14,7 @@ thread::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import load_digit_classes
 
+from siss._files import atomic_path
 from siss.metrics import DigitClassifier
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "digit_classifier.safetensors"
@@ -69,17 +68,11 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
 
 
 def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Writes safetensors to a temporary file in the same folder, then renames it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes ``state`` as safetensors through a temporary sibling file (``siss._files``)."""
+    with atomic_path(path) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"}
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,46 +11,27 @@ checkpoint or none of it; ``latest_checkpoint`` only ever sees whole ones. Nothi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from siss._files import (
+    atomic_folder,
+    atomic_path,
+    write_json_atomically,  # noqa: F401  (re-exported: unlearn.py, study.py, sequential.py)
+)
+
 PREFIX = "step-"
 MODEL_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
 
 
-def write_json_atomically(path: Path, payload: Any) -> None:
-    """Writes ``payload`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes ``tensors`` as safetensors to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes ``tensors`` (any shapes; made contiguous) as safetensors to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -99,11 +80,8 @@ def save_checkpoint(
     ``ema``: a ``diffusers.training_utils.EMAModel`` (or anything with its ``state_dict``), whose
     averaged weights go to ``ema.safetensors`` and its step counter and settings to ``ema.json``.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with atomic_folder(final) as tmp:  # a rerun past a checkpoint of the same step replaces it
         model.save_pretrained(tmp, safe_serialization=True)
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -119,12 +97,6 @@ def save_checkpoint(
             save_file(tensors, str(tmp / "ema.safetensors"))
             (tmp / "ema.json").write_text(json.dumps(state))
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        if final.exists():  # a rerun past an earlier checkpoint of the same step
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return final

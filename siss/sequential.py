@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from siss._files import write_json_atomically
 
 __all__ = ["QualityBand", "RequestQueue", "forgetting_flags"]
 
@@ -128,20 +128,6 @@ class QualityBand:
             f"{self.metric} {side} {self.bound:.4g} ({self.center:.4g} {sign} {self.factor:.3g} x "
             f"sd {self.spread:.3g} over {self.evaluations} evaluation seeds)"
         )
-
-
-def _write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class RequestQueue:
@@ -257,7 +243,7 @@ class RequestQueue:
 
     def save(self) -> None:
         """Writes the state file atomically (a temporary file and ``os.replace``)."""
-        _write_json_atomically(
+        write_json_atomically(
             self.path,
             {
                 "requests": self.requests,

@@ -16,10 +16,11 @@ accelerate as usual::
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from siss._files import atomic_path
 
 LORA_CHECKPOINT_FILE = "lora_weights.safetensors"
 """The file ``register_lora_checkpoint_hooks`` writes into each checkpoint folder (safetensors).
@@ -131,16 +132,8 @@ def register_lora_checkpoint_hooks(
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         if accelerator.is_main_process:
-            path = os.path.join(output_dir, filename)
-            handle, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{filename}.")
-            os.close(handle)
-            try:
-                save_file(lora_state_dict(target, adapter_name), tmp)
-                os.chmod(tmp, 0o644)  # mkstemp makes it private; the checkpoint's files are not
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with atomic_path(os.path.join(output_dir, filename)) as tmp:
+                save_file(lora_state_dict(target, adapter_name), str(tmp))
         index = index_of_model(models)
         if index is not None and index < len(weights):
             weights.pop(index)  # `models` is accelerate's own list: leave it whole

@@ -24,14 +24,13 @@ import argparse
 import inspect
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from siss._files import write_atomically, write_json_atomically
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -389,30 +388,6 @@ def encode_prompt(
     return cond.conditional, cond.unconditional
 
 
-# ------------------------------------------------------------------------------------ writing
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _names(paths: list[str]) -> list[str]:
     names: list[str] = []
     for i, raw in enumerate(paths):
@@ -545,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         folder = out / name
-        write_atomically(
-            folder / "audit.json", json.dumps(report.to_dict(), indent=2, allow_nan=True)
-        )
+        write_json_atomically(folder / "audit.json", report.to_dict())
         write_atomically(folder / "audit.md", report.to_markdown() + "\n")
         if not args.no_figure:
             from siss.audit.figure import save_figure

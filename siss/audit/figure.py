@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from siss._files import atomic_path
 from siss.audit.report import AuditReport, CheckResult
 
 __all__ = ["audit_figure", "save_figure"]
@@ -377,19 +377,7 @@ def save_figure(
 ) -> Path:
     """Draw ``audit_figure`` and write it to ``path`` (PNG) atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = audit_figure(report, forget=forget, reference=reference)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would outlive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # the format from the suffix, as savefig(path) would
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix[1:] or "png")
     return path
