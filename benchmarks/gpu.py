@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +47,7 @@ from methods import authors_surgery, spread
 from workloads import WORKLOADS, Workload, build
 
 from siss import NormBalancer, SISSLoss
+from siss._files import write_json_atomically
 from siss.adapters import adapter_for, loss_from_scheduler
 from siss.baselines import SISSNoISLoss
 
@@ -590,19 +589,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 RUNNERS = {
     "timing": timing_section,
     "sweep": sweep_section,
@@ -633,8 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         results[section] = RUNNERS[section](args, device)
         results[section]["wall_s"] = time.perf_counter() - start
-        write_json(args.out, results)
-    write_json(args.out, results)
+        write_json_atomically(args.out, results)
+    write_json_atomically(args.out, results)
     return results
 
 

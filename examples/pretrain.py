@@ -34,7 +34,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -228,13 +227,6 @@ def sample_images(
             bar.update(n)
     bar.close()
     return torch.cat(out)
-
-
-def save_folder_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary sibling folder of ``out``, then swaps it into place
-    (``siss._files.atomic_folder``; kept for ``sequential.py``)."""
-    with atomic_folder(out) as tmp:
-        write(tmp)
 
 
 def _save_atomically(

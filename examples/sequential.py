@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,29 +46,22 @@ from pretrain import (
     is_near,
     load_scheduler,
     sample_images,
-    save_folder_atomically,
 )
-from training_state import write_json_atomically
 from unlearn import (
     DRAWS,
     LR_SCHEDULES,
     METHOD_NAMES,
     Evaluator,
     add_keep_target_flags,
-    build_balancer,
-    build_loss,
-    build_teacher,
     calibrate,
-    needs_calibration,
     outlier_nll,
+    plan_step,
     resolve_keep_target,
     resolve_process,
-    timestep_spec,
-    unlearning_step,
-    write_text_atomically,
 )
 
-from siss import BatchPlan, derived_seed
+from siss import BatchPlan, Unlearner, derived_seed
+from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
 from siss.metrics import fid_score, generation_rate, is_score
 from siss.sequential import QualityBand, RequestQueue, forgetting_flags
 
@@ -160,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     try:
         resolve_process(args)
-        resolve_keep_target(args)
+        resolve_keep_target(args, steps=args.steps_per_request)
     except ValueError as error:
         p.error(str(error))
     if args.output_dir is None:
@@ -270,16 +262,9 @@ def unlearn_request(
     device = torch.device(args.device)
     keep = data.images[(data.shape_index == -1) | (data.shape_index > index)].to(device)
     forget = data.images[data.shape_index == index].to(device)
-    loss_fn = build_loss(args, scheduler, len(keep) + len(forget), len(forget)).to(device)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    teacher = build_teacher(args, unet)  # the previous request's result, frozen
-    lr_scheduler = get_scheduler(
-        args.lr_schedule,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.steps_per_request,
-    )
+    # The teacher is a frozen copy of the previous request's result.
+    config = resolve_keep_target(args, steps=args.steps_per_request)
+    unlearner = Unlearner(unet, scheduler, config, n=len(keep) + len(forget), k=len(forget))
     # One plan per request, from the seed and the request's index: a resumed queue draws what
     # an uninterrupted one draws.
     plan = BatchPlan(
@@ -289,35 +274,19 @@ def unlearn_request(
         args.batch_size,
         args.batch_size,
     )
-    timesteps = timestep_spec(args.timesteps)
     unet.train()
     start = time.perf_counter()
-    scale = None
-    if needs_calibration(args):
-        scale = calibrate(unet, loss_fn, keep, forget, plan, timesteps, args.calibration_batches)
-    balancer = build_balancer(args, params, scale)
+    calibrate(unlearner, keep, forget, plan)
     for step in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
-        unlearning_step(
-            unet,
-            loss_fn,
-            keep,
-            forget,
-            optimizer,
-            lr_scheduler,
-            balancer=balancer,
-            plan=plan,
-            step=step,
-            timesteps=timesteps,
-            args=args,
-            teacher=teacher,
-        )
+        plan_step(unlearner, keep, forget, plan, step)
     unet.eval()
     return time.perf_counter() - start
 
 
 def save_model(unet: UNet2DModel, folder: Path) -> None:
     """``save_pretrained`` into a temporary sibling, then swapped into place."""
-    save_folder_atomically(folder, lambda tmp: unet.save_pretrained(tmp, safe_serialization=True))
+    with atomic_folder(folder) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
 
 
 def _cell(shape: dict[str, Any], flags: list[str], state: str) -> str:
@@ -402,10 +371,9 @@ def plot(
         ax.set_xticks(index)
     fig.suptitle("Sequential deletion requests (dotted: the request that unlearns each shape)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -474,7 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"Requests not processed: {', '.join(queue.pending) or 'none'}"
             )
     text = table(queue, baseline, bands)
-    write_text_atomically(out / "table.md", text)
+    write_atomically(out / "table.md", text)
     plot(queue, baseline, bands, out / "sequential.png")
     if args.docs is not None:
         args.docs.mkdir(parents=True, exist_ok=True)

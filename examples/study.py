@@ -38,6 +38,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
+from siss._files import atomic_path, write_json_atomically
 from siss.audit import ALL_CHECKS
 from siss.metrics import proportion_ci
 
@@ -53,7 +54,7 @@ from pretrain import (
     load_scheduler,
     sample_images,
 )
-from training_state import write_json_atomically, write_tensors_atomically
+from training_state import write_tensors_atomically
 from unlearn import ASSETS, DRAWS, METHOD_REFUSALS, PROCESS_NAMES, Evaluator, audit_run, run
 from unlearn import parse_args as unlearn_args
 
@@ -691,7 +692,8 @@ def plot(results: dict[str, list[dict]], rows: list[dict], folder: Path) -> None
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "outlier_rate_vs_step.png", dpi=130)
+    with atomic_path(folder / "outlier_rate_vs_step.png") as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -703,7 +705,8 @@ def plot(results: dict[str, list[dict]], rows: list[dict], folder: Path) -> None
     ax.set_title("Quality vs. unlearning (cf. paper Fig. 4b)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(folder / "quality_vs_unlearning.png", dpi=130)
+    with atomic_path(folder / "quality_vs_unlearning.png") as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 

@@ -18,11 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from siss._files import (
-    atomic_folder,
-    atomic_path,
-    write_json_atomically,  # noqa: F401  (re-exported: unlearn.py, study.py, sequential.py)
-)
+from siss._files import atomic_folder, atomic_path
 
 PREFIX = "step-"
 MODEL_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes

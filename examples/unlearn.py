@@ -39,23 +39,16 @@ not predict.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,29 +64,30 @@ from pretrain import (
     process_of,
     sample_images,
 )
-from training_state import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomically,
-)
+from training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-from siss import BatchPlan, median_gradient_norm
+from siss import RULES, BatchPlan, StepResult, Unlearner, UnlearningConfig
+from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
+from siss.recipe import KEEP_TARGETS, LR_SCHEDULERS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-METHOD_NAMES = ("siss", "siss-nois", "naive", "neggrad", "erasediff")
-# Methods that do not apply to a process, and why (checked at parse time).
+METHOD_NAMES = tuple(RULES)
+# Methods that do not apply to a process, and why (siss.RULES; checked at parse time).
 METHOD_REFUSALS = {
-    "erasediff": {
-        "flow": "EraseDiff fits the predicted noise to uniform [0, 1) targets "
-        "(siss.EraseDiffLoss takes prediction_type='epsilon' only); a rectified-flow model "
-        "predicts the velocity eps - x_0, for which that target is not defined",
-    },
+    name: {"flow": rules.refused["flow_prediction"]}
+    for name, rules in RULES.items()
+    if "flow_prediction" in rules.refused
 }
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-KEEP_TARGETS = ("teacher", "noise")
+LR_SCHEDULES = LR_SCHEDULERS
+# The flag of each UnlearningConfig field, for errors that name the flag.
+CONFIG_FLAGS = {
+    "max_train_steps": "--steps",
+    "learning_rate": "--lr",
+    "lr_scheduler": "--lr-schedule",
+    "adam_weight_decay": "--lr",
+}
 # How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
 DRAWS = "siss.BatchPlan: keep rows in shuffled epochs"
 
@@ -277,10 +271,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         resolve_keep_target(args)
     except ValueError as error:
         p.error(str(error))
-    if not 0.0 <= args.ema_decay < 1.0:
-        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.ema_power <= 0:
-        p.error(f"--ema-power must be > 0, got {args.ema_power}")
     from siss.audit.run import parse_options
 
     try:
@@ -331,6 +321,14 @@ def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
         "keep gradient's norm, every step)",
     )
     p.add_argument(
+        "--balance-every",
+        type=int,
+        default=None,
+        help="refresh the balancer's coefficient every this many steps (a second backward); "
+        "in between one backward of keep - c * forget. Default: 10 for 'absolute' "
+        "(siss.recipe.DEFAULT_BALANCE_EVERY), 1 otherwise",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         default=8,
@@ -338,20 +336,43 @@ def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_keep_target(args: argparse.Namespace) -> None:
-    """Sets ``--keep-target`` and ``--balance-mode`` where they were left at None; ``ValueError``
-    naming the flag for a teacher target on a method without SISS's keep term."""
-    if getattr(args, "keep_target", None) is None:
-        args.keep_target = "teacher" if args.method == "siss" else "noise"
-    if args.keep_target == "teacher" and args.method != "siss":
-        raise ValueError(
-            f"--keep-target teacher: --method {args.method} has no SISS keep term to give it "
-            "(use --method siss, or --keep-target noise)"
-        )
-    if getattr(args, "balance_mode", None) is None:
-        args.balance_mode = "absolute" if args.keep_target == "teacher" else "fix"
-    if getattr(args, "calibration_batches", 8) < 1:
-        raise ValueError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
+def config_from_args(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:
+    """The run's ``siss.UnlearningConfig`` from the flags (``steps``: the schedule's length, if
+    not ``--steps``)."""
+    return UnlearningConfig(
+        method=args.method,
+        lam=args.lam,
+        keep_target=args.keep_target,
+        superfactor=args.superfactor,
+        ratio=args.ratio,
+        balance_mode=args.balance_mode,
+        balance_every=args.balance_every,
+        calibration_batches=args.calibration_batches,
+        timesteps=timestep_spec(args.timesteps),
+        learning_rate=args.lr,
+        lr_scheduler=args.lr_schedule,
+        lr_warmup_steps=args.lr_warmup_steps,
+        max_train_steps=args.steps if steps is None else steps,
+        ema_decay=getattr(args, "ema_decay", 0.0),
+        ema_power=getattr(args, "ema_power", 0.75),
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+    )
+
+
+def resolve_keep_target(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:
+    """Validates the recipe's flags through ``siss.UnlearningConfig`` (a ``ValueError`` naming
+    the flag) and sets those left at None (``--keep-target``, ``--balance-mode``,
+    ``--balance-every``) to the config's resolved defaults."""
+    try:
+        config = config_from_args(args, steps)
+    except ValueError as error:
+        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
+        flag = CONFIG_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{flag}: {message}") from None
+    args.keep_target, args.balance_mode = config.keep_target, config.balance_mode
+    args.balance_every = config.balance_every
+    return config
 
 
 def resolve_process(args: argparse.Namespace) -> str:
@@ -367,158 +388,53 @@ def resolve_process(args: argparse.Namespace) -> str:
     return args.process
 
 
-@contextmanager
-def averaged_weights(params: list[torch.nn.Parameter], ema: EMAModel | None) -> Iterator[None]:
-    """Puts the EMA's weights into ``params`` for the block and the raw ones back after it."""
-    if ema is None:
-        yield
-        return
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        yield
-    finally:
-        ema.restore(params)
-
-
 def timestep_spec(values: list[int] | None) -> int | tuple[int, int] | None:
     if not values:
         return None
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
-def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int):
-    from siss.adapters import loss_from_scheduler
-
-    kwargs: dict[str, Any] = {"superfactor": args.superfactor or 0.0}
-    if args.method == "siss":
-        kwargs.update(lam=args.lam, n=n, k=k)
-    elif args.method == "siss-nois":
-        kwargs.update(n=n, k=k)
-    if args.method in ("neggrad", "erasediff") and args.superfactor is None:
-        kwargs["superfactor"] = 1.0
-    return loss_from_scheduler(args.method, scheduler, **kwargs)
-
-
-def balance_mode(args: argparse.Namespace) -> str | None:
-    """The ``NormBalancer`` mode of the run: None for a fixed superfactor or a method without a
-    keep term to balance against, 'bilevel' for EraseDiff, ``--balance-mode`` otherwise."""
-    if args.superfactor is not None or args.method in ("naive", "neggrad"):
-        return None
-    return "bilevel" if args.method == "erasediff" else args.balance_mode
-
-
-def build_balancer(
-    args: argparse.Namespace,
-    params: list[torch.nn.Parameter],
-    scale: float | None = None,
-):
-    """The paper's superfactor rule (§5) unless a fixed superfactor was asked for. ``scale``:
-    the naive-deletion gradient norm that 'absolute' mode takes ``--ratio`` of
-    (``calibrate``)."""
-    mode = balance_mode(args)
-    if mode is None:
-        return None
-    from siss.balancer import NormBalancer
-
-    if mode == "bilevel":
-        return NormBalancer(params, mode="bilevel")
-    if mode == "absolute":
-        if scale is None:
-            raise ValueError("--balance-mode absolute needs the calibrated scale")
-        return NormBalancer(params, mode="absolute", target_norm=args.ratio * scale)
-    return NormBalancer(params, ratio=args.ratio, mode=mode)
-
-
-def needs_calibration(args: argparse.Namespace) -> bool:
-    """Whether the balancer is 'absolute' mode's, which needs ``calibrate``'s scale."""
-    return balance_mode(args) == "absolute"
-
-
-def step_draw(
-    loss_fn: Any,
-    keep: torch.Tensor,
-    forget: torch.Tensor,
-    plan: BatchPlan,
-    step: int,
-    timesteps: int | tuple[int, int] | None,
-) -> Any:
-    """Step ``step``'s draw: ``plan``'s rows of ``keep`` and ``forget``, noised with the step's
-    own generator (timesteps, coins and noise)."""
+def plan_step(
+    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan, step: int
+) -> StepResult:
+    """``unlearner.step`` on plan step ``step``'s rows of ``keep`` ``(n-k, C, H, W)`` (in
+    shuffled epochs, as in pretraining) and of ``forget`` ``(k, C, H, W)``, with the step's own
+    generator for the timesteps, coins and noise: a function of (seed, step), so a resumed run
+    draws what an uninterrupted one draws."""
     ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
     x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
-    return loss_fn.sample(x0, a0, timesteps=timesteps, generator=generator)
+    return unlearner.step(x0, a0, generator=generator)
 
 
 def calibrate(
-    unet: UNet2DModel,
-    loss_fn: Any,
-    keep: torch.Tensor,
-    forget: torch.Tensor,
-    plan: BatchPlan,
-    timesteps: int | tuple[int, int] | None,
-    batches: int,
-) -> float:
-    """The median norm of the naive-deletion (noise-target keep) gradient over the first
-    ``batches`` of ``plan``, at the current weights (``siss.median_gradient_norm``)."""
-    params = [p for p in unet.parameters() if p.requires_grad]
-
-    def losses() -> Iterator[torch.Tensor]:
-        for step in range(batches):
-            draw = step_draw(loss_fn, keep, forget, plan, step, timesteps)
-            yield loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw).keep
-
-    return median_gradient_norm(params, losses())
-
-
-def build_teacher(args: argparse.Namespace, unet: UNet2DModel) -> UNet2DModel | None:
-    """A frozen copy of ``unet``, the model before unlearning, for ``--keep-target teacher``."""
-    if args.keep_target != "teacher":
-        return None
-    return copy.deepcopy(unet).requires_grad_(False).eval()
-
-
-def unlearning_step(
-    unet: UNet2DModel,
-    loss_fn: Any,
-    keep: torch.Tensor,
-    forget: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    *,
-    balancer: Any,
-    plan: BatchPlan,
-    step: int,
-    timesteps: int | tuple[int, int] | None,
-    args: argparse.Namespace,
-    teacher: UNet2DModel | None = None,
+    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan
 ) -> None:
-    """Optimizer step ``step``: the rows ``plan`` gives it, of ``keep`` ``(n-k, C, H, W)`` (in
-    shuffled epochs) and of ``forget`` ``(k, C, H, W)``, with the step's own generator for the
-    timesteps, coins and noise; one forward pass, the balancer's gradient (or the loss's own with
-    a fixed superfactor), clipping, AdamW and the lr schedule. With a ``teacher`` (the frozen
-    model before unlearning) its prediction on the same noisy batch, taken without gradient, is
-    the keep term's target (``SISSLoss.terms(..., teacher_output=)``).
+    """The calibration batches of ``unlearner`` (none unless its rule is the calibrated one):
+    plan steps ``0, 1, ...``, the draws the first training steps make, at the starting
+    weights."""
+    step = 0
+    while unlearner.calibrating:
+        plan_step(unlearner, keep, forget, plan, step)
+        step += 1
 
-    Keep rows come in epochs, as in pretraining, not drawn with replacement, which over 300
-    steps of 64 uses each image a Poisson(10.7) number of times (±30%)."""
-    params = optimizer.param_groups[0]["params"]
-    draw = step_draw(loss_fn, keep, forget, plan, step, timesteps)
-    extra = {}
-    if teacher is not None:  # only SISSLoss takes a teacher (resolve_keep_target)
-        with torch.no_grad():
-            extra["teacher_output"] = teacher(draw.noisy, draw.timesteps).sample
-    terms = loss_fn.terms(unet(draw.noisy, draw.timesteps).sample, draw, **extra)
-    if balancer is None:
-        terms.loss.backward()
-    else:
-        balancer.backward(terms.keep, terms.forget)
-        balancer.step()  # .grad <- g_keep - c g_forget (None everywhere if non-finite)
-    if args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    optimizer.step()
-    lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+
+def unlearner_state(unlearner: Unlearner) -> dict[str, Any]:
+    """``unlearner.state_dict()`` for state.json: the EMA goes to ema.safetensors, the held
+    coefficient as a float (a float32 value, exact in JSON)."""
+    state = unlearner.state_dict()
+    state.pop("ema")
+    balancer = state["balancer"]
+    if balancer is not None and balancer["coefficient"] is not None:
+        balancer["coefficient"] = balancer["coefficient"].item()
+    return state
+
+
+def restore_unlearner(unlearner: Unlearner, state: dict[str, Any]) -> None:
+    """The inverse of ``unlearner_state`` (the EMA is restored with the checkpoint)."""
+    balancer = state["balancer"]
+    if balancer is not None and balancer["coefficient"] is not None:
+        balancer = {**balancer, "coefficient": torch.tensor(balancer["coefficient"])}
+    unlearner.load_state_dict({**state, "balancer": balancer, "ema": None})
 
 
 class Evaluator:
@@ -695,10 +611,9 @@ def save_grid(
     right.set_title("outlier and\nnearest samples", fontsize=7)
     for ax in (left, right):
         ax.axis("off")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -712,9 +627,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     resolve_process(args)  # a Namespace built elsewhere may not have been through parse_args
     device = torch.device(args.device)
     out = Path(args.output_dir)
-    resolve_keep_target(args)
+    config = resolve_keep_target(args)
     unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
-    teacher = build_teacher(args, unet)  # before a resume loads the checkpoint's weights
     data = load_training_set(
         source=args.data,
         root=args.data_root,
@@ -724,28 +638,17 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         seed=0,
     )
     keep, forget = data.images[~data.is_outlier], data.images[data.is_outlier]
-    n, k = len(data.images), len(forget)
     scheduler = load_scheduler(args.checkpoint)
-    loss_fn = build_loss(args, scheduler, n, k).to(device)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    lr_scheduler = get_scheduler(
-        args.lr_schedule,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.steps,
-    )
-    ema = None
-    if args.ema_decay > 0:
-        ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power)
+    # The teacher is a frozen copy of the weights loaded here: built before a resume loads the
+    # checkpoint's.
+    unlearner = Unlearner(unet, scheduler, config, n=len(data.images), k=len(forget))
     # Training draws (rows, timesteps, coins, noise) are a function of (seed, step): a resumed
     # run draws what an uninterrupted one draws, with no generator state to carry.
     plan = BatchPlan(args.seed, len(keep), len(forget), args.batch_size, args.batch_size)
     evaluator = Evaluator(args, data.outlier, keep)
-    timesteps = timestep_spec(args.timesteps)
 
     history: list[dict[str, Any]] = []
-    step, train_wall, scale = 0, 0.0, None
+    step, train_wall = 0, 0.0
     found = latest_checkpoint(out / "checkpoints") if args.resume else None
     if found is not None:
         saved = json.loads((found / "state.json").read_text())
@@ -760,15 +663,25 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                 f"{found} was trained with --keep-target {saved.get('keep_target', 'noise')}, "
                 f"not {args.keep_target}: pass that, or start again in another --output-dir"
             )
-        state = load_checkpoint(found, model=unet, optimizer=optimizer, generators={}, ema=ema)
+        if "unlearner" not in saved:
+            raise SystemExit(
+                f"{found} was written before unlearn.py ran on siss.Unlearner: start it again "
+                "without --resume, or in another --output-dir"
+            )
+        state = load_checkpoint(
+            found, model=unet, optimizer=unlearner.optimizer, generators={}, ema=unlearner.ema
+        )
+        try:
+            restore_unlearner(unlearner, state["unlearner"])
+        except ValueError as error:
+            raise SystemExit(f"{found}: {error}") from None
         step, history, train_wall = state["step"], state["history"], state["train_wall_s"]
-        scale = state.get("calibrated_scale")
         # The schedule is a function of the step alone: replay it (torch warns that the
         # optimizer did not step in between, which is what a replay means).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             for _ in range(step):
-                lr_scheduler.step()
+                unlearner.lr_scheduler.step()
     elif args.resume:
         print(f"no checkpoint under {out / 'checkpoints'}: starting from step 0")
     if step == 0 and not history:
@@ -780,39 +693,21 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
-    if scale is None and needs_calibration(args):  # at the starting weights, once
+    if unlearner.calibrating:  # at the starting weights, once
         started = time.perf_counter()
-        scale = calibrate(
-            unet, loss_fn, keep_dev, forget_dev, plan, timesteps, args.calibration_batches
-        )
+        calibrate(unlearner, keep_dev, forget_dev, plan)
         train_wall += time.perf_counter() - started
-    balancer = build_balancer(args, params, scale)
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     bar = tqdm(
         range(step, last), initial=step, total=args.steps, desc=out.name, disable=args.no_progress
     )
     for step in bar:
         started = time.perf_counter()
-        unlearning_step(
-            unet,
-            loss_fn,
-            keep_dev,
-            forget_dev,
-            optimizer,
-            lr_scheduler,
-            balancer=balancer,
-            plan=plan,
-            step=step,
-            timesteps=timesteps,
-            args=args,
-            teacher=teacher,
-        )
-        if ema is not None:
-            ema.step(params)
+        plan_step(unlearner, keep_dev, forget_dev, plan, step)
         train_wall += time.perf_counter() - started
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
-            with averaged_weights(params, ema):
+            with unlearner.averaged_weights():
                 metrics = evaluator.track(unet, scheduler)
             history.append({"step": done, **metrics})
             bar.set_postfix(rate=f"{metrics['outlier_rate']:.2%}")
@@ -821,24 +716,24 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                 out / "checkpoints",
                 done,
                 model=unet,
-                optimizer=optimizer,
+                optimizer=unlearner.optimizer,
                 generators={},
                 extra={
                     "history": history,
                     "train_wall_s": train_wall,
                     "draws": DRAWS,
                     "keep_target": args.keep_target,
-                    "calibrated_scale": scale,
+                    "unlearner": unlearner_state(unlearner),
                 },
-                ema=ema,
+                ema=unlearner.ema,
             )
     bar.close()
     if last < args.steps:
         print(f"stopped after step {last} of {args.steps}; continue with --resume")
         return {"stopped_at": last}
 
-    if ema is not None:  # the EMA is the model this run delivers: evaluated and saved
-        ema.copy_to(params)
+    if unlearner.ema is not None:  # the EMA is the model this run delivers: evaluated and saved
+        unlearner.ema.copy_to(unlearner.params)
     if history[-1]["step"] != args.steps:
         metrics, samples = evaluator(unet, scheduler)
         history.append({"step": args.steps, **metrics})
@@ -859,20 +754,6 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     }
     write_json_atomically(out / "metrics.json", result)
     return result
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
@@ -949,7 +830,7 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
     write_json_atomically(out / "audit_after.json", after.to_dict())
     save_figure(after, out / "audit_after.png", forget=forget, reference=reference)
     table = compare(before, after).to_markdown()
-    write_text_atomically(out / "audit_compare.md", table + "\n")
+    write_atomically(out / "audit_compare.md", table + "\n")
     return table
 
 

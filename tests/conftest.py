@@ -15,6 +15,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from siss._files import replace_folder
+
 settings.register_profile(
     "siss",
     derandomize=True,
@@ -597,7 +599,6 @@ def build_planted_sd_pipeline(
     The folder is written next to ``folder`` first and moved into place when complete.
     """
     import json
-    import os
     import shutil
     import tempfile
 
@@ -740,14 +741,7 @@ def build_planted_sd_pipeline(
             staging, planted_memorized_image(), copy_threshold, progress=progress
         )
         (staging / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

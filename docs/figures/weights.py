@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from siss import NoiseSchedule, importance_weights, mixture_sample
+from siss._files import atomic_path
 
 HERE = Path(__file__).resolve().parent
 GAPS = (1.0, 10.0, 100.0, 400.0)
@@ -168,16 +167,11 @@ def draw(args: argparse.Namespace) -> dict[float, dict[str, torch.Tensor]]:
         f"Defensive-mixture importance weights, linear DDPM schedule, λ = {args.lam:g}, "
         f"{args.rows} rows per timestep"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=args.out.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=110)
-        os.replace(temporary, args.out)
+        with atomic_path(args.out) as temporary:
+            figure.savefig(temporary, dpi=110)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return results
 
 

@@ -38,8 +38,10 @@ TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The installed command (`siss-audit`) or `python -m siss.audit`, whichever was run.
+    command = Path(sys.argv[0]).name
     p = argparse.ArgumentParser(
-        prog="python -m siss.audit",
+        prog=command if command == "siss-audit" else "python -m siss.audit",
         description=(
             "Audit diffusion models for data unlearning: does each model still hold the forget "
             "images? Runs the generation, likelihood, reconstruction (t=250 and a sweep) and "

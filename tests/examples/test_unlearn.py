@@ -15,6 +15,8 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
+from siss import Unlearner
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -98,23 +100,19 @@ def test_keep_rows_come_in_shuffled_epochs(checkpoint):
     unet = UNet2DModel.from_pretrained(checkpoint)
     keep = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 1, 16, 16).contiguous()
     forget = torch.full((1, 1, 16, 16), -1.0)
-    loss_fn = unlearn.build_loss(args, DDPMScheduler(num_train_timesteps=1000), 13, 1)
+    config = unlearn.resolve_keep_target(args)
+    unlearner = Unlearner(unet, DDPMScheduler(num_train_timesteps=1000), config, n=13, k=1)
     seen = []
-    sample = loss_fn.sample
+    sample = unlearner.loss_fn.sample
 
     def spy(x0, a0, **kwargs):
         seen.append(x0[:, 0, 0, 0].long().tolist())
         return sample(x0, a0, **kwargs)
 
-    loss_fn.sample = spy
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    unlearner.loss_fn.sample = spy
     plan = unlearn.BatchPlan(0, len(keep), len(forget), 4, 4)
     for step in range(6):
-        unlearn.unlearning_step(
-            unet, loss_fn, keep, forget, optimizer, schedule,
-            balancer=None, plan=plan, step=step, timesteps=None, args=args,
-        )  # fmt: skip
+        unlearn.plan_step(unlearner, keep, forget, plan, step)
     epochs = [[row for rows in seen[3 * e : 3 * e + 3] for row in rows] for e in range(2)]
     assert all(sorted(epoch) == list(range(12)) for epoch in epochs)
     assert epochs[0] != epochs[1]  # a new order each epoch
@@ -144,7 +142,7 @@ def test_siss_matches_a_frozen_teacher_by_default(checkpoint, tmp_path):
         unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive", "--keep-target=teacher"))
     unlearn.run(args)
     state = json.loads((tmp_path / "checkpoints" / "step-0000002" / "state.json").read_text())
-    assert state["keep_target"] == "teacher" and state["calibrated_scale"] > 0
+    assert state["keep_target"] == "teacher" and state["unlearner"]["scale"] > 0
     # A checkpoint of the teacher target is not resumed as a run of the noise target.
     noise = unlearn.parse_args(argv(checkpoint, tmp_path, "--resume", "--keep-target=noise"))
     with pytest.raises(SystemExit, match="--keep-target teacher, not noise"):
@@ -152,28 +150,39 @@ def test_siss_matches_a_frozen_teacher_by_default(checkpoint, tmp_path):
 
 
 def test_the_teacher_is_the_starting_model_and_receives_nothing(checkpoint):
-    """One step with the teacher target: the teacher is a frozen copy of the starting weights
-    (unchanged after the step, no gradient), while the model moves."""
-    args = unlearn.parse_args(argv(checkpoint, Path("unused")))
+    """Steps with the teacher target: the teacher is a frozen copy of the starting weights
+    (unchanged after the steps, no gradient), while the model moves."""
+    args = unlearn.parse_args([*argv(checkpoint, Path("unused")), "--calibration-batches", "2"])
     unet = UNet2DModel.from_pretrained(checkpoint)
-    teacher = unlearn.build_teacher(args, unet)
     start = {k: v.clone() for k, v in unet.state_dict().items()}
+    config = unlearn.resolve_keep_target(args)
+    unlearner = Unlearner(unet, DDPMScheduler(num_train_timesteps=1000), config, n=12, k=2)
+    teacher = unlearner.teacher.model
     data = torch.randn(12, 1, 16, 16)
     keep, forget = data[:10], data[10:]
-    loss_fn = unlearn.build_loss(args, DDPMScheduler(num_train_timesteps=1000), 12, 2)
-    params = [p for p in unet.parameters() if p.requires_grad]
     plan = unlearn.BatchPlan(0, 10, 2, 8, 8)
-    scale = unlearn.calibrate(unet, loss_fn, keep, forget, plan, None, 2)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    balancer = unlearn.build_balancer(args, params, scale)
-    unlearn.unlearning_step(
-        unet, loss_fn, keep, forget, optimizer, lr_scheduler, balancer=balancer, plan=plan,
-        step=0, timesteps=None, args=args, teacher=teacher,
-    )  # fmt: skip
+    unlearn.calibrate(unlearner, keep, forget, plan)
+    assert unlearner.scale > 0
+    unlearn.plan_step(unlearner, keep, forget, plan, 0)
     assert all(torch.equal(v, start[k]) for k, v in teacher.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(v, start[k]) for k, v in unet.state_dict().items())
+
+
+def test_bad_recipe_flags_are_named_before_any_model_is_loaded(tmp_path, capsys):
+    for flags, named in [
+        (["--steps", "-5"], "--steps: must be >= 1, got -5"),
+        (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
+        (["--lam", "2"], "--lam: must be in [0, 1], got 2.0"),
+        (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
+        (["--calibration-batches", "0"], "--calibration-batches: must be >= 1, got 0"),
+        (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            unlearn.parse_args([*flags, "--output-dir", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
