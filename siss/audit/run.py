@@ -1,10 +1,12 @@
 """Run an unlearning audit: every requested check of one model against its forget images.
 
-``audit`` is the orchestrator behind ``python -m siss.audit``. It validates its inputs,
-runs the checks through their public functions (``siss.audit.sampling.generate``,
-``generation_check``, ``likelihood_check``, ``reconstruction_check``, ``reconstruction_sweep``,
-``membership_check``, ``memorization_check``) with one seeded generator each, and returns an
-``AuditReport`` whose ``config`` records what it was run with.
+``audit`` is the orchestrator behind ``python -m siss.audit``. It validates its inputs once,
+then runs each requested check through a small runner of its own (the table ``_RUNNERS``: check
+name to runner, each given one shared context and that check's options), which calls the
+check's public function (``siss.audit.sampling.generate``, ``generation_check``,
+``likelihood_check``, ``reconstruction_check``, ``reconstruction_sweep``, ``membership_check``,
+``memorization_check``) with one seeded generator each; it returns an ``AuditReport`` whose
+``config`` records what it was run with.
 
 Checks (``checks=``; the default runs the first five, plus ``"memorization"`` when text
 conditioning and its null conditioning are given):
@@ -43,8 +45,9 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -79,15 +82,6 @@ Example:
     >>> DEFAULT_CHECKS
     ('generation', 'likelihood', 'reconstruction', 'reconstruction_sweep', 'membership')
 """
-# Cheap checks first, so that a mistake in a later check's options costs little.
-_RUN_ORDER = (
-    "membership",
-    "reconstruction",
-    "reconstruction_sweep",
-    "likelihood",
-    "generation",
-    "memorization",
-)
 # Options the orchestrator passes itself (they cannot be set through ``**options``).
 _RESERVED = {
     "model",
@@ -258,6 +252,72 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _checked_settings(
+    num_samples: Any, num_inference_steps: Any, batch_size: Any, seed: Any, data_range: Any
+) -> tuple[float, float]:
+    """``audit``'s integer settings checked; returns ``data_range`` as ``(lo, hi)`` floats."""
+    for name, value, minimum in (
+        ("num_samples", num_samples, 1),
+        ("num_inference_steps", num_inference_steps, 1),
+        ("batch_size", batch_size, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"`{name}` must be an int, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+    if (
+        not isinstance(data_range, Sequence)
+        or len(data_range) != 2
+        or not float(data_range[1]) > float(data_range[0])
+    ):
+        raise ValueError(f"`data_range` must be (lo, hi) with hi > lo, got {data_range!r}")
+    return float(data_range[0]), float(data_range[1])
+
+
+def _checked_checks(checks: Sequence[str] | None, text: bool, null: bool) -> tuple[str, ...]:
+    """The checks to run, without repeats; ``None`` gives the defaults (``DEFAULT_CHECKS``)."""
+    if checks is None:
+        checks = DEFAULT_CHECKS + (("memorization",) if text and null else ())
+    if isinstance(checks, str) or not isinstance(checks, Sequence) or not checks:
+        raise ValueError(f"`checks` must be a non-empty list of names from {ALL_CHECKS}")
+    unknown = [c for c in checks if c not in ALL_CHECKS]
+    if unknown:
+        raise ValueError(f"`checks` has unknown names {unknown}; known: {list(ALL_CHECKS)}")
+    return tuple(dict.fromkeys(checks))
+
+
+def _checked_image_sets(
+    forget: Any,
+    reference: Any,
+    members: Any,
+    shape: tuple[int, ...] | None,
+    data_range: tuple[float, float],
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The forget, reference and members images checked against the sample shape and range.
+
+    An empty ``reference`` becomes ``None``; one forget image without its batch dimension gets
+    one.
+    """
+    lo, hi = data_range
+    forget = _check_images(forget, "forget", shape)
+    shape = tuple(forget.shape[1:])
+    if reference is not None:
+        reference = _check_images(reference, "reference", shape) if len(reference) else None
+    if members is not None:
+        members = _check_images(members, "members", shape)
+    for name, images in (("forget", forget), ("reference", reference), ("members", members)):
+        if images is not None and (
+            float(images.min()) < lo - 1e-4 or float(images.max()) > hi + 1e-4
+        ):
+            raise ValueError(
+                f"`{name}` has values in [{float(images.min()):.3g}, {float(images.max()):.3g}], "
+                f"outside the model's data range [{lo:g}, {hi:g}] (`data_range`): map the "
+                "images to the model's range first"
+            )
+    return forget, reference, members
+
+
 def _membership_set_level(
     result: CheckResult, members: Tensor | None, forget_n: int
 ) -> CheckResult:
@@ -273,6 +333,222 @@ def _membership_set_level(
         for name, estimate in result.statistics.items()
     }
     return CheckResult(result.check, None, stats, None, f"no verdict: {why}", result.details)
+
+
+# ---- the checks: one runner each, sharing one context
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every check's runner reads, built once by ``audit`` after its inputs are checked.
+
+    The images are on ``device`` in ``dtype`` (``reference`` and ``members`` ``None`` when not
+    given), the conditionings plain dicts there (empty when not given); ``sampling`` holds the
+    ``sampling=`` options, ``functions`` the checks' public functions (``_functions``).
+    """
+
+    model: Any
+    scheduler: Any
+    forget: Tensor
+    reference: Tensor | None
+    members: Tensor | None
+    conditioning: dict[str, Any]
+    null_conditioning: dict[str, Any]
+    shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    seeds: dict[str, int]
+    num_samples: int
+    num_inference_steps: int
+    batch_size: int
+    data_range: tuple[float, float]
+    sampling: dict[str, Any]
+    progress: bool
+    functions: Mapping[str, Callable[..., Any]]
+
+    def generator(self, check: str) -> torch.Generator:
+        """A fresh generator for ``check``, seeded with ``check_seed(seed, check)``."""
+        return torch.Generator().manual_seed(self.seeds[check])
+
+
+class _Ran(NamedTuple):
+    """A runner's output: the check's results, and what the report's ``config`` notes of it."""
+
+    results: list[CheckResult]
+    resolved: dict[str, Any] | None = None  # defaults audit() set from the scheduler
+    note: str | None = None  # why the check measured nothing
+
+
+def _on_forget_and_reference(ctx: _Context, check: str, **options: Any) -> list[CheckResult]:
+    """``check``'s function on the forget and reference images, with the shared inputs."""
+    return ctx.functions[check](
+        ctx.model,
+        ctx.scheduler,
+        ctx.forget,
+        ctx.reference,
+        conditioning=ctx.conditioning or None,
+        generator=ctx.generator(check),
+        progress=ctx.progress,
+        **options,
+    )
+
+
+def _run_membership(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """The loss-based attack; without reference images, "not measured" with the reason."""
+    if ctx.reference is None:
+        why = "no reference (non-member) images: membership inference is not measured"
+        missing = [
+            CheckResult(
+                "membership",
+                i,
+                {
+                    "error": Estimate.missing(why, "lower"),
+                    "percentile": Estimate.missing(why, "lower"),
+                },
+                None,
+                f"no verdict: {why}",
+            )
+            for i in range(ctx.forget.shape[0])
+        ]
+        return _Ran(missing, note=why)
+    out = _on_forget_and_reference(
+        ctx, "membership", members=ctx.members, **{"batch_size": ctx.batch_size, **options}
+    )
+    return _Ran([_membership_set_level(r, ctx.members, ctx.forget.shape[0]) for r in out])
+
+
+def _run_reconstruction(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """Noise to the paper's t = 250 of T = 1000 (scaled to the scheduler's T), denoise."""
+    steps = int(ctx.scheduler.config.num_train_timesteps)
+    return _reconstructed(ctx, "reconstruction", {"t": max(1, round(0.25 * steps)), **options})
+
+
+def _run_reconstruction_sweep(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """The reconstruction at the paper's t = 50 .. 750 of T = 1000 (``SWEEP_FRACTIONS`` of T)."""
+    steps = int(ctx.scheduler.config.num_train_timesteps)
+    ts = sorted({max(1, round(f * steps)) for f in SWEEP_FRACTIONS})
+    return _reconstructed(ctx, "reconstruction_sweep", {"ts": tuple(ts), **options})
+
+
+def _reconstructed(ctx: _Context, check: str, options: dict[str, Any]) -> _Ran:
+    """Either reconstruction check, its noise level(s) resolved in ``options``."""
+    resolved = {k: options[k] for k in ("t", "ts") if k in options}
+    out = _on_forget_and_reference(
+        ctx,
+        check,
+        **{
+            "num_inference_steps": ctx.num_inference_steps,
+            "batch_size": ctx.batch_size,
+            "data_range": ctx.data_range,
+            **options,
+        },
+    )
+    return _Ran(out, resolved=resolved)
+
+
+def _run_likelihood(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """The PF-ODE NLL of each forget image against the reference's."""
+    out = _on_forget_and_reference(
+        ctx, "likelihood", **{"batch_size": ctx.batch_size, "data_range": ctx.data_range, **options}
+    )
+    return _Ran(out)
+
+
+def _attach_gallery(result: CheckResult, samples: Tensor) -> None:
+    """Put the gallery's images into ``result.details`` (small images only)."""
+    index = result.details.get("gallery") or []
+    if not index:
+        return
+    per_image = math.prod(samples.shape[1:])
+    if per_image > GALLERY_IMAGE_LIMIT:
+        result.details["gallery_images"] = None
+        result.details["gallery_images_note"] = (
+            f"images of {per_image} values are not stored in the report (limit "
+            f"{GALLERY_IMAGE_LIMIT}); `gallery` indexes the samples"
+        )
+        return
+    images = samples[torch.tensor(index, device=samples.device)].detach().double().cpu()
+    result.details["gallery_images"] = np.round(images.numpy(), 4).tolist()
+
+
+def _run_generation(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """Sample ``num_samples`` images, then the rate at which they reproduce each forget image;
+    the gallery's images ride along in each result's ``details``."""
+    samples = ctx.functions["sampling"](
+        ctx.model,
+        ctx.scheduler,
+        ctx.num_samples,
+        **{
+            "num_inference_steps": ctx.num_inference_steps,
+            "batch_size": ctx.batch_size,
+            "generator": ctx.generator("generation"),
+            "conditioning": ctx.conditioning or None,
+            "progress": ctx.progress,
+            **({"sample_shape": ctx.shape} if ctx.shape else {}),
+            **ctx.sampling,
+        },
+    )
+    out = ctx.functions["generation"](
+        samples, ctx.forget, **{"data_range": ctx.data_range, **options}
+    )
+    for result in out:
+        _attach_gallery(result, samples)
+    return _Ran(out)
+
+
+def _check_memorization_inputs(
+    conditioning: Mapping[str, Any] | None, null_conditioning: Mapping[str, Any] | None
+) -> None:
+    """Memorization needs a prompt and the empty prompt, both as ``encoder_hidden_states``."""
+    text = bool(conditioning) and "encoder_hidden_states" in conditioning
+    if not text or not null_conditioning or "encoder_hidden_states" not in null_conditioning:
+        raise ValueError(
+            "`checks` has 'memorization' (text-conditional models only): it needs "
+            "`conditioning={'encoder_hidden_states': prompt_embeds}` and "
+            "`null_conditioning={'encoder_hidden_states': null_embeds}`"
+        )
+
+
+def _run_memorization(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
+    """Wen et al.'s noise-magnitude score: one prompt for the whole forget set."""
+    prompt = ctx.conditioning["encoder_hidden_states"]
+    null = ctx.null_conditioning["encoder_hidden_states"]
+    extra = {k: v for k, v in ctx.conditioning.items() if k != "encoder_hidden_states"}
+    extra_null = {k: v for k, v in ctx.null_conditioning.items() if k != "encoder_hidden_states"}
+    # every one of the DDIM steps is scored unless `num_steps` is given (the check's own
+    # default, 50 of 50, would refuse a shorter `num_inference_steps`)
+    steps = options.get("num_inference_steps", ctx.num_inference_steps)
+    options = {"num_inference_steps": steps, "num_steps": steps, **options}
+    out = ctx.functions["memorization"](
+        ctx.model,
+        ctx.scheduler,
+        (4, *ctx.shape),
+        prompt,
+        null,
+        conditioning=extra or None,
+        null_conditioning=extra_null or None,
+        generator=ctx.generator("memorization"),
+        progress=ctx.progress,
+        **options,
+    )
+    return _Ran(out, resolved={"num_steps": options["num_steps"]})
+
+
+_RUNNERS: dict[str, Callable[[_Context, Mapping[str, Any]], _Ran]] = {
+    "membership": _run_membership,
+    "reconstruction": _run_reconstruction,
+    "reconstruction_sweep": _run_reconstruction_sweep,
+    "likelihood": _run_likelihood,
+    "generation": _run_generation,
+    "memorization": _run_memorization,
+}
+"""Each check's runner, in the order ``audit`` runs them: cheap checks first, so that a mistake
+in a later check's options costs little (the report lists them in ``ALL_CHECKS``' order)."""
+_INPUT_CHECKS: dict[str, Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], None]] = {
+    "memorization": _check_memorization_inputs
+}
+"""Checks that need more of ``audit``'s inputs: ``check(conditioning, null_conditioning)``
+raises before any model call."""
 
 
 def audit(
@@ -358,23 +634,7 @@ def audit(
     if not callable(model):
         raise TypeError(f"`model` must be a diffusers model or a callable, got {type(model)}")
     kind, prediction_type = scheduler_kind(scheduler)
-    for name, value, minimum in (
-        ("num_samples", num_samples, 1),
-        ("num_inference_steps", num_inference_steps, 1),
-        ("batch_size", batch_size, 1),
-        ("seed", seed, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, Integral):
-            raise TypeError(f"`{name}` must be an int, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-    if (
-        not isinstance(data_range, Sequence)
-        or len(data_range) != 2
-        or not float(data_range[1]) > float(data_range[0])
-    ):
-        raise ValueError(f"`data_range` must be (lo, hi) with hi > lo, got {data_range!r}")
-    lo, hi = float(data_range[0]), float(data_range[1])
+    lo, hi = _checked_settings(num_samples, num_inference_steps, batch_size, seed, data_range)
     if conditioning is not None and not isinstance(conditioning, Mapping):
         raise TypeError(f"`conditioning` must be a dict, got {type(conditioning).__name__}")
     if null_conditioning is not None and not isinstance(null_conditioning, Mapping):
@@ -382,218 +642,81 @@ def audit(
             f"`null_conditioning` must be a dict, got {type(null_conditioning).__name__}"
         )
     text = bool(conditioning) and "encoder_hidden_states" in conditioning
-    if checks is None:
-        checks = DEFAULT_CHECKS + (("memorization",) if text and null_conditioning else ())
-    if isinstance(checks, str) or not isinstance(checks, Sequence) or not checks:
-        raise ValueError(f"`checks` must be a non-empty list of names from {ALL_CHECKS}")
-    unknown = [c for c in checks if c not in ALL_CHECKS]
-    if unknown:
-        raise ValueError(f"`checks` has unknown names {unknown}; known: {list(ALL_CHECKS)}")
-    checks = tuple(dict.fromkeys(checks))
+    checks = _checked_checks(checks, text, bool(null_conditioning))
     per_check = check_options(options)
-    if "memorization" in checks:
-        if not text or not null_conditioning or "encoder_hidden_states" not in null_conditioning:
-            raise ValueError(
-                "`checks` has 'memorization' (text-conditional models only): it needs "
-                "`conditioning={'encoder_hidden_states': prompt_embeds}` and "
-                "`null_conditioning={'encoder_hidden_states': null_embeds}`"
-            )
+    for check in checks:
+        if check in _INPUT_CHECKS:
+            _INPUT_CHECKS[check](conditioning, null_conditioning)
     if isinstance(model, nn.Module) and device is not None:
         model.to(device)
     model_device, model_dtype = model_device_dtype(model, device)
     sampling = per_check.get("sampling", {})
     given = sampling.get("sample_shape")
     shape = tuple(int(v) for v in given) if given is not None else config_sample_shape(model)
-    forget = _check_images(forget, "forget", shape)
-    shape = tuple(forget.shape[1:])
-    if reference is not None:
-        reference = _check_images(reference, "reference", shape) if len(reference) else None
-    if members is not None:
-        members = _check_images(members, "members", shape)
-    for name, images in (("forget", forget), ("reference", reference), ("members", members)):
-        if images is not None and (
-            float(images.min()) < lo - 1e-4 or float(images.max()) > hi + 1e-4
-        ):
-            raise ValueError(
-                f"`{name}` has values in [{float(images.min()):.3g}, {float(images.max()):.3g}], "
-                f"outside the model's data range [{lo:g}, {hi:g}] (`data_range`): map the "
-                "images to the model's range first"
-            )
+    forget, reference, members = _checked_image_sets(forget, reference, members, shape, (lo, hi))
     dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
-    forget = forget.to(model_device, dtype)
-    reference = reference.to(model_device, dtype) if reference is not None else None
-    members = members.to(model_device, dtype) if members is not None else None
-    conditioning = _to(dict(conditioning or {}), model_device)
-    null_conditioning = _to(dict(null_conditioning or {}), model_device)
+    ctx = _Context(
+        model=model,
+        scheduler=scheduler,
+        forget=forget.to(model_device, dtype),
+        reference=reference.to(model_device, dtype) if reference is not None else None,
+        members=members.to(model_device, dtype) if members is not None else None,
+        conditioning=_to(dict(conditioning or {}), model_device),
+        null_conditioning=_to(dict(null_conditioning or {}), model_device),
+        shape=tuple(forget.shape[1:]),
+        device=model_device,
+        dtype=dtype,
+        seeds={check: check_seed(seed, check) for check in checks},
+        num_samples=num_samples,
+        num_inference_steps=num_inference_steps,
+        batch_size=batch_size,
+        data_range=(lo, hi),
+        sampling=sampling,
+        progress=progress,
+        functions=_functions(),
+    )
 
-    seeds = {check: check_seed(seed, check) for check in checks}
-
-    def generator(check: str) -> torch.Generator:
-        return torch.Generator().manual_seed(seeds[check])
-
-    common = {"data_range": (lo, hi)}
-    functions = _functions()
+    # ---- the checks, in the runners' order
     results: dict[str, list[CheckResult]] = {}
     timings: dict[str, float] = {}
     notes: dict[str, str] = {}
     resolved: dict[str, Any] = {}
-    for check in _RUN_ORDER:
+    for check, run in _RUNNERS.items():
         if check not in checks:
             continue
         t0 = time.perf_counter()
-        kwargs = per_check.get(check, {})
-        if check == "generation":
-            sampled = functions["sampling"](
-                model,
-                scheduler,
-                num_samples,
-                **{
-                    "num_inference_steps": num_inference_steps,
-                    "batch_size": batch_size,
-                    "generator": generator(check),
-                    "conditioning": conditioning or None,
-                    "progress": progress,
-                    **({"sample_shape": shape} if shape else {}),
-                    **sampling,
-                },
-            )
-            out = functions[check](sampled, forget, **{**common, **kwargs})
-            for result in out:
-                _attach_gallery(result, sampled)
-        elif check == "likelihood":
-            out = functions[check](
-                model,
-                scheduler,
-                forget,
-                reference,
-                conditioning=conditioning or None,
-                generator=generator(check),
-                progress=progress,
-                **{"batch_size": batch_size, **common, **kwargs},
-            )
-        elif check in ("reconstruction", "reconstruction_sweep"):
-            # The paper's t = 250 of T = 1000 (and the sweep 50 .. 750), scaled to the
-            # scheduler's T.
-            steps = int(scheduler.config.num_train_timesteps)
-            if check == "reconstruction":
-                kwargs = {"t": max(1, round(0.25 * steps)), **kwargs}
-            else:
-                ts = sorted({max(1, round(f * steps)) for f in SWEEP_FRACTIONS})
-                kwargs = {"ts": tuple(ts), **kwargs}
-            resolved[check] = {k: kwargs[k] for k in ("t", "ts") if k in kwargs}
-            out = functions[check](
-                model,
-                scheduler,
-                forget,
-                reference,
-                conditioning=conditioning or None,
-                generator=generator(check),
-                progress=progress,
-                **{
-                    "num_inference_steps": num_inference_steps,
-                    "batch_size": batch_size,
-                    **common,
-                    **kwargs,
-                },
-            )
-        elif check == "membership":
-            if reference is None:
-                why = "no reference (non-member) images: membership inference is not measured"
-                notes[check] = why
-                out = [
-                    CheckResult(
-                        "membership",
-                        i,
-                        {
-                            "error": Estimate.missing(why, "lower"),
-                            "percentile": Estimate.missing(why, "lower"),
-                        },
-                        None,
-                        f"no verdict: {why}",
-                    )
-                    for i in range(forget.shape[0])
-                ]
-            else:
-                out = functions[check](
-                    model,
-                    scheduler,
-                    forget,
-                    reference,
-                    members=members,
-                    conditioning=conditioning or None,
-                    generator=generator(check),
-                    progress=progress,
-                    **{"batch_size": batch_size, **kwargs},
-                )
-                out = [_membership_set_level(r, members, forget.shape[0]) for r in out]
-        else:  # memorization: one prompt for the whole forget set
-            prompt = conditioning["encoder_hidden_states"]
-            null = null_conditioning["encoder_hidden_states"]
-            extra = {k: v for k, v in conditioning.items() if k != "encoder_hidden_states"}
-            extra_null = {
-                k: v for k, v in null_conditioning.items() if k != "encoder_hidden_states"
-            }
-            # every one of the DDIM steps is scored unless `num_steps` is given (the check's
-            # own default, 50 of 50, would refuse a shorter `num_inference_steps`)
-            mem_steps = kwargs.get("num_inference_steps", num_inference_steps)
-            kwargs = {"num_inference_steps": mem_steps, "num_steps": mem_steps, **kwargs}
-            resolved[check] = {"num_steps": kwargs["num_steps"]}
-            out = functions[check](
-                model,
-                scheduler,
-                (4, *shape),
-                prompt,
-                null,
-                conditioning=extra or None,
-                null_conditioning=extra_null or None,
-                generator=generator(check),
-                progress=progress,
-                **kwargs,
-            )
-        results[check] = list(out)
+        ran = run(ctx, per_check.get(check, {}))
+        results[check] = list(ran.results)
+        if ran.resolved is not None:
+            resolved[check] = ran.resolved
+        if ran.note is not None:
+            notes[check] = ran.note
         timings[check] = round(time.perf_counter() - t0, 2)
 
     ordered = [r for check in ALL_CHECKS if check in results for r in results[check]]
     config = {
         "checks": list(checks),
         "seed": int(seed),
-        "check_seeds": seeds,
+        "check_seeds": ctx.seeds,
         "num_samples": int(num_samples) if "generation" in checks else None,
         "num_inference_steps": int(num_inference_steps),
         "batch_size": int(batch_size),
         "data_range": [lo, hi],
-        "image_shape": list(shape),
-        "forget_n": int(forget.shape[0]),
-        "reference_n": 0 if reference is None else int(reference.shape[0]),
-        "members_n": 0 if members is None else int(members.shape[0]),
-        "conditioning": _conditioning_summary(conditioning),
+        "image_shape": list(ctx.shape),
+        "forget_n": int(ctx.forget.shape[0]),
+        "reference_n": 0 if ctx.reference is None else int(ctx.reference.shape[0]),
+        "members_n": 0 if ctx.members is None else int(ctx.members.shape[0]),
+        "conditioning": _conditioning_summary(ctx.conditioning),
         "options": _json_safe(per_check),
         "resolved_defaults": _json_safe(resolved),
         "model_class": type(model).__name__,
         "scheduler": type(scheduler).__name__,
         "scheduler_kind": kind,
         "prediction_type": prediction_type,
-        "device": str(model_device),
-        "dtype": str(dtype),
+        "device": str(ctx.device),
+        "dtype": str(ctx.dtype),
         "torch": torch.__version__,
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
         "notes": notes,
     }
     return AuditReport(label or type(model).__name__, ordered, config)
-
-
-def _attach_gallery(result: CheckResult, samples: Tensor) -> None:
-    """Put the gallery's images into ``result.details`` (small images only)."""
-    index = result.details.get("gallery") or []
-    if not index:
-        return
-    per_image = math.prod(samples.shape[1:])
-    if per_image > GALLERY_IMAGE_LIMIT:
-        result.details["gallery_images"] = None
-        result.details["gallery_images_note"] = (
-            f"images of {per_image} values are not stored in the report (limit "
-            f"{GALLERY_IMAGE_LIMIT}); `gallery` indexes the samples"
-        )
-        return
-    images = samples[torch.tensor(index, device=samples.device)].detach().double().cpu()
-    result.details["gallery_images"] = np.round(images.numpy(), 4).tolist()

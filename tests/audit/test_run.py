@@ -265,3 +265,11 @@ def test_parse_options_refuses_what_audit_would_refuse_naming_the_flag(item, mat
     assert str(error.value).startswith("--audit-option")
     assert parse_options(["membership.score=pia"]) == {"membership": {"score": "pia"}}
     assert check_options({"membership": {"score": "pia"}}) == {"membership": {"score": "pia"}}
+
+
+def test_every_check_has_exactly_one_runner():
+    """The dispatch table runs every check ``audit`` knows, and no other."""
+    from siss.audit.run import _INPUT_CHECKS, _RUNNERS
+
+    assert sorted(_RUNNERS) == sorted(ALL_CHECKS) and len(_RUNNERS) == len(ALL_CHECKS)
+    assert set(_INPUT_CHECKS) <= set(_RUNNERS)
