@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from siss._cli import DefaultsHelpFormatter, resolve_device
 from siss._files import write_atomically, write_json_atomically
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             "membership checks (and Wen et al.'s memorization score with --prompt) and writes "
             "audit.json, audit.md and audit.png per model, and compare.md for two or more."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--model",
@@ -302,6 +303,33 @@ def to_latents(
     )
 
 
+def check_image_shapes(
+    models: list[tuple[str, Any, Any]], images: dict[str, torch.Tensor | None], generates: bool
+) -> None:
+    """A ``ValueError`` naming the flag whose images the models cannot take: every set must have
+    ``--forget``'s shape, the models' ``in_channels``, and (for the checks that compare the
+    models' samples with them) the spatial size the models generate (``sample_size``)."""
+    given = {flag: tuple(t.shape[1:]) for flag, t in images.items() if t is not None}
+    first = given["--forget"]
+    for flag, shape in given.items():
+        if shape != first:
+            raise ValueError(f"{flag}: images of shape {shape}; --forget holds {first}")
+    for raw, model, _ in models:
+        config = model.config
+        channels = getattr(config, "in_channels", None)
+        if isinstance(channels, int) and first[0] != channels:
+            raise ValueError(
+                f"--forget: images with {first[0]} channels; --model {raw} takes {channels}"
+            )
+        size = getattr(config, "sample_size", None)
+        size = (size, size) if isinstance(size, int) else size
+        if generates and isinstance(size, list | tuple) and tuple(first[1:]) != tuple(size):
+            raise ValueError(
+                f"--forget: images of {first[1]}x{first[2]}; --model {raw} generates "
+                f"{size[0]}x{size[1]} (its config's sample_size): give images of that size"
+            )
+
+
 def latent_range(*parts: torch.Tensor | None) -> tuple[float, float]:
     """The audit's data range in latent space: ``(-b, b)`` with ``b`` the largest absolute
     latent value rounded up to an integer (at least 1)."""
@@ -421,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(args.option)
     except ValueError as err:
         _fail(parser, str(err))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        _fail(parser, str(err))
     scheduler_path = Path(args.scheduler) if args.scheduler else None
     out = Path(args.out)
 
@@ -451,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             if members is not None:
                 members = to_latents(members, "--members", vae, channels, args.seed + 2, device)
             audit_range = latent_range(forget, reference, members)
+        check_image_shapes(
+            models,
+            {"--forget": forget, "--reference": reference, "--members": members},
+            generates=not args.checks or bool({"generation", "memorization"} & set(args.checks)),
+        )
         text_models = [raw for raw, model, _ in models if is_text_conditional(model)]
         if args.prompt is not None and len(text_models) < len(models):
             plain = next(raw for raw, *_ in models if raw not in text_models)

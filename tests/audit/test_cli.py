@@ -202,3 +202,45 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
     assert any(list(line.get_xdata()) == [1.0, 1.0] for line in membership.get_lines())
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert "no reference values stored" in texts and "no likelihood check in this audit" in texts
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--device", "cuda"], "--device cuda: CUDA is not available"),
+        (["--device", "tpu"], "--device tpu: not a torch device"),
+        (["--samples", "0"], "--samples must be >= 1, got 0"),
+        (["--forget", "WRONG"], "--forget: images of 16x16; --model"),
+        (["--reference", "WRONG"], "--reference: images of shape (1, 16, 16); --forget holds"),
+    ],
+    ids=["no-cuda", "bad-device", "samples", "forget-size", "reference-size"],
+)
+def test_bad_input_is_named_with_exit_2_and_nothing_written(folders, capsys, flags, named):
+    """Each bad value is refused naming its flag before an audit runs: exit code 2, and the
+    output folder is not created."""
+    if flags[0] == "--device" and flags[1] == "cuda" and torch.cuda.is_available():
+        flags = ["--device", "cuda:999"]
+        named = "--device cuda:999: this machine has"
+    tmp, first, _ = folders
+    torch.save(torch.rand(1, 1, 16, 16), tmp / "big.pt")
+    images = {"--forget": str(tmp / "forget.pt"), "--reference": str(tmp / "ref.safetensors")}
+    if flags == ["--forget", "WRONG"]:  # both sets 16x16 for a model that generates 8x8
+        flags = ["--forget", str(tmp / "big.pt"), "--reference", str(tmp / "big.pt")]
+    if flags == ["--reference", "WRONG"]:
+        flags = ["--reference", str(tmp / "big.pt")]
+    out = tmp / "out"
+    argv = ["--model", str(first), "--out", str(out), *(x for pair in images.items() for x in pair)]
+    argv += [*CHEAP, *flags]  # the last value of a flag wins
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_help_states_real_defaults_only(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: 1000)" in text  # --samples
