@@ -27,6 +27,8 @@ import torch.distributed as dist
 
 from siss._checks import check_index
 
+__all__ = ["BatchPlan", "derived_seed", "paired_batches", "rank_generator"]
+
 KeepBatch = TypeVar("KeepBatch")
 ForgetBatch = TypeVar("ForgetBatch")
 

@@ -429,8 +429,8 @@ class Unlearner:
         >>> config = UnlearningConfig(calibration_batches=1, max_train_steps=2)
         >>> unlearner = Unlearner(unet, DDPMScheduler(), config, n=101, k=1)
         >>> keep, forget = torch.randn(4, 1, 8, 8), torch.ones(1, 1, 8, 8)
-        >>> [unlearner.step(keep, forget).calibrating for _ in range(3)]
-        [True, False, False]
+        >>> tuple(unlearner.step(keep, forget).calibrating for _ in range(3))
+        (True, False, False)
         >>> unlearner.optimizer_steps
         2
     """

@@ -87,8 +87,8 @@ RULES: Mapping[str, MethodRules] = MappingProxyType(
 commands (``MethodRules``).
 
 Example:
-    >>> [name for name, rules in RULES.items() if rules.teacher]
-    ['siss']
+    >>> ", ".join(name for name, rules in RULES.items() if rules.teacher)
+    'siss'
 """
 
 METHODS: tuple[str, ...] = tuple(RULES)

@@ -491,7 +491,7 @@ def test_bilevel_dot_product_in_float64_for_a_float64_model():
 
 
 def test_median_gradient_norm_is_the_median_of_the_global_norms():
-    from siss import median_gradient_norm
+    from siss.functional import median_gradient_norm
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2).double()
@@ -506,7 +506,7 @@ def test_median_gradient_norm_is_the_median_of_the_global_norms():
 
 
 def test_median_gradient_norm_errors_name_the_problem():
-    from siss import median_gradient_norm
+    from siss.functional import median_gradient_norm
 
     model = torch.nn.Linear(3, 1)
     with pytest.raises(ValueError, match="at least one loss"):

@@ -13,9 +13,9 @@ negatives) and Python / numpy scalars of the right and wrong type and range. The
 The one documented exception: with value checks off (the default, no host syncs), a NaN or inf
 *value* in a tensor argument, or values so large that float32 squared errors overflow (|v| > 1e15
 here), may give a non-finite loss. Every test also runs a share of its draws under
-``siss.set_validate_values(True)``, where that exception is gone: such inputs raise a named error.
-Draws whose arguments are all plainly valid ("clean") must succeed, so a function that rejected
-everything would fail here.
+``siss.debug.set_validate_values(True)``, where that exception is gone: such inputs raise a named
+error. Draws whose arguments are all plainly valid ("clean") must succeed, so a function that
+rejected everything would fail here.
 
 The default run is seeded (conftest's derandomized "siss" profile) and small (about 600 examples
 in all, ~20 s). ``SISS_FUZZ_SCALE`` multiplies every test's example count; a nightly run::
@@ -37,8 +37,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import siss
-from siss import METHODS, NoiseSchedule, NormBalancer, importance_weights, make_loss, mixture_sample
+from siss import METHODS, NoiseSchedule, NormBalancer, make_loss
+from siss.debug import set_validate_values
+from siss.functional import importance_weights, mixture_sample
 
 NAMED = re.compile(r"`[A-Za-z_][A-Za-z0-9_.\[\]'\"]*`")
 LARGE = 1e15  # beyond this, float32 squared errors may overflow (documented)
@@ -230,7 +231,7 @@ def expected_dtype(*tensors_: torch.Tensor) -> torch.dtype:
 @given(loss_problems())
 def test_losses_sample_and_terms(problem):
     """make_loss -> sample -> terms, every method: a documented result or a named error."""
-    with siss.set_validate_values(problem["validate"]):
+    with set_validate_values(problem["validate"]):
         built, loss_fn = outcome(
             lambda: make_loss(
                 problem["name"], SCHEDULES[problem["schedule"]](), **problem["kwargs"]
@@ -325,7 +326,7 @@ def _clean_rows(problem: dict[str, Any]) -> bool:
 def test_importance_weights(problem):
     """Finite weights in [0, bound] for finite inputs of any size, or a named error."""
     kwargs = {k: v for k, v in problem.items() if k != "validate"}
-    with siss.set_validate_values(problem["validate"]):
+    with set_validate_values(problem["validate"]):
         ok, result = outcome(lambda: importance_weights(**kwargs))
     clean = _clean_rows(problem) and type(problem["lam"]) is float and 0 <= problem["lam"] <= 1
     if not ok:
@@ -346,7 +347,7 @@ def test_importance_weights(problem):
 @given(weight_problems(), st.integers(0, 2**16))
 def test_mixture_sample(problem, seed):
     kwargs = {k: problem[k] for k in ("x0", "a0", "gamma", "sigma", "lam")}
-    with siss.set_validate_values(problem["validate"]):
+    with set_validate_values(problem["validate"]):
         ok, result = outcome(
             lambda: mixture_sample(**kwargs, generator=torch.Generator().manual_seed(seed))
         )

@@ -8,8 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from siss import paired_batches, rank_generator
-from siss.loop import BatchPlan, derived_seed
+from siss.loop import BatchPlan, derived_seed, paired_batches, rank_generator
 
 
 def test_one_forget_image_pairs_with_every_keep_batch():

@@ -18,7 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from siss import NoiseSchedule, SISSLoss, importance_weights
+from siss import NoiseSchedule, SISSLoss
+from siss.functional import importance_weights
 
 Z_LOSS = 4.5  # one z-test on the loss: false-alarm probability 7e-6
 BATCHES, ROWS = 200, 128
@@ -457,7 +458,7 @@ def test_row_weights_are_checked(alphas_cumprod):
 
 
 def test_validation_switch_names_non_finite_values(alphas_cumprod):
-    import siss
+    import siss.debug
 
     loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
     x0 = torch.randn(4, 3)
@@ -465,7 +466,7 @@ def test_validation_switch_names_non_finite_values(alphas_cumprod):
     bad[1, 2] = float("nan")
     draw = loss_fn.sample(bad, x0)  # off by default: no host sync, NaN propagates (documented)
     assert torch.isnan(loss_fn(torch.randn(4, 3), draw))
-    with siss.set_validate_values(True):
+    with siss.debug.set_validate_values(True):
         with pytest.raises(ValueError, match="`x0`"):
             loss_fn.sample(bad, x0)
         draw = loss_fn.sample(x0, x0 + 1)
@@ -475,7 +476,7 @@ def test_validation_switch_names_non_finite_values(alphas_cumprod):
         draw = loss_fn.sample(huge, -huge)
         with pytest.raises(ValueError, match="overflow"):
             loss_fn(torch.zeros(4, 3), draw)
-    assert not siss.validate_values_enabled()
+    assert not siss.debug.validate_values_enabled()
 
 
 def test_min_snr_weighting_at_zero_snr_is_finite():
@@ -593,7 +594,7 @@ def test_teacher_keep_target_errors(alphas_cumprod):
     loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1, n=10, k=1)
     with pytest.raises(ValueError, match="`teacher_output` must have the shape"):
         loss_fn.terms(torch.zeros(3, 4), draw, teacher_output=torch.zeros(3, 5))
-    import siss
+    import siss.debug
 
-    with siss.set_validate_values(True), pytest.raises(ValueError, match="`teacher_output`"):
+    with siss.debug.set_validate_values(True), pytest.raises(ValueError, match="`teacher_output`"):
         loss_fn.terms(torch.zeros(3, 4), draw, teacher_output=torch.full((3, 4), float("nan")))

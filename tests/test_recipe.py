@@ -211,9 +211,10 @@ def test_calibration_measures_without_training_then_the_balancer_is_held():
 
 
 def test_calibrated_scale_is_the_median_naive_deletion_gradient_norm():
-    """The scale equals ``siss.median_gradient_norm`` of the same draws' noise-target keep terms."""
-    from siss import median_gradient_norm
+    """The scale equals ``siss.functional.median_gradient_norm`` of the same draws'
+    noise-target keep terms."""
     from siss.adapters import adapter_for
+    from siss.functional import median_gradient_norm
 
     unet = tiny_unet()
     reference = copy.deepcopy(unet)
@@ -356,3 +357,99 @@ def test_balancer_state_round_trips():
     again.load_state_dict(state)
     assert torch.equal(again.coefficient, balancer.coefficient)
     assert again.state_dict()["since_refresh"] == 1
+
+
+# --- fp16 loss scaling -------------------------------------------------------------------------
+
+
+class _ScalingAccelerator:
+    """What ``Unlearner`` uses of an fp16 ``accelerate.Accelerator``, around torch's own
+    ``GradScaler`` (accelerate gives none on the CPU): the scaled backward, and an optimizer
+    whose ``step`` is the scaler's step and update, as ``AcceleratedOptimizer``'s is."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    def __init__(self, scale: float) -> None:
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+
+    def backward(self, loss, **kwargs):
+        self.scaler.scale(loss).backward(**kwargs)
+
+    def accumulate(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.scaler.unscale_(self.optimizer.inner)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def prepare(self, optimizer):
+        scaler = self.scaler
+
+        class Stepping:
+            inner = optimizer
+            state = optimizer.state
+            param_groups = optimizer.param_groups
+
+            def step(self):
+                scaler.step(optimizer)
+                scaler.update()
+
+            def zero_grad(self, set_to_none=True):
+                optimizer.zero_grad(set_to_none=set_to_none)
+
+        self.optimizer = Stepping()
+        return self.optimizer
+
+    def register_for_checkpointing(self, obj):
+        pass
+
+
+def test_fp16_loss_scaling_leaves_the_calibrated_update_unchanged_and_skips_overflows():
+    """The absolute rule's target carries the loss scale, so a scaled run moves the weights as
+    an unscaled one does; a step with non-finite gradients moves nothing, keeps the optimizer
+    state, and lowers the scale by the backoff factor, as GradScaler does on an overflow."""
+    config = UnlearningConfig(
+        calibration_batches=2, balance_every=1, learning_rate=1e-3, lr_scheduler="constant"
+    )
+    data = batches(4)
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    plain_model, scaled_model = tiny_unet(), tiny_unet()
+    plain = Unlearner(plain_model, scheduler(), config, n=101, k=1)
+    accelerator = _ScalingAccelerator(scale=2.0**10)
+    inner = torch.optim.AdamW(scaled_model.parameters(), lr=1e-3, weight_decay=0.0)
+    scaled = Unlearner(
+        scaled_model,
+        scheduler(),
+        config,
+        n=101,
+        k=1,
+        accelerator=accelerator,
+        optimizer=accelerator.prepare(inner),
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(inner, lambda _: 1.0),
+    )
+    for (x0, a0), generator in zip(data, generators, strict=True):
+        plain.step(x0, a0, generator=generator)
+    for (x0, a0), generator in zip(data, [torch.Generator().manual_seed(i) for i in range(4)]):
+        scaled.step(x0, a0, generator=generator)
+    assert scaled.scale == pytest.approx(plain.scale, rel=1e-6)
+    torch.testing.assert_close(flat(scaled_model), flat(plain_model), rtol=1e-5, atol=1e-7)
+
+    before, state = flat(scaled_model), copy.deepcopy(scaled.optimizer.inner.state_dict())
+    scale = accelerator.scaler.get_scale()
+    x0, a0 = data[0]
+    result = scaled.step(x0 * float("nan"), a0)
+    assert result.skipped and result.optimizer_step
+    assert torch.equal(flat(scaled_model), before)
+    assert accelerator.scaler.get_scale() == scale * accelerator.scaler.get_backoff_factor()
+    after = scaled.optimizer.inner.state_dict()["state"]
+    assert all(torch.equal(after[i]["exp_avg"], state["state"][i]["exp_avg"]) for i in after)
+    result = scaled.step(x0, a0)
+    assert not result.skipped and not torch.equal(flat(scaled_model), before)

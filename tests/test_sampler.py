@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from siss import mixture_sample
+from siss.functional import mixture_sample
 
 Z_MAX = 4.5  # two-sided z bound; false-alarm probability ~7e-6 per check, and runs are seeded
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from siss import prediction_target
+from siss.functional import prediction_target
 
 
 def inputs():

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from siss import importance_weights, log_density_ratio, mixture_sample
+from siss.functional import importance_weights, log_density_ratio, mixture_sample
 
 TOLERANCE = 1e-4  # the bar, on (1-λ)|w_x - ref| and λ|w_a - ref|
 IMAGE = (3, 256, 256)

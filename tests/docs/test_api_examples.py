@@ -25,7 +25,16 @@ from types import ModuleType
 
 import pytest
 
-PACKAGES = ("siss", "siss.adapters", "siss.metrics", "siss.audit", "siss.sequential")
+PACKAGES = (
+    "siss",
+    "siss.functional",
+    "siss.loop",
+    "siss.debug",
+    "siss.adapters",
+    "siss.metrics",
+    "siss.audit",
+    "siss.sequential",
+)
 
 # Public objects without a runnable example yet, and why (2026-11-23). Remove an entry when its
 # example lands.
