@@ -55,10 +55,10 @@ class set_validate_values:
 
     Example:
         >>> import siss
-        >>> with siss.set_validate_values(True):
-        ...     siss.validate_values_enabled()
+        >>> with siss.debug.set_validate_values(True):
+        ...     siss.debug.validate_values_enabled()
         True
-        >>> siss.validate_values_enabled()
+        >>> siss.debug.validate_values_enabled()
         False
     """
 

@@ -413,7 +413,7 @@ class SISSLoss(UnlearningLoss):
         prediction_type: ``"epsilon"``, ``"v_prediction"``, ``"sample"`` or
             ``"flow_prediction"``; each term regresses on its own clean point's target.
         max_weight: cap on the weight that is unbounded at ``λ = 0`` or ``λ = 1``
-            (see ``siss.importance_weights``; what then holds: ``siss_terms``).
+            (see ``siss.functional.importance_weights``; what then holds: ``siss_terms``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
         snr_gamma: min-SNR-γ loss weighting of each row by its timestep, as diffusers'
             ``--snr_gamma`` (``min(SNR, γ)/SNR`` for epsilon, ``/(SNR+1)`` for v-prediction);

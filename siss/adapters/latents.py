@@ -31,7 +31,8 @@ def encode_latents(vae: Any, images: Tensor, generator: torch.Generator | None =
         TypeError, ValueError: naming ``vae``, ``images`` or ``generator`` when they cannot go
             through the encoder (not a VAE; integer pixels; not ``(B, C, H, W)`` with the VAE's
             ``in_channels`` and a size divisible by its downsampling factor; on the meta device).
-            NaN or inf pixels give NaN latents unless ``siss.set_validate_values(True)`` is on.
+            NaN or inf pixels give NaN latents unless
+            ``siss.debug.set_validate_values(True)`` is on.
 
     Example:
         >>> from diffusers import AutoencoderKL

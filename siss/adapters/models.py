@@ -35,9 +35,9 @@ Errors: before the model is called, ``loss`` checks what the model family needs 
 with the model's ``in_channels``, a spatial size the model can take, the model's device and dtype,
 conditioning rows, shapes and dtypes) and raises a ``ValueError``/``TypeError`` naming the
 argument, rather than letting a shape error escape from a kernel. NaN or inf *values* in ``x0``,
-``a0`` or the conditioning propagate to a NaN loss unless ``siss.set_validate_values(True)`` is in
-force; then they, and a non-finite model prediction from finite inputs, raise a ``ValueError``
-naming the input.
+``a0`` or the conditioning propagate to a NaN loss unless
+``siss.debug.set_validate_values(True)`` is in force; then they, and a non-finite model
+prediction from finite inputs, raise a ``ValueError`` naming the input.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def eps_from_prediction(
     Args:
         prediction, noisy: ``(B, ...)``.
         gamma, sigma: ``(B,)``, or already broadcastable to ``noisy`` (``(B, 1, ..., 1)``, 0-dim).
-        prediction_type: one of ``siss.PREDICTION_TYPES``.
+        prediction_type: one of ``siss.functional.PREDICTION_TYPES``.
 
     Returns:
         ``(B, ...)`` in float32 (float64 if an input is float64).

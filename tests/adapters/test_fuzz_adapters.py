@@ -10,8 +10,8 @@ message names an argument that was actually bad (never an ``IndexError``, ``Attr
 Each strategy draws a value together with whether it is bad, so a call with only good arguments
 must succeed and a call with bad ones must name one of them. Non-finite input VALUES (NaN, inf)
 and finite ones large enough to overflow float32 inside the model (1e30) may propagate to a NaN
-loss by design; they are asserted only under ``siss.set_validate_values(True)``, which must turn
-them into a named ``ValueError``.
+loss by design; they are asserted only under ``siss.debug.set_validate_values(True)``, which
+must turn them into a named ``ValueError``.
 
 Core defects found by this fuzz (fixed in ``siss/``) are pinned at the end (``CORE_FINDS``): each
 calls the core directly and must get a named error.
@@ -43,7 +43,7 @@ from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 import siss
-from siss import PREDICTION_TYPES, NegGradLoss, NoiseSchedule, SISSLoss, UnlearningLoss
+from siss import NegGradLoss, NoiseSchedule, SISSLoss, UnlearningLoss
 from siss.adapters import (
     UNet2DAdapter,
     UNet2DConditionAdapter,
@@ -55,6 +55,7 @@ from siss.adapters import (
     trainable_parameters,
 )
 from siss.adapters.schedulers import FLOW_SCHEDULERS, VP_SCHEDULERS
+from siss.functional import PREDICTION_TYPES
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -589,7 +590,7 @@ def _loss(method: str) -> UnlearningLoss:
 
 def _run_loss(adapter, method: str, args: dict[str, Arg], special: tuple[str, str] | None) -> None:
     """One ``adapter.loss`` call against the contract (and, for non-finite or huge values, again
-    under ``siss.set_validate_values(True)``)."""
+    under ``siss.debug.set_validate_values(True)``)."""
     bad = {name for name, arg in args.items() if arg.bad}
     conditioning = {
         name: arg.value
@@ -624,7 +625,7 @@ def _run_loss(adapter, method: str, args: dict[str, Arg], special: tuple[str, st
         _named(error, set(args))
     kind, name = special
     event(f"{kind} values in {name}")
-    with siss.set_validate_values(True):
+    with siss.debug.set_validate_values(True):
         try:
             terms = call()
         except ValueError as error:
@@ -802,7 +803,7 @@ def test_encode_latents(data):
             _named(error, {"images"})
         event(f"{special} values")
         if special != "huge":
-            with siss.set_validate_values(True), pytest.raises(ValueError, match="images"):
+            with siss.debug.set_validate_values(True), pytest.raises(ValueError, match="images"):
                 call()
         return
     latents = _call(call, {bad} - {None})
