@@ -18,9 +18,9 @@ run cut off by a time limit resumes where it stopped. Plan on an H100 (estimates
 the measured wall times the JSON records): ``timing`` ~6 min, ``sweep`` ~2 min, ``memory`` ~1 min,
 ``compile`` ~4 min, ``syncs`` < 1 min, ``bf16`` ~5 min.
 
-    python benchmarks/gpu.py --out benchmarks/results/gpu.json --sections timing sweep memory
-    python benchmarks/gpu.py --out benchmarks/results/gpu.json --sections compile syncs bf16
-    python benchmarks/gpu.py --smoke --device cpu --out /tmp/smoke.json   # checks the script only
+    python -m benchmarks.gpu --out benchmarks/results/gpu.json --sections timing sweep memory
+    python -m benchmarks.gpu --out benchmarks/results/gpu.json --sections compile syncs bf16
+    python -m benchmarks.gpu --smoke --device cpu --out /tmp/smoke.json   # checks the script only
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -41,11 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from methods import authors_surgery, spread
-from workloads import WORKLOADS, Workload, build
-
+from benchmarks.methods import authors_surgery, spread
+from benchmarks.workloads import WORKLOADS, Workload, build
 from siss import NormBalancer, SISSLoss
 from siss._files import write_json_atomically
 from siss.adapters import adapter_for, loss_from_scheduler
@@ -63,7 +59,9 @@ TARGETS = {  # issue 12, on the SD-1.5 UNet
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON file (sections merge in)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

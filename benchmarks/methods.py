@@ -31,8 +31,8 @@ allocation and free of forward and backward; it runs in separate, untimed steps 
 tracker slows execution. At a small batch gradients rather than activations dominate, which is
 where gradient copies show.
 
-    python benchmarks/methods.py                    # CPU, 32x32x3, batch 16
-    python benchmarks/methods.py --device cuda --batch-size 64 --resolution 64 --rounds 15
+    python -m benchmarks.methods                    # CPU, 32x32x3, batch 16
+    python -m benchmarks.methods --device cuda --batch-size 64 --resolution 64 --rounds 15
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from step_time import make_model  # the same small UNet2DModel as the step-time benchmark
 
+from benchmarks.step_time import make_model  # the same small UNet2DModel as the step-time benchmark
 from siss import SISSLoss, Unlearner, UnlearningConfig
 from siss.balancer import NormBalancer
 from siss.baselines import SISSNoISLoss
@@ -58,7 +58,9 @@ METHODS = ("plain", "siss", "siss-nois", "balanced", "amortized", "authors", "te
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.methods",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -5,8 +5,8 @@ plain denoising fine-tuning step costs. This script times both on a small ``UNet
 ``DDPMScheduler``, interleaved pair by pair so that machine noise hits both alike, and prints the
 medians, their spread and the SISS/plain ratio (target <= 1.05).
 
-    python benchmarks/step_time.py                  # CPU, 32x32x3, batch 16
-    python benchmarks/step_time.py --device cuda --batch-size 64 --resolution 64
+    python -m benchmarks.step_time                  # CPU, 32x32x3, batch 16
+    python -m benchmarks.step_time --device cuda --batch-size 64 --resolution 64
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from siss import SISSLoss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.step_time", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=32)

@@ -1,6 +1,6 @@
 """The digits audit's inputs and its member/non-member pair (docs/audit.md, "Ground truth").
 
-    python examples/audit_digits.py --out outputs/audit/data
+    python -m examples.audit_digits --out outputs/audit/data
     python -m siss.audit --model examples/assets/pretrained --model examples/assets/retrain \\
         --forget outputs/audit/data/tshirt.pt --reference outputs/audit/data/tshirt_variants.pt \\
         --out outputs/audit
@@ -27,17 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import load_digit_classes, make_tshirt, make_tshirt_variants
-
+from examples.digits import load_digit_classes, make_tshirt, make_tshirt_variants
 from siss._files import atomic_path
 
 MEMBERSHIP_MODEL = Path(__file__).resolve().parent / "assets" / "membership"
@@ -127,8 +123,9 @@ def train_membership_model(
     ``out`` (weights as safetensors, the scheduler, ``training_info.json`` with the split and
     :func:`membership_auc`) atomically. Returns the training info.
     """
-    from pretrain import _save_atomically, build_scheduler
     from tqdm.auto import tqdm
+
+    from examples.pretrain import _save_atomically, build_scheduler
 
     members, nonmembers, member_index, nonmember_index = membership_split(count, seed)
     torch.manual_seed(seed)  # the UNet's initialisation
@@ -156,7 +153,7 @@ def train_membership_model(
     unet.eval()
     info = {
         "purpose": "membership-inference ground truth: members vs non-members of one distribution",
-        "command": f"python examples/audit_digits.py --train-membership {out}",
+        "command": f"python -m examples.audit_digits --train-membership {out}",
         "args": {"count": count, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed},
         "split": {
             "source": "sklearn digits (1,797), 16x16 in [-1, 1]",
@@ -222,7 +219,9 @@ def reference_figure(path: Path, variants: torch.Tensor, shown: int = 12) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m examples.audit_digits",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("outputs/audit/data"), help="output folder")
     p.add_argument(

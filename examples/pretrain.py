@@ -20,11 +20,11 @@ Run from the repository root. Each run is about 23 minutes of CPU time on one th
 4000 training steps (141 epochs) plus 5 for the 2000-sample evaluation; the shipped
 checkpoints took 42 minutes of wall time each, run side by side on a busy 2-core machine::
 
-    python examples/pretrain.py                      # -> examples/assets/pretrained/
-    python examples/pretrain.py --exclude-outlier    # -> examples/assets/retrain/
-    python examples/pretrain.py --eval-only --output-dir examples/assets/pretrained
-    python examples/pretrain.py --process flow       # -> examples/assets/flow-pretrained/
-    python examples/pretrain.py --process flow --exclude-outlier   # -> .../flow-retrain/
+    python -m examples.pretrain                      # -> examples/assets/pretrained/
+    python -m examples.pretrain --exclude-outlier    # -> examples/assets/retrain/
+    python -m examples.pretrain --eval-only --output-dir examples/assets/pretrained
+    python -m examples.pretrain --process flow       # -> examples/assets/flow-pretrained/
+    python -m examples.pretrain --process flow --exclude-outlier   # -> .../flow-retrain/
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -48,12 +47,9 @@ from diffusers import (
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import load_training_set, to_unit_range
-
-from siss import rank_generator
+from examples.digits import load_training_set, to_unit_range
 from siss._files import atomic_folder
+from siss.loop import rank_generator
 from siss.metrics import (
     DigitClassifier,
     default_threshold,
@@ -408,7 +404,9 @@ def is_near(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.pretrain", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--exclude-outlier", action="store_true", help="train the retrain model")
     p.add_argument(
         "--process",

@@ -17,9 +17,9 @@ after every request (the model, then the queue file); ``--resume`` continues at 
 request and refuses a folder made with other flags, naming them. Writes ``table.md``,
 ``sequential.png`` and ``queue.json``; ``--docs DIR`` copies the table and plot there.
 
-    python examples/sequential.py                        # 5 requests x 60 steps
-    python examples/sequential.py --resume --output-dir outputs/sequential/siss-lam0.5-seed0
-    python examples/sequential.py --docs docs/results    # + docs/results/sequential.{md,png}
+    python -m examples.sequential                        # 5 requests x 60 steps
+    python -m examples.sequential --resume --output-dir outputs/sequential/siss-lam0.5-seed0
+    python -m examples.sequential --docs docs/results    # + docs/results/sequential.{md,png}
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,17 +36,15 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import SHAPES, load_shapes_training_set, to_unit_range
-from pretrain import (
+from examples.digits import SHAPES, load_shapes_training_set, to_unit_range
+from examples.pretrain import (
     PRECISIONS,
     SAMPLERS,
     is_near,
     load_scheduler,
     sample_images,
 )
-from unlearn import (
+from examples.unlearn import (
     DRAWS,
     LR_SCHEDULES,
     METHOD_NAMES,
@@ -59,9 +56,9 @@ from unlearn import (
     resolve_keep_target,
     resolve_process,
 )
-
-from siss import BatchPlan, Unlearner, derived_seed
+from siss import Unlearner
 from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
+from siss.loop import BatchPlan, derived_seed
 from siss.metrics import fid_score, generation_rate, is_score
 from siss.sequential import QualityBand, RequestQueue, forgetting_flags
 
@@ -72,7 +69,9 @@ NOT_SETTINGS = {"output_dir", "resume", "stop_after_requests", "docs", "threads"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m examples.sequential",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, default=ASSETS / "shapes-pretrained")
     p.add_argument(

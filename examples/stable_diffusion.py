@@ -18,12 +18,12 @@ names a local CLIP folder. ``--prompts FILE`` does all of it for every prompt of
 text, JSONL, Wen et al.'s ``sdv1_500_memorized.jsonl`` or Webster's ground-truth parquet) and
 writes one summary table. Tutorial: docs/stable_diffusion.md.
 
-    python examples/stable_diffusion.py --model CompVis/stable-diffusion-v1-4 \\
+    python -m examples.stable_diffusion --model CompVis/stable-diffusion-v1-4 \\
         --prompt "Mothers influence on her young hippo" \\
         --train-prompt "Mothers influence on ''her young hippo" --out outputs/sd/hippo
-    python examples/stable_diffusion.py split --tightness 0.3 ...   # one stage, same flags
-    accelerate launch --num_processes 4 examples/stable_diffusion.py --model ... --out ...
-    python examples/stable_diffusion.py --prompts sdv1_500_memorized.jsonl --model ... --out ...
+    python -m examples.stable_diffusion split --tightness 0.3 ...   # one stage, same flags
+    accelerate launch --num_processes 4 -m examples.stable_diffusion --model ... --out ...
+    python -m examples.stable_diffusion --prompts sdv1_500_memorized.jsonl --model ... --out ...
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog="python -m examples.stable_diffusion",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=HelpFormatter,

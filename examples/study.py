@@ -18,10 +18,10 @@ rectified-flow pair of ``pretrain.py --process flow`` (the process is read from 
 scheduler configs; both must share it); its output goes to ``outputs/study-<pretrained folder>``
 unless ``--output-dir`` says otherwise, and the table's header names the process.
 
-    python examples/study.py --seeds 0 1 2                  # ~4 h on 2 CPU cores
-    python examples/study.py --seeds 0 --methods siss-0.5 naive --docs docs/results
-    python examples/study.py --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
-    python examples/study.py --pretrained examples/assets/flow-pretrained \
+    python -m examples.study --seeds 0 1 2                  # ~4 h on 2 CPU cores
+    python -m examples.study --seeds 0 --methods siss-0.5 naive --docs docs/results
+    python -m examples.study --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
+    python -m examples.study --pretrained examples/assets/flow-pretrained \
         --retrain examples/assets/flow-retrain    # -> outputs/study-flow-pretrained
 """
 
@@ -31,21 +31,14 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from siss._files import atomic_path, write_json_atomically
-from siss.audit import ALL_CHECKS
-from siss.metrics import proportion_ci
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import load_training_set
-from pretrain import (
+from examples.digits import load_training_set
+from examples.pretrain import (
     DEFAULT_EVAL_STEPS,
     PRECISIONS,
     check_sampler,
@@ -54,9 +47,20 @@ from pretrain import (
     load_scheduler,
     sample_images,
 )
-from training_state import write_tensors_atomically
-from unlearn import ASSETS, DRAWS, METHOD_REFUSALS, PROCESS_NAMES, Evaluator, audit_run, run
-from unlearn import parse_args as unlearn_args
+from examples.training_state import write_tensors_atomically
+from examples.unlearn import (
+    ASSETS,
+    DRAWS,
+    METHOD_REFUSALS,
+    PROCESS_NAMES,
+    Evaluator,
+    audit_run,
+    run,
+)
+from examples.unlearn import parse_args as unlearn_args
+from siss._files import atomic_path, write_json_atomically
+from siss.audit import ALL_CHECKS
+from siss.metrics import proportion_ci
 
 # label: (unlearn.py flags, steps); steps as in the paper's Table 2
 METHODS: dict[str, tuple[list[str], int]] = {
@@ -102,7 +106,9 @@ PAPER = {  # Table 2 of the paper: steps, IS, NLL (bits/dim), p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m examples.study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
@@ -300,7 +306,7 @@ def check_pair(args: argparse.Namespace) -> None:
                 raise SystemExit(
                     f"{args.output_dir} holds runs trained with keep rows drawn with "
                     "replacement, by an older unlearn.py; this one draws them in shuffled epochs "
-                    "(siss.BatchPlan): choose another --output-dir"
+                    "(siss.loop.BatchPlan): choose another --output-dir"
                 )
             values = ", ".join(
                 f"{key} {saved.get(key, 'default')} there, {pair.get(key, 'default')} now"

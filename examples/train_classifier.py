@@ -8,13 +8,12 @@ accuracy on a stratified held-out split and writes the weights atomically to
 ``examples/assets/digit_classifier.safetensors``. It takes well under a minute on one CPU
 thread::
 
-    python examples/train_classifier.py
+    python -m examples.train_classifier
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import load_digit_classes
-
+from examples.digits import load_digit_classes
 from siss._files import atomic_path
 from siss.metrics import DigitClassifier
 
@@ -76,7 +72,9 @@ def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.train_classifier", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)

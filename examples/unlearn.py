@@ -11,7 +11,7 @@ the probability-flow ODE, and the sample quality (IS- and FID-style scores under
 classifier); ``--eval-every N`` also tracks the T-shirt rate every N steps. Checkpoints are
 written atomically in safetensors; a run that is interrupted and restarted with ``--resume`` ends
 with the same weights as an uninterrupted one. The learning rate follows a cosine schedule to 0
-(``--lr-schedule``) and the keep rows come in shuffled epochs (``siss.BatchPlan``), as in the
+(``--lr-schedule``) and the keep rows come in shuffled epochs (``siss.loop.BatchPlan``), as in the
 pretraining. SISS's keep term matches a frozen copy of the pretrained model instead of the drawn
 noise (``--keep-target teacher``, the default): the same expected gradient, without the noise
 that fine-tuning otherwise follows away from the model, which doubled the FID-style score of every
@@ -29,11 +29,11 @@ flow runs from the most noise (index 0) to the least. Every method runs on flow 
 refused by name: its uniform targets are targets for predicted noise, which a flow model does
 not predict.
 
-    python examples/unlearn.py --method siss --lam 0.5 --steps 300
-    python examples/unlearn.py --audit            # + generation, reconstruction, membership audit
-    python examples/unlearn.py --method neggrad --steps 100 --output-dir outputs/neggrad
-    python examples/unlearn.py --resume --output-dir outputs/unlearn/siss-lam0.5-seed0
-    python examples/unlearn.py --checkpoint examples/assets/flow-pretrained   # rectified flow
+    python -m examples.unlearn --method siss --lam 0.5 --steps 300
+    python -m examples.unlearn --audit            # + generation, reconstruction, membership audit
+    python -m examples.unlearn --method neggrad --steps 100 --output-dir outputs/neggrad
+    python -m examples.unlearn --resume --output-dir outputs/unlearn/siss-lam0.5-seed0
+    python -m examples.unlearn --checkpoint examples/assets/flow-pretrained   # rectified flow
 """
 
 from __future__ import annotations
@@ -51,10 +51,8 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from digits import load_training_set, to_unit_range
-from pretrain import (
+from examples.digits import load_training_set, to_unit_range
+from examples.pretrain import (
     DEFAULT_EVAL_STEPS,
     PRECISIONS,
     SAMPLERS,
@@ -64,11 +62,11 @@ from pretrain import (
     process_of,
     sample_images,
 )
-from training_state import latest_checkpoint, load_checkpoint, save_checkpoint
-
-from siss import RULES, BatchPlan, StepResult, Unlearner, UnlearningConfig
+from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from siss import RULES, StepResult, Unlearner, UnlearningConfig
 from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
+from siss.loop import BatchPlan
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
 from siss.recipe import KEEP_TARGETS, LR_SCHEDULERS
 
@@ -89,7 +87,7 @@ CONFIG_FLAGS = {
     "adam_weight_decay": "--lr",
 }
 # How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
-DRAWS = "siss.BatchPlan: keep rows in shuffled epochs"
+DRAWS = "siss.loop.BatchPlan: keep rows in shuffled epochs"
 
 # --audit's default checks: those that separate pretrained from retrain in seconds to about a
 # minute each on a CPU (docs/audit.md); the likelihood check alone takes about 3 minutes a model.
@@ -103,7 +101,9 @@ PROCESS_NAMES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m examples.unlearn",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, default=ASSETS / "pretrained")
     p.add_argument("--method", choices=METHOD_NAMES, default="siss")
@@ -307,9 +307,9 @@ def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="SISS's keep term: 'teacher' (default for --method siss) matches the frozen "
         "pretrained model's prediction, which has the same expected gradient and none of the "
-        "noise that fine-tuning otherwise follows away from the model (siss.teacher_siss_terms; "
-        "docs/results.md, 'Quality kept'); 'noise' regresses on the drawn noise (the paper's Eq. "
-        "15, the only choice for the other methods)",
+        "noise that fine-tuning otherwise follows away from the model "
+        "(siss.functional.teacher_siss_terms; docs/results.md, 'Quality kept'); 'noise' regresses "
+        "on the drawn noise (the paper's Eq. 15, the only choice for the other methods)",
     )
     p.add_argument(
         "--balance-mode",
@@ -655,8 +655,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         if saved.get("draws") != DRAWS:
             raise SystemExit(
                 f"{found} was written by a version of unlearn.py that drew the keep rows with "
-                "replacement; this one draws them in shuffled epochs (siss.BatchPlan), so the run "
-                "cannot go on: start it again without --resume, or in another --output-dir"
+                "replacement; this one draws them in shuffled epochs (siss.loop.BatchPlan), so the "
+                "run cannot go on: start it again without --resume, or in another --output-dir"
             )
         if saved.get("keep_target", "noise") != args.keep_target:
             raise SystemExit(
@@ -764,8 +764,7 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
     ``before_path`` (default ``audit_before.json``) and reused while the settings match (the
     study shares one per seed between its methods).
     """
-    from digits import make_tshirt_variants
-
+    from examples.digits import make_tshirt_variants
     from siss.audit.figure import save_figure
 
     out = Path(args.output_dir)

@@ -550,8 +550,8 @@ def planted_sd_pipeline(folder, *, rebuild: bool = False, **build_options) -> Pl
         if not (PLANTED_ASSET / "model_index.json").is_file():
             raise FileNotFoundError(
                 f"{PLANTED_ASSET} holds no pipeline; regenerate it (see its README.md) with "
-                "python -c \"import sys; sys.path.insert(0, 'tests'); from conftest import "
-                "build_planted_sd_pipeline as b; b('tests/assets/planted-sd')\""
+                'python -c "from tests.conftest import build_planted_sd_pipeline as b; '
+                "b('tests/assets/planted-sd')\" (from the repository root)"
             )
         shutil.copytree(PLANTED_ASSET, folder, dirs_exist_ok=True)
     info = json.loads((folder / "planted.json").read_text())

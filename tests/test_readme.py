@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "readme"))
-import readme_harness as harness
+from tests.readme import readme_harness as harness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -437,8 +437,8 @@ def test_fp16_loss_scaling_leaves_the_calibrated_update_unchanged_and_skips_over
     )
     for (x0, a0), generator in zip(data, generators, strict=True):
         plain.step(x0, a0, generator=generator)
-    for (x0, a0), generator in zip(data, [torch.Generator().manual_seed(i) for i in range(4)]):
-        scaled.step(x0, a0, generator=generator)
+    for index, (x0, a0) in enumerate(data):
+        scaled.step(x0, a0, generator=torch.Generator().manual_seed(index))
     assert scaled.scale == pytest.approx(plain.scale, rel=1e-6)
     torch.testing.assert_close(flat(scaled_model), flat(plain_model), rtol=1e-5, atol=1e-7)
 

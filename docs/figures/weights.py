@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from siss import NoiseSchedule, importance_weights, mixture_sample
+from siss import NoiseSchedule
 from siss._files import atomic_path
+from siss.functional import importance_weights, mixture_sample
 
 HERE = Path(__file__).resolve().parent
 GAPS = (1.0, 10.0, 100.0, 400.0)

@@ -18,7 +18,6 @@ two apart (AUC interval above 0.5); on retrain, which trained on both halves, th
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits():
-    sys.path.insert(0, str(ROOT / "examples"))
-    import digits
+    from examples import digits
 
     return digits
 
 
 def _audit_digits():
-    _digits()
-    import audit_digits
+    from examples import audit_digits
 
     return audit_digits
 

@@ -5,14 +5,10 @@ writes every section it was asked for, resumes, and says "not measured" for the 
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import gpu
+from benchmarks import gpu
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,8 @@ from conftest import (
     write_clip_tokenizer,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "readme"))
-import readme_harness as readme
-import tutorial_harness as harness
+from tests.docs import tutorial_harness as harness
+from tests.readme import readme_harness as readme
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

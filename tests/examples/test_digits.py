@@ -1,6 +1,5 @@
 """The digits-with-outlier data set of the examples, and the classifier weights shipped."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -8,19 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from examples import digits
 from siss.metrics import DigitClassifier, default_threshold, generation_rate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load_digits_module():
-    spec = importlib.util.spec_from_file_location("siss_examples_digits", EXAMPLES / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-digits = _load_digits_module()
 
 
 @pytest.fixture(scope="module")

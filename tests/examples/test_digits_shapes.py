@@ -1,19 +1,10 @@
 """The digits set with several planted shapes (examples/digits.py), for sequential requests."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from examples import digits
 from siss.metrics import default_threshold, generation_rate
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-sys.path.insert(0, str(EXAMPLES))
-
-import digits  # noqa: E402
 
 
 @pytest.fixture(scope="module")

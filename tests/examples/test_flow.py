@@ -8,8 +8,6 @@ than ``s * T`` fails them). The rest is plumbing on tiny UNets (few steps, few s
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +15,7 @@ import torch.nn.functional as F
 from conftest import tiny_unet
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import pretrain  # noqa: E402
-import study  # noqa: E402
-import unlearn  # noqa: E402
+from examples import pretrain, study, unlearn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,6 @@ and samples: this checks the queue's plumbing, not the science.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +12,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import sequential  # noqa: E402
+from examples import sequential
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -128,7 +123,7 @@ def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
     checkpoint, tmp_path, monkeypatch
 ):
     """The band's extra draws and the queue's evaluations sample in the same precision."""
-    import unlearn
+    from examples import unlearn
 
     used = []
 

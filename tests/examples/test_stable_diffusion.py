@@ -24,11 +24,10 @@ import torch
 from conftest import tiny_conditional_unet, tiny_sd_pipeline
 from safetensors.torch import load_file
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SCRIPT = EXAMPLES / "stable_diffusion.py"
-sys.path.insert(0, str(EXAMPLES))
+from examples import stable_diffusion as sd
 
-import stable_diffusion as sd  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ["-m", "examples.stable_diffusion"]  # run from ROOT, as the docs say
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
@@ -72,7 +71,7 @@ def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_help_runs_as_a_script_and_names_every_stage_and_flag():
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, *MODULE, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr
     text = done.stdout
@@ -360,10 +359,12 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_model, tm
         env.pop(key, None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), *map(str, argv), "--out", str(two),
+        *MODULE, *map(str, argv), "--out", str(two),
     ]  # fmt: skip
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT
+        )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"torchrun timed out:\n{error.stdout}\n{error.stderr}")
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"

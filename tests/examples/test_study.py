@@ -8,21 +8,14 @@ not expose take unlearn.py's cheapest values. This checks the plumbing, not the 
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
+from examples import study, unlearn
 from siss.audit import AuditReport
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import study  # noqa: E402
-import unlearn  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

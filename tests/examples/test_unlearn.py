@@ -6,7 +6,6 @@ this checks the plumbing, not the science (examples/study.py does that).
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,10 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
+from examples import unlearn
 from siss import Unlearner
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import unlearn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +259,9 @@ def test_help_runs(capsys):
 
 def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
     """The flags users take to their own data: pretrain.py and unlearn.py on an image folder."""
-    import pretrain
     from PIL import Image
+
+    from examples import pretrain
 
     generator = torch.Generator().manual_seed(0)
     folder = tmp_path / "images"
@@ -330,7 +328,7 @@ def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_pat
 
 def test_bf16_sampling_runs_the_network_in_bf16_and_stays_near_fp32():
     """pretrain.sample_images(precision="bf16"): autocast on the shipped model, same noise."""
-    import pretrain
+    from examples import pretrain
 
     unet = UNet2DModel.from_pretrained(EXAMPLES / "assets" / "pretrained")
     config = DDPMScheduler.from_pretrained(EXAMPLES / "assets" / "pretrained").config
@@ -355,7 +353,7 @@ def test_bf16_sampling_runs_the_network_in_bf16_and_stays_near_fp32():
 
 
 def test_an_unknown_sampling_precision_is_refused_by_name():
-    import pretrain
+    from examples import pretrain
 
     with pytest.raises(ValueError, match="`precision`"):
         pretrain.sample_images(tiny_unet(0), {"beta_start": 1e-4}, 2, precision="fp16")

@@ -1,0 +1,1 @@
+"""The benchmark scripts, run as ``python -m benchmarks.<name>`` from the repository root."""

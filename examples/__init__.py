@@ -1,0 +1,1 @@
+"""The example scripts (digits, Stable Diffusion): run ``python -m examples.<name>``."""
