@@ -77,6 +77,10 @@ TRAINING_FLAGS = (
     "lam",
     "superfactor",
     "ratio",
+    "keep_target",
+    "balance_mode",
+    "balance_every",
+    "calibration_batches",
     "lr",
     "weight_decay",
     "batch_size",
@@ -235,6 +239,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--ratio", type=float, default=0.1, help="forget / keep gradient norm of the balancer"
     )
+    train.add_argument(
+        "--keep-target",
+        choices=("teacher", "noise"),
+        default="noise",
+        help="SISS's keep term: 'noise' regresses on the drawn noise (the paper's Eq. 15); "
+        "'teacher' matches the frozen model's prediction (for a LoRA its base model, adapters "
+        "disabled), the library's recipe (siss.Unlearner), not yet measured on SD pipelines",
+    )
+    train.add_argument(
+        "--balance-mode",
+        choices=("fix", "clip", "absolute"),
+        default=None,
+        help="superfactor rule (siss.NormBalancer); default 'absolute' with the teacher (the "
+        "forget gradient at --ratio times the naive-deletion gradient's norm, calibrated over "
+        "--calibration-batches steps), 'fix' otherwise",
+    )
+    train.add_argument(
+        "--balance-every",
+        type=int,
+        default=None,
+        help="refresh the balancer's coefficient every this many steps; default 10 for "
+        "'absolute', 1 otherwise",
+    )
+    train.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="optimizer steps whose median naive-deletion gradient norm 'absolute' holds",
+    )
     train.add_argument("--steps", type=int, default=35, help="optimizer steps (paper: 35)")
     train.add_argument(
         "--batch-size", type=int, default=16, help="global batch per optimizer step (paper: 16)"
@@ -366,8 +399,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--noise-steps must be in [1, --sample-steps={args.sample_steps}]")
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
         parser.error("--timesteps takes one value (fixed) or two (a window)")
-    if not 0 <= args.lam <= 1:
-        parser.error(f"--lam must be in [0, 1], got {args.lam}")
+    try:
+        recipe_config(args)
+    except ValueError as error:
+        parser.error(str(error))
     if args.reference_image is not None and not args.reference_image.is_file():
         parser.error(f"--reference-image: no file {args.reference_image}")
     if args.clip_model not in (None, "clip_iqa") and not Path(args.clip_model).is_dir():
@@ -1060,28 +1095,40 @@ class Verifier:
 # --------------------------------------------------------------------------------------------
 
 
-def build_loss(args: argparse.Namespace, scheduler: Any, n: int, k: int) -> Any:
-    from siss.adapters import loss_from_scheduler
+def recipe_config(args: argparse.Namespace) -> Any:
+    """The run's ``siss.UnlearningConfig`` (constant learning rate, as the paper's SD runs); a
+    ``ValueError`` naming the flag of a bad value."""
+    from siss import UnlearningConfig
 
-    kwargs: dict[str, Any] = {"superfactor": args.superfactor or 0.0}
-    if args.method == "siss":
-        kwargs.update(lam=args.lam, n=n, k=k)
-    elif args.method == "siss-nois":
-        kwargs.update(n=n, k=k)
-    if args.method in ("neggrad", "erasediff") and args.superfactor is None:
-        kwargs["superfactor"] = 1.0
-    return loss_from_scheduler(args.method, scheduler, **kwargs)
-
-
-def build_balancer(args: argparse.Namespace, params: list[torch.nn.Parameter], backward: Any):
-    """The paper's superfactor rule (§5) unless a fixed superfactor was asked for."""
-    if args.superfactor is not None or args.method in ("naive", "neggrad"):
-        return None
-    from siss import NormBalancer
-
-    if args.method == "erasediff":
-        return NormBalancer(params, mode="bilevel", backward=backward)
-    return NormBalancer(params, ratio=args.ratio, backward=backward)
+    timesteps = None
+    if args.timesteps:
+        timesteps = args.timesteps[0] if len(args.timesteps) == 1 else tuple(args.timesteps)
+    flags = {
+        "max_train_steps": "--steps",
+        "learning_rate": "--lr",
+        "adam_weight_decay": "--weight-decay",
+    }
+    try:
+        return UnlearningConfig(
+            method=args.method,
+            lam=args.lam,
+            keep_target=args.keep_target,
+            superfactor=args.superfactor,
+            ratio=args.ratio,
+            balance_mode=args.balance_mode,
+            balance_every=args.balance_every,
+            calibration_batches=args.calibration_batches,
+            timesteps=timesteps,
+            learning_rate=args.lr,
+            lr_scheduler="constant",
+            max_train_steps=args.steps,
+            adam_weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
+        raise ValueError(f"{flags.get(field, '--' + field.replace('_', '-'))}: {message}") from None
 
 
 def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:
@@ -1148,7 +1195,8 @@ def unlearn(
     """Fine-tune the denoiser; returns the history of verifications (main process)."""
     from tqdm.auto import tqdm
 
-    from siss.adapters import adapter_for, register_lora_checkpoint_hooks, trainable_parameters
+    from siss import Unlearner
+    from siss.adapters import register_lora_checkpoint_hooks, trainable_parameters
     from siss.adapters.prompts import prompt_conditioning
 
     out, device = job.out, accelerator.device
@@ -1181,14 +1229,20 @@ def unlearn(
             f"{args.micro_batch_size} x {accelerator.num_processes} processes: choose them so "
             "that it is"
         ) from None
-    loss_fn = build_loss(args, pipe.training_scheduler, len(latents), len(forget)).to(device)
-    balancer = build_balancer(args, params, accelerator.backward)
-    adapter = adapter_for(model)
+    # Built before a resume's load_state: its state (calibrated scale, balancer) is restored
+    # with accelerate's, and its teacher (a frozen copy, or the LoRA's base model) is the
+    # model before unlearning.
+    unlearner = Unlearner(
+        model,
+        pipe.training_scheduler,
+        recipe_config(args),
+        n=len(latents),
+        k=len(forget),
+        accelerator=accelerator,
+        optimizer=optimizer,
+    )
     cond = prompt_conditioning(pipe, job.train_prompt, device=device)
     conditioning = cond.to(dtype=torch.float32 if args.full else denoiser.dtype).conditional
-    timesteps = None
-    if args.timesteps:
-        timesteps = args.timesteps[0] if len(args.timesteps) == 1 else tuple(args.timesteps)
 
     step, history, train_wall, past_losses = 0, [], 0.0, []
     saved = checkpoints(out)
@@ -1213,35 +1267,27 @@ def unlearn(
         disable=args.no_progress or not accelerator.is_main_process,
     )
     losses: list[torch.Tensor] = []
-    for step in bar:
-        started = time.perf_counter()
+
+    def run_step(plan_step: int) -> None:
+        """One optimizer step of the plan: its micro-batches through ``unlearner.step``."""
         for keep_rows, forget_rows, generator in plan.micro_batches(
-            step, accelerator.process_index
+            plan_step, accelerator.process_index
         ):
             x0, a0 = keep[keep_rows.to(device)], forget[forget_rows.to(device)]
-            with accelerator.accumulate(model), accelerator.autocast():
-                terms = adapter.loss(
-                    x0, a0, loss_fn, timesteps=timesteps, generator=generator, **conditioning
-                )
-                if balancer is None:
-                    accelerator.backward(terms.loss)
-                else:
-                    balancer.backward(terms.keep, terms.forget)
-                skipped = False
-                if accelerator.sync_gradients:
-                    if balancer is not None:
-                        skipped = balancer.step().skipped
-                    if skipped and accelerator.scaler is not None:
-                        # fp16: the scaled loss overflowed; no gradient reached the scaler, so
-                        # lower its scale by hand (see the NormBalancer docstring).
-                        scaler = accelerator.scaler
-                        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                    elif args.max_grad_norm > 0 and not skipped:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                if not skipped:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(terms.loss.detach())
+            result = unlearner.step(x0, a0, generator=generator, **conditioning)
+            if not result.calibrating:
+                losses.append(result.terms.loss)
+
+    if unlearner.calibrating:  # the first steps' draws, at the starting weights
+        started = time.perf_counter()
+        calibration_step = 0
+        while unlearner.calibrating:  # more steps only where fp16 overflowed
+            run_step(calibration_step)
+            calibration_step += 1
+        train_wall += time.perf_counter() - started
+    for step in bar:
+        started = time.perf_counter()
+        run_step(step)
         train_wall += time.perf_counter() - started
         done = step + 1
         if args.verify_every and done % args.verify_every == 0 and done < args.steps:

@@ -113,6 +113,22 @@ def test_missing_model_path_names_the_flag(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--steps", "-5"], "--steps must be >= 1"),
+        (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
+        (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
+        (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
+    ],
+    ids=["steps", "lr", "teacher-for-naive", "balance-every"],
+)
+def test_bad_recipe_flags_are_named_before_loading(tiny_model, tmp_path, capsys, flags, named):
+    out = tmp_path / "out"
+    expect_exit(capsys, ["--model", tiny_model, "--prompt", "a", "--out", out, *flags], named)
+    assert not out.exists()
+
+
 def test_pipeline_without_text_encoder_is_refused_before_loading(tmp_path, capsys):
     from conftest import tiny_unet
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -309,10 +325,18 @@ def largest_difference(first: dict, second: dict) -> float:
     return max((first[k].double() - second[k].double()).abs().max().item() for k in first)
 
 
-def test_resume_ends_with_the_uninterrupted_runs_lora(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    "recipe",
+    [[], ["--keep-target", "teacher", "--calibration-batches", "2", "--balance-every", "3"]],
+    ids=["noise-target", "teacher-calibrated"],
+)
+def test_resume_ends_with_the_uninterrupted_runs_lora(tiny_model, tmp_path, recipe):
+    """Stopped after 2 steps and resumed, the LoRA equals an uninterrupted run's; with the
+    teacher recipe the calibrated scale and the balancer's held coefficient (refreshed every 3
+    steps: step 2 is between refreshes) come back from accelerate's state."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     split = reference_split(tiny_model, whole)
-    argv = ["--model", tiny_model, "--prompt", "a photo", *CHEAP, *SMALL_RUN, *split]
+    argv = ["--model", tiny_model, "--prompt", "a photo", *CHEAP, *SMALL_RUN, *split, *recipe]
     expected = run(*argv, "--out", whole)
     assert expected["split"]["memorized"] >= 1 and expected["split"]["not_memorized"] >= 1
     for folder in ("images", "latents"):
