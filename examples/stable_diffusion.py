@@ -1096,39 +1096,10 @@ class Verifier:
 
 
 def recipe_config(args: argparse.Namespace) -> Any:
-    """The run's ``siss.UnlearningConfig`` (constant learning rate, as the paper's SD runs); a
-    ``ValueError`` naming the flag of a bad value."""
-    from siss import UnlearningConfig
+    """The run's ``siss.UnlearningConfig``: a constant learning rate, as the paper's SD runs."""
+    from siss._cli import recipe_config as from_flags
 
-    timesteps = None
-    if args.timesteps:
-        timesteps = args.timesteps[0] if len(args.timesteps) == 1 else tuple(args.timesteps)
-    flags = {
-        "max_train_steps": "--steps",
-        "learning_rate": "--lr",
-        "adam_weight_decay": "--weight-decay",
-    }
-    try:
-        return UnlearningConfig(
-            method=args.method,
-            lam=args.lam,
-            keep_target=args.keep_target,
-            superfactor=args.superfactor,
-            ratio=args.ratio,
-            balance_mode=args.balance_mode,
-            balance_every=args.balance_every,
-            calibration_batches=args.calibration_batches,
-            timesteps=timesteps,
-            learning_rate=args.lr,
-            lr_scheduler="constant",
-            max_train_steps=args.steps,
-            adam_weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm,
-            seed=args.seed,
-        )
-    except ValueError as error:
-        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
-        raise ValueError(f"{flags.get(field, '--' + field.replace('_', '-'))}: {message}") from None
+    return from_flags(args, lr_scheduler="constant", adam_weight_decay=args.weight_decay)
 
 
 def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:

@@ -64,6 +64,7 @@ from examples.pretrain import (
 )
 from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from siss import RULES, StepResult, Unlearner, UnlearningConfig
+from siss._cli import recipe_config
 from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.loop import BatchPlan
@@ -79,13 +80,6 @@ METHOD_REFUSALS = {
     if "flow_prediction" in rules.refused
 }
 LR_SCHEDULES = LR_SCHEDULERS
-# The flag of each UnlearningConfig field, for errors that name the flag.
-CONFIG_FLAGS = {
-    "max_train_steps": "--steps",
-    "learning_rate": "--lr",
-    "lr_scheduler": "--lr-schedule",
-    "adam_weight_decay": "--lr",
-}
 # How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
 DRAWS = "siss.loop.BatchPlan: keep rows in shuffled epochs"
 
@@ -336,40 +330,19 @@ def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:
-    """The run's ``siss.UnlearningConfig`` from the flags (``steps``: the schedule's length, if
-    not ``--steps``)."""
-    return UnlearningConfig(
-        method=args.method,
-        lam=args.lam,
-        keep_target=args.keep_target,
-        superfactor=args.superfactor,
-        ratio=args.ratio,
-        balance_mode=args.balance_mode,
-        balance_every=args.balance_every,
-        calibration_batches=args.calibration_batches,
-        timesteps=timestep_spec(args.timesteps),
-        learning_rate=args.lr,
-        lr_scheduler=args.lr_schedule,
-        lr_warmup_steps=args.lr_warmup_steps,
-        max_train_steps=args.steps if steps is None else steps,
-        ema_decay=getattr(args, "ema_decay", 0.0),
-        ema_power=getattr(args, "ema_power", 0.75),
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-    )
-
-
 def resolve_keep_target(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:
-    """Validates the recipe's flags through ``siss.UnlearningConfig`` (a ``ValueError`` naming
-    the flag) and sets those left at None (``--keep-target``, ``--balance-mode``,
-    ``--balance-every``) to the config's resolved defaults."""
-    try:
-        config = config_from_args(args, steps)
-    except ValueError as error:
-        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
-        flag = CONFIG_FLAGS.get(field, "--" + field.replace("_", "-"))
-        raise ValueError(f"{flag}: {message}") from None
+    """The run's ``siss.UnlearningConfig`` from the flags (``steps``: the schedule's length, if
+    not ``--steps``), validated (a ``ValueError`` naming the flag); sets the flags left at None
+    (``--keep-target``, ``--balance-mode``, ``--balance-every``) to the config's defaults."""
+    fields = {
+        "lr_scheduler": args.lr_schedule,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "ema_decay": getattr(args, "ema_decay", 0.0),
+        "ema_power": getattr(args, "ema_power", 0.75),
+    }
+    if steps is not None:
+        fields["max_train_steps"] = steps
+    config = recipe_config(args, **fields)
     args.keep_target, args.balance_mode = config.keep_target, config.balance_mode
     args.balance_every = config.balance_every
     return config
@@ -386,12 +359,6 @@ def resolve_process(args: argparse.Namespace) -> str:
     if args.eval_steps is None:
         args.eval_steps = DEFAULT_EVAL_STEPS[args.process]
     return args.process
-
-
-def timestep_spec(values: list[int] | None) -> int | tuple[int, int] | None:
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 def plan_step(

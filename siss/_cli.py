@@ -5,8 +5,17 @@ model is loaded."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
+
+# The commands' flag for each UnlearningConfig field whose flag is not ``--field-name``.
+RECIPE_FLAGS = {
+    "max_train_steps": "--steps",
+    "learning_rate": "--lr",
+    "lr_scheduler": "--lr-schedule",
+    "adam_weight_decay": "--weight-decay",
+}
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -58,3 +67,38 @@ def resolve_device(value: str | None, flag: str = "--device") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {value}: this command runs on cpu, cuda or mps")
     return device
+
+
+def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
+    """The ``siss.UnlearningConfig`` of a command's recipe flags (``--method``, ``--lam``,
+    ``--keep-target``, ``--superfactor``, ``--ratio``, ``--balance-mode``, ``--balance-every``,
+    ``--calibration-batches``, ``--timesteps``, ``--lr``, ``--steps``, ``--max-grad-norm``,
+    ``--seed``); ``fields`` set or override the others. A ``ValueError`` naming the flag of a
+    bad value (``RECIPE_FLAGS``)."""
+    from siss.recipe import UnlearningConfig
+
+    timesteps = args.timesteps or None
+    if timesteps is not None:
+        timesteps = timesteps[0] if len(timesteps) == 1 else tuple(timesteps)
+    values = {
+        "method": args.method,
+        "lam": args.lam,
+        "keep_target": args.keep_target,
+        "superfactor": args.superfactor,
+        "ratio": args.ratio,
+        "balance_mode": args.balance_mode,
+        "balance_every": args.balance_every,
+        "calibration_batches": args.calibration_batches,
+        "timesteps": timesteps,
+        "learning_rate": args.lr,
+        "max_train_steps": getattr(args, "steps", None),
+        "max_grad_norm": args.max_grad_norm,
+        "seed": args.seed,
+        **fields,
+    }
+    try:
+        return UnlearningConfig(**values)
+    except ValueError as error:
+        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
+        flag = RECIPE_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{flag}: {message}") from None

@@ -586,16 +586,7 @@ class Unlearner:
         with self._accumulate():
             if self.calibrating:
                 return self._calibration_step(x0, a0, generator, weights, conditioning)
-            terms = self.adapter.loss(
-                x0,
-                a0,
-                self.loss_fn,
-                timesteps=self.config.timesteps,
-                generator=generator,
-                weights=weights,
-                teacher=self.teacher,
-                **conditioning,
-            )
+            terms = self._terms(x0, a0, generator, weights, conditioning, self.teacher)
             if self.balancer is None:
                 self._backward(terms.loss)
             else:
@@ -631,15 +622,7 @@ class Unlearner:
     ) -> StepResult:
         """Accumulate the naive-deletion (noise-target keep) gradient; on ``sync_gradients``
         record its norm (the reduced gradient's, unscaled) and clear ``.grad``."""
-        terms = self.adapter.loss(
-            x0,
-            a0,
-            self.loss_fn,
-            timesteps=self.config.timesteps,
-            generator=generator,
-            weights=weights,
-            **conditioning,
-        )
+        terms = self._terms(x0, a0, generator, weights, conditioning, teacher=None)
         self._backward(terms.keep)
         terms = LossTerms(*(t.detach() for t in terms))
         if not self._sync():
@@ -651,6 +634,27 @@ class Unlearner:
         if len(self._norms) >= self.config.calibration_batches:
             self._finish_calibration()
         return StepResult(terms, None, True, False, False)
+
+    def _terms(
+        self,
+        x0: Tensor | None,
+        a0: Tensor,
+        generator: torch.Generator,
+        weights: Any,
+        conditioning: dict[str, Any],
+        teacher: Any,
+    ) -> LossTerms:
+        """The draw, the model's one forward pass (and the teacher's), the loss terms."""
+        return self.adapter.loss(
+            x0,
+            a0,
+            self.loss_fn,
+            timesteps=self.config.timesteps,
+            generator=generator,
+            weights=weights,
+            teacher=teacher,
+            **conditioning,
+        )
 
     def _finish_calibration(self) -> None:
         norms = torch.stack(self._norms)
