@@ -49,7 +49,6 @@ from examples.unlearn import (
     LR_SCHEDULES,
     METHOD_NAMES,
     Evaluator,
-    add_keep_target_flags,
     calibrate,
     outlier_nll,
     plan_step,
@@ -57,6 +56,7 @@ from examples.unlearn import (
     resolve_process,
 )
 from siss import Unlearner
+from siss._cli import add_keep_target_flags
 from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
 from siss.loop import BatchPlan, derived_seed
 from siss.metrics import fid_score, generation_rate, is_score

@@ -226,6 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
 
     train = p.add_argument_group("3. unlearn")
+    from siss._cli import add_keep_target_flags
     from siss.registry import METHODS
 
     train.add_argument("--method", choices=METHODS, default="siss", help="unlearning method")
@@ -239,35 +240,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--ratio", type=float, default=0.1, help="forget / keep gradient norm of the balancer"
     )
-    train.add_argument(
-        "--keep-target",
-        choices=("teacher", "noise"),
-        default="noise",
-        help="SISS's keep term: 'noise' regresses on the drawn noise (the paper's Eq. 15); "
-        "'teacher' matches the frozen model's prediction (for a LoRA its base model, adapters "
-        "disabled), the library's recipe (siss.Unlearner), not yet measured on SD pipelines",
-    )
-    train.add_argument(
-        "--balance-mode",
-        choices=("fix", "clip", "absolute"),
-        default=None,
-        help="superfactor rule (siss.NormBalancer); default 'absolute' with the teacher (the "
-        "forget gradient at --ratio times the naive-deletion gradient's norm, calibrated over "
-        "--calibration-batches steps), 'fix' otherwise",
-    )
-    train.add_argument(
-        "--balance-every",
-        type=int,
-        default=None,
-        help="refresh the balancer's coefficient every this many steps; default 10 for "
-        "'absolute', 1 otherwise",
-    )
-    train.add_argument(
-        "--calibration-batches",
-        type=int,
-        default=8,
-        help="optimizer steps whose median naive-deletion gradient norm 'absolute' holds",
-    )
+    # The teacher is the library's recipe, not yet measured on SD pipelines: noise by default.
+    add_keep_target_flags(train, keep_target="noise")
     train.add_argument("--steps", type=int, default=35, help="optimizer steps (paper: 35)")
     train.add_argument(
         "--batch-size", type=int, default=16, help="global batch per optimizer step (paper: 16)"

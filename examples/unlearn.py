@@ -64,12 +64,12 @@ from examples.pretrain import (
 )
 from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from siss import RULES, StepResult, Unlearner, UnlearningConfig
-from siss._cli import recipe_config
+from siss._cli import add_keep_target_flags, recipe_config
 from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.loop import BatchPlan
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
-from siss.recipe import KEEP_TARGETS, LR_SCHEDULERS
+from siss.recipe import LR_SCHEDULERS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 METHOD_NAMES = tuple(RULES)
@@ -290,44 +290,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prefix = "flow-" if args.process == "flow" else ""
         args.output_dir = Path("outputs/unlearn") / f"{prefix}{label}-seed{args.seed}"
     return args
-
-
-def add_keep_target_flags(p: argparse.ArgumentParser) -> None:
-    """``--keep-target``, ``--balance-mode`` and ``--calibration-batches`` (``resolve_keep_target``
-    fills in their defaults), shared with sequential.py."""
-    p.add_argument(
-        "--keep-target",
-        choices=KEEP_TARGETS,
-        default=None,
-        help="SISS's keep term: 'teacher' (default for --method siss) matches the frozen "
-        "pretrained model's prediction, which has the same expected gradient and none of the "
-        "noise that fine-tuning otherwise follows away from the model "
-        "(siss.functional.teacher_siss_terms; docs/results.md, 'Quality kept'); 'noise' regresses "
-        "on the drawn noise (the paper's Eq. 15, the only choice for the other methods)",
-    )
-    p.add_argument(
-        "--balance-mode",
-        choices=("fix", "clip", "absolute"),
-        default=None,
-        help="superfactor rule (siss.NormBalancer). Default: 'absolute' with the teacher keep "
-        "target (the forget gradient at --ratio times the naive-deletion gradient's norm, "
-        "measured over --calibration-batches at the start), 'fix' otherwise (--ratio times the "
-        "keep gradient's norm, every step)",
-    )
-    p.add_argument(
-        "--balance-every",
-        type=int,
-        default=None,
-        help="refresh the balancer's coefficient every this many steps (a second backward); "
-        "in between one backward of keep - c * forget. Default: 10 for 'absolute' "
-        "(siss.recipe.DEFAULT_BALANCE_EVERY), 1 otherwise",
-    )
-    p.add_argument(
-        "--calibration-batches",
-        type=int,
-        default=8,
-        help="batches whose median naive-deletion gradient norm sets 'absolute' mode's scale",
-    )
 
 
 def resolve_keep_target(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:

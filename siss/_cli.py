@@ -69,6 +69,48 @@ def resolve_device(value: str | None, flag: str = "--device") -> torch.device:
     return device
 
 
+def add_keep_target_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, keep_target: str | None = None
+) -> None:
+    """``--keep-target``, ``--balance-mode``, ``--balance-every`` and ``--calibration-batches``:
+    the recipe's flags beyond the paper's (``recipe_config`` resolves their defaults).
+    ``keep_target``: the command's default (``None``: the method's, the teacher for SISS)."""
+    default = "the teacher for --method siss" if keep_target is None else repr(keep_target)
+    parser.add_argument(
+        "--keep-target",
+        choices=("teacher", "noise"),
+        default=keep_target,
+        help="SISS's keep term: 'teacher' matches the frozen model's prediction (a frozen copy; "
+        "for a LoRA, its base model): the same expected gradient without the noise fine-tuning "
+        "otherwise follows away from the model (siss.functional.teacher_siss_terms); 'noise' "
+        "regresses on the drawn noise (the paper's Eq. 15, the only choice for the other "
+        f"methods). Default: {default}",
+    )
+    parser.add_argument(
+        "--balance-mode",
+        choices=("fix", "clip", "absolute"),
+        default=None,
+        help="superfactor rule (siss.NormBalancer). Default: 'absolute' with the teacher keep "
+        "target (the forget gradient at --ratio times the naive-deletion gradient's norm, "
+        "measured over --calibration-batches steps at the start), 'fix' otherwise (--ratio times "
+        "the keep gradient's norm, every step)",
+    )
+    parser.add_argument(
+        "--balance-every",
+        type=int,
+        default=None,
+        help="refresh the balancer's coefficient every this many steps (a second backward); "
+        "in between one backward of keep - c * forget. Default: 10 for 'absolute' "
+        "(siss.recipe.DEFAULT_BALANCE_EVERY), 1 otherwise",
+    )
+    parser.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="steps whose median naive-deletion gradient norm sets 'absolute' mode's scale",
+    )
+
+
 def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
     """The ``siss.UnlearningConfig`` of a command's recipe flags (``--method``, ``--lam``,
     ``--keep-target``, ``--superfactor``, ``--ratio``, ``--balance-mode``, ``--balance-every``,

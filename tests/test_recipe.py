@@ -7,26 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_unet
 
 from siss import RULES, NormBalancer, Unlearner, UnlearningConfig, teacher_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
 
 
 def scheduler(prediction_type: str = "epsilon"):
