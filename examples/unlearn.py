@@ -383,7 +383,9 @@ class Evaluator:
             self.classifier = DigitClassifier.from_file(ASSETS / "digit_classifier.safetensors")
 
     @torch.no_grad()
-    def samples(self, unet: UNet2DModel, scheduler_config: dict, count: int) -> torch.Tensor:
+    def samples(
+        self, unet: UNet2DModel, scheduler_config: dict, count: int, progress: bool = False
+    ) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.args.seed + 1)  # same noise at every eval
         return sample_images(
             unet,
@@ -392,7 +394,7 @@ class Evaluator:
             sampler=self.args.eval_sampler,
             num_inference_steps=self.args.eval_steps,
             generator=generator,
-            progress=False,
+            progress=progress,
             precision=self.args.eval_precision,
         )
 
@@ -446,7 +448,8 @@ class Evaluator:
         was_training = unet.training
         unet.eval()
         start = time.perf_counter()
-        samples = self.samples(unet, scheduler.config, self.args.eval_samples)
+        progress = not getattr(self.args, "no_progress", False)  # about a minute on a CPU
+        samples = self.samples(unet, scheduler.config, self.args.eval_samples, progress)
         metrics = self.quality(samples)
         probes = self.outlier.expand(self.args.nll_probes, *self.outlier.shape)
         # A diverged model (NaN samples or predictions) has no likelihood or quality: the metrics
