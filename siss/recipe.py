@@ -162,6 +162,9 @@ class UnlearningConfig:
         _choice(self, "lr_scheduler", LR_SCHEDULERS)
         _choice(self, "x_from", ("retain", "all"))
         _check_timesteps(self.timesteps)
+        if isinstance(self.timesteps, list | tuple):  # e.g. a JSON or argparse list
+            values = tuple(self.timesteps)
+            object.__setattr__(self, "timesteps", values[0] if len(values) == 1 else values)
 
         keep_target = self.keep_target
         if keep_target is None:
@@ -700,8 +703,6 @@ class Unlearner:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs beyond the model, optimizer and lr scheduler."""
-        if self.calibrating and self._norms and not self._sync():
-            raise RuntimeError("Unlearner.state_dict() in the middle of an accumulation")
         return {
             "config": self.config.to_dict(),
             "draws": self.draws,

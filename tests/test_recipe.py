@@ -88,6 +88,12 @@ def test_each_bad_value_is_named_by_its_field(field, value):
         UnlearningConfig(**{field: value})
 
 
+def test_timesteps_given_as_a_list_are_held_as_the_losses_take_them():
+    config = UnlearningConfig(timesteps=[10, 500])
+    assert config.timesteps == (10, 500) and config.to_dict()["timesteps"] == [10, 500]
+    assert UnlearningConfig(timesteps=[999]).timesteps == 999
+
+
 def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
     for method in RULES:
         if not RULES[method].teacher:
