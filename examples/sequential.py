@@ -56,7 +56,7 @@ from examples.unlearn import (
     resolve_process,
 )
 from siss import Unlearner
-from siss._cli import add_keep_target_flags
+from siss._cli import add_keep_target_flags, resolve_device
 from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
 from siss.loop import BatchPlan, derived_seed
 from siss.metrics import fid_score, generation_rate, is_score
@@ -152,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         resolve_process(args)
         resolve_keep_target(args, steps=args.steps_per_request)
+        resolve_device(args.device)
     except ValueError as error:
         p.error(str(error))
     if args.output_dir is None:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from siss._cli import resolve_device
 from siss._files import (
     atomic_folder,
     atomic_path,
@@ -375,6 +376,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--timesteps takes one value (fixed) or two (a window)")
     try:
         recipe_config(args)
+        if args.device == "cuda":  # accelerate would fall back to the CPU without a word
+            resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
     if args.reference_image is not None and not args.reference_image.is_file():

@@ -64,7 +64,7 @@ from examples.pretrain import (
 )
 from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from siss import RULES, StepResult, Unlearner, UnlearningConfig
-from siss._cli import add_keep_target_flags, recipe_config
+from siss._cli import add_keep_target_flags, recipe_config, resolve_device
 from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.loop import BatchPlan
@@ -263,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
     try:
         resolve_keep_target(args)
+        resolve_device(args.device)
     except ValueError as error:
         p.error(str(error))
     from siss.audit.run import parse_options

@@ -120,8 +120,12 @@ def test_missing_model_path_names_the_flag(tmp_path, capsys):
         (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
         (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
         (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
+        *(
+            []
+            if torch.cuda.is_available()
+            else [(["--device", "cuda"], "--device cuda: CUDA is not available")]
+        ),
     ],
-    ids=["steps", "lr", "teacher-for-naive", "balance-every"],
 )
 def test_bad_recipe_flags_are_named_before_loading(tiny_model, tmp_path, capsys, flags, named):
     out = tmp_path / "out"

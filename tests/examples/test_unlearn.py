@@ -174,6 +174,8 @@ def test_bad_recipe_flags_are_named_before_any_model_is_loaded(tmp_path, capsys)
         (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
         (["--calibration-batches", "0"], "--calibration-batches: must be >= 1, got 0"),
         (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
+        (["--device", "tpu"], "--device tpu: not a torch device"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             unlearn.parse_args([*flags, "--output-dir", str(tmp_path / "out")])
