@@ -13,10 +13,12 @@ loss under ``torch._dynamo.explain``; compiled step times), host syncs counted u
 ``torch.cuda.set_sync_debug_mode("warn")``, and bf16 numerics (importance weights against fp32;
 non-finite ``.grad`` over many steps at λ ∈ {0, 0.5, 1}).
 
-Sections already in ``--out`` are kept (the file is rewritten atomically after each section), so a
-run cut off by a time limit resumes where it stopped. Plan on an H100 (estimates, to be replaced by
-the measured wall times the JSON records): ``timing`` ~6 min, ``sweep`` ~2 min, ``memory`` ~1 min,
-``compile`` ~4 min, ``syncs`` < 1 min, ``bf16`` ~5 min.
+The ``recipe`` section times ``siss.Unlearner`` (the teacher keep target, the calibrated balancer)
+against the plain step for the full model and a LoRA, with its memory against the computed formula.
+
+Entries already in ``--out`` are kept (the file is rewritten atomically after each entry), so a
+run cut off by a time limit keeps what it finished and resumes at the next entry; give each
+invocation a ``timeout`` and re-run. Each entry records its wall time.
 
     python -m benchmarks.gpu --out benchmarks/results/gpu.json --sections timing sweep memory
     python -m benchmarks.gpu --out benchmarks/results/gpu.json --sections compile syncs bf16
@@ -26,6 +28,7 @@ the measured wall times the JSON records): ``timing`` ~6 min, ``sweep`` ~2 min, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -42,18 +45,21 @@ import torch.nn.functional as F
 
 from benchmarks.methods import authors_surgery, spread
 from benchmarks.workloads import WORKLOADS, Workload, build
-from siss import NormBalancer, SISSLoss
+from siss import NormBalancer, SISSLoss, Unlearner, UnlearningConfig
 from siss._files import write_json_atomically
 from siss.adapters import adapter_for, loss_from_scheduler
 from siss.baselines import SISSNoISLoss
 
 METHODS = ("plain", "siss", "siss-nois", "balanced", "amortized", "authors")
-SECTIONS = ("timing", "sweep", "memory", "compile", "syncs", "bf16")
+SECTIONS = ("timing", "recipe", "sweep", "memory", "compile", "syncs", "bf16")
+RECIPE_METHODS = ("plain", "teacher", "recipe")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py
 PRECISIONS = ("fp32", "bf16")
 TARGETS = {  # issue 12, on the SD-1.5 UNet
     "siss / plain": 1.03,
     "siss / siss-nois": 0.55,
     "amortized / plain": 1.10,
+    "recipe / plain": 1.35,  # issue 21, set on the CPU
 }
 
 
@@ -76,6 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed units per method")
     parser.add_argument("--ratio", type=float, default=0.1, help="balancer ratio")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank of the recipe section")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("full", "lora"),
+        default=["full", "lora"],
+        help="what the recipe section trains: the whole model, a LoRA",
+    )
     parser.add_argument("--nan-steps", type=int, default=1000, help="bf16 steps per λ")
     parser.add_argument("--nan-batch-size", type=int, default=4)
     parser.add_argument("--redo", action="store_true", help="recompute sections already in --out")
@@ -86,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name in ("batch_size", "rounds", "unit", "nan_steps", "nan_batch_size"):
+    for name in ("batch_size", "rounds", "unit", "nan_steps", "nan_batch_size", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -116,14 +130,17 @@ def make_steps(
     optimize: bool = True,
     model: torch.nn.Module | None = None,
     methods: tuple[str, ...] = METHODS,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Callable[[], None]]:
     """One closure per method: a whole training step (``optimize=False``: up to the final
-    ``.grad``). ``model`` replaces the workload's (e.g. its ``torch.compile``'d version)."""
+    ``.grad``). ``model`` replaces the workload's (e.g. its ``torch.compile``'d version);
+    ``optimizer`` the AdamW the closures step (e.g. one shared with an ``Unlearner``)."""
     device = next(work.model.parameters()).device
     adapter = adapter_for(model if model is not None else work.model)
     params = [p for p in work.model.parameters() if p.requires_grad]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+    if optimizer is None:
+        fused = {"fused": True} if device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
     siss = loss_from_scheduler(SISSLoss, work.scheduler, lam=0.5, superfactor=ratio).to(device)
     nois = loss_from_scheduler(SISSNoISLoss, work.scheduler, superfactor=ratio).to(device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -269,33 +286,68 @@ RATIO_PAIRS = [
 ]
 
 
-def timing_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+class Entries:
+    """One section's entries in ``--out``, each written as soon as it is measured.
+
+    An entry already in the file is kept and not measured again (``--redo`` measures it again),
+    so a run cut off by a time limit resumes at the next entry and what it finished is saved."""
+
+    def __init__(self, results: dict[str, Any], section: str, path: Path, redo: bool) -> None:
+        if redo or not isinstance(results.get(section), dict):
+            results[section] = {}
+        self.results, self.section, self.path = results, section, path
+        self.entries: dict[str, Any] = results[section]
+
+    def done(self, key: str, group: str | None = None) -> bool:
+        entries = self.entries.get(group, {}) if group else self.entries
+        if key in entries:
+            print(
+                f"{self.section} {group + '/' if group else ''}{key}: already in {self.path}, kept"
+            )
+            return True
+        return False
+
+    def put(self, key: str, value: Any, group: str | None = None) -> None:
+        entries = self.entries.setdefault(group, {}) if group else self.entries
+        entries[key] = value
+        write_json_atomically(self.path, self.results)
+
+
+def timing_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
     for name in args.workloads:
+        todo = [p for p in args.precisions if not entries.done(f"{name}/{p}")]
+        if not todo:
+            continue
         work = build(name, device, smoke=args.smoke, seed=args.seed)
-        for precision in args.precisions:
+        for precision in todo:
+            start = time.perf_counter()
             steps = make_steps(
                 work, args.batch_size, precision, ratio=args.ratio, every=args.unit, seed=args.seed
             )
             times = interleaved(steps, device, args.rounds, args.unit, args.warmup)
-            out[f"{name}/{precision}"] = {
+            entry = {
                 "parameters": work.parameters,
                 "batch": [args.batch_size, *work.row_shape],
                 "step_ms": {m: summary(v, 1e3) for m, v in times.items()},
                 "ratios": ratios(times, RATIO_PAIRS),
+                "wall_s": time.perf_counter() - start,
             }
-            print_timing(f"{name}/{precision}", out[f"{name}/{precision}"])
+            entries.put(f"{name}/{precision}", entry)
+            print_timing(f"{name}/{precision}", entry)
+            del steps
         del work
         empty_cache(device)
-    return out
 
 
-def sweep_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def sweep_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
     """SISS against plain on the SD-1.5 UNet (bf16) over batch sizes."""
-    work = build("sd15", device, smoke=args.smoke, seed=args.seed)
     precision = "bf16" if "bf16" in args.precisions else args.precisions[0]
-    out: dict[str, Any] = {"workload": "sd15", "precision": precision, "batches": {}}
-    for batch in args.sweep_batch_sizes:
+    keys = {batch: f"sd15/{precision}/batch{batch}" for batch in args.sweep_batch_sizes}
+    todo = [batch for batch, key in keys.items() if not entries.done(key)]
+    if not todo:
+        return
+    work = build("sd15", device, smoke=args.smoke, seed=args.seed)
+    for batch in todo:
         try:
             steps = make_steps(
                 work,
@@ -308,18 +360,199 @@ def sweep_section(args: argparse.Namespace, device: torch.device) -> dict[str, A
             )
             times = interleaved(steps, device, args.rounds, args.unit, args.warmup)
         except torch.OutOfMemoryError as err:
-            out["batches"][str(batch)] = {"status": "out of memory", "error": str(err)[:200]}
+            entries.put(keys[batch], {"status": "out of memory", "error": str(err)[:200]})
             empty_cache(device)
             continue
-        out["batches"][str(batch)] = {
+        entry = {
             "step_ms": {m: summary(v, 1e3) for m, v in times.items()},
             "ratios": ratios(times, [("siss", "plain")]),
         }
-        ratio = out["batches"][str(batch)]["ratios"]["siss / plain"]
-        print(f"sweep sd15/{precision} batch {batch}: siss / plain {ratio['median']:.3f}")
+        entries.put(keys[batch], entry)
+        print(f"sweep {keys[batch]}: siss / plain {entry['ratios']['siss / plain']['median']:.3f}")
         del steps
         empty_cache(device)
-    return out
+
+
+# ------------------------------------------------------------------------------------ recipe
+
+
+def add_lora(model: torch.nn.Module, rank: int) -> None:
+    """A LoRA on the attention projections, base weights frozen, as diffusers'
+    ``train_text_to_image_lora.py`` (``init_lora_weights="gaussian"``)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=list(LORA_TARGETS),
+        )
+    )
+
+
+def static_formula(parameters: int, trainable: int, mode: str) -> dict[str, int]:
+    """Bytes held between steps, computed (fp32 master weights, AdamW): weights 4P, AdamW 8T;
+    the recipe adds the balancer's forget-gradient buffer 4T and, for a full fine-tune, the
+    teacher's frozen copy 4P (a LoRA's teacher is its own base model: 0). Gradients (4T) exist
+    during the step only (``zero_grad(set_to_none=True)``)."""
+    plain = 4 * parameters + 8 * trainable
+    teacher = 4 * parameters if mode == "full" else 0
+    return {
+        "plain": plain,
+        "recipe": plain + 4 * trainable + teacher,
+        "gradients": 4 * trainable,
+        "teacher": teacher,
+        "balancer_buffer": 4 * trainable,
+    }
+
+
+def allocated(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    return float(torch.cuda.memory_allocated(device))
+
+
+def recipe_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
+    """The recipe's step on each workload, the full model and a LoRA (rank ``--rank``):
+
+    * ``plain``    the plain diffusers fine-tuning step (``make_steps``' ``plain``);
+    * ``teacher``  ``siss.Unlearner`` with the teacher keep target and the calibrated
+      ``absolute`` balancer refreshed every step (``balance_every=1``);
+    * ``recipe``   ``siss.Unlearner`` with its defaults (refreshed every 10 steps).
+
+    One calibration batch, spent before the timing; no clipping and a constant lr, as the other
+    methods; one AdamW shared. Memory (CUDA only, under the first of ``--precisions``): what is
+    held between steps and the peak of a plain step and of ``balance_every`` recipe steps (one
+    refresh), against ``static_formula``. Then step times per precision, interleaved as in
+    ``timing``."""
+    for name in args.workloads:
+        for mode in args.modes:
+            prefix = f"{name}/{mode}"
+            todo = [p for p in args.precisions if not entries.done(f"{prefix}/{p}")]
+            if todo or not entries.done(f"{prefix}/memory"):
+                recipe_entries(args, device, entries, name, mode, todo)
+                empty_cache(device)
+
+
+def recipe_entries(
+    args: argparse.Namespace,
+    device: torch.device,
+    entries: Entries,
+    name: str,
+    mode: str,
+    precisions: list[str],
+) -> None:
+    """``recipe_section``'s entries for one workload and mode."""
+    prefix = f"{name}/{mode}"
+    work = build(name, device, smoke=args.smoke, seed=args.seed)
+    if mode == "lora":
+        if not hasattr(work.model, "add_adapter"):
+            reason = f"not measured: {type(work.model).__name__} has no add_adapter (PEFT mixin)"
+            for key in ("memory", *precisions):
+                if key == "memory" and entries.done(f"{prefix}/memory"):
+                    continue
+                entries.put(f"{prefix}/{key}", {"status": reason})
+            return
+        add_lora(work.model, args.rank)
+    params = [p for p in work.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+    plain = make_steps(
+        work,
+        args.batch_size,
+        "fp32",  # the autocast is amped's, below
+        ratio=args.ratio,
+        every=1,
+        seed=args.seed,
+        methods=("plain",),
+        optimizer=optimizer,
+    )["plain"]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    x0 = torch.randn(args.batch_size, *work.row_shape, device=device, generator=generator)
+    a0 = torch.randn(args.batch_size, *work.row_shape, device=device, generator=generator)
+    cond = work.conditioning(args.batch_size)
+    config = UnlearningConfig(
+        calibration_batches=1, max_grad_norm=0.0, lr_scheduler="constant", seed=args.seed
+    )
+
+    def unlearner(every: int | None) -> Callable[[], None]:
+        run = Unlearner(
+            work.model,
+            work.scheduler,
+            dataclasses.replace(config, balance_every=every),
+            n=1000,
+            k=10,
+            optimizer=optimizer,
+        )
+
+        def step() -> None:
+            run.step(x0, a0, **cond)
+
+        amped(step, device, precision)()  # the calibration batch
+        return step
+
+    precision = (precisions or args.precisions)[0]  # of the memory measurement
+    measured = amped(plain, device, precision)
+    measured()  # AdamW's state exists from here on
+    held_plain, peak_plain = allocated(device), peak_bytes(measured, device)
+    recipe = unlearner(None)
+    measured = amped(recipe, device, precision)
+    measured()  # the first refresh allocates the forget-gradient buffer
+    held_recipe = allocated(device)
+    peak_recipe = peak_bytes(lambda: [measured() for _ in range(config.balance_every)], device)
+    if not entries.done(f"{prefix}/memory"):
+        formula = static_formula(work.parameters, trainable, mode)
+        memory: dict[str, Any] = {
+            "parameters": work.parameters,
+            "trainable": trainable,
+            "batch": [args.batch_size, *work.row_shape],
+            "precision": precision,
+            "computed_mib": {k: v / 2**20 for k, v in formula.items()},
+        }
+        if held_plain is None:
+            memory["status"] = "not measured: CUDA only"
+        else:
+            memory["measured_mib"] = {
+                "held plain": held_plain / 2**20,
+                "held recipe": held_recipe / 2**20,
+                "peak plain": peak_plain / 2**20,
+                "peak recipe": peak_recipe / 2**20,
+            }
+        entries.put(f"{prefix}/memory", memory)
+        print(f"recipe {prefix} memory: {json.dumps(memory)}")
+    teacher = unlearner(1)
+    for precision in precisions:
+        start = time.perf_counter()
+        steps = {
+            "plain": amped(plain, device, precision),
+            "teacher": amped(teacher, device, precision),
+            "recipe": amped(recipe, device, precision),
+        }
+        times = interleaved(steps, device, args.rounds, args.unit, args.warmup)
+        entry = {
+            "parameters": work.parameters,
+            "trainable": trainable,
+            "batch": [args.batch_size, *work.row_shape],
+            "step_ms": {m: summary(v, 1e3) for m, v in times.items()},
+            "ratios": ratios(times, [("teacher", "plain"), ("recipe", "plain")]),
+            "wall_s": time.perf_counter() - start,
+        }
+        entries.put(f"{prefix}/{precision}", entry)
+        print_timing(f"recipe {prefix}/{precision}", entry)
+
+
+def amped(step: Callable[[], Any], device: torch.device, precision: str) -> Callable[[], None]:
+    """``step`` under ``precision``'s autocast (the teacher's forward too)."""
+
+    def run() -> None:
+        with autocast(device, precision):
+            step()
+
+    return run
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -340,14 +573,16 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> float | None:
     return float(torch.cuda.max_memory_allocated(device))
 
 
-def memory_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def memory_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
     """Peak memory while each method computes its final .grad (AdamW state not yet allocated:
     ``optimize=False``), fp32, at batch 1 (gradients dominate) and at the benchmark batch."""
-    out: dict[str, Any] = {}
     for name in args.workloads:
+        todo = [b for b in sorted({1, args.batch_size}) if not entries.done(f"{name}/batch{b}")]
+        if not todo:
+            continue
         work = build(name, device, smoke=args.smoke, seed=args.seed)
         gradient = 4 * sum(p.numel() for p in work.model.parameters() if p.requires_grad)
-        for batch in sorted({1, args.batch_size}):
+        for batch in todo:
             steps = make_steps(
                 work,
                 batch,
@@ -379,45 +614,29 @@ def memory_section(args: argparse.Namespace, device: torch.device) -> dict[str, 
                     "authors - balanced >= 1 gradient": peaks["authors"] - peaks["balanced"]
                     >= gradient,
                 }
-            out[f"{name}/batch{batch}"] = entry
+            entries.put(f"{name}/batch{batch}", entry)
             print(f"memory {name} batch {batch}: {json.dumps(entry)}")
             del steps
             empty_cache(device)
         del work
         empty_cache(device)
-    return out
 
 
 # ----------------------------------------------------------------------------------- compile
 
 
-def compile_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def compile_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
     """Graph breaks inside the SISS loss (sample + terms on a fixed model output), and compiled
     step times (``torch.compile`` of the model) for plain and SISS."""
-    out: dict[str, Any] = {}
-    work = build("sd15" if "sd15" in args.workloads else args.workloads[0], device, smoke=True)
-    siss = loss_from_scheduler(SISSLoss, work.scheduler, lam=0.5, superfactor=0.1).to(device)
-    batch = args.batch_size
-    x0 = torch.randn(batch, *work.row_shape, device=device)
-    a0 = torch.randn(batch, *work.row_shape, device=device)
-    output = torch.randn(batch, *work.row_shape, device=device, requires_grad=True)
-
-    def loss_only(x0: torch.Tensor, a0: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        draw = siss.sample(x0, a0)
-        return siss(output, draw)
-
-    explanation = torch._dynamo.explain(loss_only)(x0, a0, output)
-    out["loss_explain"] = {
-        "graph_count": explanation.graph_count,
-        "graph_break_count": explanation.graph_break_count,
-        "break_reasons": [str(r.reason)[:300] for r in explanation.break_reasons],
-    }
-    print(f"compile: SISS loss graph breaks {explanation.graph_break_count}")
+    precision = "bf16" if "bf16" in args.precisions else args.precisions[0]
+    if not entries.done("loss_explain"):
+        entries.put("loss_explain", explain_loss(args, device))
     torch._dynamo.reset()
     for name in args.workloads:
+        if entries.done(f"{name}/{precision}"):
+            continue
         work = build(name, device, smoke=args.smoke, seed=args.seed)
         compiled = torch.compile(work.model, backend="eager" if args.smoke else "inductor")
-        precision = "bf16" if "bf16" in args.precisions else args.precisions[0]
         start = time.perf_counter()
         steps = make_steps(
             work,
@@ -434,17 +653,39 @@ def compile_section(args: argparse.Namespace, device: torch.device) -> dict[str,
         synchronize(device)
         compile_s = time.perf_counter() - start
         times = interleaved(steps, device, args.rounds, args.unit, args.warmup)
-        out[f"{name}/{precision}"] = {
+        entry = {
             "compile_s": compile_s,
             "step_ms": {m: summary(v, 1e3) for m, v in times.items()},
             "ratios": ratios(times, [("siss", "plain")]),
         }
-        ratio = out[f"{name}/{precision}"]["ratios"]["siss / plain"]["median"]
+        entries.put(f"{name}/{precision}", entry)
+        ratio = entry["ratios"]["siss / plain"]["median"]
         print(f"compile {name}/{precision}: compiled siss / plain {ratio:.3f}")
         del steps, compiled, work
         torch._dynamo.reset()
         empty_cache(device)
-    return out
+
+
+def explain_loss(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Graphs and graph breaks of the SISS loss (sample + Eq. 15 on a fixed model output)."""
+    work = build("sd15" if "sd15" in args.workloads else args.workloads[0], device, smoke=True)
+    siss = loss_from_scheduler(SISSLoss, work.scheduler, lam=0.5, superfactor=0.1).to(device)
+    batch = args.batch_size
+    x0 = torch.randn(batch, *work.row_shape, device=device)
+    a0 = torch.randn(batch, *work.row_shape, device=device)
+    output = torch.randn(batch, *work.row_shape, device=device, requires_grad=True)
+
+    def loss_only(x0: torch.Tensor, a0: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        draw = siss.sample(x0, a0)
+        return siss(output, draw)
+
+    explanation = torch._dynamo.explain(loss_only)(x0, a0, output)
+    print(f"compile: SISS loss graph breaks {explanation.graph_break_count}")
+    return {
+        "graph_count": explanation.graph_count,
+        "graph_break_count": explanation.graph_break_count,
+        "break_reasons": [str(r.reason)[:300] for r in explanation.break_reasons],
+    }
 
 
 # ------------------------------------------------------------------------------------- syncs
@@ -463,11 +704,16 @@ def count_syncs(block: Callable[[], None]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def syncs_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Host syncs of a SISS step's loss (sample, forward, loss, backward) and of the exact
-    balancer (documented: one per step, reading two flags together)."""
+def syncs_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
+    """Host syncs of a SISS step's loss (sample, forward, loss, backward), of the exact
+    balancer (documented: one per step, reading two flags together) and of the recipe's
+    ``Unlearner.step`` on a refresh step and on a held-coefficient step."""
     if device.type != "cuda":
-        return {"status": "not measured: the sync debug mode is CUDA only"}
+        if not entries.done("status"):
+            entries.put("status", "not measured: the sync debug mode is CUDA only")
+        return
+    if entries.done("siss_step"):
+        return
     work = build("sd15" if "sd15" in args.workloads else args.workloads[0], device, smoke=True)
     params = [p for p in work.model.parameters() if p.requires_grad]
     adapter = adapter_for(work.model)
@@ -477,6 +723,8 @@ def syncs_section(args: argparse.Namespace, device: torch.device) -> dict[str, A
     a0 = torch.randn(4, *work.row_shape, device=device, generator=generator)
     cond = work.conditioning(4)
     balancer = NormBalancer(params, ratio=args.ratio)
+    config = UnlearningConfig(calibration_batches=1, balance_every=2, seed=args.seed)
+    recipe = Unlearner(work.model, work.scheduler, config, n=1000, k=10)
 
     def loss_step() -> None:
         adapter.loss(x0, a0, siss, generator=generator, **cond).loss.backward()
@@ -486,34 +734,45 @@ def syncs_section(args: argparse.Namespace, device: torch.device) -> dict[str, A
         balancer.backward(terms.keep, terms.forget)
         balancer.step()
 
+    def recipe_step() -> None:
+        recipe.step(x0, a0, **cond)
+
     for block in (loss_step, balanced_step):  # warm-up: lazy initialisation may sync once
         block()
+    for _ in range(3):  # calibration (reads its norm on the host, by design), refresh, held
+        recipe_step()
     out = {
         "siss_step": count_syncs(loss_step),
         "balanced_step": count_syncs(balanced_step),
-        "targets": {"siss_step": 0, "balanced_step": 1},
+        "recipe_refresh_step": count_syncs(recipe_step),
+        "recipe_held_step": count_syncs(recipe_step),
+        "targets": {"siss_step": 0, "balanced_step": 1, "recipe_held_step": 0},
     }
+    for key, value in out.items():
+        entries.put(key, value)
     print(f"syncs: {json.dumps(out)}")
-    return out
 
 
 # -------------------------------------------------------------------------------------- bf16
 
 
-def bf16_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bf16_section(args: argparse.Namespace, device: torch.device, entries: Entries) -> None:
     """Importance weights under bf16 autocast against fp32 on the same bf16-rounded inputs, and
     non-finite ``.grad`` counts over ``--nan-steps`` bf16 steps on the SD-1.5 UNet per λ."""
     name = "sd15" if "sd15" in args.workloads else args.workloads[0]
+    lams = [lam for lam in (0.0, 0.5, 1.0) if not entries.done(str(lam), "nonfinite_grad_steps")]
+    if not lams:
+        return
     work = build(name, device, smoke=args.smoke, seed=args.seed)
     params = [p for p in work.model.parameters() if p.requires_grad]
     adapter = adapter_for(work.model)
-    out: dict[str, Any] = {"workload": name, "weights": {}, "nonfinite_grad_steps": {}}
+    entries.put("workload", name)
     batch = args.nan_batch_size
     generator = torch.Generator(device)
     x0 = torch.randn(batch, *work.row_shape, device=device).bfloat16().float()
     a0 = torch.randn(batch, *work.row_shape, device=device).bfloat16().float()
     cond = work.conditioning(batch)
-    for lam in (0.0, 0.5, 1.0):
+    for lam in lams:
         siss = loss_from_scheduler(SISSLoss, work.scheduler, lam=lam, superfactor=0.1).to(device)
         generator.manual_seed(args.seed)
         reference = siss.sample(x0, a0, generator=generator)
@@ -527,7 +786,7 @@ def bf16_section(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 (mixed.weight_a, reference.weight_a),
             )
         )
-        out["weights"][str(lam)] = {"max_relative_error": error, "target": 1e-6}
+        entries.put(str(lam), {"max_relative_error": error, "target": 1e-6}, "weights")
         fused = {"fused": True} if device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
         bad = torch.zeros((), device=device, dtype=torch.long)
@@ -541,15 +800,15 @@ def bf16_section(args: argparse.Namespace, device: torch.device) -> dict[str, An
             bad += (~torch.isfinite(torch.stack(norms))).any().long()  # counted on the device
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        out["nonfinite_grad_steps"][str(lam)] = {
+        counts = {
             "count": int(bad),
             "steps": args.nan_steps,
             "batch": batch,
             "seconds": time.perf_counter() - start,
         }
+        entries.put(str(lam), counts, "nonfinite_grad_steps")
         print(f"bf16 λ={lam}: weights rel. error {error:.2e}, non-finite .grad {int(bad)}")
         del optimizer
-    return out
 
 
 # -------------------------------------------------------------------------------------- main
@@ -589,6 +848,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 RUNNERS = {
     "timing": timing_section,
+    "recipe": recipe_section,
     "sweep": sweep_section,
     "memory": memory_section,
     "compile": compile_section,
@@ -610,15 +870,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--out {args.out} holds a {'smoke' if args.smoke else 'full'} run")
     results["smoke"] = args.smoke
     results.setdefault("runs", []).append({**environment(device), "sections": args.sections})
-    for section in args.sections:
-        if section in results and not args.redo:
-            print(f"{section}: already in {args.out}, kept (--redo recomputes)")
-            continue
-        start = time.perf_counter()
-        results[section] = RUNNERS[section](args, device)
-        results[section]["wall_s"] = time.perf_counter() - start
-        write_json_atomically(args.out, results)
     write_json_atomically(args.out, results)
+    for section in args.sections:
+        start = time.perf_counter()
+        RUNNERS[section](args, device, Entries(results, section, args.out, args.redo))
+        results["runs"][-1].setdefault("wall_s", {})[section] = time.perf_counter() - start
+        write_json_atomically(args.out, results)
     return results
 
 

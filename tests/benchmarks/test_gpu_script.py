@@ -18,7 +18,7 @@ TINY += ["--unit", "1", "--warmup", "0", "--batch-size", "2", "--nan-steps", "2"
 
 def test_every_section_on_toy_models_and_resume(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    sections = ["timing", "memory", "syncs", "bf16"]
+    sections = ["timing", "recipe", "memory", "syncs", "bf16"]
     result = gpu.main([*TINY, "--out", str(out), "--sections", *sections])
     written = json.loads(out.read_text())
     assert written["smoke"] is True
@@ -30,6 +30,19 @@ def test_every_section_on_toy_models_and_resume(tmp_path, capsys):
         assert set(entry["step_ms"]) == set(gpu.METHODS)
         assert all(stats["median"] > 0 for stats in entry["step_ms"].values())
         assert entry["ratios"]["siss / plain"]["target"] == 1.03
+    for mode in ("full", "lora"):
+        memory = written["recipe"][f"sd15/{mode}/memory"]
+        computed = memory["computed_mib"]
+        assert memory["status"].startswith("not measured") and "measured_mib" not in memory
+        assert computed["recipe"] == pytest.approx(
+            computed["plain"] + computed["teacher"] + computed["balancer_buffer"]
+        )
+        assert (computed["teacher"] > 0) == (mode == "full")
+        for precision in ("fp32", "bf16"):
+            entry = written["recipe"][f"sd15/{mode}/{precision}"]
+            assert set(entry["step_ms"]) == set(gpu.RECIPE_METHODS)
+            assert entry["ratios"]["recipe / plain"]["target"] == 1.35
+        assert (memory["trainable"] < memory["parameters"]) == (mode == "lora")
     # CUDA-only measurements say so instead of giving a number
     assert written["syncs"]["status"].startswith("not measured")
     assert all(
@@ -51,6 +64,18 @@ def test_every_section_on_toy_models_and_resume(tmp_path, capsys):
     again = json.loads(out.read_text())
     assert again["timing"] == written["timing"] and len(again["runs"]) == 2
     assert "already in" in capsys.readouterr().out
+
+
+def test_a_cut_off_section_resumes_at_its_next_entry(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    only = ["--workloads", "sd15", "--sections", "timing"]
+    gpu.main([*TINY, "--out", str(out), *only, "--precisions", "fp32"])
+    first = json.loads(out.read_text())["timing"]
+    assert set(first) == {"sd15/fp32"}
+    gpu.main([*TINY, "--out", str(out), *only, "--precisions", "fp32", "bf16"])
+    second = json.loads(out.read_text())["timing"]
+    assert set(second) == {"sd15/fp32", "sd15/bf16"} and second["sd15/fp32"] == first["sd15/fp32"]
+    assert "timing sd15/fp32: already in" in capsys.readouterr().out
 
 
 def test_a_smoke_file_is_not_mixed_with_a_full_run(tmp_path):
