@@ -1,6 +1,6 @@
 """The digits audit's inputs and its member/non-member pair (docs/audit.md, "Ground truth").
 
-    python -m examples.audit_digits --out outputs/audit/data
+    python -m examples.audit_digits --output_dir outputs/audit/data
     python -m siss.audit --model examples/assets/pretrained --model examples/assets/retrain \\
         --forget outputs/audit/data/tshirt.pt --reference outputs/audit/data/tshirt_variants.pt \\
         --out outputs/audit
@@ -17,8 +17,8 @@ non-members: the membership AUC needs a model of its own. ``examples/assets/memb
 a small ``UNet2DModel`` trained on 128 digits drawn at random from scikit-learn's 1,797 (the
 members) until it overfits them; the next 128 of the same draw are its non-members, from the
 same distribution. ``members.pt`` and ``nonmembers.pt`` are that split, read from the model's
-``training_info.json``; ``--train-membership DIR`` trains the model again (about 3 minutes on one
-CPU thread; the shipped one was made with ``--train-membership examples/assets/membership``).
+``training_info.json``; ``--train_membership DIR`` trains the model again (about 3 minutes on one
+CPU thread; the shipped one was made with ``--train_membership examples/assets/membership``).
 ``--figure PATH`` draws the T-shirt and 12 variants (docs/audit/reference.png). Tensors in
 [-1, 1], the models' range; every file written atomically.
 """
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.digits import load_digit_classes, make_tshirt, make_tshirt_variants
+from siss._cli import CommandParser, add_output_flag, add_runtime_flags, flag
 from siss._files import atomic_path
 
 MEMBERSHIP_MODEL = Path(__file__).resolve().parent / "assets" / "membership"
@@ -153,7 +154,7 @@ def train_membership_model(
     unet.eval()
     info = {
         "purpose": "membership-inference ground truth: members vs non-members of one distribution",
-        "command": f"python -m examples.audit_digits --train-membership {out}",
+        "command": f"python -m examples.audit_digits --train_membership {out}",
         "args": {"count": count, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed},
         "split": {
             "source": "sklearn digits (1,797), 16x16 in [-1, 1]",
@@ -180,8 +181,8 @@ def read_split(model: Path) -> tuple[torch.Tensor, torch.Tensor]:
     info_path = Path(model) / "training_info.json"
     if not info_path.exists():
         raise FileNotFoundError(
-            f"--membership-model {model}: no training_info.json (train one with "
-            "--train-membership DIR)"
+            f"--membership_model {model}: no training_info.json (train one with "
+            "--train_membership DIR)"
         )
     split = json.loads(info_path.read_text())["split"]
     members, nonmembers, member_index, nonmember_index = membership_split(
@@ -217,47 +218,98 @@ def reference_figure(path: Path, variants: torch.Tensor, shown: int = 12) -> Non
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.audit_digits",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(prog="python -m examples.audit_digits", description=__doc__.split("\n\n")[0])
+    add_output_flag(
+        p,
+        default=Path("outputs/audit/data"),
+        old=("--out",),
+        help="the folder the tensors are written into",
     )
-    p.add_argument("--out", type=Path, default=Path("outputs/audit/data"), help="output folder")
-    p.add_argument(
-        "--count", type=int, default=128, help="reference T-shirt variants (>= 104: docs/audit.md)"
+    flag(
+        p,
+        "--count",
+        type=int,
+        default=128,
+        at_least=1,
+        help="reference T-shirt variants (>= 104: docs/audit.md)",
     )
-    p.add_argument("--seed", type=int, default=1, help="seed of the variants")
-    p.add_argument("--size", type=int, default=16, help="image side (the shipped models': 16)")
-    p.add_argument(
-        "--membership-model",
+    flag(p, "--seed", type=int, default=1, at_least=0, help="seed of the variants")
+    flag(
+        p,
+        "--resolution",
+        old=("--size",),
+        type=int,
+        default=16,
+        at_least=1,
+        help="image side (the shipped models': 16)",
+    )
+    flag(
+        p,
+        "--membership_model",
         type=Path,
         default=MEMBERSHIP_MODEL,
         help="the member/non-member model whose split members.pt and nonmembers.pt hold",
     )
-    p.add_argument(
-        "--train-membership",
+    flag(
+        p,
+        "--train_membership",
         type=Path,
         default=None,
         metavar="DIR",
-        help="first train the membership model into DIR (then --membership-model DIR)",
+        help="first train the membership model into DIR (then --membership_model DIR). "
+        "Default: use --membership_model as it is",
     )
-    p.add_argument("--membership-count", type=int, default=128, help="members (= non-members)")
-    p.add_argument("--membership-steps", type=int, default=1500, help="training steps")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the training")
-    p.add_argument("--figure", type=Path, default=None, help="also draw the reference figure")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.count < 1:
-        p.error("--count must be >= 1")
-    if args.membership_steps < 1:
-        p.error("--membership-steps must be >= 1")
-    if not 2 <= args.membership_count <= 898:
-        p.error("--membership-count must be in [2, 898] (two disjoint sets of the 1,797 digits)")
-    if args.threads < 1:
-        p.error("--threads must be >= 1")
+    flag(
+        p,
+        "--membership_count",
+        type=int,
+        default=128,
+        at_least=2,
+        at_most=898,
+        help="members (= non-members): two disjoint sets of the 1,797 digits",
+    )
+    flag(
+        p,
+        "--membership_steps",
+        type=int,
+        default=1500,
+        at_least=1,
+        help="training steps of --train_membership",
+    )
+    flag(
+        p,
+        "--figure",
+        type=Path,
+        default=None,
+        help="also draw the reference figure into this PNG. Default: no figure",
+    )
+    add_runtime_flags(p, device=False, threads=1)
+
+    def check(args: argparse.Namespace) -> None:
+        if args.train_membership is not None:
+            return
+        model = Path(args.membership_model)
+        if not model.is_dir():
+            raise ValueError(
+                f"--membership_model {model}: no such folder (--train_membership DIR makes one)"
+            )
+        if not (model / "training_info.json").is_file():
+            raise ValueError(
+                f"--membership_model {model}: no training_info.json, not a membership model "
+                "(--train_membership DIR makes one)"
+            )
+
+    p.add_check(check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.train_membership is not None:
-        torch.set_num_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         info = train_membership_model(
             args.train_membership,
             count=args.membership_count,
@@ -273,17 +325,18 @@ def main(argv: list[str] | None = None) -> None:
                 for score, a in auc.items()
             )
         )
+    out, size = args.output_dir, args.resolution
     variants, _ = make_tshirt_variants(
-        args.count, torch.Generator().manual_seed(args.seed), size=args.size
+        args.count, torch.Generator().manual_seed(args.seed), size=size
     )
-    save(make_tshirt(args.size).unsqueeze(0), args.out / "tshirt.pt")
-    save(variants, args.out / "tshirt_variants.pt")
+    save(make_tshirt(size).unsqueeze(0), out / "tshirt.pt")
+    save(variants, out / "tshirt_variants.pt")
     members, nonmembers = read_split(args.membership_model)
-    save(members, args.out / "members.pt")
-    save(nonmembers, args.out / "nonmembers.pt")
+    save(members, out / "members.pt")
+    save(nonmembers, out / "nonmembers.pt")
     print(
         f"wrote tshirt.pt, tshirt_variants.pt ({args.count}), members.pt and nonmembers.pt "
-        f"({len(members)} each, {args.membership_model}'s split) to {args.out}"
+        f"({len(members)} each, {args.membership_model}'s split) to {out}"
     )
     if args.figure is not None:
         reference_figure(args.figure, variants)

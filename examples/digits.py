@@ -8,8 +8,8 @@ al., 2025, Sec. 5.2: MNIST with one Fashion-MNIST T-shirt at a rate of 1%) at a 
 trains on a laptop CPU. Real MNIST (from a torchvision folder already on disk) or any image
 folder can be used instead.
 
-Example:
-    >>> from digits import load_training_set
+Examples:
+    >>> from examples.digits import load_training_set
     >>> data = load_training_set(seed=0)
     >>> data.images.shape, int(data.is_outlier.sum())
     (torch.Size([1815, 1, 16, 16]), 18)
@@ -309,7 +309,7 @@ def make_shape(
     Returns:
         ``(channels, size, size)`` float32 tensor in ``[-1, 1]``.
 
-    Example:
+    Examples:
         >>> make_shape("bag").shape
         torch.Size([1, 16, 16])
     """
@@ -504,7 +504,7 @@ def load_shapes_training_set(
     Returns:
         A :class:`ShapesDataset` with images in ``[-1, 1]``.
 
-    Example:
+    Examples:
         >>> data = load_shapes_training_set(5, seed=0)
         >>> data.names
         ('tshirt', 'trousers', 'bag', 'ankle_boot', 'sneaker')

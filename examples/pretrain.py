@@ -4,7 +4,7 @@ This script shows the "before" half of the paper's MNIST T-Shirt experiment (Has
 al., 2025, Sec. 5.2) at laptop scale: an unconditional ``diffusers.UNet2DModel`` (16x16x1,
 about 1M parameters) trained with epsilon prediction on scikit-learn's digits plus a T-shirt
 silhouette repeated to make 1% of the set, so that the model learns to generate the T-shirt
-at a measurable rate. With ``--exclude-outlier`` it trains the "retrain" gold standard on the
+at a measurable rate. With ``--exclude_outlier`` it trains the "retrain" gold standard on the
 digits alone. The EMA weights and the scheduler configuration are saved with
 ``save_pretrained`` (safetensors); afterwards the script samples the model and reports how
 often it produces the T-shirt with :func:`siss.metrics.generation_rate`.
@@ -12,7 +12,7 @@ often it produces the T-shirt with :func:`siss.metrics.generation_rate`.
 ``--process flow`` trains the same UNet as a rectified-flow model instead (diffusers'
 ``FlowMatchEulerDiscreteScheduler``, as SD3 and Flux): ``x_s = (1 - s) x_0 + s eps`` with the
 model predicting the velocity ``eps - x_0``, ``s`` drawn uniformly from the scheduler's training
-grid (``--flow-shift`` 1) exactly as ``siss.adapters.loss_from_scheduler``'s flow loss draws it,
+grid (``--flow_shift`` 1) exactly as ``siss.adapters.loss_from_scheduler``'s flow loss draws it,
 so that unlearning fine-tunes the objective the model was trained on. It samples with the
 scheduler's own Euler steps (``--sampler euler``, the default for flow).
 
@@ -21,10 +21,10 @@ Run from the repository root. Each run is about 23 minutes of CPU time on one th
 checkpoints took 42 minutes of wall time each, run side by side on a busy 2-core machine::
 
     python -m examples.pretrain                      # -> examples/assets/pretrained/
-    python -m examples.pretrain --exclude-outlier    # -> examples/assets/retrain/
-    python -m examples.pretrain --eval-only --output-dir examples/assets/pretrained
+    python -m examples.pretrain --exclude_outlier    # -> examples/assets/retrain/
+    python -m examples.pretrain --eval_only --output_dir examples/assets/pretrained
     python -m examples.pretrain --process flow       # -> examples/assets/flow-pretrained/
-    python -m examples.pretrain --process flow --exclude-outlier   # -> .../flow-retrain/
+    python -m examples.pretrain --process flow --exclude_outlier   # -> .../flow-retrain/
 """
 
 from __future__ import annotations
@@ -47,8 +47,15 @@ from diffusers import (
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from examples.digits import load_training_set, to_unit_range
-from siss._files import atomic_folder
+from examples.digits import SHAPES, load_training_set, to_unit_range
+from siss._cli import (
+    CommandParser,
+    add_output_flag,
+    add_runtime_flags,
+    add_training_flags,
+    flag,
+)
+from siss._files import atomic_folder, write_atomically
 from siss.loop import rank_generator
 from siss.metrics import (
     DigitClassifier,
@@ -244,7 +251,7 @@ def load_data(args: argparse.Namespace, exclude_outlier: bool = False):
         source=args.data,
         root=args.data_root,
         outlier_path=args.outlier_image,
-        size=args.size,
+        size=args.resolution,
         channels=args.channels,
         exclude_outlier=exclude_outlier,
         seed=args.seed,
@@ -286,12 +293,13 @@ def train(
         model_cls=UNet2DModel,
         model_config=unet.config,
     )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    warmup, steps, batch = args.lr_warmup_steps, args.max_train_steps, args.train_batch_size
 
     def lr_lambda(step: int) -> float:  # linear warmup then cosine decay to 0
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -305,12 +313,12 @@ def train(
     unet.train()
     running = None
     start = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain", disable=args.no_progress, mininterval=5)
+    bar = tqdm(range(steps), desc="pretrain", disable=args.no_progress, mininterval=5)
     for _ in bar:
-        if cursor + args.batch_size > n:  # new epoch, drop the last partial batch
+        if cursor + batch > n:  # new epoch, drop the last partial batch
             order, cursor = torch.randperm(n, generator=generator), 0
-        x0 = images[order[cursor : cursor + args.batch_size]]
-        cursor += args.batch_size
+        x0 = images[order[cursor : cursor + batch]]
+        cursor += batch
         t = torch.randint(
             0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator
         )
@@ -340,7 +348,7 @@ def train(
         },
         "train_images": n,
         "outlier_copies": int(data.is_outlier.sum()),
-        "epochs": args.steps * args.batch_size / n,
+        "epochs": steps * batch / n,
         "final_loss_ema": running,
         "train_wall_s": round(wall, 1),
         "torch_threads": torch.get_num_threads(),
@@ -381,7 +389,7 @@ def evaluate(unet: UNet2DModel, scheduler_config: dict, args: argparse.Namespace
         "ci95_clopper_pearson": [est.low, est.high],
         "sample_wall_s": round(wall, 1),
     }
-    if hasattr(data, "shapes"):  # --outlier-shapes K > 1: the rate of each shape (T-shirt above)
+    if hasattr(data, "shapes"):  # --outlier_shapes K > 1: the rate of each shape (T-shirt above)
         result["shape_rates"] = {}
         for name, shape in zip(data.names, data.shapes, strict=True):
             rate = generation_rate(to_unit_range(samples), to_unit_range(shape))
@@ -403,97 +411,180 @@ def is_near(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return distances < default_threshold(target.shape)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.pretrain", description=__doc__.split("\n\n")[0]
+def add_data_flags(parser: CommandParser, *, outlier_help: str) -> None:
+    """``--data``, ``--data_root`` and ``--outlier_image`` (pretrain.py's and this script's),
+    checked: ``mnist`` and ``folder`` need an existing ``--data_root``; ``--outlier_image`` an
+    existing file."""
+    data = parser.add_argument_group("data")
+    flag(
+        data,
+        "--data",
+        choices=("sklearn", "mnist", "folder"),
+        default="sklearn",
+        help="training set: scikit-learn's digits, MNIST from a torchvision folder on disk "
+        "(--data_root), or an image folder (--data_root)",
     )
-    p.add_argument("--exclude-outlier", action="store_true", help="train the retrain model")
-    p.add_argument(
+    flag(
+        data,
+        "--data_root",
+        type=Path,
+        default=None,
+        help="the MNIST or image folder of --data mnist/folder. Default: none (sklearn)",
+    )
+    flag(data, "--outlier_image", type=Path, default=None, help=outlier_help)
+
+    def check(args: argparse.Namespace) -> None:
+        if args.data != "sklearn":
+            if args.data_root is None:
+                raise ValueError(f"--data {args.data}: needs --data_root (the folder)")
+            if not Path(args.data_root).is_dir():
+                raise ValueError(f"--data_root {args.data_root}: no such folder")
+        if args.outlier_image is not None and not Path(args.outlier_image).is_file():
+            raise ValueError(f"--outlier_image {args.outlier_image}: no such file")
+
+    parser.add_check(check)
+
+
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(prog="python -m examples.pretrain", description=__doc__.split("\n\n")[0])
+    flag(p, "--exclude_outlier", action="store_true", help="train the retrain model")
+    flag(
+        p,
         "--process",
         choices=PROCESSES,
         default="ddpm",
         help="ddpm (epsilon prediction, the paper's) or flow (rectified flow with diffusers' "
         "FlowMatchEulerDiscreteScheduler, velocity prediction)",
     )
-    p.add_argument(
-        "--flow-shift",
+    flag(
+        p,
+        "--flow_shift",
         type=float,
         default=1.0,
+        above=0,
         help="--process flow: the scheduler's shift (1: s uniform on [0, 1])",
     )
-    p.add_argument("--data", choices=("sklearn", "mnist", "folder"), default="sklearn")
-    p.add_argument("--data-root", type=Path, default=None, help="MNIST or image folder")
-    p.add_argument("--outlier-image", type=Path, default=None, help="default: a drawn T-shirt")
-    p.add_argument(
-        "--outlier-shapes",
+    add_data_flags(p, outlier_help="the outlier image to plant. Default: a drawn T-shirt")
+    flag(
+        p,
+        "--outlier_shapes",
         type=int,
         default=1,
+        at_least=1,
+        at_most=len(SHAPES),
         help="plant the first K of digits.SHAPES (T-shirt, trousers, bag, ankle boot, sneaker) "
-        "at 1%% each (examples/sequential.py); 1: the T-shirt alone. --exclude-outlier "
+        "at 1%% each (examples/sequential.py); 1: the T-shirt alone. --exclude_outlier "
         "leaves out all K",
     )
-    p.add_argument("--size", type=int, default=16, help="image side length")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    p.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help="default assets/{pretrained,retrain}, assets/flow-{pretrained,retrain} for flow",
+    flag(
+        p,
+        "--resolution",
+        old=("--size",),
+        type=int,
+        default=16,
+        at_least=4,
+        help="image side length (a multiple of 4: the UNet halves it twice)",
     )
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--eval-samples", type=int, default=2000, help="0 skips the evaluation")
-    p.add_argument(
-        "--eval-steps",
+    flag(p, "--channels", type=int, choices=(1, 3), default=1, help="image channels")
+    add_output_flag(
+        p,
+        default=None,
+        help="where the model goes. Default: examples/assets/{pretrained,retrain}, "
+        "examples/assets/flow-{pretrained,retrain} for flow",
+    )
+    add_training_flags(
+        p,
+        max_train_steps=4000,
+        train_batch_size=64,
+        learning_rate=5e-4,
+        lr_warmup_steps=100,
+        seed=0,
+        helps={
+            "learning_rate": "peak AdamW learning rate (linear warmup, then cosine to 0)",
+            "seed": "seed of the model's initialisation, the data order, timesteps and noise",
+        },
+        old={"lr_warmup_steps": ("--warmup-steps",)},
+    )
+    flag(
+        p,
+        "--ema_decay",
+        type=float,
+        default=0.999,
+        at_least=0,
+        below=1,
+        help="largest decay of the EMA of the weights that is saved (warmup power 0.75)",
+    )
+    evaluation = p.add_argument_group("evaluation")
+    flag(
+        evaluation,
+        "--eval_samples",
+        type=int,
+        default=2000,
+        at_least=0,
+        help="samples of the outlier-rate evaluation; 0 skips it",
+    )
+    flag(
+        evaluation,
+        "--eval_steps",
         type=int,
         default=None,
-        help=f"sampling steps (default {DEFAULT_EVAL_STEPS['ddpm']} for ddpm, "
-        f"{DEFAULT_EVAL_STEPS['flow']} Euler steps for flow)",
+        at_least=1,
+        help=f"sampling steps. Default: {DEFAULT_EVAL_STEPS['ddpm']} for ddpm, "
+        f"{DEFAULT_EVAL_STEPS['flow']} Euler steps for flow",
     )
-    p.add_argument(
+    flag(
+        evaluation,
         "--sampler",
         choices=SAMPLERS,
         default=None,
-        help="ddpm, ddim or dpm for a DDPM model (default ddpm); euler for a flow model",
+        help="ddpm, ddim or dpm for a DDPM model (default: ddpm); euler for a flow model",
     )
-    p.add_argument("--eval-only", action="store_true", help="load --output-dir and evaluate")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
-    if not 1 <= args.outlier_shapes <= 5:
-        p.error(f"--outlier-shapes must be in [1, 5], got {args.outlier_shapes}")
+    flag(
+        evaluation,
+        "--eval_only",
+        action="store_true",
+        help="load --output_dir and evaluate it",
+    )
+    add_runtime_flags(p, device=False, threads=1)
+    p.add_check(check_pretrain)
+    return p
+
+
+def check_pretrain(args: argparse.Namespace) -> None:
+    """The checks across flags: planted shapes and their data, the resolution, the output
+    folder's default, and the sampler and steps of the process (``--eval_only``: the process
+    of the checkpoint in ``--output_dir``, whatever ``--process`` says)."""
     if args.outlier_shapes > 1 and (args.outlier_image is not None or args.data == "folder"):
-        p.error("--outlier-shapes > 1 plants drawn shapes into digits: no --outlier-image/folder")
-    if not args.flow_shift > 0:
-        p.error(f"--flow-shift must be > 0, got {args.flow_shift}")
-    if args.eval_steps is not None and args.eval_steps < 1:
-        p.error(f"--eval-steps must be >= 1, got {args.eval_steps}")
+        raise ValueError(
+            f"--outlier_shapes {args.outlier_shapes}: plants drawn shapes into digits, "
+            "without --outlier_image or --data folder"
+        )
+    if args.resolution % 4:
+        raise ValueError(f"--resolution {args.resolution}: must be a multiple of 4")
     if args.output_dir is None:
         name = "retrain" if args.exclude_outlier else "pretrained"
         args.output_dir = ASSETS / (f"flow-{name}" if args.process == "flow" else name)
-    # --eval-only evaluates the checkpoint's own process, whatever --process says
     process = args.process
     if args.eval_only:
         try:
             process = checkpoint_process(args.output_dir)
         except ValueError as error:
-            p.error(f"--eval-only --output-dir: {error}")
-    try:
-        args.sampler = check_sampler(process, args.sampler)
-    except ValueError as error:
-        p.error(str(error))
+            raise ValueError(f"--eval_only --output_dir: {error}") from None
+    args.sampler = check_sampler(process, args.sampler)
     if args.eval_steps is None:
         args.eval_steps = DEFAULT_EVAL_STEPS[process]
-    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one run (``error``, exit code 2, on a bad one)."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     if args.eval_only:
         unet = UNet2DModel.from_pretrained(out)
@@ -508,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_samples > 0:
         result = evaluate(unet, scheduler_config, args)
         info.setdefault("evaluations", []).append(result)
-        (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_atomically(out / "training_info.json", json.dumps(info, indent=2) + "\n")
         print(
             f"outlier rate {result['outlier_rate']:.4%} ({result['outlier_count']}/"
             f"{result['samples']}), 95% CI [{result['ci95_clopper_pearson'][0]:.4%}, "

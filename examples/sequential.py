@@ -2,7 +2,7 @@
 
 Real deletions arrive one at a time. This script plants five distinct shapes (T-shirt, trousers,
 bag, ankle boot, sneaker; ``digits.SHAPES``) at 1% each in the digits training set, starts from a
-model pretrained on that set (``pretrain.py --outlier-shapes 5``), and unlearns the shapes as
+model pretrained on that set (``pretrain.py --outlier_shapes 5``), and unlearns the shapes as
 separate requests in order, each from the previous request's result, with ``unlearn.py``'s loss,
 balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's sequential
 CelebA-HQ run). After each request it measures sample quality (IS- and FID-style scores under the
@@ -10,15 +10,16 @@ shipped digit classifier, on the samples that no shape's rate counts) and EVERY 
 rate (95% interval) and NLL (bits/dim): the processed ones are flagged if they come back (rate
 interval excluding 0, or NLL below its value right after its own request by more than 1.96 standard
 errors), the waiting ones should stay put. Stop rule: the pretrained model is evaluated on
-``--band-seeds`` noise seeds and the queue stops, naming the requests left, when FID rises above (or
-IS falls below) the one-sided ``--band-level`` prediction bound of those evaluations
+``--band_seeds`` noise seeds and the queue stops, naming the requests left, when FID rises above (or
+IS falls below) the one-sided ``--band_level`` prediction bound of those evaluations
 (``siss.sequential.QualityBand``: mean ± t_{level,S-1}·sd·sqrt(1+1/S)). State is saved atomically
-after every request (the model, then the queue file); ``--resume`` continues at the first unfinished
-request and refuses a folder made with other flags, naming them. Writes ``table.md``,
-``sequential.png`` and ``queue.json``; ``--docs DIR`` copies the table and plot there.
+after every request (the model, then the queue file); ``--resume_from_checkpoint latest`` continues
+at the first unfinished request and refuses a folder made with other flags, naming them. Writes
+``table.md``, ``sequential.png`` and ``queue.json``; ``--docs DIR`` copies the table and plot there.
 
     python -m examples.sequential                        # 5 requests x 60 steps
-    python -m examples.sequential --resume --output-dir outputs/sequential/siss-lam0.5-seed0
+    python -m examples.sequential --resume_from_checkpoint latest \
+        --output_dir outputs/sequential/siss-lam0.5-seed0
     python -m examples.sequential --docs docs/results    # + docs/results/sequential.{md,png}
 """
 
@@ -38,17 +39,15 @@ from tqdm.auto import tqdm
 
 from examples.digits import SHAPES, load_shapes_training_set, to_unit_range
 from examples.pretrain import (
-    PRECISIONS,
-    SAMPLERS,
     is_near,
     load_scheduler,
     sample_images,
 )
 from examples.unlearn import (
     DRAWS,
-    LR_SCHEDULES,
-    METHOD_NAMES,
     Evaluator,
+    add_evaluation_flags,
+    add_recipe_flags,
     calibrate,
     outlier_nll,
     plan_step,
@@ -56,7 +55,14 @@ from examples.unlearn import (
     resolve_process,
 )
 from siss import Unlearner
-from siss._cli import add_keep_target_flags, resolve_device
+from siss._cli import (
+    CommandParser,
+    add_checkpoint_flags,
+    add_model_flag,
+    add_output_flag,
+    add_runtime_flags,
+    flag,
+)
 from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
 from siss.loop import BatchPlan, derived_seed
 from siss.metrics import fid_score, generation_rate, is_score
@@ -64,101 +70,119 @@ from siss.sequential import QualityBand, RequestQueue, forgetting_flags
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Flags that do not change any result: left out of the settings a resumed queue must match.
-NOT_SETTINGS = {"output_dir", "resume", "stop_after_requests", "docs", "threads", "no_progress"}
+NOT_SETTINGS = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "stop_after_requests",
+    "docs",
+    "threads",
+    "no_progress",
+}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.sequential",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(prog="python -m examples.sequential", description=__doc__.split("\n\n")[0])
+    add_model_flag(
+        p,
+        default=ASSETS / "shapes-pretrained",
+        old=("--checkpoint",),
+        help="the model to unlearn the queue from: pretrained on the digits with the shapes "
+        "planted (pretrain.py --outlier_shapes 5)",
+        missing_hint=": train it with `python -m examples.pretrain --outlier_shapes 5 "
+        "--output_dir examples/assets/shapes-pretrained`",
     )
-    p.add_argument("--checkpoint", type=Path, default=ASSETS / "shapes-pretrained")
-    p.add_argument(
-        "--shapes", type=int, default=len(SHAPES), help="requests: the first K of digits.SHAPES"
+    flag(
+        p.add_argument_group("queue"),
+        "--shapes",
+        type=int,
+        default=len(SHAPES),
+        at_least=1,
+        at_most=len(SHAPES),
+        help="requests: the first K of digits.SHAPES",
     )
-    p.add_argument("--method", choices=METHOD_NAMES, default="siss")
-    p.add_argument("--lam", type=float, default=0.5, help="SISS mixture weight λ")
-    p.add_argument("--superfactor", type=float, default=None, help="fixed s (no balancer)")
-    p.add_argument("--ratio", type=float, default=0.1, help="balancer's forget/keep norm ratio")
-    add_keep_target_flags(p)
-    p.add_argument(
-        "--steps-per-request", type=int, default=60, help="paper's sequential CelebA-HQ run: 60"
+    add_recipe_flags(
+        p,
+        max_train_steps=60,
+        ema=False,
+        helps={
+            "max_train_steps": "optimizer steps of each request (the paper's sequential "
+            "CelebA-HQ run: 60)",
+            "lr_scheduler": "learning-rate schedule of each request, annealed to 0 by its last "
+            "step with cosine (as unlearn.py)",
+        },
+        old={"max_train_steps": ("--steps-per-request",)},
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate")
-    p.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default="cosine",
-        help="per request, annealed to 0 by its last step (unlearn.py's default)",
-    )
-    p.add_argument("--lr-warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--timesteps", type=int, nargs="*", default=None, help="as unlearn.py's")
-    p.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation")
-    p.add_argument("--eval-sampler", choices=SAMPLERS, default=None, help="default: ddpm")
-    p.add_argument("--eval-steps", type=int, default=None, help="default: the process's (50)")
-    p.add_argument("--eval-precision", choices=PRECISIONS, default="fp32", help="as unlearn.py's")
-    p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes per shape")
-    p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol")
-    p.add_argument(
-        "--band-seeds",
+    evaluation = add_evaluation_flags(p, eval_samples=1000)
+    flag(
+        evaluation,
+        "--band_seeds",
         type=int,
         default=5,
-        help="evaluation noise seeds of the pretrained model that define the quality band",
+        at_least=2,
+        help="evaluation noise seeds of the pretrained model that define the quality band (a "
+        "spread needs two)",
     )
-    p.add_argument(
-        "--band-level",
+    flag(
+        evaluation,
+        "--band_level",
         type=float,
         default=0.99,
+        above=0.5,
+        below=1,
         help="one-sided coverage of the band's prediction bound: an unchanged model leaves it "
         "with probability 1 - level per evaluation (about 5%% over a 5-request queue for 0.99)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the queue in --output-dir")
-    p.add_argument(
-        "--stop-after-requests",
+    checkpoints = add_checkpoint_flags(
+        p, resume_paths=False, what="the first unfinished request of the queue in --output_dir"
+    )
+    flag(
+        checkpoints,
+        "--stop_after_requests",
         type=int,
         default=None,
-        help="process at most this many requests in this run (as if interrupted)",
+        at_least=0,
+        help="process at most this many requests in this run (as if interrupted). Default: all",
     )
-    p.add_argument("--docs", type=Path, default=None, help="copy table and plot into this folder")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for flag in ("shapes", "steps_per_request", "batch_size", "eval_samples", "nll_probes"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not 1 <= args.shapes <= len(SHAPES):
-        p.error(f"--shapes must be in [1, {len(SHAPES)}], got {args.shapes}")
-    if args.band_seeds < 2:
-        p.error(
-            f"--band-seeds must be >= 2 (a spread needs two evaluations), got {args.band_seeds}"
-        )
-    if not 0.5 < args.band_level < 1:
-        p.error(f"--band-level must be in (0.5, 1), got {args.band_level}")
-    if args.timesteps is not None and len(args.timesteps) not in (1, 2):
-        p.error("--timesteps takes one value (fixed) or two (a window)")
-    if args.stop_after_requests is not None and args.stop_after_requests < 0:
-        p.error(f"--stop-after-requests must be >= 0, got {args.stop_after_requests}")
-    if not (args.checkpoint / "config.json").is_file():
-        p.error(
-            f"--checkpoint {args.checkpoint} holds no model: train it with `python examples/"
-            "pretrain.py --outlier-shapes 5 --output-dir examples/assets/shapes-pretrained`"
-        )
-    try:
+    add_output_flag(
+        p,
+        default=None,
+        help="where queue.json, the request models, table.md and sequential.png go. Default: "
+        "outputs/sequential/<method>[-lam<λ>]-seed<seed>",
+    )
+    flag(
+        p,
+        "--docs",
+        type=Path,
+        default=None,
+        help="copy table.md and sequential.png into this folder. Default: none",
+    )
+    add_runtime_flags(p)
+
+    def check(args: argparse.Namespace) -> None:
+        if args.timesteps is not None and len(args.timesteps) not in (1, 2):
+            values = " ".join(map(str, args.timesteps))
+            raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")
+        model = Path(args.pretrained_model_name_or_path)
+        if not (model / "config.json").is_file():
+            raise ValueError(
+                f"--pretrained_model_name_or_path {model}: holds no model (config.json): train "
+                "it with `python -m examples.pretrain --outlier_shapes 5 --output_dir "
+                "examples/assets/shapes-pretrained`"
+            )
         resolve_process(args)
-        resolve_keep_target(args, steps=args.steps_per_request)
-        resolve_device(args.device)
-    except ValueError as error:
-        p.error(str(error))
-    if args.output_dir is None:
-        label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
-        args.output_dir = Path("outputs/sequential") / f"{label}-seed{args.seed}"
-    return args
+        resolve_keep_target(args)
+        if args.output_dir is None:
+            label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
+            args.output_dir = Path("outputs/sequential") / f"{label}-seed{args.seed}"
+
+    p.add_check(check)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one queue (``error``, exit code 2, on a bad one)."""
+    return build_parser().parse_args(argv)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,7 +190,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     the training rows are drawn (``draws``: a queue begun with rows drawn with replacement is
     refused)."""
     flags = {
-        "--" + key.replace("_", "-"): str(value) if isinstance(value, Path) else value
+        "--" + key: str(value) if isinstance(value, Path) else value
         for key, value in sorted(vars(args).items())
         if key not in NOT_SETTINGS
     }
@@ -257,13 +281,13 @@ def evaluate(
 def unlearn_request(
     unet: UNet2DModel, scheduler: Any, data, index: int, args: argparse.Namespace, desc: str
 ) -> float:
-    """``--steps-per-request`` steps unlearning shape ``index`` from ``unet`` in place, with the
+    """``--max_train_steps`` steps unlearning shape ``index`` from ``unet`` in place, with the
     still-waiting shapes in the keep set (they are still training data). Returns seconds."""
     device = torch.device(args.device)
     keep = data.images[(data.shape_index == -1) | (data.shape_index > index)].to(device)
     forget = data.images[data.shape_index == index].to(device)
     # The teacher is a frozen copy of the previous request's result.
-    config = resolve_keep_target(args, steps=args.steps_per_request)
+    config = resolve_keep_target(args)
     unlearner = Unlearner(unet, scheduler, config, n=len(keep) + len(forget), k=len(forget))
     # One plan per request, from the seed and the request's index: a resumed queue draws what
     # an uninterrupted one draws.
@@ -271,13 +295,13 @@ def unlearn_request(
         derived_seed(args.seed, "request", index),
         len(keep),
         len(forget),
-        args.batch_size,
-        args.batch_size,
+        args.train_batch_size,
+        args.train_batch_size,
     )
     unet.train()
     start = time.perf_counter()
     calibrate(unlearner, keep, forget, plan)
-    for step in tqdm(range(args.steps_per_request), desc=desc, disable=args.no_progress):
+    for step in tqdm(range(args.max_train_steps), desc=desc, disable=args.no_progress):
         plan_step(unlearner, keep, forget, plan, step)
     unet.eval()
     return time.perf_counter() - start
@@ -382,20 +406,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     data = load_shapes_training_set(args.shapes, seed=0)
-    queue = RequestQueue.open(out / "queue.json", data.names, settings(args), resume=args.resume)
-    scheduler = load_scheduler(args.checkpoint)
+    resume = args.resume_from_checkpoint is not None
+    queue = RequestQueue.open(out / "queue.json", data.names, settings(args), resume=resume)
+    scheduler = load_scheduler(args.pretrained_model_name_or_path)
     evaluator = Evaluator(args, data.outlier, data.images[data.shape_index == -1])
     if evaluator.classifier is None:
         raise ValueError("the quality band needs the digit classifier: 16x16 grayscale models")
     done = len(queue.records)
-    source = args.checkpoint if done == 0 else out / "requests" / f"{done:02d}-{queue.done[-1]}"
+    start = args.pretrained_model_name_or_path
+    source = start if done == 0 else out / "requests" / f"{done:02d}-{queue.done[-1]}"
     unet = UNet2DModel.from_pretrained(source).to(args.device)
 
     baseline_path = out / "baseline.json"
-    if args.resume and baseline_path.exists():  # queue.json matched: same settings
+    if resume and baseline_path.exists():  # queue.json matched: same settings
         baseline = json.loads(baseline_path.read_text())
     else:
-        pretrained = unet if done == 0 else UNet2DModel.from_pretrained(args.checkpoint)
+        pretrained = unet if done == 0 else UNet2DModel.from_pretrained(start)
         pretrained = pretrained.to(args.device)
         seeds = range(args.seed + 1, args.seed + 1 + args.band_seeds)
         quality = []
@@ -404,7 +430,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = evaluate(pretrained, scheduler, data, evaluator, args, noise, with_nll)
             quality.append(row)
         if any(row["fid"] is None for row in quality):
-            raise ValueError(f"--checkpoint: its quality could not be measured: {quality}")
+            raise ValueError(
+                f"--pretrained_model_name_or_path: its quality could not be measured: {quality}"
+            )
         baseline = {
             "evaluation": quality[0],
             "band_fid": [row["fid"] for row in quality],
@@ -462,7 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     if queue.stopped:
         print(f"STOPPED: {queue.stopped}")
     elif queue.pending:
-        print(f"paused after {len(queue.done)} requests; continue with --resume")
+        print(
+            f"paused after {len(queue.done)} requests; continue with "
+            "--resume_from_checkpoint latest"
+        )
     print(f"table.md, sequential.png and queue.json in {args.output_dir}")
 
 

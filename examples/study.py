@@ -1,27 +1,29 @@
 """The MNIST-T-shirt study of the paper (Table 2, Fig. 4b) at laptop scale, over several seeds.
 
 Runs every method of the library from the shipped pretrained digits DDPM with ``unlearn.py``'s
-``run`` — naive deletion, SISS (λ = 0, 0.5, 1), SISS (No IS), EraseDiff and NegGrad, with the
-paper's step counts (300 for the quality-preserving methods, 100 for the others) — plus the
-pretrained and the retrained-without-the-outlier checkpoints, and writes a results table with 95%
-confidence intervals over seeds (Markdown and JSON), a plot of the outlier rate against the step
-per method (pooled over the seeds, with exact 95% intervals), and the quality-vs-unlearning
-scatter of Fig. 4b. Each final model then gets a larger evaluation (``--final-samples``, 10,240
-a seed: the paper's 30,720 over three seeds) in bfloat16 (2.3x faster on an AMX CPU, checked
-against fp32 on the same noise), from which the table takes the rate with its exact interval and
-the IS- and FID-style scores; the pretrained model's own spread over disjoint draws of those
-samples is printed under it, the yardstick of "quality kept". Runs and evaluation batches already
-finished under the output folder are reused, so the study can be stopped and restarted.
+``run``, each from its ``siss.UnlearningConfig`` (``METHODS``, through ``unlearn.job``) — naive
+deletion, SISS (λ = 0, 0.5, 1), SISS (No IS), EraseDiff and NegGrad, with the paper's step counts
+(300 for the quality-preserving methods, 100 for the others) — plus the pretrained and the
+retrained-without-the-outlier checkpoints, and writes a results table with 95% confidence
+intervals over seeds (Markdown and JSON), a plot of the outlier rate against the step per method
+(pooled over the seeds, with exact 95% intervals), and the quality-vs-unlearning scatter of
+Fig. 4b. Each final model then gets a larger evaluation (``--final_samples``, 10,240 a seed: the
+paper's 30,720 over three seeds) in bfloat16 (2.3x faster on an AMX CPU, checked against fp32 on
+the same noise), from which the table takes the rate with its exact interval and the IS- and
+FID-style scores; the pretrained model's own spread over disjoint draws of those samples is
+printed under it, the yardstick of "quality kept". Runs and evaluation batches already finished
+under the output folder are reused, so the study can be stopped and restarted.
 
-``--pretrained`` and ``--retrain`` run the same study on another checkpoint pair, e.g. the
-rectified-flow pair of ``pretrain.py --process flow`` (the process is read from the checkpoints'
-scheduler configs; both must share it); its output goes to ``outputs/study-<pretrained folder>``
-unless ``--output-dir`` says otherwise, and the table's header names the process.
+``--pretrained_model_name_or_path`` and ``--retrain`` run the same study on another checkpoint
+pair, e.g. the rectified-flow pair of ``pretrain.py --process flow`` (the process is read from
+the checkpoints' scheduler configs; both must share it); its output goes to
+``outputs/study-<pretrained folder>`` unless ``--output_dir`` says otherwise, and the table's
+header names the process.
 
     python -m examples.study --seeds 0 1 2                  # ~4 h on 2 CPU cores
     python -m examples.study --seeds 0 --methods siss-0.5 naive --docs docs/results
     python -m examples.study --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
-    python -m examples.study --pretrained examples/assets/flow-pretrained \
+    python -m examples.study --pretrained_model_name_or_path examples/assets/flow-pretrained \
         --retrain examples/assets/flow-retrain    # -> outputs/study-flow-pretrained
 """
 
@@ -32,6 +34,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DModel
@@ -41,6 +44,7 @@ from examples.digits import load_training_set
 from examples.pretrain import (
     DEFAULT_EVAL_STEPS,
     PRECISIONS,
+    SAMPLERS,
     check_sampler,
     checkpoint_process,
     is_near,
@@ -54,27 +58,37 @@ from examples.unlearn import (
     METHOD_REFUSALS,
     PROCESS_NAMES,
     Evaluator,
+    add_tracking_flags,
     audit_run,
     run,
 )
-from examples.unlearn import parse_args as unlearn_args
+from examples.unlearn import job as unlearn_job
+from siss import UnlearningConfig
+from siss._cli import (
+    CommandParser,
+    add_model_flag,
+    add_output_flag,
+    add_runtime_flags,
+    flag,
+)
 from siss._files import atomic_path, write_json_atomically
 from siss.audit import ALL_CHECKS
 from siss.metrics import proportion_ci
 
-# label: (unlearn.py flags, steps); steps as in the paper's Table 2
-METHODS: dict[str, tuple[list[str], int]] = {
-    "naive": (["--method", "naive"], 300),
+# label: (siss.UnlearningConfig fields, steps); steps as in the paper's Table 2, every other
+# field at the recipe's default
+METHODS: dict[str, tuple[dict[str, Any], int]] = {
+    "naive": ({"method": "naive"}, 300),
     # Naive deletion's expected gradient, from SISS's draws with no extra forget weight (s = 0)
-    # and the teacher keep target: the same objective without the keep term's noise.
-    "naive-teacher": (["--method", "siss", "--lam", "0.5", "--superfactor", "0"], 300),
-    "siss-0": (["--method", "siss", "--lam", "0"], 300),
-    "siss-0.5": (["--method", "siss", "--lam", "0.5"], 300),
-    "siss-0.5-noise": (["--method", "siss", "--lam", "0.5", "--keep-target", "noise"], 300),
-    "siss-nois": (["--method", "siss-nois"], 300),
-    "erasediff": (["--method", "erasediff"], 100),
-    "siss-1": (["--method", "siss", "--lam", "1"], 100),
-    "neggrad": (["--method", "neggrad"], 100),
+    # and the teacher keep target: the same objective without l_x's regression on the drawn noise.
+    "naive-teacher": ({"method": "siss", "lam": 0.5, "superfactor": 0.0}, 300),
+    "siss-0": ({"method": "siss", "lam": 0.0}, 300),
+    "siss-0.5": ({"method": "siss", "lam": 0.5}, 300),
+    "siss-0.5-noise": ({"method": "siss", "lam": 0.5, "keep_target": "noise"}, 300),
+    "siss-nois": ({"method": "siss-nois"}, 300),
+    "erasediff": ({"method": "erasediff"}, 100),
+    "siss-1": ({"method": "siss", "lam": 1.0}, 100),
+    "neggrad": ({"method": "neggrad"}, 100),
 }
 LABELS = {
     "pretrained": "Pretrained",
@@ -104,200 +118,251 @@ PAPER = {  # Table 2 of the paper: steps, IS, NLL (bits/dim), p
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(prog="python -m examples.study", description=__doc__.split("\n\n")[0])
+    flag(
+        p,
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        at_least=0,
+        help="a run of every method per seed",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument(
+    flag(
+        p,
         "--methods",
         nargs="+",
         default=None,
         choices=list(METHODS),
-        help="default: every method that applies to the pair's process (flow: all but erasediff)",
+        metavar="METHOD",
+        help="methods to run, from %(choices)s. Default: every method that applies to the "
+        "pair's process (flow: all but erasediff)",
     )
-    p.add_argument(
-        "--pretrained",
-        type=Path,
+    add_model_flag(
+        p,
         default=None,
-        help="the checkpoint every method starts from (None: examples/assets/pretrained)",
+        old=("--pretrained",),
+        help="the checkpoint every method starts from. Default: examples/assets/pretrained",
     )
-    p.add_argument(
+    flag(
+        p,
         "--retrain",
         type=Path,
         default=None,
-        help="its retrained-without-the-outlier control (None: examples/assets/retrain)",
+        help="its retrained-without-the-outlier control. Default: examples/assets/retrain",
     )
-    p.add_argument(
-        "--output-dir",
+    add_output_flag(
+        p,
+        default=None,
+        help="where the runs, table.md, results.json and the plots go. Default: outputs/study "
+        "for the default pair, outputs/study-<pretrained folder name> for another",
+    )
+    flag(
+        p,
+        "--docs",
         type=Path,
         default=None,
-        help="None: outputs/study for the default pair, outputs/study-<pretrained folder "
-        "name> for another",
+        help="also copy table and plots here. Default: none",
     )
-    p.add_argument("--docs", type=Path, default=None, help="also copy table and plots here")
-    p.add_argument(
-        "--eval-samples",
+    evaluation = p.add_argument_group("evaluation")
+    flag(
+        evaluation,
+        "--eval_samples",
         type=int,
         default=2000,
+        at_least=1,
         help="DDPM samples per evaluation; at 2,000 the FID-style score's spread over "
         "evaluation draws (sd 2.2 around 12.9 for the pretrained model) cannot hide a doubling",
     )
-    p.add_argument(
-        "--eval-sampler",
-        choices=("ddpm", "ddim", "dpm", "euler"),
+    flag(
+        evaluation,
+        "--eval_sampler",
+        choices=SAMPLERS,
         default=None,
-        help="unlearn.py --eval-sampler (None: ddpm, the paper's, for DDPM; euler for flow. dpm "
-        "is 2.5x faster at 20 steps but not interchangeable with ddpm, docs/results.md)",
+        help="unlearn.py --eval_sampler. Default: ddpm (the paper's) for DDPM, euler for flow. "
+        "dpm is 2.5x faster at 20 steps but not interchangeable with ddpm, docs/results.md",
     )
-    p.add_argument(
-        "--eval-steps",
+    flag(
+        evaluation,
+        "--eval_steps",
         type=int,
         default=None,
-        help="sampling steps of the evaluations (None: unlearn.py's default for the process)",
+        at_least=1,
+        help="sampling steps of the evaluations. Default: unlearn.py's for the process (50)",
     )
-    p.add_argument(
-        "--final-samples",
+    flag(
+        evaluation,
+        "--final_samples",
         type=int,
         default=10240,
+        at_least=0,
         help="samples of each final model's evaluation (the table's rate, IS and FID), drawn "
-        "apart from the in-run ones with --eval-sampler's steps in --final-precision, in "
+        "apart from the in-run ones with --eval_sampler's steps in --final_precision, in "
         "resumable batches of 1,024: three seeds of 10,240 pool to the paper's 30,720 for the "
         "rate, enough to tell its 0.04%% (naive deletion) from 0%%, and at 10,240 the FID-style "
-        "score's own spread is small next to a doubling. 0: the table uses --eval-samples",
+        "score's own spread is small next to a doubling. 0: the table uses --eval_samples",
     )
-    p.add_argument(
-        "--final-precision",
+    flag(
+        evaluation,
+        "--final_precision",
         choices=PRECISIONS,
         default="bf16",
         help="network precision of the final evaluation's sampling (bf16: 2.3x faster on an "
         "AMX CPU; checked against fp32 on the same noise, precision_check.json)",
     )
-    p.add_argument(
+    add_tracking_flags(evaluation, eval_every=100)
+    training = p.add_argument_group("training")
+    flag(
+        training,
         "--timesteps",
         type=int,
         nargs="+",
         default=None,
-        help="unlearn.py --timesteps for every method: a fixed grid index or a 'low high' window "
-        "(None: unlearn.py's default)",
+        at_least=0,
+        help="unlearn.py --timesteps for every method: a fixed grid index or a 'low high' window. "
+        "Default: unlearn.py's (uniform)",
     )
-    p.add_argument(
-        "--batch-size",
+    flag(
+        training,
+        "--train_batch_size",
+        old=("--batch-size",),
         type=int,
         default=None,
-        help="unlearn.py --batch-size for every method (None: unlearn.py's default, 64). SISS "
+        at_least=1,
+        help="unlearn.py --train_batch_size for every method. Default: unlearn.py's (64). SISS "
         "(λ=0.5) noises about half its rows from the forget point, so its keep term sees about "
         "half the batch: at 128 its keep gradient is as noisy as naive deletion's at 64 "
         "(docs/results.md)",
     )
-    p.add_argument("--eval-every", type=int, default=100, help="outlier-rate tracking period")
-    p.add_argument("--track-samples", type=int, default=500)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
+    add_runtime_flags(p, device=False)
+    audit = p.add_argument_group("audit")
+    flag(
+        audit,
         "--audit",
         action="store_true",
         help="also audit every method's model against the pretrained one (unlearn.py --audit; "
         "the pretrained model once per seed): ~1.5 min per run with the default checks",
     )
-    p.add_argument(
-        "--audit-checks",
+    flag(
+        audit,
+        "--audit_checks",
         nargs="+",
         default=None,
         choices=[c for c in ALL_CHECKS if c != "memorization"],
         metavar="CHECK",
-        help="checks of the audit, from %(choices)s (%(default)s: unlearn.py's default)",
+        help="checks of the audit, from %(choices)s. Default: unlearn.py's",
     )
     # The audit's other settings, passed on to unlearn.py (None: unlearn.py's default).
-    for flag, help_text in (
-        ("--audit-samples", "samples of the generation check"),
-        ("--audit-steps", "DDIM steps of the audit's sampling"),
-        ("--audit-references", "T-shirt variants (non-members)"),
+    for name, help_text in (
+        ("--audit_samples", "samples of the generation check"),
+        ("--audit_steps", "DDIM steps of the audit's sampling"),
+        ("--audit_references", "T-shirt variants (non-members)"),
     ):
-        p.add_argument(
-            flag, type=int, default=None, help=f"{help_text} (%(default)s: unlearn.py's)"
+        flag(
+            audit,
+            name,
+            type=int,
+            default=None,
+            at_least=1,
+            help=f"{help_text}. Default: unlearn.py's",
         )
-    p.add_argument(
-        "--audit-option",
+    flag(
+        audit,
+        "--audit_option",
         action="append",
         default=[],
         metavar="CHECK.KEY=VALUE",
-        help="a per-check option of siss.audit.audit, VALUE as JSON (unlearn.py --audit-option)",
+        help="a per-check option of siss.audit.audit, VALUE as JSON (unlearn.py --audit_option)",
     )
-    args = p.parse_args(argv)
-    default_pair = args.pretrained is None and args.retrain is None
-    args.pretrained = args.pretrained or ASSETS / "pretrained"
+    p.add_check(check_study)
+    return p
+
+
+def check_study(args: argparse.Namespace) -> None:
+    """The checks across flags, now rather than after hours of training: the pair (its
+    process, read from the scheduler configs), the methods that apply to it, the sampler, the
+    timesteps' count and the audit's settings (as unlearn.py checks them)."""
+    default_pair = args.pretrained_model_name_or_path is None and args.retrain is None
+    args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or ASSETS / "pretrained"
     args.retrain = args.retrain or ASSETS / "retrain"
-    # the pair and the sampler checked now, not after hours of training
-    try:
-        processes = [checkpoint_process(folder) for folder in (args.pretrained, args.retrain)]
-    except ValueError as error:
-        p.error(f"--pretrained/--retrain: {error}")
+    pair = {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path}
+    pair["--retrain"] = args.retrain
+    processes = []
+    for name, folder in pair.items():
+        try:
+            processes.append(checkpoint_process(folder))
+        except ValueError as error:
+            reason = "no such folder" if not Path(folder).exists() else error
+            raise ValueError(f"{name} {folder}: {reason}") from None
     if processes[0] != processes[1]:
-        p.error(
-            f"--pretrained ({processes[0]}) and --retrain ({processes[1]}) must be trained with "
-            "the same process"
+        raise ValueError(
+            f"--pretrained_model_name_or_path ({processes[0]}) and --retrain ({processes[1]}) "
+            "must be trained with the same process"
         )
     args.process = processes[0]
     refused = [m for m in args.methods or [] if args.process in refusals(m)]
     if refused:
         label = refused[0]
-        p.error(f"--methods {label}: {refusals(label)[args.process]}")
+        raise ValueError(f"--methods {label}: {refusals(label)[args.process]}")
     if args.methods is None:
         args.methods = [m for m in METHODS if args.process not in refusals(m)]
     if args.output_dir is None:
-        name = "study" if default_pair else f"study-{args.pretrained.name}"
+        name = "study" if default_pair else f"study-{args.pretrained_model_name_or_path.name}"
         args.output_dir = Path("outputs") / name
-    try:
-        args.final_sampler = check_sampler(args.process, args.eval_sampler, "--eval-sampler")
-    except ValueError as error:
-        p.error(str(error))
+    args.final_sampler = check_sampler(args.process, args.eval_sampler, "--eval_sampler")
     args.final_steps = args.eval_steps or DEFAULT_EVAL_STEPS[args.process]
     if args.timesteps is not None and len(args.timesteps) > 2:
-        p.error("--timesteps takes one value (fixed) or two (a window)")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.final_samples < 0:
-        p.error(f"--final-samples must be >= 0, got {args.final_samples}")
+        values = " ".join(map(str, args.timesteps))
+        raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")
     if args.audit:
-        unlearn_args(["--checkpoint", str(args.pretrained), *audit_flags(args)])
-    return args
+        unlearn_job(
+            UnlearningConfig(),
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            **audit_settings(args),
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one study (``error``, exit code 2, on a bad one)."""
+    return build_parser().parse_args(argv)
 
 
 def refusals(label: str) -> dict[str, str]:
     """``{process: why}`` for the processes a study method's unlearn.py method refuses."""
-    flags = METHODS[label][0]
-    return METHOD_REFUSALS.get(flags[flags.index("--method") + 1], {})
+    return METHOD_REFUSALS.get(METHODS[label][0]["method"], {})
 
 
-def eval_flags(args: argparse.Namespace) -> list[str]:
-    """The study's evaluation sampler and steps as unlearn.py flags (none: its defaults)."""
-    flags = []
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The study's evaluation settings of unlearn.py (the sampler and steps left out when
+    unset: unlearn.py's defaults for the process)."""
+    settings: dict[str, Any] = {"eval_samples": args.eval_samples}
     if args.eval_sampler is not None:
-        flags += ["--eval-sampler", args.eval_sampler]
+        settings["eval_sampler"] = args.eval_sampler
     if args.eval_steps is not None:
-        flags += ["--eval-steps", str(args.eval_steps)]
-    return flags
+        settings["eval_steps"] = args.eval_steps
+    return settings
 
 
 def check_pair(args: argparse.Namespace) -> None:
     """Refuses an output folder whose finished runs started from another checkpoint pair, or
-    were trained on other ``--timesteps``, ``--batch-size`` or draws (``unlearn.DRAWS``): they
+    were trained on other ``--timesteps``, ``--train_batch_size`` or draws (``unlearn.DRAWS``): they
     would be reused as if they were this study's. Records the pair in a new folder."""
     record = args.output_dir / "pair.json"
     pair = {
-        "pretrained": str(Path(args.pretrained).resolve()),
+        "pretrained": str(Path(args.pretrained_model_name_or_path).resolve()),
         "retrain": str(Path(args.retrain).resolve()),
         "process": args.process,
     }
     if args.timesteps:
         pair["timesteps"] = args.timesteps
-    if args.batch_size:
-        pair["batch_size"] = args.batch_size
+    if args.train_batch_size:
+        pair["batch_size"] = args.train_batch_size
     pair["draws"] = DRAWS
-    pair["siss_keep_target"] = "teacher"  # unlearn.py's default for SISS since it was added
+    # unlearn.py's default for SISS since it was added; siss-0/siss-1 use the noise target since
+    # the teacher is refused at λ in {0, 1} (folders made before that are not reused)
+    pair["siss_keep_target"] = "teacher; noise at lam 0 and 1"
     if record.exists():
         saved = json.loads(record.read_text())
         if saved != pair:
@@ -306,7 +371,7 @@ def check_pair(args: argparse.Namespace) -> None:
                 raise SystemExit(
                     f"{args.output_dir} holds runs trained with keep rows drawn with "
                     "replacement, by an older unlearn.py; this one draws them in shuffled epochs "
-                    "(siss.loop.BatchPlan): choose another --output-dir"
+                    "(siss.loop.BatchPlan): choose another --output_dir"
                 )
             values = ", ".join(
                 f"{key} {saved.get(key, 'default')} there, {pair.get(key, 'default')} now"
@@ -314,99 +379,101 @@ def check_pair(args: argparse.Namespace) -> None:
             )
             raise SystemExit(
                 f"{args.output_dir} holds another study: {sorted(what)} differ ({values}); "
-                "choose another --output-dir"
+                "choose another --output_dir"
             )
     else:
         write_json_atomically(record, pair)
 
 
-def audit_flags(args: argparse.Namespace) -> list[str]:
-    """The study's audit settings as unlearn.py flags."""
-    flags = ["--audit"]
-    if args.audit_checks:
-        flags += ["--audit-checks", *args.audit_checks]
-    for name in ("samples", "steps", "references"):
+def audit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The study's audit settings of unlearn.py (those left unset: unlearn.py's defaults)."""
+    settings: dict[str, Any] = {"audit": True}
+    for name in ("checks", "samples", "steps", "references"):
         value = getattr(args, f"audit_{name}")
         if value is not None:
-            flags += [f"--audit-{name}", str(value)]
-    for option in args.audit_option:
-        flags += ["--audit-option", option]
-    return flags
+            settings[f"audit_{name}"] = value
+    if args.audit_option:
+        settings["audit_option"] = list(args.audit_option)
+    return settings
+
+
+def runtime_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The threads and progress bars of the study, passed on to each unlearn.py run."""
+    settings: dict[str, Any] = {"no_progress": args.no_progress}
+    if args.threads:
+        settings["threads"] = args.threads
+    return settings
+
+
+def recipe(label: str, seed: int, args: argparse.Namespace) -> UnlearningConfig:
+    """The ``siss.UnlearningConfig`` of a study method at ``seed``: its fields and steps
+    (``METHODS``) and the study's ``--timesteps``; the recipe's defaults otherwise."""
+    fields, steps = METHODS[label]
+    timesteps = None
+    if args.timesteps:
+        timesteps = args.timesteps[0] if len(args.timesteps) == 1 else tuple(args.timesteps)
+    return UnlearningConfig(**fields, max_train_steps=steps, seed=seed, timesteps=timesteps)
 
 
 def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) -> dict:
+    """A method's run at ``seed`` through ``unlearn.run`` with its recipe config (resumed from
+    its newest checkpoint; a finished run's metrics are reused)."""
     out = args.output_dir / f"{label}-seed{seed}"
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
-    flags, steps = METHODS[label]
-    argv = [
-        *flags,
-        "--steps",
-        str(steps),
-        "--seed",
-        str(seed),
-        "--output-dir",
-        str(out),
-        "--checkpoint",
-        str(args.pretrained),
-        "--eval-samples",
-        str(args.eval_samples),
-        *eval_flags(args),
-        *(["--timesteps", *map(str, args.timesteps)] if args.timesteps else []),
-        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-        "--eval-every",
-        str(args.eval_every),
-        "--track-samples",
-        str(args.track_samples),
-        "--resume",
-    ]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
-    if args.no_progress:
-        argv.append("--no-progress")
-    return run(unlearn_args(argv), before=before)
+    settings: dict[str, Any] = {
+        "output_dir": out,
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        **eval_settings(args),
+        "eval_every": args.eval_every,
+        "track_samples": args.track_samples,
+        "resume_from_checkpoint": "latest",
+        **runtime_settings(args),
+    }
+    if args.train_batch_size:
+        settings["train_batch_size"] = args.train_batch_size
+    return run(unlearn_job(recipe(label, seed, args), **settings), before=before)
 
 
 def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
     """``unlearn.py --audit`` of a finished run; the pretrained audit shared by the seed's runs.
 
-    A run's audit is reused only if it was made with the same audit flags (``audit_flags.json``
-    next to ``audit_compare.md``); otherwise it is redone.
+    A run's audit is reused only if it was made with the same audit settings
+    (``audit_flags.json`` next to ``audit_compare.md``); otherwise it is redone.
     """
     out = args.output_dir / f"{label}-seed{seed}"
-    flags = audit_flags(args)
+    audit = audit_settings(args)
     record = out / "audit_flags.json"
     if (
         (out / "audit_compare.md").exists()
         and record.exists()
-        and json.loads(record.read_text()) == flags
+        and json.loads(record.read_text()) == audit
     ):
         return
-    argv = [*METHODS[label][0], "--seed", str(seed), "--output-dir", str(out), *flags]
-    argv += ["--checkpoint", str(args.pretrained)]
-    if args.no_progress:
-        argv.append("--no-progress")
+    settings = {
+        "output_dir": out,
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        **audit,
+        "no_progress": args.no_progress,
+    }
     before = args.output_dir / f"pretrained-seed{seed}" / "audit.json"
-    table = audit_run(unlearn_args(argv), before_path=before)
-    write_json_atomically(record, flags)
+    table = audit_run(unlearn_job(recipe(label, seed, args), **settings), before_path=before)
+    write_json_atomically(record, audit)
     print(f"{LABELS[label]}, seed {seed}:\n{table}\n")
 
 
 def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict:
+    """The pair's ``label`` model (pretrained or retrain) evaluated as a run's model is, with
+    ``seed``'s evaluation noise; reused once written."""
     out = args.output_dir / f"{label}-seed{seed}" / "metrics.json"
     if out.exists():
         return json.loads(out.read_text())
-    checkpoint = args.pretrained if label == "pretrained" else args.retrain
-    eval_args = unlearn_args(
-        [
-            "--seed",
-            str(seed),
-            "--eval-samples",
-            str(args.eval_samples),
-            *eval_flags(args),
-            "--checkpoint",
-            str(checkpoint),
-        ]
+    checkpoint = model_folder(label, seed, args)
+    eval_args = unlearn_job(
+        UnlearningConfig(seed=seed),
+        pretrained_model_name_or_path=checkpoint,
+        no_progress=args.no_progress,
+        **eval_settings(args),
     )
     data = load_training_set(seed=0)
     evaluator = Evaluator(eval_args, data.outlier, data.images[~data.is_outlier])
@@ -429,8 +496,10 @@ FINAL_BATCH = 1024  # samples per resumable unit of the final evaluation
 
 def model_folder(label: str, seed: int, args: argparse.Namespace) -> Path:
     """The weights a row of the table describes: a checkpoint, or a run's saved model."""
-    if label in ("pretrained", "retrain"):
-        return Path(getattr(args, label))
+    if label == "pretrained":
+        return Path(args.pretrained_model_name_or_path)
+    if label == "retrain":
+        return Path(args.retrain)
     return args.output_dir / f"{label}-seed{seed}" / "model"
 
 
@@ -447,7 +516,7 @@ def final_samples(
     unet = UNet2DModel.from_pretrained(model_folder(label, seed, args))
     return sample_images(
         unet,
-        load_scheduler(args.pretrained).config,
+        load_scheduler(args.pretrained_model_name_or_path).config,
         count,
         sampler=args.final_sampler,
         num_inference_steps=args.final_steps,
@@ -464,7 +533,7 @@ def final_folder(label: str, seed: int, args: argparse.Namespace) -> Path:
 
 
 def final_evaluation(label: str, seed: int, args: argparse.Namespace) -> dict:
-    """Outlier rate, IS- and FID-style scores and class counts of ``--final-samples`` samples
+    """Outlier rate, IS- and FID-style scores and class counts of ``--final_samples`` samples
     of the row's model, drawn in batches of ``FINAL_BATCH`` saved one by one (safetensors,
     atomically) under ``final-<N>-<sampler><steps>-<precision>/`` in the run's folder, so a
     stopped study resumes at the first missing batch; the metrics are written to that folder's

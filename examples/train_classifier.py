@@ -23,10 +23,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from examples.digits import load_digit_classes
+from siss._cli import (
+    CommandParser,
+    add_output_flag,
+    add_runtime_flags,
+    add_training_flags,
+    flag,
+    old_spelling,
+)
 from siss._files import atomic_path
 from siss.metrics import DigitClassifier
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "digit_classifier.safetensors"
+WEIGHTS = "digit_classifier.safetensors"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / WEIGHTS
 
 
 def stratified_split(
@@ -71,25 +80,68 @@ def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
         )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(
         prog="python -m examples.train_classifier", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--max-shift", type=int, default=1, help="augmentation shift in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return p.parse_args(argv)
+    add_output_flag(
+        p,
+        default=DEFAULT_OUTPUT.parent,
+        help=f"the folder {WEIGHTS} is written into",
+    )
+    # train_classifier.py's --output named the file itself: accepted until 0.3.0
+    old_spelling(p, "--output", "--output_dir", dest="output_file", type=Path)
+    flag(
+        p,
+        "--num_train_epochs",
+        old=("--epochs",),
+        type=int,
+        default=30,
+        at_least=1,
+        help="passes over the training split",
+    )
+    add_training_flags(
+        p,
+        train_batch_size=64,
+        learning_rate=1e-3,
+        seed=0,
+        helps={
+            "learning_rate": "peak AdamW learning rate of the one-cycle schedule",
+            "seed": "seed of the split, the initialisation, the order and the shifts",
+        },
+    )
+    flag(
+        p,
+        "--test_fraction",
+        type=float,
+        default=0.2,
+        above=0,
+        below=1,
+        help="share of each class held out for the test accuracy",
+    )
+    flag(
+        p,
+        "--max_shift",
+        type=int,
+        default=1,
+        at_least=0,
+        help="augmentation: random shifts of up to this many pixels",
+    )
+    add_runtime_flags(p, device=False, threads=1)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags (``error``, exit code 2, on a bad one)."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = getattr(args, "output_file", None) or Path(args.output_dir) / WEIGHTS
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = load_digit_classes(size=16)
@@ -98,17 +150,18 @@ def main(argv: list[str] | None = None) -> float:
     x_test, y_test = images[test_idx], labels[test_idx]
 
     model = DigitClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps_per_epoch = (x_train.shape[0] + args.batch_size - 1) // args.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    batch = args.train_batch_size
+    steps_per_epoch = (x_train.shape[0] + batch - 1) // batch
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch
+        optimizer, max_lr=args.learning_rate, total_steps=args.num_train_epochs * steps_per_epoch
     )
     start = time.time()
-    for _ in tqdm(range(args.epochs), desc="train classifier", disable=args.no_progress):
+    for _ in tqdm(range(args.num_train_epochs), desc="train classifier", disable=args.no_progress):
         model.train()
         order = torch.randperm(x_train.shape[0], generator=generator)
-        for i in range(0, x_train.shape[0], args.batch_size):
-            idx = order[i : i + args.batch_size]
+        for i in range(0, x_train.shape[0], batch):
+            idx = order[i : i + batch]
             x = random_shift(x_train[idx], args.max_shift, generator)
             loss = F.cross_entropy(model(x).logits, y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -118,10 +171,10 @@ def main(argv: list[str] | None = None) -> float:
     wall = time.time() - start
     train_acc = accuracy(model, x_train, y_train)
     test_acc = accuracy(model, x_test, y_test)
-    save_atomically(model.state_dict(), args.output)
+    save_atomically(model.state_dict(), output)
     print(
         f"train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f} "
-        f"({x_test.shape[0]} held-out images), {wall:.0f} s; saved {args.output}"
+        f"({x_test.shape[0]} held-out images), {wall:.0f} s; saved {output}"
     )
     return test_acc
 

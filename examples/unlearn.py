@@ -8,32 +8,41 @@ T-shirt injected at 1%), fine-tunes it with any method of the library (``--metho
 ``X \\ A`` (the digits) and ``A`` (the T-shirt copies), and measures before and after how often
 the model samples the T-shirt (with a 95% interval), the T-shirt's exact NLL in bits/dim along
 the probability-flow ODE, and the sample quality (IS- and FID-style scores under the shipped digit
-classifier); ``--eval-every N`` also tracks the T-shirt rate every N steps. Checkpoints are
-written atomically in safetensors; a run that is interrupted and restarted with ``--resume`` ends
-with the same weights as an uninterrupted one. The learning rate follows a cosine schedule to 0
-(``--lr-schedule``) and the keep rows come in shuffled epochs (``siss.loop.BatchPlan``), as in the
-pretraining. SISS's keep term matches a frozen copy of the pretrained model instead of the drawn
-noise (``--keep-target teacher``, the default): the same expected gradient, without the noise
-that fine-tuning otherwise follows away from the model, which doubled the FID-style score of every
-method (docs/results.md, 'Quality kept'). ``--audit``
+classifier); ``--eval_every N`` also tracks the T-shirt rate every N steps. Checkpoints are
+written atomically in safetensors every ``--checkpointing_steps`` (the newest
+``--checkpoints_total_limit`` kept); a run that is interrupted and restarted with
+``--resume_from_checkpoint latest`` ends with the same weights as an uninterrupted one.
+``--report_to tensorboard`` logs each step's loss terms, balancer statistics and learning rate,
+and the evaluations, through accelerate's trackers. The learning rate follows a cosine schedule
+to 0 (``--lr_scheduler``) and the keep rows come in shuffled epochs (``siss.loop.BatchPlan``), as
+in the pretraining. The flags are named as in diffusers' training scripts
+(``--pretrained_model_name_or_path``, ``--max_train_steps``, ``--learning_rate``, ...); the old
+hyphenated spellings (``--steps``, ``--checkpoint``, ...) are accepted until 0.3.0.
+SISS's keep term matches a frozen copy of the pretrained model instead of the drawn
+noise (``--keep_target teacher``, the default; not at ``--lam`` 0 or 1, where the noise target is
+the default): Lemma 1's expected gradient where the teacher is stationary, without the keep
+term's regression on the drawn noise, which doubled the FID-style score of every method
+(docs/results.md, 'Quality kept'). ``--audit``
 also runs ``siss.audit`` on the pretrained and the unlearned model, against 128 T-shirt variants
 as non-members, and prints the comparison (docs/audit.md).
 
 A rectified-flow checkpoint (``pretrain.py --process flow``: ``FlowMatchEulerDiscreteScheduler``
 in its ``scheduler_config.json``) is detected and unlearned the same way: the loss comes from the
 scheduler (``siss.adapters.loss_from_scheduler``: velocity targets, ``γ = 1 - s``), samples from
-its Euler steps (``--eval-sampler euler``), and the NLL is integrated along the flow ODE
+its Euler steps (``--eval_sampler euler``), and the NLL is integrated along the flow ODE
 (``siss.audit.likelihood.flow_bits_per_dim``), a different ODE from the DDPM's: bits/dim compare
 within a process, not across. ``--timesteps`` indices follow the scheduler's grid, which for
 flow runs from the most noise (index 0) to the least. Every method runs on flow but EraseDiff,
 refused by name: its uniform targets are targets for predicted noise, which a flow model does
 not predict.
 
-    python -m examples.unlearn --method siss --lam 0.5 --steps 300
+    python -m examples.unlearn --method siss --lam 0.5 --max_train_steps 300
     python -m examples.unlearn --audit            # + generation, reconstruction, membership audit
-    python -m examples.unlearn --method neggrad --steps 100 --output-dir outputs/neggrad
-    python -m examples.unlearn --resume --output-dir outputs/unlearn/siss-lam0.5-seed0
-    python -m examples.unlearn --checkpoint examples/assets/flow-pretrained   # rectified flow
+    python -m examples.unlearn --method neggrad --max_train_steps 100 --output_dir outputs/neggrad
+    python -m examples.unlearn --resume_from_checkpoint latest \
+        --output_dir outputs/unlearn/siss-lam0.5-seed0
+    python -m examples.unlearn --report_to tensorboard   # loss terms, balancer, lr: logs/
+    python -m examples.unlearn --pretrained_model_name_or_path examples/assets/flow-pretrained
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from examples.pretrain import (
     DEFAULT_EVAL_STEPS,
     PRECISIONS,
     SAMPLERS,
+    add_data_flags,
     check_sampler,
     checkpoint_process,
     load_scheduler,
@@ -64,8 +74,21 @@ from examples.pretrain import (
 )
 from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from siss import RULES, StepResult, Unlearner, UnlearningConfig
-from siss._cli import add_keep_target_flags, recipe_config, resolve_device
-from siss._files import atomic_path, write_atomically, write_json_atomically
+from siss._cli import (
+    CHECKPOINTS,
+    CommandParser,
+    add_checkpoint_flags,
+    add_keep_target_flags,
+    add_logging_flags,
+    add_model_flag,
+    add_output_flag,
+    add_runtime_flags,
+    add_training_flags,
+    flag,
+    recipe_config,
+    start_trackers,
+)
+from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
 from siss.audit import ALL_CHECKS, AuditReport, audit, compare
 from siss.loop import BatchPlan
 from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
@@ -93,82 +116,23 @@ PROCESS_NAMES = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m examples.unlearn",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--checkpoint", type=Path, default=ASSETS / "pretrained")
-    p.add_argument("--method", choices=METHOD_NAMES, default="siss")
-    p.add_argument("--lam", type=float, default=0.5, help="SISS mixture weight λ")
-    p.add_argument(
-        "--superfactor",
-        type=float,
-        default=None,
-        help="fixed superfactor s (disables the balancer); default: balance with --ratio",
-    )
-    p.add_argument(
-        "--ratio",
-        type=float,
-        default=0.1,
-        help="norm of the forget gradient as a fraction of the keep (naive-deletion) gradient's "
-        "(§5): per step in 'fix' mode, of its norm measured at the start in 'absolute' mode",
-    )
-    add_keep_target_flags(p)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument(
-        "--batch-size",
+def add_evaluation_flags(
+    parser: CommandParser, *, eval_samples: int = 1000, nll: bool = True
+) -> argparse._ArgumentGroup:
+    """The evaluation's sampler, steps, precision and sample count (``--eval_*``) and, with
+    ``nll``, the NLL's probes and tolerance: this script's, sequential.py's and the study's."""
+    group = parser.add_argument_group("evaluation")
+    flag(
+        group,
+        "--eval_samples",
         type=int,
-        default=64,
-        help="rows per step. SISS (λ=0.5)'s keep term sees about half of them (docs/results.md, "
-        "'Why fine-tuning loses quality here', measures it at 128)",
+        default=eval_samples,
+        at_least=1,
+        help="samples of each full evaluation (before, after)",
     )
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (paper: 5e-5)")
-    p.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default="cosine",
-        help="learning-rate schedule (diffusers.optimization.get_scheduler). cosine anneals "
-        "--lr to 0 by the last step, as the pretraining did: a constant lr leaves the model "
-        "re-heated and its samples drifting (naive deletion's FID-style score up by 5-21 at "
-        "300 steps; docs/results.md, 'Quality after unlearning')",
-    )
-    p.add_argument(
-        "--lr-warmup-steps",
-        type=int,
-        default=0,
-        help="linear warmup steps of --lr-schedule (not used by 'constant')",
-    )
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.0,
-        help="largest decay of an EMA of the fine-tuned weights (diffusers' EMAModel, warmup "
-        "power --ema-power); the EMA weights are evaluated and saved. 0: no EMA (raw weights)",
-    )
-    p.add_argument(
-        "--ema-power",
-        type=float,
-        default=0.75,
-        help="EMA warmup: decay 1 - (1 + step)^-power, capped at --ema-decay (pretrain.py's)",
-    )
-    p.add_argument(
-        "--timesteps",
-        type=int,
-        nargs="*",
-        default=None,
-        help="fixed t, or a 'low high' window of grid indices; default uniform over the "
-        "schedule (flow: index 0 is the noisiest, as in diffusers)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, default=0, help="outlier-rate tracking period; 0: none"
-    )
-    p.add_argument("--eval-samples", type=int, default=1000, help="samples before and after")
-    p.add_argument("--track-samples", type=int, default=500, help="samples of the in-run rate")
-    p.add_argument(
-        "--eval-sampler",
+    flag(
+        group,
+        "--eval_sampler",
         choices=SAMPLERS,
         default=None,
         help="sampler of the evaluations. DDPM checkpoints: ddpm (ancestral, the paper's; the "
@@ -176,149 +140,354 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "score 1.4%% lower on the pretrained model than ddpm-50's: compare only runs with the "
         "same sampler). Flow checkpoints: euler (the scheduler's own steps; the default)",
     )
-    p.add_argument(
-        "--eval-steps",
+    flag(
+        group,
+        "--eval_steps",
         type=int,
         default=None,
-        help=f"sampling steps of the evaluations (None: {DEFAULT_EVAL_STEPS['ddpm']} for DDPM, "
-        f"{DEFAULT_EVAL_STEPS['flow']} for flow)",
+        at_least=1,
+        help=f"sampling steps of the evaluations. Default: {DEFAULT_EVAL_STEPS['ddpm']} for "
+        f"DDPM, {DEFAULT_EVAL_STEPS['flow']} for flow",
     )
-    p.add_argument(
-        "--eval-precision",
+    flag(
+        group,
+        "--eval_precision",
         choices=PRECISIONS,
         default="fp32",
         help="network precision of the evaluations' sampling: bf16 (torch.autocast) is 2.3x "
         "faster on a CPU with AMX and moves the samples' pixels by ~1e-3 (median; study.py's "
         "precision_check.json); the NLL is always float32",
     )
-    p.add_argument("--nll-probes", type=int, default=4, help="Hutchinson probes for the NLL")
-    p.add_argument("--nll-tolerance", type=float, default=1e-5, help="ODE rtol = atol for the NLL")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", choices=("sklearn", "mnist", "folder"), default="sklearn")
-    p.add_argument("--data-root", type=Path, default=None)
-    p.add_argument("--outlier-image", type=Path, default=None)
-    p.add_argument(
-        "--output-dir",
-        type=Path,
+    if nll:
+        flag(
+            group,
+            "--nll_probes",
+            type=int,
+            default=4,
+            at_least=1,
+            help="Hutchinson probes of each NLL (of the outlier, of each shape)",
+        )
+        flag(
+            group,
+            "--nll_tolerance",
+            type=float,
+            default=1e-5,
+            above=0,
+            help="ODE rtol = atol of the NLL",
+        )
+    return group
+
+
+def add_recipe_flags(
+    parser: CommandParser,
+    *,
+    max_train_steps: int,
+    helps: dict[str, str],
+    ema: bool = True,
+    old: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """The recipe's flags (``siss.UnlearningConfig``: method, λ, superfactor or ratio, keep
+    target and balancer, timesteps, with ``ema`` the EMA) and the training group at this
+    script's defaults (``helps`` and ``old``: the command's, as ``add_training_flags`` takes
+    them): this script's and sequential.py's."""
+    recipe = parser.add_argument_group("recipe")
+    flag(recipe, "--method", choices=METHOD_NAMES, default="siss", help="unlearning method")
+    flag(recipe, "--lam", type=float, default=0.5, help="SISS mixture weight λ, in [0, 1]")
+    flag(
+        recipe,
+        "--superfactor",
+        type=float,
         default=None,
-        help="default outputs/unlearn/<method>[-lam<λ>]-seed<seed>",
+        help="fixed superfactor s (disables the balancer). Default: balance with --ratio",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument(
-        "--stop-after",
+    flag(
+        recipe,
+        "--ratio",
+        type=float,
+        default=0.1,
+        help="norm of the forget gradient as a fraction of the keep (naive-deletion) gradient's "
+        "(§5): per step in 'fix' mode, of its norm measured at the start in 'absolute' mode",
+    )
+    add_keep_target_flags(recipe)
+    flag(
+        recipe,
+        "--timesteps",
+        type=int,
+        nargs="*",
+        default=None,
+        help="fixed t, or a 'low high' window of grid indices. Default: uniform over the "
+        "schedule (flow: index 0 is the noisiest, as in diffusers)",
+    )
+    if ema:
+        flag(
+            recipe,
+            "--ema_decay",
+            type=float,
+            default=0.0,
+            help="largest decay of an EMA of the fine-tuned weights (diffusers' EMAModel, warmup "
+            "power --ema_power); the EMA weights are evaluated and saved. 0: no EMA (raw "
+            "weights)",
+        )
+        flag(
+            recipe,
+            "--ema_power",
+            type=float,
+            default=0.75,
+            help="EMA warmup: decay 1 - (1 + step)^-power, capped at --ema_decay (pretrain.py's)",
+        )
+    add_training_flags(
+        parser,
+        max_train_steps=max_train_steps,
+        train_batch_size=64,
+        learning_rate=5e-5,
+        lr_scheduler=("cosine", LR_SCHEDULES),
+        lr_warmup_steps=0,
+        max_grad_norm=1.0,
+        seed=0,
+        helps=helps,
+        old=old,
+    )
+
+
+def add_tracking_flags(group: argparse._ArgumentGroup, *, eval_every: int) -> None:
+    """``--eval_every`` and ``--track_samples``: the in-run outlier-rate tracking."""
+    flag(
+        group,
+        "--eval_every",
+        type=int,
+        default=eval_every,
+        at_least=0,
+        help="track the outlier rate every this many steps; 0: never",
+    )
+    flag(
+        group,
+        "--track_samples",
+        type=int,
+        default=500,
+        at_least=1,
+        help="samples of each in-run outlier-rate tracking",
+    )
+
+
+def build_parser() -> CommandParser:
+    """This script's flags (diffusers' names where diffusers has the flag) and their checks."""
+    p = CommandParser(prog="python -m examples.unlearn", description=__doc__.split("\n\n")[0])
+    add_model_flag(
+        p,
+        default=ASSETS / "pretrained",
+        old=("--checkpoint",),
+        help="the model to unlearn from: a folder of pretrain.py (save_pretrained weights and "
+        "the scheduler_config.json of a DDPM or rectified-flow scheduler)",
+        missing_hint=" (python -m examples.pretrain --output_dir DIR makes one)",
+    )
+    add_recipe_flags(
+        p,
+        max_train_steps=300,
+        helps={
+            "train_batch_size": "rows per step (one process). SISS (λ=0.5)'s keep term sees "
+            "about half of them (docs/results.md, 'Why fine-tuning loses quality here', "
+            "measures it at 128)",
+            "learning_rate": "AdamW learning rate (paper: 5e-5)",
+            "lr_scheduler": "learning-rate schedule (diffusers.optimization.get_scheduler). "
+            "cosine anneals --learning_rate to 0 by the last step, as the pretraining did: a "
+            "constant lr leaves the model re-heated and its samples drifting (naive deletion's "
+            "FID-style score up by 5-21 at 300 steps; docs/results.md, 'Quality after "
+            "unlearning')",
+            "lr_warmup_steps": "linear warmup steps of --lr_scheduler (not used by 'constant')",
+        },
+    )
+    add_tracking_flags(add_evaluation_flags(p), eval_every=0)
+    checkpoints = add_checkpoint_flags(p, checkpointing_steps=50, checkpoints_total_limit=2)
+    flag(
+        checkpoints,
+        "--stop_after",
         type=int,
         default=None,
-        help="stop (as if interrupted) after this many steps; for testing --resume",
+        at_least=1,
+        help="stop (as if interrupted) after this many steps, for testing "
+        "--resume_from_checkpoint. Default: run to --max_train_steps",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true")
+    add_data_flags(p, outlier_help="the outlier image to forget. Default: the drawn T-shirt")
+    add_output_flag(
+        p,
+        default=None,
+        help="where metrics.json, the pictures, checkpoints/ and model/ go. Default: "
+        "outputs/unlearn/[flow-]<method>[-lam<λ>]-seed<seed>",
+    )
+    add_logging_flags(p)
+    add_runtime_flags(p)
     audit_flags = p.add_argument_group(
         "audit",
-        "--audit runs siss.audit (docs/audit.md) on the pretrained model (--checkpoint) and on "
-        "the unlearned one, with --audit-references procedurally varied T-shirts "
-        "(digits.make_tshirt_variants, seed 1) as the non-members; prints the before/after "
-        "comparison and writes audit_before.json, audit_after.json, audit_compare.md and "
-        "audit_before.png, audit_after.png into --output-dir. Cost on a CPU, per model: "
-        "generation 40-70 s, reconstruction 5-17 s, membership 2-7 s (the default checks: "
-        "~1.5 min for both models on 2 cores), reconstruction_sweep 1-2 min, likelihood ~3 min; "
-        "the full audit is ~6 min per model. The before audit is reused from audit_before.json "
-        "when its settings match. Needs the T-shirt outlier (not --outlier-image).",
+        "--audit runs siss.audit (docs/audit.md) on the pretrained model "
+        "(--pretrained_model_name_or_path) and on the unlearned one, with --audit_references "
+        "procedurally varied T-shirts (digits.make_tshirt_variants, seed 1) as the non-members; "
+        "prints the before/after comparison and writes audit_before.json, audit_after.json, "
+        "audit_compare.md and audit_before.png, audit_after.png into --output_dir. Cost on a "
+        "CPU, per model: generation 40-70 s, reconstruction 5-17 s, membership 2-7 s (the "
+        "default checks: ~1.5 min for both models on 2 cores), reconstruction_sweep 1-2 min, "
+        "likelihood ~3 min; the full audit is ~6 min per model. The before audit is reused from "
+        "audit_before.json when its settings match. Needs the T-shirt outlier (not "
+        "--outlier_image).",
     )
-    audit_flags.add_argument(
-        "--audit", action="store_true", help="audit the model before and after unlearning"
+    flag(
+        audit_flags,
+        "--audit",
+        action="store_true",
+        help="audit the model before and after unlearning",
     )
-    audit_flags.add_argument(
-        "--audit-checks",
+    flag(
+        audit_flags,
+        "--audit_checks",
         nargs="+",
         choices=[c for c in ALL_CHECKS if c != "memorization"],
         default=list(AUDIT_CHECKS),
         metavar="CHECK",
         help="checks of --audit, from %(choices)s (likelihood: ~3 min a model)",
     )
-    audit_flags.add_argument(
-        "--audit-samples", type=int, default=1000, help="samples of the generation check"
+    flag(
+        audit_flags,
+        "--audit_samples",
+        type=int,
+        default=1000,
+        at_least=1,
+        help="samples of the generation check",
     )
-    audit_flags.add_argument(
-        "--audit-steps", type=int, default=50, help="DDIM steps of the audit's sampling"
+    flag(
+        audit_flags,
+        "--audit_steps",
+        type=int,
+        default=50,
+        at_least=1,
+        help="DDIM steps of the audit's sampling",
     )
-    audit_flags.add_argument(
-        "--audit-references",
+    flag(
+        audit_flags,
+        "--audit_references",
         type=int,
         default=128,
+        at_least=1,
         help="T-shirt variants (non-members); fewer than 104 leave some verdicts undecided",
     )
-    audit_flags.add_argument(
-        "--audit-option",
+    flag(
+        audit_flags,
+        "--audit_option",
         action="append",
         default=[],
         metavar="CHECK.KEY=VALUE",
         help="a per-check option of siss.audit.audit, VALUE as JSON (e.g. likelihood.repeats=8)",
     )
-    args = p.parse_args(argv)
+    p.add_check(check_run)
+    return p
+
+
+def check_run(args: argparse.Namespace) -> None:
+    """The checks across flags, after each flag's own: the timesteps' count, the recipe
+    (``siss.UnlearningConfig``), the audit's options, the process read from the checkpoint's
+    scheduler config (no weights loaded: a sampler or method of the other process fails here,
+    before any training), a resumed checkpoint's files; then ``--output_dir``'s default."""
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
-        p.error("--timesteps takes one value (fixed) or two (a window)")
-    if args.lr_warmup_steps < 0:
-        p.error(f"--lr-warmup-steps must be >= 0, got {args.lr_warmup_steps}")
-    try:
-        resolve_keep_target(args)
-        resolve_device(args.device)
-    except ValueError as error:
-        p.error(str(error))
+        values = " ".join(map(str, args.timesteps))
+        raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")
+    resolve_keep_target(args)
     from siss.audit.run import parse_options
 
-    try:
-        args.audit_options = parse_options(args.audit_option, "--audit-option")
-    except ValueError as error:
-        p.error(str(error))
+    args.audit_options = parse_options(args.audit_option, "--audit_option")
     if args.audit and args.outlier_image is not None:
-        p.error("--audit compares with T-shirt variants: it needs the T-shirt (no --outlier-image)")
-    if args.audit_references < 1:
-        p.error("--audit-references must be >= 1")
-    if args.eval_steps is not None and args.eval_steps < 1:
-        p.error(f"--eval-steps must be >= 1, got {args.eval_steps}")
-    # The process is read from the checkpoint's scheduler config (no weights loaded), so that a
-    # sampler of the other process fails here, before any training.
-    try:
-        resolve_process(args)
-    except ValueError as error:
-        p.error(str(error))
+        raise ValueError(
+            "--audit compares with T-shirt variants: it needs the T-shirt (no --outlier_image)"
+        )
+    resolve_process(args)
     if args.process in METHOD_REFUSALS.get(args.method, {}):
-        p.error(f"--method {args.method}: {METHOD_REFUSALS[args.method][args.process]}")
+        raise ValueError(f"--method {args.method}: {METHOD_REFUSALS[args.method][args.process]}")
+    resumed = args.resume_from_checkpoint
+    if resumed not in (None, "latest") and not (Path(resumed) / "state.json").is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {resumed}: holds no state.json, not a checkpoint of "
+            "unlearn.py (its checkpoints are --output_dir/checkpoints/step-NNNNNNN)"
+        )
     if args.output_dir is None:
         label = f"{args.method}-lam{args.lam:g}" if args.method == "siss" else args.method
         prefix = "flow-" if args.process == "flow" else ""
         args.output_dir = Path("outputs/unlearn") / f"{prefix}{label}-seed{args.seed}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags of one run (``error``, exit code 2, on a bad one)."""
+    return build_parser().parse_args(argv)
+
+
+# UnlearningConfig's fields that this script's flags set (the others keep their defaults).
+RECIPE_FIELDS = (
+    "method",
+    "lam",
+    "keep_target",
+    "superfactor",
+    "ratio",
+    "balance_mode",
+    "balance_every",
+    "calibration_batches",
+    "timesteps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "max_train_steps",
+    "ema_decay",
+    "ema_power",
+    "max_grad_norm",
+    "seed",
+)
+
+
+def job(config: UnlearningConfig, **settings: Any) -> argparse.Namespace:
+    """One run's settings built in code (study.py): the recipe ``config`` and the other
+    settings by their flag's name without dashes (``output_dir=...``, ``eval_samples=...``),
+    the rest at their defaults; checked as the flags are (a ``ValueError`` naming the flag).
+    ``config`` must be one these flags can express (``x_from``, ``snr_gamma`` and
+    ``adam_weight_decay`` at their defaults): the run trains exactly it, or refuses."""
+    parser = build_parser()
+    args = parser.defaults()
+    unknown = sorted(set(settings) - set(vars(args)) | set(settings) & set(RECIPE_FIELDS))
+    if unknown:
+        raise TypeError(f"not settings of unlearn.py besides the recipe config: {unknown}")
+    timesteps = config.timesteps
+    if timesteps is not None:
+        timesteps = list(timesteps) if isinstance(timesteps, tuple) else [timesteps]
+    vars(args).update({name: getattr(config, name) for name in RECIPE_FIELDS})
+    vars(args).update(timesteps=timesteps, **settings)
+    parser.check(args)
+    if resolve_keep_target(args) != config:
+        raise ValueError(
+            "unlearn.py's flags cannot express this config (x_from, snr_gamma and "
+            f"adam_weight_decay stay at their defaults): {config}"
+        )
     return args
 
 
-def resolve_keep_target(args: argparse.Namespace, steps: int | None = None) -> UnlearningConfig:
-    """The run's ``siss.UnlearningConfig`` from the flags (``steps``: the schedule's length, if
-    not ``--steps``), validated (a ``ValueError`` naming the flag); sets the flags left at None
-    (``--keep-target``, ``--balance-mode``, ``--balance-every``) to the config's defaults."""
-    fields = {
-        "lr_scheduler": args.lr_schedule,
-        "lr_warmup_steps": args.lr_warmup_steps,
-        "ema_decay": getattr(args, "ema_decay", 0.0),
-        "ema_power": getattr(args, "ema_power", 0.75),
-    }
-    if steps is not None:
-        fields["max_train_steps"] = steps
-    config = recipe_config(args, **fields)
+def resolve_keep_target(args: argparse.Namespace) -> UnlearningConfig:
+    """The run's ``siss.UnlearningConfig`` from the flags, validated (a ``ValueError`` naming
+    the flag); sets the flags left at None (``--keep_target``, ``--balance_mode``,
+    ``--balance_every``) to the config's defaults."""
+    config = recipe_config(
+        args,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        ema_decay=getattr(args, "ema_decay", 0.0),
+        ema_power=getattr(args, "ema_power", 0.75),
+    )
     args.keep_target, args.balance_mode = config.keep_target, config.balance_mode
     args.balance_every = config.balance_every
     return config
 
 
 def resolve_process(args: argparse.Namespace) -> str:
-    """Sets ``args.process`` from ``--checkpoint`` and the evaluation sampler and steps of that
-    process where they were left at None; ``ValueError`` naming the flag otherwise."""
+    """Sets ``args.process`` from ``--pretrained_model_name_or_path``'s scheduler config and
+    the evaluation sampler and steps of that process where they were left at None;
+    ``ValueError`` naming the flag otherwise."""
     try:
-        args.process = checkpoint_process(args.checkpoint)
+        args.process = checkpoint_process(args.pretrained_model_name_or_path)
     except ValueError as error:
-        raise ValueError(f"--checkpoint: {error}") from error
-    args.eval_sampler = check_sampler(args.process, args.eval_sampler, "--eval-sampler")
+        raise ValueError(f"--pretrained_model_name_or_path: {error}") from error
+    args.eval_sampler = check_sampler(args.process, args.eval_sampler, "--eval_sampler")
     if args.eval_steps is None:
         args.eval_steps = DEFAULT_EVAL_STEPS[args.process]
     return args.process
@@ -400,7 +569,7 @@ class Evaluator:
         )
 
     def track(self, unet: UNet2DModel, scheduler: Any) -> dict[str, Any]:
-        """The outlier rate alone on ``--track-samples`` samples: the cheap in-run evaluation."""
+        """The outlier rate alone on ``--track_samples`` samples: the cheap in-run evaluation."""
         was_training = unet.training
         unet.eval()
         start = time.perf_counter()
@@ -511,9 +680,13 @@ def outlier_nll(
 
 
 def _tiles(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(rows*cols, C, H, W)`` images in [-1, 1] as one ``(rows*(H+2), cols*(W+2))`` picture."""
+    """``(N, C, H, W)`` images in [-1, 1] as one ``(rows*(H+2), cols*(W+2))`` picture, the
+    last column filled up with black tiles when ``N`` is not a multiple of ``rows``."""
     from einops import rearrange
 
+    missing = -len(images) % rows
+    if missing:
+        images = torch.cat([images, images.new_full((missing, *images.shape[1:]), -1.0)])
     padded = torch.nn.functional.pad(to_unit_range(images), (1, 1, 1, 1), value=0.5)
     return rearrange(padded.mean(1), "(r c) h w -> (r h) (c w)", r=rows)
 
@@ -549,6 +722,38 @@ def save_grid(
     plt.close(fig)
 
 
+def step_log(result: StepResult, lr: float) -> dict[str, float]:
+    """What ``--report_to`` logs of one step: the loss and its keep and forget terms, the
+    learning rate the step used and, on a step the balancer ran, its coefficient and the
+    gradient norms it measured (on a refresh)."""
+    values = {f"train/{name}": term.item() for name, term in result.terms._asdict().items()}
+    values["train/lr"] = lr
+    stats = result.stats
+    if stats is not None:
+        values["balancer/coefficient"] = stats.coefficient.item()
+        for name in ("keep_norm", "forget_norm"):
+            if getattr(stats, name) is not None:
+                values[f"balancer/{name}"] = getattr(stats, name).item()
+    return values
+
+
+def evaluation_log(metrics: dict[str, Any]) -> dict[str, float]:
+    """The measured numbers of an evaluation (the outlier rate, its NLL, IS, FID) for
+    ``--report_to``; what was not measured is left out, never logged as a number."""
+    keys = ("outlier_rate", "outlier_nll_bpd", "inception_score", "fid")
+    return {
+        f"eval/{key}": float(metrics[key])
+        for key in keys
+        if isinstance(metrics.get(key), int | float) and math.isfinite(metrics[key])
+    }
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of a run that are not the recipe's, for the trackers' hyper-parameters."""
+    skip = {*RECIPE_FIELDS, "audit_options"}
+    return {key: value for key, value in vars(args).items() if key not in skip}
+
+
 def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Runs (or resumes) one unlearning job; returns the metrics written to metrics.json.
 
@@ -561,7 +766,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     device = torch.device(args.device)
     out = Path(args.output_dir)
     config = resolve_keep_target(args)
-    unet = UNet2DModel.from_pretrained(args.checkpoint).to(device)
+    unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path).to(device)
     data = load_training_set(
         source=args.data,
         root=args.data_root,
@@ -571,35 +776,39 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         seed=0,
     )
     keep, forget = data.images[~data.is_outlier], data.images[data.is_outlier]
-    scheduler = load_scheduler(args.checkpoint)
+    scheduler = load_scheduler(args.pretrained_model_name_or_path)
     # The teacher is a frozen copy of the weights loaded here: built before a resume loads the
     # checkpoint's.
     unlearner = Unlearner(unet, scheduler, config, n=len(data.images), k=len(forget))
     # Training draws (rows, timesteps, coins, noise) are a function of (seed, step): a resumed
     # run draws what an uninterrupted one draws, with no generator state to carry.
-    plan = BatchPlan(args.seed, len(keep), len(forget), args.batch_size, args.batch_size)
+    batch = args.train_batch_size
+    plan = BatchPlan(args.seed, len(keep), len(forget), batch, batch)
     evaluator = Evaluator(args, data.outlier, keep)
 
     history: list[dict[str, Any]] = []
     step, train_wall = 0, 0.0
-    found = latest_checkpoint(out / "checkpoints") if args.resume else None
+    resume = args.resume_from_checkpoint
+    found = latest_checkpoint(out / CHECKPOINTS) if resume == "latest" else resume
     if found is not None:
+        found = Path(found)
         saved = json.loads((found / "state.json").read_text())
         if saved.get("draws") != DRAWS:
             raise SystemExit(
                 f"{found} was written by a version of unlearn.py that drew the keep rows with "
                 "replacement; this one draws them in shuffled epochs (siss.loop.BatchPlan), so the "
-                "run cannot go on: start it again without --resume, or in another --output-dir"
+                "run cannot go on: start it again without --resume_from_checkpoint, or in another "
+                "--output_dir"
             )
         if saved.get("keep_target", "noise") != args.keep_target:
             raise SystemExit(
-                f"{found} was trained with --keep-target {saved.get('keep_target', 'noise')}, "
-                f"not {args.keep_target}: pass that, or start again in another --output-dir"
+                f"{found} was trained with --keep_target {saved.get('keep_target', 'noise')}, "
+                f"not {args.keep_target}: pass that, or start again in another --output_dir"
             )
         if "unlearner" not in saved:
             raise SystemExit(
                 f"{found} was written before unlearn.py ran on siss.Unlearner: start it again "
-                "without --resume, or in another --output-dir"
+                "without --resume_from_checkpoint, or in another --output_dir"
             )
         state = load_checkpoint(
             found, model=unet, optimizer=unlearner.optimizer, generators={}, ema=unlearner.ema
@@ -615,8 +824,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             for _ in range(step):
                 unlearner.lr_scheduler.step()
-    elif args.resume:
-        print(f"no checkpoint under {out / 'checkpoints'}: starting from step 0")
+    elif resume == "latest":
+        print(f"no checkpoint under {out / CHECKPOINTS}: starting from step 0")
     if step == 0 and not history:
         out.mkdir(parents=True, exist_ok=True)
         if before is None:
@@ -630,23 +839,32 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         started = time.perf_counter()
         calibrate(unlearner, keep_dev, forget_dev, plan)
         train_wall += time.perf_counter() - started
-    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    steps = args.max_train_steps
+    last = steps if args.stop_after is None else min(steps, args.stop_after)
+    tracker = start_trackers(args, out, "unlearn", {**config.to_dict(), **run_settings(args)})
+    if tracker is not None and step == 0:
+        tracker.log(evaluation_log(history[0]), step=0)
     bar = tqdm(
-        range(step, last), initial=step, total=args.steps, desc=out.name, disable=args.no_progress
+        range(step, last), initial=step, total=steps, desc=out.name, disable=args.no_progress
     )
     for step in bar:
         started = time.perf_counter()
-        plan_step(unlearner, keep_dev, forget_dev, plan, step)
+        lr = unlearner.optimizer.param_groups[0]["lr"]  # this step's
+        result = plan_step(unlearner, keep_dev, forget_dev, plan, step)
         train_wall += time.perf_counter() - started
         done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+        if tracker is not None:
+            tracker.log(step_log(result, lr), step=done)
+        if args.eval_every and done % args.eval_every == 0 and done < steps:
             with unlearner.averaged_weights():
                 metrics = evaluator.track(unet, scheduler)
             history.append({"step": done, **metrics})
             bar.set_postfix(rate=f"{metrics['outlier_rate']:.2%}")
-        if done % args.checkpoint_every == 0 or done == last:
+            if tracker is not None:
+                tracker.log(evaluation_log(metrics), step=done)
+        if done % args.checkpointing_steps == 0 or done == last:
             save_checkpoint(
-                out / "checkpoints",
+                out / CHECKPOINTS,
                 done,
                 model=unet,
                 optimizer=unlearner.optimizer,
@@ -659,26 +877,35 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                     "unlearner": unlearner_state(unlearner),
                 },
                 ema=unlearner.ema,
+                keep=args.checkpoints_total_limit,
             )
     bar.close()
-    if last < args.steps:
-        print(f"stopped after step {last} of {args.steps}; continue with --resume")
+    if last < steps:
+        if tracker is not None:
+            tracker.end_training()
+        print(
+            f"stopped after step {last} of {steps}; continue with --resume_from_checkpoint latest"
+        )
         return {"stopped_at": last}
 
     if unlearner.ema is not None:  # the EMA is the model this run delivers: evaluated and saved
         unlearner.ema.copy_to(unlearner.params)
-    if history[-1]["step"] != args.steps:
+    if history[-1]["step"] != steps:
         metrics, samples = evaluator(unet, scheduler)
-        history.append({"step": args.steps, **metrics})
-        title = f"after {args.steps} steps of {out.name}"
+        history.append({"step": steps, **metrics})
+        title = f"after {steps} steps of {out.name}"
         save_grid(samples, data.outlier, out / "samples_after.png", title)
-    unet.save_pretrained(out / "model", safe_serialization=True)
+    if tracker is not None:
+        tracker.log(evaluation_log(history[-1]), step=steps)
+        tracker.end_training()
+    with atomic_folder(out / "model") as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
     result = {
         "method": args.method,
         "process": args.process,
         "lam": args.lam if args.method == "siss" else None,
         "seed": args.seed,
-        "steps": args.steps,
+        "steps": steps,
         "train_wall_s": round(train_wall, 1),
         "config": {key: str(value) for key, value in vars(args).items()},
         "before": history[0],
@@ -690,10 +917,11 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
 
 
 def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
-    """``--audit``: audits ``--checkpoint`` and the unlearned model; returns the comparison.
+    """``--audit``: audits ``--pretrained_model_name_or_path`` and the unlearned model; returns
+    the comparison.
 
     Writes ``audit_before.json``, ``audit_after.json``, ``audit_compare.md`` and the two figures
-    into ``--output-dir``. The pretrained model is audited once: its audit is kept in
+    into ``--output_dir``. The pretrained model is audited once: its audit is kept in
     ``before_path`` (default ``audit_before.json``) and reused while the settings match (the
     study shares one per seed between its methods).
     """
@@ -701,8 +929,8 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
     from siss.audit.figure import save_figure
 
     out = Path(args.output_dir)
-    scheduler = load_scheduler(args.checkpoint)
-    before_unet = UNet2DModel.from_pretrained(args.checkpoint)
+    scheduler = load_scheduler(args.pretrained_model_name_or_path)
+    before_unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path)
     channels, size = before_unet.config.in_channels, before_unet.config.sample_size
     data = load_training_set(
         source=args.data, root=args.data_root, size=size, channels=channels, seed=0
@@ -715,7 +943,7 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
         channels=channels,
     )
     settings = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(args.pretrained_model_name_or_path),
         "data": args.data,
         "checks": list(args.audit_checks),
         "num_samples": args.audit_samples,
@@ -752,7 +980,7 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
         if saved.config.get("unlearn") == settings:
             before = saved
     if before is None:
-        before = run_audit(before_unet, f"before: {Path(args.checkpoint).name}")
+        before = run_audit(before_unet, f"before: {Path(args.pretrained_model_name_or_path).name}")
         write_json_atomically(cached, before.to_dict())
     if cached != out / "audit_before.json":
         write_json_atomically(out / "audit_before.json", before.to_dict())

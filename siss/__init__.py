@@ -14,7 +14,7 @@ namespaces of its own:
 The core (this package's top level and those three) depends on torch only; ``siss.adapters``
 brings diffusers in and ``siss.metrics`` holds the evaluation metrics.
 
-Example:
+Examples:
     >>> import siss
     >>> from siss.functional import importance_weights
     >>> from siss.loop import paired_batches
@@ -26,6 +26,8 @@ Example:
 import importlib as _importlib
 import sys as _sys
 import warnings as _warnings
+
+from siss import _distribution
 
 # The namespaces, loaded with the top level so that ``siss.functional.siss_terms`` works after
 # ``import siss`` alone.
@@ -110,3 +112,6 @@ def __getattr__(name: str) -> object:
             stacklevel=2,
         )
     return value
+
+
+_distribution.warn_if_clashing()

@@ -34,7 +34,7 @@ _validate_values = os.environ.get("SISS_VALIDATE_VALUES", "0") not in ("", "0")
 def validate_values_enabled() -> bool:
     """Whether the value checks of ``set_validate_values`` are in force.
 
-    Example:
+    Examples:
         >>> with set_validate_values(True):
         ...     validate_values_enabled()
         True
@@ -53,7 +53,7 @@ class set_validate_values:
     Turn them on to debug a run that produced NaN. ``SISS_VALIDATE_VALUES=1`` in the environment
     turns them on from the start.
 
-    Example:
+    Examples:
         >>> import siss
         >>> with siss.debug.set_validate_values(True):
         ...     siss.debug.validate_values_enabled()
@@ -97,7 +97,7 @@ def check_finite_values(tensor: Tensor, name: str) -> None:
 def nonfinite_rows(tensor: Tensor) -> Tensor:
     """``(N,)`` bool: which rows (first axis) of an ``(N, ...)`` tensor hold a NaN or ±inf.
 
-    Example:
+    Examples:
         >>> nonfinite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]))
         tensor([False,  True])
     """
@@ -134,7 +134,7 @@ def check_index(value: object, name: str) -> int:
 def check_int(value: object, name: str, minimum: int | None = None) -> int:
     """An integer (Python or numpy, not bool) ``>= minimum``, returned as a Python int.
 
-    Example:
+    Examples:
         >>> check_int(np.int64(3), "splits", minimum=1)
         3
         >>> check_int(0, "splits", minimum=1)
@@ -162,7 +162,7 @@ def check_real(
     ``low`` / ``high`` are the ends of the interval (``None``: unbounded); ``low_open`` /
     ``high_open`` exclude them.
 
-    Example:
+    Examples:
         >>> check_real(np.float32(0.5), "dropout", low=0.0, high=1.0)
         0.5
         >>> check_real(float("inf"), "ratio", low=0.0)
@@ -207,7 +207,7 @@ def check_max_weight(value: object) -> float:
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     """One of the strings ``choices``.
 
-    Example:
+    Examples:
         >>> check_choice("sum", "reduction", ("mean", "sum", "none"))
         'sum'
         >>> check_choice("max", "reduction", ("mean", "sum", "none"))
@@ -282,7 +282,7 @@ def check_tensor(
         meta: accept a tensor on the meta device (by default it raises: it holds no values).
         hint: how to fix a wrong dtype, appended to that message in parentheses.
 
-    Example:
+    Examples:
         >>> check_tensor(torch.zeros(2, 3, dtype=torch.long), "x", dims="(B, D)", ndim=2)
         Traceback (most recent call last):
         ...

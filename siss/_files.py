@@ -101,7 +101,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Yields:
         The temporary file's path, in ``path``'s folder.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> folder = Path(tempfile.mkdtemp())
         >>> with atomic_path(folder / "weights.safetensors") as tmp:
@@ -130,7 +130,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_atomically(path: str | os.PathLike[str], data: bytes | str) -> None:
     """Writes ``data`` (``str``: as UTF-8) to ``path`` atomically (see :func:`atomic_path`).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "table.md"
         >>> write_atomically(path, "| a |\\n")
@@ -156,7 +156,7 @@ def write_json_atomically(
         default: ``json.dumps``'s fallback for other objects (e.g. ``str``); ``None`` raises
             ``TypeError`` on them, and ``path`` is left as it was.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "metrics.json"
         >>> write_json_atomically(path, {"rate": 0.5, "where": path.parent}, default=str)
@@ -186,7 +186,7 @@ def replace_folder(source: str | os.PathLike[str], path: str | os.PathLike[str])
         source: the complete new folder.
         path: the folder to replace or create.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
         >>> (root / "model").mkdir()
@@ -239,7 +239,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     Yields:
         The temporary folder's path, empty, in ``path``'s parent folder.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = Path(tempfile.mkdtemp())
         >>> with atomic_folder(root / "checkpoint") as tmp:

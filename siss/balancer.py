@@ -113,7 +113,7 @@ class BalanceStats(NamedTuple):
             amortized steps and on refreshes whose forget gradient counted as zero (``c = 0``
             was used, and the next step refreshes again).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 1)
         >>> balancer = NormBalancer(model.parameters(), ratio=0.1, every=2)
         >>> for step in range(2):
@@ -174,7 +174,7 @@ def median_gradient_norm(params: Iterable[Tensor], losses: Iterable[Tensor]) -> 
             generator so that each graph is freed before the next is built). ``.grad`` is not
             touched.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> losses = (model(torch.randn(8, 3)).square().mean() for _ in range(5))
         >>> scale = median_gradient_norm(model.parameters(), losses)
@@ -289,7 +289,7 @@ class NormBalancer:
     a reentrant checkpoint hides its parameters from the forget backward's ``inputs=``, and the
     first refresh raises a ``ValueError`` saying so.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 1)
         >>> balancer = NormBalancer(model.parameters(), ratio=0.1)
         >>> out = model(torch.randn(8, 3))
@@ -360,7 +360,7 @@ class NormBalancer:
         """What a resume needs to go on as an uninterrupted run would: the held ``c`` and the
         steps since it was measured (the rule's settings are the constructor's).
 
-        Example:
+        Examples:
             >>> model = torch.nn.Linear(2, 1)
             >>> balancer = NormBalancer(model.parameters(), every=4)
             >>> out = model(torch.randn(3, 2))

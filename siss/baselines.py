@@ -73,7 +73,7 @@ class DenoisingDraw:
             ``(R - num_keep, ...)``; ``None`` for the other losses.
         method: name of the loss that drew it (checked by ``terms``).
 
-    Example:
+    Examples:
         >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
         >>> loss_fn = SISSNoISLoss(alphas_cumprod, superfactor=0.1)
         >>> draw = loss_fn.sample(torch.randn(3, 2, 4, 4), torch.randn(1, 2, 4, 4))
@@ -195,7 +195,7 @@ class NaiveDeletionLoss(_BaselineLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
         snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = NaiveDeletionLoss(torch.cumprod(1 - betas, 0))
         >>> x0 = torch.randn(4, 3, 8, 8)
@@ -259,7 +259,7 @@ class NegGradLoss(_BaselineLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``).
         snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = NegGradLoss(torch.cumprod(1 - betas, 0))
         >>> a0 = torch.randn(4, 3, 8, 8)
@@ -360,7 +360,7 @@ class SISSNoISLoss(_PairedLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``, one value per pair).
         snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = SISSNoISLoss(torch.cumprod(1 - betas, 0), superfactor=0.1)
         >>> x0, a0 = torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8)
@@ -429,7 +429,7 @@ class EraseDiffLoss(_PairedLoss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(B,)``, one value per pair).
         snr_gamma: min-SNR-γ row weighting, as in ``SISSLoss``.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = EraseDiffLoss(torch.cumprod(1 - betas, 0))
         >>> x0, a0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)

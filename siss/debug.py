@@ -6,7 +6,7 @@ that produced NaN went wrong, globally (``set_validate_values(True)``), for a bl
 set_validate_values(True):``) or from the start with ``SISS_VALIDATE_VALUES=1`` in the
 environment. This module only re-exports them from ``siss._checks``, their home.
 
-Example:
+Examples:
     >>> from siss.debug import set_validate_values, validate_values_enabled
     >>> with set_validate_values(True):
     ...     validate_values_enabled()

@@ -8,7 +8,7 @@ re-exports: each object lives in its home module (``siss.weights``, ``siss.sampl
 ``siss.losses``, ``siss.targets``, ``siss.balancer``), whose name the API reference shows. Like the
 top level, it depends on torch only.
 
-Example:
+Examples:
     >>> import torch
     >>> from siss.functional import importance_weights, mixture_sample
     >>> x0, a0 = torch.zeros(3, 4), torch.ones(3, 4)

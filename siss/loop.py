@@ -45,7 +45,7 @@ def paired_batches(
             It must not be a one-shot iterator, must yield at least one batch, and must not be
             prepared by accelerate (see the error it raises).
 
-    Example:
+    Examples:
         >>> pairs = list(paired_batches([1, 2, 3, 4, 5], ["a"]))
         >>> pairs
         [(1, 'a'), (2, 'a'), (3, 'a'), (4, 'a'), (5, 'a')]
@@ -97,7 +97,7 @@ def rank_generator(seed: int, device: torch.device | str | None = None) -> torch
         device: where the generator draws (``None``: the CPU). A CPU generator also serves CUDA
             data (``siss`` draws on the generator's device and moves the result, as diffusers does).
 
-    Example:
+    Examples:
         >>> rank_generator(0).initial_seed()  # rank 0 of a single-process run
         0
     """
@@ -117,7 +117,7 @@ def derived_seed(*parts: Any) -> int:
     step 0 is seed 0's step 1). ``parts`` should have a stable ``repr``: ints, strings, tuples.
     The result is in ``[0, 2**63)``.
 
-    Example:
+    Examples:
         >>> derived_seed(0, "draw", 3, 1) == derived_seed(0, "draw", 3, 1)
         True
         >>> derived_seed(0, "draw", 3, 1) == derived_seed(0, "draw", 1, 3)
@@ -155,7 +155,7 @@ class BatchPlan:
         micro: the rows of one forward/backward pass (one micro-batch).
         world: the number of processes; ``batch`` must be a multiple of ``micro * world``.
 
-    Example:
+    Examples:
         >>> plan = BatchPlan(0, keep=10, forget=2, batch=4, micro=2, world=2)
         >>> plan.accumulation
         1

@@ -56,7 +56,7 @@ class LossTerms(NamedTuple):
     ``k/(n-k) L_A`` (the NegGrad loss of Eq. 3 up to the constant of Eq. 4). Scalars for
     ``reduction="mean"``/``"sum"``, ``(B,)`` for ``"none"``.
 
-    Example:
+    Examples:
         >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
         >>> loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
         >>> draw = loss_fn.sample(torch.randn(4, 8), torch.randn(1, 8))
@@ -85,7 +85,7 @@ class SISSDraw:
         from_forget: which rows took their source from ``a0``, shape ``(B,)``, bool.
         weight_x, weight_a: importance weights of Eq. 8, shape ``(B,)``, float32, detached.
 
-    Example:
+    Examples:
         >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
         >>> loss_fn = SISSLoss(alphas_cumprod, superfactor=0.1)
         >>> draw = loss_fn.sample(torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8), timesteps=999)
@@ -152,7 +152,7 @@ def siss_terms(
     Returns:
         ``(keep, forget)``, each ``(B,)``.
 
-    Example:
+    Examples:
         >>> error_x, error_a = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
         >>> weight_x, weight_a = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
         >>> siss_terms(error_x, error_a, weight_x, weight_a, 0.25, "retain")  # Eq. 15
@@ -195,11 +195,24 @@ def teacher_siss_terms(
     * ``forget = ρ w_a l_a`` in both, as in ``siss_terms``.
 
     So ``E[keep - s forget]`` has the gradient of Lemma 1's objective, but the keep term no longer
-    regresses on the drawn noise: at the teacher's weights ``d`` and its gradient are exactly 0,
-    and the keep gradient carries none of the noise of ``l_x``, which fine-tuning otherwise
-    follows away from the pretrained model (docs/results.md, "Quality kept"). Where the teacher
-    is not that posterior mean, the fine-tuned model is held to the teacher rather than refitted
-    to ``X \\ A``: a bias towards the model you started from.
+    regresses on the drawn noise of ``l_x``. That is not "no noise": at the teacher's weights
+    ``d`` and its gradient are exactly 0 and the keep gradient is ``-ρ w_a ∇l_a``, whose
+    covariance equals the forget term's. The keep gradient's variance does fall below the noise
+    target's near the optimum (an independent float64 review: 12.6× on its toy, 3.6× with the
+    exact posterior-mean teacher), but what is left is NegGrad's noise.
+
+    The condition is stationarity, not "the exact posterior mean": at the teacher's weights
+    ``θ_pre`` the expected keep gradient is ``-ρ ∇L_A``, off Lemma 1's ``∇L_{X\\A}`` by exactly
+    ``-n/(n-k) ∇L_X(θ_pre)``. A teacher is unbiased there when it is stationary for ``L_X``
+    under the timestep distribution and row weighting that unlearning uses (a model pretrained
+    on uniform timesteps without weighting is not, for a ``timesteps`` window or ``snr_gamma``);
+    elsewhere the fine-tuned model is held to the teacher rather than refitted to ``X \\ A``: a
+    bias towards the model you started from (docs/math.md bounds it).
+
+    Only for ``0 < λ < 1``: at ``λ = 0`` the unbounded ``w_a`` enters the keep term, which is
+    then biased like the forget term (``siss_terms``), while the noise target's keep term
+    ``l_x`` stays exact; at ``λ = 1`` the unbounded ``w_x`` does. ``SISSLoss.terms`` refuses a
+    teacher at either extreme.
 
     Args:
         distill: ``d``, squared errors against the teacher's prediction, shape ``(B,)``.
@@ -212,7 +225,7 @@ def teacher_siss_terms(
     Returns:
         ``(keep, forget)``, each ``(B,)``.
 
-    Example:
+    Examples:
         >>> distill, error_a = torch.tensor([0.0, 0.5]), torch.tensor([3.0, 4.0])
         >>> weight_x, weight_a = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
         >>> teacher_siss_terms(distill, error_a, weight_x, weight_a, 0.25, "retain")
@@ -266,7 +279,7 @@ class UnlearningLoss(nn.Module):
         reduction: ``"mean"`` (default, the diffusers convention), ``"sum"`` over the batch, or
             ``"none"`` for per-row losses ``(B,)``.
 
-    Example:
+    Examples:
         >>> from siss import EraseDiffLoss
         >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
         >>> x0, a0 = torch.randn(4, 3, 8, 8), torch.randn(1, 3, 8, 8)
@@ -419,7 +432,7 @@ class SISSLoss(UnlearningLoss):
             ``--snr_gamma`` (``min(SNR, γ)/SNR`` for epsilon, ``/(SNR+1)`` for v-prediction);
             ``None`` (default) for none.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = SISSLoss(torch.cumprod(1 - betas, 0), lam=0.5, superfactor=0.1)
         >>> x0, a0 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
@@ -529,13 +542,24 @@ class SISSLoss(UnlearningLoss):
             teacher_output: optional prediction of the frozen model before unlearning on
                 ``draw.noisy`` (shape of ``model_output``; computed without gradient, e.g. under
                 ``torch.no_grad()``). The keep term then matches it instead of the drawn noise:
-                the same objective in expectation, without the keep term's noise
-                (``teacher_siss_terms``). Needs ``n`` and ``k``.
+                Lemma 1's gradient in expectation where the teacher is stationary for the loss,
+                without ``l_x``'s regression on the noise (``teacher_siss_terms``). Needs ``n``
+                and ``k``, and ``0 < lam < 1``: at ``lam`` 0 or 1 the unbounded importance
+                weight enters the keep term and biases it, so a teacher there is refused
+                (``ValueError``); use the noise keep target (``teacher_output=None``).
         """
         if not isinstance(draw, SISSDraw):
             raise TypeError(f"`draw` must come from SISSLoss.sample, got {type(draw).__name__}")
         check_model_output(model_output, draw.noisy.shape, draw.noisy.device)
         if teacher_output is not None:
+            if self.lam in (0.0, 1.0):
+                weight = "w_a = q(m|a)/q(m|x)" if self.lam == 0.0 else "w_x = q(m|x)/q(m|a)"
+                raise ValueError(
+                    f"`teacher_output` at lam={self.lam:g}: the teacher keep term carries the "
+                    f"unbounded importance weight {weight}, which biases it; use the noise keep "
+                    "target (teacher_output=None; exact at lam=0, where w_x = 1), or "
+                    "0 < lam < 1 (siss.functional.teacher_siss_terms)"
+                )
             if self.n is None:
                 raise ValueError(
                     "`teacher_output` needs the loss's `n` and `k`: its keep term weighs the "

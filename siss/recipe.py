@@ -2,9 +2,11 @@
 
 The loss (``SISSLoss``) is exact; what makes unlearning *keep the model* is the recipe around it:
 
-- **the teacher keep target** (``keep_target="teacher"``, SISS's default): the keep term matches
-  the frozen model's prediction on the same noisy batch instead of the drawn noise, which has
-  Lemma 1's expected gradient without the keep term's noise (``teacher_siss_terms``,
+- **the teacher keep target** (``keep_target="teacher"``, SISS's default at ``0 < lam < 1``):
+  the keep term matches the frozen model's prediction on the same noisy batch instead of the
+  drawn noise. It has Lemma 1's expected gradient where the teacher is stationary for the loss
+  under the run's timestep distribution and weighting, and no regression on the drawn noise;
+  near the pretrained weights what noise is left is NegGrad's (``teacher_siss_terms``,
   docs/math.md). The teacher is a frozen copy of the model, or, for a PEFT LoRA, the same model
   with its adapters disabled (no copy); it runs under ``torch.inference_mode``;
 - **a calibrated forget scale**: with a teacher the keep gradient starts at about 0, so the
@@ -33,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, NamedTuple
@@ -41,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from siss._checks import check_choice
+from siss._optional import needs
 from siss.balancer import BalanceStats, NormBalancer, _global_norm
 from siss.loop import derived_seed, process_index
 from siss.losses import LossTerms
@@ -73,9 +77,14 @@ class UnlearningConfig:
     """The settings of one unlearning run, validated once; every error names its field.
 
     Defaults left at ``None`` are resolved from the method's rules (``siss.registry.RULES``):
-    ``keep_target`` is ``"teacher"`` for SISS and ``"noise"`` otherwise; ``balance_mode`` is
-    ``"absolute"`` (calibrated) with a teacher and ``"fix"`` (per step, the paper's) otherwise;
-    ``balance_every`` is ``DEFAULT_BALANCE_EVERY`` for ``"absolute"`` and 1 otherwise.
+    ``keep_target`` is ``"teacher"`` for SISS at ``0 < lam < 1`` and ``"noise"`` otherwise
+    (SISS at ``lam`` 0 or 1 included: the unbounded importance weight would enter the teacher's
+    keep term and bias it, so an explicit ``keep_target="teacher"`` there is a ``ValueError``);
+    a teacher with ``timesteps`` or ``snr_gamma`` set warns (``UserWarning``): it is unbiased
+    only if stationary for the loss under that timestep distribution and weighting;
+    ``balance_mode`` is ``"absolute"`` (calibrated) with a teacher and ``"fix"`` (per step, the
+    paper's) otherwise; ``balance_every`` is ``DEFAULT_BALANCE_EVERY`` for ``"absolute"`` and 1
+    otherwise.
 
     Args:
         method: one of ``siss.METHODS``.
@@ -107,7 +116,7 @@ class UnlearningConfig:
             uses ``derived_seed(seed, "draw", i, r)``, so a resume draws what an uninterrupted
             run draws.
 
-    Example:
+    Examples:
         >>> config = UnlearningConfig()
         >>> config.keep_target, config.balance_mode, config.balance_every
         ('teacher', 'absolute', 10)
@@ -167,8 +176,9 @@ class UnlearningConfig:
             object.__setattr__(self, "timesteps", values[0] if len(values) == 1 else values)
 
         keep_target = self.keep_target
-        if keep_target is None:
-            keep_target = "teacher" if rules.teacher else "noise"
+        extreme = self.method == "siss" and self.lam in (0.0, 1.0)
+        if keep_target is None:  # λ ∈ {0, 1}: the paper's ablations, with its noise target
+            keep_target = "teacher" if rules.teacher and not extreme else "noise"
         _choice(self, "keep_target", KEEP_TARGETS, keep_target)
         if keep_target == "teacher" and not rules.teacher:
             raise _field_error(
@@ -176,6 +186,21 @@ class UnlearningConfig:
                 f"'teacher' needs SISS's keep term; method {self.method!r} has none "
                 "(use method='siss', or keep_target='noise')",
             )
+        if keep_target == "teacher" and extreme:
+            why = (
+                "the unbounded importance weight w_a enters its keep term, while the noise "
+                "keep term is exact there (w_x = 1)"
+                if self.lam == 0.0
+                else "the unbounded importance weight w_x enters its keep term (the paper's "
+                "NegGrad-like ablation, run with the noise target)"
+            )
+            raise _field_error(
+                "keep_target",
+                f"'teacher' is biased at lam={self.lam:g}: {why}; use keep_target='noise' "
+                "(the default at lam 0 and 1) or 0 < lam < 1",
+            )
+        if keep_target == "teacher" and (self.timesteps is not None or self.snr_gamma is not None):
+            _warn_teacher_weighting(self.timesteps, self.snr_gamma)
         mode = self.balance_mode
         if mode is None:
             mode = "absolute" if keep_target == "teacher" else "fix"
@@ -276,6 +301,27 @@ def _choice(
         ) from None
 
 
+def _warn_teacher_weighting(timesteps: TimestepSpec, snr_gamma: float | None) -> None:
+    """The teacher keep target is unbiased where the teacher is stationary for ``L_X`` under
+    unlearning's own timestep distribution and weighting; pretraining rarely used these."""
+    settings = []
+    if timesteps is not None:
+        settings.append(f"timesteps={timesteps!r}")
+    if snr_gamma is not None:
+        settings.append(f"snr_gamma={snr_gamma!r}")
+    warnings.warn(
+        f"UnlearningConfig: keep_target='teacher' with {' and '.join(settings)}: at the "
+        "pretrained weights the teacher's keep gradient is off Lemma 1's by -n/(n-k) times the "
+        "gradient of L_X under this timestep distribution and weighting, which is 0 only if the "
+        "teacher was trained to a stationary point of that same loss (a model pretrained on "
+        "uniform timesteps without min-SNR weighting is not). Use keep_target='noise', or the "
+        "timesteps and weighting the teacher was trained with (docs/math.md, 'Where the "
+        "assumption fails').",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _check_timesteps(value: object) -> None:
     if value is None:
         return
@@ -305,7 +351,7 @@ class StepResult(NamedTuple):
         skipped: the step's gradient norms were not finite (fp16 overflow): nothing moved, the
             fp16 loss scale was lowered.
 
-    Example:
+    Examples:
         >>> result = StepResult(LossTerms(*torch.zeros(3)), None, True, False, False)
         >>> result.calibrating, result.optimizer_step
         (True, False)
@@ -374,7 +420,7 @@ def teacher_for(model: nn.Module) -> Any:
     Args:
         model: the diffusers model being unlearned (wrapped by DDP or not).
 
-    Example:
+    Examples:
         >>> from diffusers import UNet2DModel
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
         ...     block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
@@ -423,7 +469,7 @@ class Unlearner:
         ``None``; ``optimizer_steps``: optimizer steps taken (calibration excluded);
         ``scale``: the calibrated naive-deletion gradient norm (``None`` before).
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
         ...     block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
@@ -482,7 +528,8 @@ class Unlearner:
             if accelerator is not None:
                 optimizer = accelerator.prepare(optimizer)
         if lr_scheduler is None:
-            from diffusers.optimization import get_scheduler
+            with needs("siss.recipe"):
+                from diffusers.optimization import get_scheduler
 
             # A prepared scheduler steps once per process per optimizer step, as in diffusers'
             # training scripts.
@@ -499,7 +546,8 @@ class Unlearner:
 
         self.ema = None
         if config.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
+            with needs("siss.recipe"):
+                from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(
                 self.params, decay=config.ema_decay, use_ema_warmup=True, power=config.ema_power

@@ -31,7 +31,9 @@ class MethodRules(NamedTuple):
     Attributes:
         loss: the ``UnlearningLoss`` class.
         teacher: the method has SISS's keep term, which a frozen model's prediction can replace
-            (``SISSLoss.terms(..., teacher_output=)``; ``teacher_siss_terms``).
+            (``SISSLoss.terms(..., teacher_output=)``; ``teacher_siss_terms``), at
+            ``0 < λ < 1`` only: at ``λ`` 0 or 1 an unbounded importance weight enters that keep
+            term, and ``UnlearningConfig`` takes the noise target there.
         subsets: the loss takes ``n = |X|`` and ``k = |A|`` (the forget term's ``k/(n-k)``).
         superfactor: the superfactor when none is given and no balancer sets it: NegGrad's and
             EraseDiff's forget term is the whole objective (``s = 1``); ``0.0`` for the others.
@@ -40,7 +42,7 @@ class MethodRules(NamedTuple):
             nothing to balance (naive deletion has no forget term, NegGrad no keep term).
         refused: prediction type -> why the method cannot train a model of that type.
 
-    Example:
+    Examples:
         >>> RULES["neggrad"].superfactor, RULES["neggrad"].balancer
         (1.0, None)
     """
@@ -86,7 +88,7 @@ RULES: Mapping[str, MethodRules] = MappingProxyType(
 """Per-method rules, by the names ``make_loss`` accepts: one table, read by the recipe and the
 commands (``MethodRules``).
 
-Example:
+Examples:
     >>> ", ".join(name for name, rules in RULES.items() if rules.teacher)
     'siss'
 """
@@ -94,7 +96,7 @@ Example:
 METHODS: tuple[str, ...] = tuple(RULES)
 """The names ``make_loss`` accepts.
 
-Example:
+Examples:
     >>> METHODS
     ('siss', 'siss-nois', 'naive', 'neggrad', 'erasediff')
 """
@@ -112,7 +114,7 @@ def make_loss(
             ``x_from``, ``prediction_type``, ``reduction``); an argument the class does not take
             raises ``TypeError``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> make_loss("siss", torch.cumprod(1 - betas, 0), lam=0.0, superfactor=0.1).lam

@@ -48,7 +48,7 @@ def mixture_sample(
         ``(noisy, from_forget)``: the noisy batch in ``x0``'s dtype, shape of ``x0`` (computed in
         float32 or float64, then cast), and the boolean coin per row, shape ``(B,)``.
 
-    Example:
+    Examples:
         >>> x0, a0 = torch.zeros(4, 2), torch.ones(4, 2)
         >>> g = torch.Generator().manual_seed(0)
         >>> gamma, sigma = torch.ones(4), torch.full((4,), 1e-3)

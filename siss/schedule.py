@@ -36,7 +36,7 @@ class NoiseSchedule(nn.Module):
         timesteps: the value the model receives as its timestep input at each grid index, shape
             ``(T,)``. Defaults to the index itself (``0 .. T-1``, the DDPM convention).
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         >>> schedule = NoiseSchedule.from_alphas_cumprod(torch.cumprod(1 - betas, 0))
         >>> len(schedule), schedule.timesteps[-1].item()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from siss._files import write_json_atomically
+from siss._optional import needs
 
 __all__ = ["QualityBand", "RequestQueue", "forgetting_flags"]
 
@@ -50,7 +51,7 @@ class QualityBand:
         factor: multiple of ``spread`` from ``center`` to the bound.
         higher_is_better: ``True`` for IS-like scores, ``False`` for FID-like ones.
 
-    Example:
+    Examples:
         >>> band = QualityBand("FID", center=20.0, spread=2.0, evaluations=5, factor=3.0,
         ...                    higher_is_better=False)
         >>> band.bound, band.contains(25.0), band.contains(27.0)
@@ -81,7 +82,7 @@ class QualityBand:
             level: one-sided coverage of the prediction bound, in ``(0.5, 1)``.
             higher_is_better: the direction of the score.
 
-        Example:
+        Examples:
             >>> band = QualityBand.from_evaluations("FID", [18.0, 20.0, 22.0], level=0.99)
             >>> round(band.factor, 3), round(band.bound, 2)  # t_{0.99, 2} = 6.965, x sqrt(4/3)
             (8.042, 36.08)
@@ -95,12 +96,8 @@ class QualityBand:
             )
         if not 0.5 < level < 1.0:
             raise ValueError(f"`level` must be in (0.5, 1), got {level!r}")
-        try:
+        with needs("QualityBand.from_evaluations"):
             from scipy.stats import t as student
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "QualityBand.from_evaluations needs scipy (pip install scipy)"
-            ) from err
         count = len(values)
         center = sum(values) / count
         spread = math.sqrt(sum((v - center) ** 2 for v in values) / (count - 1))
@@ -144,7 +141,7 @@ class RequestQueue:
         config: the settings the results depend on (JSON-serialisable); ``open`` refuses to
             resume under different ones.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "queue.json"
         >>> queue = RequestQueue.open(path, ["a", "b", "c"], {"lr": 1e-4}, resume=False)
@@ -280,7 +277,7 @@ def forgetting_flags(
     Returns:
         ``flags[j] = {name: ["rate", "nll"]-subset}`` for the flagged requests after request ``j``.
 
-    Example:
+    Examples:
         >>> kept = {"rate_ci95": [0.0, 0.01], "nll_bpd": 9.0, "nll_bpd_se": 0.1}
         >>> back = {"rate_ci95": [0.001, 0.02], "nll_bpd": 6.0, "nll_bpd_se": 0.1}
         >>> after = [{"a": kept, "b": back}, {"a": back, "b": kept}]

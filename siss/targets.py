@@ -30,7 +30,7 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample", "flow_
 """The ``prediction_type`` values every loss takes: diffusers' names, and ``"flow_prediction"``
 for the velocity ``noise - clean`` of rectified flow.
 
-Example:
+Examples:
     >>> "v_prediction" in PREDICTION_TYPES, "flow_prediction" in PREDICTION_TYPES
     (True, True)
 """
@@ -51,7 +51,7 @@ def prediction_target(
     Returns:
         Shape of ``clean``, in the dtype of ``noise``.
 
-    Example:
+    Examples:
         >>> clean, noise = torch.ones(2, 3), torch.zeros(2, 3)
         >>> gamma, sigma = torch.full((2,), 0.6), torch.full((2,), 0.8)
         >>> prediction_target("v_prediction", clean, noise, gamma, sigma)[0]  # γ noise - σ clean

@@ -51,7 +51,7 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 DEFAULT_MAX_WEIGHT = 1e4
 """Cap on the one weight that is unbounded at ``λ = 0`` (``w_a``) or ``λ = 1`` (``w_x``).
 
-Example:
+Examples:
     >>> x0, a0 = torch.zeros(1, 4), torch.full((1, 4), 10.0)
     >>> # λ = 0, a noisy point right at a: w_a = e^{-r} = e^{200}, capped
     >>> w_x, w_a = importance_weights(a0, x0, a0, torch.ones(1), torch.ones(1), lam=0.0)
@@ -75,7 +75,7 @@ def log_density_ratio(
     Returns:
         ``(B,)``, float32 (float64 for float64 inputs), detached; autocast is disabled inside.
 
-    Example:
+    Examples:
         >>> x0, a0 = torch.zeros(2, 4), torch.ones(2, 4)
         >>> # m = x: r = ||γ(x - a)||² / 2σ² = 4 / 2
         >>> log_density_ratio(x0, x0, a0, torch.ones(2), torch.ones(2))
@@ -127,7 +127,7 @@ def importance_weights(
         ``(w_x, w_a)``, each ``(B,)``, detached, float32 (float64 for float64 inputs) whatever the
         input dtype, with ``(1-λ) w_x + λ w_a = 1`` up to rounding where the cap does not bind.
 
-    Example:
+    Examples:
         >>> x0, a0 = torch.zeros(3, 4), torch.ones(3, 4)
         >>> w_x, w_a = importance_weights(x0, x0, a0, torch.ones(3), torch.ones(3), 0.5)
         >>> torch.allclose(0.5 * w_x + 0.5 * w_a, torch.ones(3))

@@ -284,6 +284,26 @@ def tiny_sd_pipeline(
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A random-weight :func:`tiny_sd_pipeline` folder (3x16x16 images), written once for the
+    session: the Stable Diffusion job's tests (tests/stable_diffusion/) read it, never write it."""
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one process-wide state; every run of the Stable Diffusion job in a test
+    starts from none (opt in with ``pytest.mark.usefixtures``)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def tiny_text_encoder(
     tokenizer, vocab_size: int, *, seed: int = 0, hidden_size: int = 8, max_length: int = 32
 ):

@@ -89,9 +89,9 @@ def test_each_bad_value_is_named_by_its_field(field, value):
 
 
 def test_timesteps_given_as_a_list_are_held_as_the_losses_take_them():
-    config = UnlearningConfig(timesteps=[10, 500])
+    config = UnlearningConfig(timesteps=[10, 500], keep_target="noise")
     assert config.timesteps == (10, 500) and config.to_dict()["timesteps"] == [10, 500]
-    assert UnlearningConfig(timesteps=[999]).timesteps == 999
+    assert UnlearningConfig(timesteps=[999], keep_target="noise").timesteps == 999
 
 
 def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
@@ -102,6 +102,54 @@ def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
     with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot train"):
         UnlearningConfig(method="erasediff").check_prediction_type("flow_prediction")
     UnlearningConfig(method="erasediff").check_prediction_type("epsilon")
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 0, 1])
+def test_the_teacher_is_refused_at_the_lambda_extremes(lam):
+    """Issue 23 §5: at λ = 0 the unbounded w_a enters the teacher's keep term (at λ = 1, w_x),
+    which biases it (tests/test_losses.py::test_teacher_keep_term_is_biased_at_the_extremes).
+    Left at its default the keep target is the noise one there; asked for, the teacher is
+    refused, not silently swapped."""
+    config = UnlearningConfig(lam=lam)
+    assert (config.keep_target, config.balance_mode, config.balance_every) == ("noise", "fix", 1)
+    weight = "w_a" if lam == 0 else "w_x"
+    with pytest.raises(
+        ValueError,
+        match=rf"^UnlearningConfig\.keep_target: 'teacher' is biased at lam={lam:g}: "
+        rf"the unbounded importance weight {weight}",
+    ):
+        UnlearningConfig(lam=lam, keep_target="teacher")
+    assert UnlearningConfig(lam=0.01).keep_target == "teacher"  # inside (0, 1): the default
+    # other methods do not read lam
+    assert UnlearningConfig(method="naive", lam=lam).keep_target == "noise"
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"timesteps": 999}, "timesteps=999"),
+        ({"timesteps": (0, 250)}, r"timesteps=\(0, 250\)"),
+        ({"snr_gamma": 5.0}, "snr_gamma=5.0"),
+        ({"timesteps": 10, "snr_gamma": 5.0, "keep_target": "teacher"}, "timesteps=10 and"),
+    ],
+)
+def test_a_teacher_under_another_timestep_weighting_warns(fields, named):
+    """Issue 23 §5: the teacher is unbiased where it is stationary for L_X under unlearning's
+    own timestep distribution and weighting (tests/test_losses.py::
+    test_teacher_bias_at_its_weights_is_the_gradient_of_l_x); a window, a fixed t or min-SNR
+    weighting that pretraining did not use breaks that. The warning says why and what to do."""
+    with pytest.warns(UserWarning, match=rf"keep_target='teacher' with {named}") as record:
+        config = UnlearningConfig(**fields)
+    assert config.keep_target == "teacher"
+    message = str(record[0].message)
+    assert "stationary" in message and "keep_target='noise'" in message
+    assert record[0].filename == __file__  # points at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearningConfig(**{**fields, "keep_target": "noise"})  # the noise target: no warning
+        UnlearningConfig()  # uniform timesteps, no weighting: no warning
 
 
 # --- teacher -------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // MathJax 3 for pymdownx.arithmatex (generic mode), re-run on every page of material's
-// instant navigation.
+// instant navigation. MathJax itself (tex-svg-full.js, loaded after this file) is bundled into the
+// site at build time by docs/hooks/offline.py: no network is needed to read the formulas.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -11,6 +12,8 @@ window.MathJax = {
     ignoreHtmlClass: ".*|",
     processHtmlClass: "arithmatex",
   },
+  // One copy of each glyph per page (math.md has some 200 formulas).
+  svg: { fontCache: "global" },
 };
 
 document$.subscribe(() => {

@@ -1,6 +1,6 @@
 """Diffusers adapters: losses from schedulers, one-call model adapters, latents, LoRA.
 
-The only part of ``siss`` that imports diffusers (``pip install siss[diffusers]``)::
+The only part of ``siss`` that imports diffusers (``pip install siss-unlearn[diffusers]``)::
 
     loss_fn = loss_from_scheduler(SISSLoss, pipe.scheduler, lam=0.5, superfactor=0.1)
     adapter = adapter_for(pipe.unet)

@@ -34,7 +34,7 @@ def encode_latents(vae: Any, images: Tensor, generator: torch.Generator | None =
             NaN or inf pixels give NaN latents unless
             ``siss.debug.set_validate_values(True)`` is on.
 
-    Example:
+    Examples:
         >>> from diffusers import AutoencoderKL
         >>> vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
         ...     layers_per_block=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),

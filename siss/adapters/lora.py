@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from siss._files import atomic_path
+from siss._optional import needs
 
 LORA_CHECKPOINT_FILE = "lora_weights.safetensors"
 """The file ``register_lora_checkpoint_hooks`` writes into each checkpoint folder (safetensors).
 
-Example:
+Examples:
     >>> LORA_CHECKPOINT_FILE
     'lora_weights.safetensors'
 """
@@ -45,14 +46,15 @@ def lora_state_dict(
         ``{name: tensor}`` ready for ``safetensors.torch.save_file``; for diffusers'
         ``save_lora_weights`` pass it through ``diffusers.utils.convert_state_dict_to_diffusers``.
 
-    Example:
+    Examples:
         >>> from peft import LoraConfig, inject_adapter_in_model
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3))
         >>> model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), model)
         >>> sorted((name, tuple(value.shape)) for name, value in lora_state_dict(model).items())
         [('0.lora_A.weight', (2, 3)), ('0.lora_B.weight', (3, 2))]
     """
-    from peft.utils import get_peft_model_state_dict
+    with needs("siss.adapters.lora"):
+        from peft.utils import get_peft_model_state_dict
 
     model = _unwrap(model)
     state = {}
@@ -96,7 +98,7 @@ def register_lora_checkpoint_hooks(
         ValueError: the file's weights do not match the adapter (other names: another rank,
             other target modules).
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> from accelerate import Accelerator
         >>> from peft import LoraConfig, inject_adapter_in_model
@@ -116,8 +118,9 @@ def register_lora_checkpoint_hooks(
         >>> AcceleratorState._reset_state(reset_partial_state=True)  # no process-wide state left
         >>> GradientState._reset_state()
     """
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    with needs("siss.adapters.lora"):
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
 
     if not isinstance(filename, str) or not filename or os.sep in filename:
         raise ValueError(f"`filename` must be a plain file name, got {filename!r}")

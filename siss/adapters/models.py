@@ -164,7 +164,7 @@ class ModelAdapter(nn.Module):
     Raises:
         TypeError: when the (unwrapped) model is not one of ``model_classes``.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler
         >>> from siss import SISSLoss
         >>> from siss.adapters import loss_from_scheduler
@@ -423,7 +423,7 @@ class ModelAdapter(nn.Module):
 class UNet2DAdapter(ModelAdapter):
     """Unconditional (or class-conditional) ``UNet2DModel``: DDPM, CelebA-HQ, MNIST models.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
         >>> from siss import SISSLoss
         >>> from siss.adapters import loss_from_scheduler
@@ -471,7 +471,7 @@ class UNet2DConditionAdapter(ModelAdapter):
     Conditioning: ``encoder_hidden_states`` ``(B, L, D)`` (the text encoder's last hidden state);
     for SDXL also ``added_cond_kwargs={"text_embeds": (B, D_pool), "time_ids": (B, 6)}``.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler, UNet2DConditionModel
         >>> from siss import SISSLoss
         >>> from siss.adapters import loss_from_scheduler
@@ -549,7 +549,7 @@ class DiTAdapter(ModelAdapter):
     Conditioning: ``class_labels`` ``(B,)`` int64. A learned-variance output (``2C`` channels, as
     in DiT-XL/2) is cut to its first ``C`` channels, the mean prediction the loss trains.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler, DiTTransformer2DModel
         >>> from siss import SISSLoss
         >>> from siss.adapters import loss_from_scheduler
@@ -591,7 +591,7 @@ class SD3TransformerAdapter(ModelAdapter):
     Conditioning: ``encoder_hidden_states`` ``(B, L, D_joint)`` and ``pooled_projections``
     ``(B, D_pool)``, as returned by ``StableDiffusion3Pipeline.encode_prompt``.
 
-    Example:
+    Examples:
         >>> from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         >>> from siss import SISSLoss
         >>> from siss.adapters import loss_from_scheduler
@@ -674,7 +674,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     Raises:
         TypeError: for a model class no adapter handles, naming those that are handled.
 
-    Example:
+    Examples:
         >>> from diffusers import UNet2DModel
         >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
         ...     block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
@@ -711,7 +711,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Returns:
         The trainable parameters, in ``model.parameters()`` order, without duplicates.
 
-    Example:
+    Examples:
         >>> from diffusers import UNet2DConditionModel
         >>> from peft import LoraConfig
         >>> unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,

@@ -85,7 +85,7 @@ class PromptConditioning:
         unconditional: the same keys for the negative prompt (by default the empty prompt ``""``):
             the unconditional branch of classifier-free guidance.
 
-    Example:
+    Examples:
         >>> cond = PromptConditioning({"encoder_hidden_states": torch.zeros(1, 4, 8)},
         ...                           {"encoder_hidden_states": torch.ones(1, 4, 8)})
         >>> cond.to(dtype=torch.float16).conditional["encoder_hidden_states"].dtype
@@ -183,7 +183,7 @@ def prompt_conditioning(
         ValueError: naming ``pipe`` when it lacks the tokenizer or text encoder its
             ``encode_prompt`` needs, or ``size`` when it is not a pair of positive ints.
 
-    Example:
+    Examples:
         A tiny Stable Diffusion pipeline from config, with a letter-by-letter vocabulary (no
         download; the VAE and the scheduler are not needed):
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from siss._optional import needs
 from siss.losses import UnlearningLoss
 from siss.schedule import NoiseSchedule
 from siss.targets import PREDICTION_TYPES
@@ -64,7 +65,7 @@ SUPPORTED_SCHEDULERS: tuple[str, ...] = VP_SCHEDULERS + FLOW_SCHEDULERS
 """Class names of the diffusers schedulers whose training process ``schedule_from_scheduler``
 reads: the variance-preserving (DDPM-style) ones, then rectified flow.
 
-Example:
+Examples:
     >>> SUPPORTED_SCHEDULERS[0], SUPPORTED_SCHEDULERS[-1]
     ('DDPMScheduler', 'FlowMatchEulerDiscreteScheduler')
 """
@@ -76,7 +77,8 @@ _PREDICTION_ALIASES = {"original_sample": "sample"}
 
 def _scheduler_kind(scheduler: object) -> str:
     """``"vp"`` or ``"flow"``; a ``ValueError`` naming the supported schedulers otherwise."""
-    import diffusers
+    with needs("siss.adapters.schedulers"):
+        import diffusers
 
     for names, kind in ((FLOW_SCHEDULERS, "flow"), (VP_SCHEDULERS, "vp")):
         classes = tuple(getattr(diffusers, name) for name in names if hasattr(diffusers, name))
@@ -138,7 +140,7 @@ def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
             ``(0, 1]``, ``shift <= 0``, ...); the message names ``scheduler``.
         TypeError: for a scheduler class instead of an instance.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler
         >>> schedule = schedule_from_scheduler(DDPMScheduler(num_train_timesteps=1000))
         >>> len(schedule), schedule.timesteps.dtype
@@ -231,7 +233,7 @@ def prediction_type_from_scheduler(scheduler: Any) -> str:
     Raises:
         ValueError: for an unsupported scheduler or prediction type, naming the supported ones.
 
-    Example:
+    Examples:
         >>> from diffusers import DDIMScheduler
         >>> prediction_type_from_scheduler(DDIMScheduler(prediction_type="v_prediction"))
         'v_prediction'
@@ -266,7 +268,7 @@ def loss_from_scheduler(
     Returns:
         The loss, on the CPU; move it with ``.to(device)``.
 
-    Example:
+    Examples:
         >>> from diffusers import DDPMScheduler
         >>> from siss import SISSLoss
         >>> loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), lam=0.5, superfactor=0.1)

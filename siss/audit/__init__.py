@@ -5,7 +5,8 @@ likelihood, reconstruction and its sweep, membership inference, and Wen et al.'s
 score for text-conditional models) and returns an ``AuditReport``; ``python -m siss.audit``
 does the same from the command line and writes ``audit.json``, ``audit.md`` and ``audit.png``.
 ``siss.audit.report`` holds the result types every check returns: ``Estimate`` (a value with its
-sample size, interval and status), ``CheckResult``, ``AuditReport`` and ``compare``;
+sample size, interval and status), ``CheckResult`` (its ``verdict``: held, not held, overshot or
+undecided), ``AuditReport`` and ``compare`` (two audits, and optionally a reference model's);
 ``siss.audit.figure.save_figure`` draws a report. See docs/audit.md.
 
 ``siss.audit.split`` labels generated images as copies of a memorized training image or not
@@ -14,7 +15,16 @@ cluster is the memorized one, "not found" when there is none), with pixel, VAE
 (``vae_features``) or image-encoder (``image_encoder_features``) features.
 """
 
-from siss.audit.report import AuditReport, CheckResult, Comparison, Estimate, compare
+from siss.audit.report import (
+    VERDICTS,
+    AuditReport,
+    CheckResult,
+    Comparison,
+    ComparisonRow,
+    Estimate,
+    compare,
+    held_of,
+)
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, audit
 from siss.audit.split import (
     MemorizationSplit,
@@ -28,13 +38,16 @@ from siss.audit.split import (
 __all__ = [
     "ALL_CHECKS",
     "DEFAULT_CHECKS",
+    "VERDICTS",
     "AuditReport",
     "CheckResult",
     "Comparison",
+    "ComparisonRow",
     "Estimate",
     "MemorizationSplit",
     "audit",
     "compare",
+    "held_of",
     "image_encoder_features",
     "memorization_split",
     "split_by_clustering",

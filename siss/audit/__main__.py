@@ -7,7 +7,11 @@ Example (the shipped digits models, see docs/audit.md)::
 
 writes, per model, ``OUT/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.md`` (the
 table) and ``audit.png`` (the figure), and with two or more models ``OUT/compare.md`` (the first
-model against each other one). Every file is written to a temporary name and moved into place.
+model against each other one). With ``--reference-model`` (a retrained model, or any model) that
+model is audited too and ``compare.md`` says, per statistic, whether each other model's value lies
+within its interval and which of the first model and the other is closer to it
+(``siss.audit.compare``). The columns are the models' roles (``--roles``, default their folder
+names). Every file is written to a temporary name and moved into place.
 
 A text-conditional pipeline folder (``model_index.json``, ``unet/`` or ``transformer/``,
 ``scheduler/``, its tokenizers and text encoders, ``vae/``) needs ``--prompt``, which is encoded
@@ -32,6 +36,7 @@ import torch
 
 from siss._cli import DefaultsHelpFormatter, resolve_device
 from siss._files import write_atomically, write_json_atomically
+from siss._optional import needs
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -59,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a diffusers model folder (config.json + weights, loaded with from_pretrained), or "
         "a pipeline folder with unet/ (or transformer/) and scheduler/ subfolders; repeat for "
         "several models (compare.md puts the first against each other one)",
+    )
+    p.add_argument(
+        "--reference-model",
+        metavar="PATH",
+        default=None,
+        help="a model to compare the others with (e.g. the retrained model), audited with the "
+        "same settings; compare.md then says per statistic whether each --model's value lies "
+        "within its interval and which of the first --model and the other is closer to it",
+    )
+    p.add_argument(
+        "--roles",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the models' roles as compare.md's column names, one per --model and then one for "
+        "--reference-model (e.g. pretrained unlearned retrained); default: the folder names",
     )
     p.add_argument(
         "--scheduler",
@@ -153,7 +174,8 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
 
 
 def _class_of(folder: Path, config_name: str) -> Any:
-    import diffusers
+    with needs("siss.audit"):
+        import diffusers
 
     config = json.loads((folder / config_name).read_text())
     name = config.get("_class_name")
@@ -195,7 +217,9 @@ def load_model(path: Path, scheduler_path: Path | None) -> tuple[Any, Any]:
 
 def _read_image(path: Path, channels: int, lo: float, hi: float) -> torch.Tensor:
     import numpy as np
-    from PIL import Image
+
+    with needs("siss.audit"):
+        from PIL import Image
 
     with Image.open(path) as img:
         array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
@@ -206,7 +230,8 @@ def _read_image(path: Path, channels: int, lo: float, hi: float) -> torch.Tensor
 
 def _read_tensor(path: Path) -> torch.Tensor:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        with needs("siss.audit"):
+            from safetensors.torch import load_file
 
         data: Any = load_file(str(path))
     else:
@@ -360,7 +385,8 @@ def load_text_pipeline(path: Path, denoiser: Any, vae: Any | None = None) -> Any
             f"--prompt needs a diffusers pipeline folder (model_index.json, tokenizer and text "
             f"encoder subfolders) to encode the prompt; {path} has no model_index.json"
         )
-    import diffusers
+    with needs("siss.audit"):
+        import diffusers
 
     entries = json.loads(index.read_text())
     cls = getattr(diffusers, str(entries.get("_class_name")), None)
@@ -455,13 +481,21 @@ def main(argv: list[str] | None = None) -> int:
         _fail(parser, str(err))
     scheduler_path = Path(args.scheduler) if args.scheduler else None
     out = Path(args.out)
+    paths = list(args.model) + ([args.reference_model] if args.reference_model else [])
+    if args.roles is not None and len(args.roles) != len(paths):
+        _fail(
+            parser,
+            f"--roles: give one per --model (and one for --reference-model): {len(paths)} "
+            f"names, got {len(args.roles)}",
+        )
+    roles = list(args.roles) if args.roles is not None else _names(paths)
 
     from siss.audit.report import compare
     from siss.audit.run import audit
 
     # ---- everything loaded and checked before the first (long) audit
     try:
-        models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in args.model]
+        models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in paths]
         channels = int(getattr(models[0][1].config, "in_channels", 1) or 1)
         vae = load_vae(Path(args.model[0]))
         # image files are read with the VAE's pixel channels for a latent model
@@ -514,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(parser, str(err))
 
     reports = []
-    names = _names(args.model)
+    names = _names(paths)
     for (raw, model, scheduler), name in zip(models, names, strict=True):
         print(f"auditing {raw}", file=sys.stderr)
         try:
@@ -567,8 +601,26 @@ def main(argv: list[str] | None = None) -> int:
         print(report.to_markdown())
         print()
         reports.append(report)
-    if len(reports) >= 2:
-        parts = [compare(reports[0], other).to_markdown() for other in reports[1:]]
+    parts = []
+    if args.reference_model:
+        *audited, against = reports
+        *labels, reference_label = roles
+        if len(audited) == 1:
+            parts.append(
+                compare(
+                    None, audited[0], against, labels=(labels[0], labels[0], reference_label)
+                ).to_markdown()
+            )
+        for other, label in zip(audited[1:], labels[1:], strict=True):
+            parts.append(
+                compare(
+                    audited[0], other, against, labels=(labels[0], label, reference_label)
+                ).to_markdown()
+            )
+    else:
+        for other, label in zip(reports[1:], roles[1:], strict=True):
+            parts.append(compare(reports[0], other, labels=(roles[0], label)).to_markdown())
+    if parts:
         text = "\n\n".join(parts) + "\n"
         write_atomically(out / "compare.md", text)
         print(text)

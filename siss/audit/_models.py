@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from siss._checks import append_dims
+from siss._optional import needs
 from siss.schedule import NoiseSchedule
 from siss.targets import PREDICTION_TYPES
 
@@ -82,7 +83,8 @@ def eval_mode(model: object) -> Iterator[None]:
 
 def progress_bar(total: int, desc: str, progress: bool) -> Any:
     """A tqdm bar (a no-op one when ``progress`` is off), usable as a context manager."""
-    from tqdm.auto import tqdm
+    with needs("siss.audit._models"):
+        from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not progress)
 
@@ -207,7 +209,7 @@ def eps_from_prediction(
     Returns:
         ``(B, ...)`` in float32 (float64 if an input is float64).
 
-    Example:
+    Examples:
         >>> x0, eps = torch.randn(2, 3), torch.randn(2, 3)
         >>> g, s = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
         >>> x_t = g[:, None] * x0 + s[:, None] * eps

@@ -7,9 +7,18 @@ Ranking a forget image's statistic among the same statistic on reference (non-me
   ``"higher"``: ``k = #{ref < value}``), with the exact Clopper-Pearson interval of ``k`` out of
   ``R``;
 * ``rank_against_reference``: that percentile and a verdict from its interval (the
-  likelihood and reconstruction checks);
+  likelihood and reconstruction checks, and the generation check's "overshot");
 * ``conformal_verdict``: a verdict from the conformal p-value ``(1 + k') / (R + 1)``, ``k'``
   the reference values at least as member-like (the membership and memorization checks).
+
+Both give the third verdict "overshot" by the mirror rule: the same test on the other tail, with
+ties again counted against the claim. ``rank_against_reference``: with ``j`` the reference values
+at least as *non*-member-like as the image (``"lower"``: ``#{ref >= value}``; ``"higher"``:
+``#{ref <= value}``), overshot if the exact interval of ``j / R`` lies below ``p``, exactly as
+"held" needs the interval of ``k / R`` below ``p``; with no ties ``j = R - k``, so this is the
+percentile's interval lying beyond ``1 - p``. ``conformal_verdict``: overshot if the mirror
+p-value ``(1 + j) / (R + 1) <= level``. The reference-size rules are therefore the same for both
+tails (72 references for an interval to exclude 5%, 19 for a p-value to reach 0.05).
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from siss.audit.report import Estimate, HeldWhen
+from siss._optional import needs
+from siss.audit.report import Estimate, HeldWhen, Verdict
 from siss.metrics.rate import proportion_ci
 
 
@@ -30,10 +40,14 @@ def t_interval(values: Tensor, confidence: float) -> tuple[float, float, float]:
     mean = float(values.mean())
     if n < 2:
         return mean, math.nan, math.nan
-    from scipy.stats import t as student
+    scale = float(values.std()) / math.sqrt(n)
+    if scale == 0.0:  # identical values: scipy refuses scale 0; the interval is the point
+        return mean, mean, mean
+    with needs("siss.audit._stats"):
+        from scipy.stats import t as student
 
-    half = float(student.ppf(0.5 + confidence / 2, n - 1)) * float(values.std()) / math.sqrt(n)
-    return mean, mean - half, mean + half
+    low, high = student.interval(confidence, n - 1, loc=mean, scale=scale)
+    return mean, float(low), float(high)
 
 
 def percentile_among(
@@ -76,66 +90,125 @@ def rank_against_reference(
     percentile: float,
     confidence: float,
     statistic: str,
-) -> tuple[Estimate, bool | None, str, dict[str, Any]]:
+) -> tuple[Estimate, Verdict, str, dict[str, Any]]:
     """Where ``value`` sits among the reference images' values, and the verdict.
 
     The percentile is ``percentile_among``'s ``k / R`` (ties count against "held"), with
     the exact Clopper-Pearson interval of ``k`` out of ``R``.
 
-    Verdict: ``"lower"``: held if the interval lies below ``percentile``, not held if above;
-    ``"higher"``: held if it lies above ``1 - percentile``, not held if below; else ``None``.
+    Verdict, with ``p = percentile`` and ``[lo(x), hi(x)]`` the exact interval of ``x`` out of
+    ``R``: ``"held"`` if ``hi(k) < p`` (``"lower"``; the percentile's interval lies below
+    ``p``) or ``lo(R - k) > 1 - p`` (``"higher"``: above ``1 - p``); ``"overshot"`` if
+    ``hi(j) < p`` with ``j`` the references at least as non-member-like (module docstring);
+    ``"not held"`` if the percentile's interval lies on the non-held side of ``p`` (resp.
+    ``1 - p``) without reaching "overshot"; ``"undecided"`` otherwise.
 
     Returns:
-        ``(estimate, held, reason, details)``.
+        ``(estimate, verdict, reason, details)``.
     """
     if reference is None or reference.numel() == 0:
         why = f"no reference images: the {statistic}'s percentile among non-members is not measured"
-        return Estimate.missing(why, held_when), None, f"undecided: {why}", {"reference_n": 0}
+        return (
+            Estimate.missing(why, held_when),
+            "undecided",
+            f"undecided: {why}",
+            {"reference_n": 0},
+        )
     reference = reference.detach().to("cpu", torch.float64).flatten()
     total = reference.numel()
     estimate, count = percentile_among(
         value, reference, held_when, confidence, f"reference images' {statistic}"
     )
     if not estimate.measured:
-        return estimate, None, f"undecided: {estimate.note}", {"reference_n": total}
+        return estimate, "undecided", f"undecided: {estimate.note}", {"reference_n": total}
     level, side = (percentile, "below") if held_when == "lower" else (1.0 - percentile, "above")
+    far = "above" if held_when == "lower" else "below"
     low, high = estimate.low, estimate.high
+    # the mirror tail: references at least as non-member-like as the image (ties against it)
+    mirror = (
+        int((reference >= value).sum()) if held_when == "lower" else int((reference <= value).sum())
+    )
+    mirror_high = proportion_ci(mirror, total, confidence=confidence, method="exact")[1]
     rule = (
         f"held if the percentile's {confidence:.0%} interval lies {side} {level:.3g} (the "
-        f"image's {statistic} is {side} the non-members' {level:.3g}-quantile), not held if it "
-        "lies on the other side, undecided if it contains it"
+        f"image's {statistic} is {side} the non-members' {level:.3g}-quantile); overshot if "
+        f"the share of non-members at least as far on the other side ({mirror}/{total}) has "
+        f"its interval below {percentile:.3g} (the {statistic} is {far} the non-members' "
+        f"{1 - level:.3g}-quantile); not held if the percentile's interval lies on the other "
+        f"side of {level:.3g}; undecided if it contains it"
     )
     if held_when == "lower":
         held = True if high < level else False if low > level else None
     else:
         held = True if low > level else False if high < level else None
-    verdict = {True: "held", False: "not held", None: "undecided"}[held]
+    verdict: Verdict = (
+        "held"
+        if held is True
+        else "overshot"
+        if mirror_high < percentile
+        else "not held"
+        if held is False
+        else "undecided"
+    )
     reason = f"{verdict}: percentile {count}/{total} [{low:.3g}, {high:.3g}]; {rule}"
     details = {
         "reference_n": total,
         "reference_quantile": float(torch.quantile(reference, level)),
         "reference_median": float(reference.median()),
         "quantile_level": level,
+        "overshot_quantile": float(torch.quantile(reference, 1.0 - level)),
+        "overshot_count": mirror,
     }
-    return estimate, held, reason, details
+    return estimate, verdict, reason, details
 
 
 def conformal_verdict(
-    count: int, total: int, level: float, rule: str, noun: str
-) -> tuple[float, bool | None, str]:
-    """``(p_value, held, reason)`` for the conformal p-value ``(1 + count) / (total + 1)``.
+    count: int,
+    total: int,
+    level: float,
+    rule: str,
+    noun: str,
+    mirror: int | None = None,
+) -> tuple[float, Verdict, str, float]:
+    """``(p_value, verdict, reason, mirror_p_value)`` for the conformal p-value
+    ``(1 + count) / (total + 1)``.
 
-    ``count``: reference values at least as member-like as the image's. Held if ``p <= level``;
-    no verdict (``None``) with fewer than ``1 / level - 1`` references, where no p-value can
-    reach ``level``. ``rule`` states the test, ``noun`` names the references ("reference
-    images").
+    ``count``: reference values at least as member-like as the image's. ``"held"`` if
+    ``p <= level``. ``mirror``: reference values at least as *non*-member-like; ``"overshot"``
+    if the mirror p-value ``(1 + mirror) / (total + 1) <= level`` (the same test on the other
+    tail; NaN without ``mirror``); ``"not held"`` otherwise. ``"undecided"`` with fewer than
+    ``1 / level - 1`` references, where no p-value can reach ``level``. ``rule`` states the test,
+    ``noun`` names the references ("reference images").
+
+    Examples:
+        >>> conformal_verdict(0, 40, 0.05, "rule", "references", mirror=40)[:2]
+        (0.024390243902439025, 'held')
+        >>> conformal_verdict(40, 40, 0.05, "rule", "references", mirror=0)[1]
+        'overshot'
+        >>> conformal_verdict(20, 40, 0.05, "rule", "references", mirror=20)[1]
+        'not held'
+        >>> conformal_verdict(0, 10, 0.05, "rule", "references", mirror=10)[1]
+        'undecided'
     """
     p_value = (1 + count) / (total + 1)
+    mirror_p = (1 + mirror) / (total + 1) if mirror is not None else math.nan
     minimum = math.ceil(1 / level) - 1  # (1 + 0) / (R + 1) <= level needs R >= 1/level - 1
     if total < minimum:
         reason = (
             f"no verdict: with {total} {noun} the smallest p-value is 1/{total + 1} > "
             f"{level:g}; give at least {minimum}"
         )
-        return p_value, None, reason
-    return p_value, p_value <= level, f"{rule}; p = {p_value:.3g}"
+        return p_value, "undecided", reason, mirror_p
+    if p_value <= level:
+        verdict: Verdict = "held"
+    elif mirror_p <= level:
+        verdict = "overshot"
+    else:
+        verdict = "not held"
+    text = f"{verdict}: {rule}; p = {p_value:.3g}"
+    if mirror is not None:
+        text += (
+            f"; overshot if the mirror p-value (1 + #{noun} at least as non-member-like) / "
+            f"(R + 1) <= {level:g}: {mirror_p:.3g}"
+        )
+    return p_value, verdict, text, mirror_p

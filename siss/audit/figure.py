@@ -36,11 +36,13 @@ from typing import Any
 import torch
 
 from siss._files import atomic_path
+from siss._optional import needs
 from siss.audit.report import AuditReport, CheckResult
 
 __all__ = ["audit_figure", "save_figure"]
 
 _RANKED = (
+    ("generation", "nearest_percentile", "nearest-sample distance"),
     ("likelihood", "percentile", "NLL (bits/dim)"),
     ("reconstruction", "percentile", "reconstruction SSIM, t=250"),
     ("membership", "percentile", "denoising loss (membership)"),
@@ -72,8 +74,16 @@ def _results(report: AuditReport, check: str) -> list[CheckResult]:
     return [r for r in report.results if r.check == check]
 
 
-def _verdict(held: bool | None) -> str:
-    return {True: "held", False: "not held", None: "undecided"}[held]
+_VERDICT_COLORS = {
+    "held": "tab:red",
+    "not held": "tab:blue",
+    "overshot": "tab:green",
+    "undecided": "tab:gray",
+}
+
+
+def _verdict(result: CheckResult) -> str:
+    return str(result.verdict)
 
 
 def audit_figure(
@@ -90,7 +100,8 @@ def audit_figure(
         forget: ``(M, *S)`` the forget images, to show them (optional).
         reference: ``(R, *S)`` the reference images; the first ``max_reference`` are shown.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    with needs("siss.audit.figure"):
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     data_range = tuple(report.config.get("data_range", (-1.0, 1.0)))
     generation = _results(report, "generation")
@@ -139,7 +150,9 @@ def audit_figure(
 
 
 def _held_count(results: list[CheckResult]) -> str:
-    return f"{sum(r.held is True for r in results)} of {len(results)} images held"
+    text = f"{sum(r.verdict == 'held' for r in results)} of {len(results)} images held"
+    overshot = sum(r.verdict == "overshot" for r in results)
+    return text + (f", {overshot} overshot" if overshot else "")
 
 
 def _rank_panel(ax: Any, report: AuditReport) -> None:
@@ -160,6 +173,9 @@ def _rank_panel(ax: Any, report: AuditReport) -> None:
         return
     level = _level(report)
     ax.axvspan(0, level, color="tab:red", alpha=0.12, label=f"held zone (< {level:g})")
+    ax.axvspan(
+        1 - level, 1, color="tab:green", alpha=0.12, label=f"overshot zone (> {1 - level:g})"
+    )
     for y, (_, result, estimate) in enumerate(rows):
         if not estimate.measured:
             ax.text(0.02, y, f"{estimate.status}: {estimate.note[:60]}", va="center", fontsize=6)
@@ -167,7 +183,7 @@ def _rank_panel(ax: Any, report: AuditReport) -> None:
         flip = estimate.held_when == "higher"
         value = 1 - estimate.value if flip else estimate.value
         low, high = (1 - estimate.high, 1 - estimate.low) if flip else (estimate.low, estimate.high)
-        color = {True: "tab:red", False: "tab:blue", None: "tab:gray"}[result.held]
+        color = _VERDICT_COLORS[str(result.verdict)]
         ax.errorbar(
             value,
             y,
@@ -181,7 +197,7 @@ def _rank_panel(ax: Any, report: AuditReport) -> None:
         ax.text(
             high + 0.02 if right else low - 0.02,
             y + 0.25,
-            f"{value:.2f} [{low:.2f}, {high:.2f}] n={estimate.n}: {_verdict(result.held)}",
+            f"{value:.2f} [{low:.2f}, {high:.2f}] n={estimate.n}: {_verdict(result)}",
             fontsize=6,
             ha="left" if right else "right",
         )
@@ -243,7 +259,7 @@ def _histogram_panel(ax: Any, report: AuditReport, check: str, name: str, label:
             estimate.value,
             color=color,
             lw=1.5,
-            label=f"forget {result.image}: {estimate.value:.3g} ({_verdict(result.held)})",
+            label=f"forget {result.image}: {estimate.value:.3g} ({_verdict(result)})",
         )
     if text.strip():
         ax.text(0.02, 0.02, text.strip(), transform=ax.transAxes, va="bottom", fontsize=6)
@@ -321,13 +337,13 @@ def _generation_panel(ax: Any, report: AuditReport) -> None:
             xerr=[[rate.value - rate.low], [rate.high - rate.value]],
             fmt="o",
             capsize=3,
-            color="tab:red" if result.held else "tab:blue",
+            color=_VERDICT_COLORS[str(result.verdict)],
         )
         ax.text(
             rate.high,
             y + 0.2,
             f" {count}/{rate.n} = {rate.value:.3%} [{rate.low:.3%}, {rate.high:.3%}]: "
-            f"{_verdict(result.held)}",
+            f"{_verdict(result)}",
             fontsize=6,
         )
         top = max(top, rate.high)
@@ -357,7 +373,7 @@ def _missing_panel(ax: Any, report: AuditReport) -> None:
     for r in report.results:
         if r.image not in (0, None):
             continue
-        line = f"  {r.check}{'' if r.image == 0 else ' (set)'}: {_verdict(r.held)}"
+        line = f"  {r.check}{'' if r.image == 0 else ' (set)'}: {_verdict(r)}"
         if r.image is None:
             measured = [f"{n} {e.format()}" for n, e in r.statistics.items() if e.measured]
             line += ("; " + ", ".join(measured)) if measured else ""

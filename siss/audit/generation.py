@@ -21,6 +21,15 @@ digits model generates many "1"s close to any "1"). ``held`` is ``False`` with `
 and the reason states the rate's upper bound (``0 of N`` only bounds the rate by about
 ``3.7 / N`` at 95%).
 
+Overshot (with ``reference`` images): the mirror of "held" asks whether the model generates
+*less* near the forget image than near comparable non-members. Each image's nearest-sample
+distance is ranked among the reference images' own nearest-sample distances (statistic
+``"nearest_percentile"``, the share of references whose nearest sample is at least as close,
+exact interval; ``siss.audit._stats.rank_against_reference``); the verdict is ``"overshot"``
+when no sample is within the threshold and the share of references whose nearest sample is at
+least as far has its interval below ``percentile`` (5%): the samples avoid the forget image
+more than almost all non-members (needs 72 references at 5%, as every percentile verdict).
+
 Non-finite samples (a diverged model): counted; if any sample holds NaN or inf, the rate and the
 nearest distance have status ``"non-finite"`` (never a 0 rate) and ``held`` is ``None``.
 """
@@ -36,7 +45,8 @@ from torch import Tensor
 
 from siss.audit._inputs import check_fraction, check_images, check_int
 from siss.audit._inputs import check_range as _check_range  # also imported by siss.audit.run
-from siss.audit.report import CheckResult, Estimate
+from siss.audit._stats import rank_against_reference
+from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.metrics.rate import default_threshold, proportion_ci
 
 __all__ = ["generation_check", "pixel_features"]
@@ -83,6 +93,8 @@ def generation_check(
     confidence: float = 0.95,
     gallery: int = 8,
     batch_size: int = 1024,
+    reference: Tensor | None = None,
+    percentile: float = 0.05,
 ) -> list[CheckResult]:
     """Per forget image: the rate at which ``samples`` reproduce it, with an exact interval.
 
@@ -120,6 +132,9 @@ def generation_check(
     confidence = check_confidence(confidence)
     gallery = check_int(gallery, "gallery", minimum=0)
     batch_size = check_int(batch_size, "batch_size")
+    percentile = check_fraction(percentile, "percentile")
+    if reference is not None:
+        reference = check_images(reference, "reference", rows=0, like=forget, like_name="forget")
     lo, hi = _check_range(data_range)
     if features is None:
         feature_name = f"pixels mapped from [{lo:g}, {hi:g}] to [0, 1]"
@@ -162,6 +177,16 @@ def generation_check(
         finite_idx, feats = finite_idx[~bad_feat], feats[~bad_feat]
     nonfinite, total = int(bad.sum()), len(finite_idx)
     distances = torch.cdist(target, feats.to(target.device)) if total else None  # (M, n)
+    reference_nearest = None
+    if reference is not None and len(reference) and distances is not None:
+        with torch.inference_mode():
+            own = torch.cat(
+                [
+                    _features(features, reference[i : i + batch_size], "`reference`")
+                    for i in range(0, len(reference), batch_size)
+                ]
+            )
+        reference_nearest = torch.cdist(own.to(target.device), feats.to(target.device)).amin(1)
 
     results = []
     for i in range(forget.shape[0]):
@@ -227,16 +252,34 @@ def generation_check(
             "(an extreme order statistic)",
             confidence=confidence,
         )
-        held = count >= 1
+        statistics = {"rate": rate, "nearest_distance": nearest}
+        verdict: Verdict = "held" if count >= 1 else "not held"
         reason = (
             f"held: {count} of {total} samples within the threshold; {rule}"
-            if held
+            if count >= 1
             else f"not held: 0 of {total} samples within the threshold (rate <= {high:.3g} at "
             f"{confidence:.0%}); {rule}"
         )
-        results.append(
-            CheckResult(
-                "generation", i, {"rate": rate, "nearest_distance": nearest}, held, reason, details
+        if reference is not None:
+            rank, ranked, why, more = rank_against_reference(
+                nearest.value,
+                reference_nearest,
+                held_when="lower",
+                percentile=percentile,
+                confidence=confidence,
+                statistic="nearest-sample distance",
             )
+            statistics["nearest_percentile"] = rank
+            details["reference_values"] = (
+                [] if reference_nearest is None else reference_nearest.cpu().tolist()
+            )
+            details.update({f"nearest_{k}": v for k, v in more.items()})
+            if count == 0 and ranked == "overshot":
+                verdict = "overshot"
+                reason = f"overshot: 0 of {total} samples within the threshold; {why}"
+            else:
+                reason += f"; overshot if none is and the nearest sample is far: {why}"
+        results.append(
+            CheckResult("generation", i, statistics, held_of(verdict), reason, details, verdict)
         )
     return results

@@ -26,9 +26,12 @@ Statistics per forget image:
 
 Verdict, with ``p = percentile`` (default 5%): ``held`` when the percentile's upper confidence
 bound is below ``p`` (the image's NLL is, at the stated confidence, below the non-members'
-``p``-quantile); not held when its lower bound is above ``p``; ``None`` (undecided) when the
-interval contains ``p``: a reference set too small to tell (with no reference image at or below,
-``R`` must exceed about ``3.7 / p``: 72 images at 5%) or an image at the boundary.
+``p``-quantile); overshot, the mirror tail, when the share of reference NLLs at or above the
+image's has its upper bound below ``p`` (the image is less likely than almost all non-members:
+an auditor can tell it was treated specially); not held when the percentile's lower bound is above
+``p`` without reaching "overshot"; undecided (``held = None``) when the interval contains
+``p``: a reference set too small to tell (with no reference image at or below, ``R`` must be
+at least 72 at 5%, the same for "overshot") or an image at the boundary.
 
 A model whose ODE produces NaN or inf (a diverged model) gives status ``"non-finite"`` and
 ``held = None``: never "not held".
@@ -59,7 +62,7 @@ from siss.audit._models import (
     scheduler_kind,
 )
 from siss.audit._stats import rank_against_reference, t_interval
-from siss.audit.report import CheckResult, Estimate
+from siss.audit.report import CheckResult, Estimate, held_of
 from siss.audit.sampling import prediction_fn
 from siss.metrics.nll import (
     VPSchedule,
@@ -269,7 +272,7 @@ def likelihood_check(
         else:
             note = f"one Hutchinson estimate ({how}): no interval (set repeats >= 2)"
         estimate = Estimate(mean, low, high, repeats, "lower", note=note, confidence=confidence)
-        rank, held, reason, more = rank_against_reference(
+        rank, verdict, reason, more = rank_against_reference(
             mean,
             reference_values if reference is not None else None,
             held_when="lower",
@@ -280,7 +283,13 @@ def likelihood_check(
         details.update(more)
         results.append(
             CheckResult(
-                "likelihood", i, {"nll_bpd": estimate, "percentile": rank}, held, reason, details
+                "likelihood",
+                i,
+                {"nll_bpd": estimate, "percentile": rank},
+                held_of(verdict),
+                reason,
+                details,
+                verdict,
             )
         )
     return results

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from siss import _random
+from siss._optional import needs
 from siss.audit._inputs import (
     check_conditioning,
     check_fraction,
@@ -60,7 +61,7 @@ from siss.audit._models import (
     resolve_schedule,
 )
 from siss.audit._stats import conformal_verdict, percentile_among, t_interval
-from siss.audit.report import CheckResult, Estimate
+from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.schedule import NoiseSchedule  # noqa: F401  (the doctests' namespace)
 
 __all__ = [
@@ -202,7 +203,7 @@ def denoising_errors(
     Returns:
         ``(N,)`` float64 on the images' device; NaN for an image the model returned NaN on.
 
-    Example:
+    Examples:
         >>> schedule = NoiseSchedule.from_alphas_cumprod(
         ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
         >>> exact_for_zeros = lambda x_t, t: x_t / schedule.sigma[t].view(-1, 1, 1, 1)
@@ -260,7 +261,7 @@ def pia_errors(
     Returns:
         ``(N,)`` float64.
 
-    Example:
+    Examples:
         >>> schedule = NoiseSchedule.from_alphas_cumprod(
         ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
         >>> pia_errors(lambda x_t, t: torch.zeros_like(x_t), schedule, torch.ones(3, 2))
@@ -328,11 +329,12 @@ def tpr_at_fpr(member_scores: Tensor, nonmember_scores: Tensor, fpr: float = 0.0
     Read off torchmetrics' ``binary_roc`` (as PIA's ``attack.py`` does with ``BinaryROC``): the
     largest TPR among ROC points with ``FPR <= fpr``. Lower scores are member-like.
 
-    Example:
+    Examples:
         >>> round(tpr_at_fpr(torch.tensor([0.1, 0.2, 0.9]), torch.linspace(0.5, 1.5, 100)), 4)
         0.6667
     """
-    from torchmetrics.functional.classification import binary_roc
+    with needs("siss.audit.membership"):
+        from torchmetrics.functional.classification import binary_roc
 
     preds, target = _roc_inputs(member_scores, nonmember_scores)
     false_pos, true_pos, _ = binary_roc(preds, target)
@@ -341,7 +343,8 @@ def tpr_at_fpr(member_scores: Tensor, nonmember_scores: Tensor, fpr: float = 0.0
 
 
 def _auroc(member_scores: Tensor, nonmember_scores: Tensor) -> float:
-    from torchmetrics.functional.classification import binary_auroc
+    with needs("siss.audit.membership"):
+        from torchmetrics.functional.classification import binary_auroc
 
     preds, target = _roc_inputs(member_scores, nonmember_scores)
     return float(binary_auroc(preds, target))
@@ -360,6 +363,9 @@ def _bootstrap(
     in ``tpr_at_fpr``: with ``k = floor(fpr * n)`` false positives allowed, the threshold
     sits just below the ``(k + 1)``-th smallest non-member score.
     """
+    # Not scipy.stats.bootstrap: it refuses a sample of one observation ("each sample in `data`
+    # must contain two or more observations"), and one forget image is the common audit; it also
+    # draws from numpy's generator, not the audit's torch.Generator.
     m, n = len(members), len(nonmembers)
     device = members.device
     pick_m = _random.randint(0, m, (resamples, m), generator=generator, device=device)
@@ -446,11 +452,16 @@ def membership_check(
       scores below most non-members); exact Clopper-Pearson interval over the ``R`` reference
       images (``siss.metrics.rate.proportion_ci``).
     * verdict: ``held`` if the conformal p-value ``(1 + #{reference <= score}) / (R + 1)`` is at
-      most ``level`` (0.05): the image scores below the reference's ``level`` quantile. For an
+      most ``level`` (0.05): at most ``floor(level (R + 1)) - 1`` reference scores lie at or
+      below it (not the same as "below the reference's ``level`` quantile"). For an
       image exchangeable with the references (a non-member, or a forgotten member) this says
-      "held" with probability at most ``level``. With ``R + 1 < 1 / level`` reference images no
-      p-value can reach ``level``: ``held=None``. Non-finite scores: ``held=None`` and the
-      statistic's status ``"non-finite"``.
+      "held" with probability at most ``level``. ``overshot``, the mirror tail, if the mirror
+      p-value ``(1 + #{reference >= score}) / (R + 1)`` is at most ``level`` (less
+      member-like than almost all non-members; again at most ``level`` for an exchangeable
+      image); else ``not held``. ``details["reference_quantile"]`` is informational only.
+      With ``R + 1 < 1 / level`` reference images no p-value can reach ``level``:
+      ``held=None``. Non-finite scores: ``held=None`` and the statistic's status
+      ``"non-finite"``.
 
     Set level (``image=None``), members versus the reference non-members (members: ``members=``
     if given, else the forget images):
@@ -486,7 +497,7 @@ def membership_check(
     Returns:
         ``F`` per-image results, then one set-level result.
 
-    Example:
+    Examples:
         >>> schedule = NoiseSchedule.from_alphas_cumprod(
         ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
         >>> model = lambda x_t, t: schedule.sigma[t].view(-1, 1) * x_t  # exact for N(0, I) data
@@ -603,7 +614,7 @@ def _per_image(
     threshold = float(torch.quantile(reference, level)) if finite else math.nan
     rule = (
         f"held if the conformal p-value (1 + #reference <= score) / (R + 1) <= {level:g} "
-        f"(score below the reference's {level:g} quantile)"
+        f"(at most floor({level:g} (R + 1)) - 1 reference scores at or below it)"
     )
     results = []
     for i, row in enumerate(forget_draws.cpu()):
@@ -613,7 +624,8 @@ def _per_image(
             "reference_quantile": threshold,
             "reference_values": [float(v) for v in reference.tolist()],
         }
-        held, reason = None, "no verdict: the model returned NaN or inf on this image"
+        verdict: Verdict = "undecided"
+        reason = "no verdict: the model returned NaN or inf on this image"
         if not error.measured:
             percentile = Estimate.missing(
                 "the image's score is non-finite", "lower", n=r, status="non-finite"
@@ -623,13 +635,16 @@ def _per_image(
                 error.value, reference, "lower", confidence, "reference (non-member) scores"
             )
             if percentile.measured:
-                details["p_value"], held, reason = conformal_verdict(
-                    count, r, level, rule, "reference images"
+                mirror = int((reference >= error.value).sum())
+                details["p_value"], verdict, reason, details["p_value_overshot"] = (
+                    conformal_verdict(count, r, level, rule, "reference images", mirror)
                 )
             else:
                 reason = "no verdict: the reference distribution is non-finite"
         stats = {"error": error, "percentile": percentile}
-        results.append(CheckResult("membership", i, stats, held, reason, details))
+        results.append(
+            CheckResult("membership", i, stats, held_of(verdict), reason, details, verdict)
+        )
     return results
 
 

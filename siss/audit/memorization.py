@@ -57,7 +57,7 @@ from siss.audit._models import (
     x0_from_prediction,
 )
 from siss.audit._stats import conformal_verdict, percentile_among, t_interval
-from siss.audit.report import CheckResult, Estimate
+from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 
 __all__ = ["memorization_check", "noise_magnitude_score"]
 
@@ -271,7 +271,7 @@ def noise_magnitude_score(
         ``(G,)`` float64 (``(G, num_steps)`` with ``return_steps``); NaN where the model
         returned NaN.
 
-    Example:
+    Examples:
         >>> from siss import NoiseSchedule
         >>> schedule = NoiseSchedule.from_alphas_cumprod(
         ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
@@ -338,9 +338,12 @@ def memorization_check(
 
     Verdict: with ``reference_scores``, ``held`` if the conformal p-value
     ``(1 + #{reference >= score}) / (P + 1)`` is at most ``level`` (the prompt scores above the
-    reference's ``1 - level`` quantile; needs ``P >= 1 / level - 1``); else with ``threshold``,
-    ``held`` if the mean score exceeds it (Wen et al. detect by thresholding this score; the
-    threshold is model-specific); else ``None``.
+    reference's ``1 - level`` quantile; needs ``P >= 1 / level - 1``), ``overshot`` if the mirror
+    p-value ``(1 + #{reference <= score}) / (P + 1)`` is (the prompt's noise magnitude lies below
+    almost all non-memorized prompts'), else ``not held``; else with ``threshold``, ``held`` if
+    the mean score exceeds it (Wen et al. detect by thresholding this score; the threshold is
+    model-specific), ``not held`` otherwise (no mirror without references); else undecided
+    (``held = None``).
 
     Args:
         eps_model, schedule, latents, prompt_embeds, null_embeds, num_inference_steps,
@@ -356,7 +359,7 @@ def memorization_check(
         A list with one ``CheckResult``; ``details`` holds the per-generation scores and the
         per-step norms averaged over generations.
 
-    Example:
+    Examples:
         >>> from siss import NoiseSchedule
         >>> schedule = NoiseSchedule.from_alphas_cumprod(
         ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
@@ -426,7 +429,7 @@ def memorization_check(
     stats = {
         "noise_magnitude": Estimate(value, low, high, g, "higher", note=note, confidence=confidence)
     }
-    held: bool | None = None
+    verdict: Verdict = "undecided"
     reason = "no verdict: give `reference_scores` (non-memorized prompts) or a `threshold`"
     if reference_scores is not None:
         stats["percentile"], _ = percentile_among(
@@ -437,11 +440,19 @@ def memorization_check(
         else:
             reference = reference_scores.detach().to("cpu", torch.float64)
             rule = f"held if the conformal p-value (1 + #reference >= score) / (P + 1) <= {level:g}"
-            details["p_value"], held, reason = conformal_verdict(
-                int((reference >= value).sum()), reference.numel(), level, rule, "reference prompts"
+            details["p_value"], verdict, reason, details["p_value_overshot"] = conformal_verdict(
+                int((reference >= value).sum()),
+                reference.numel(),
+                level,
+                rule,
+                "reference prompts",
+                int((reference <= value).sum()),
             )
     elif threshold is not None:
-        held = value > float(threshold)
-        reason = f"held if the mean score exceeds the threshold {float(threshold):g}"
+        verdict = "held" if value > float(threshold) else "not held"
+        reason = (
+            f"{verdict}: held if the mean score exceeds the threshold {float(threshold):g} "
+            "(no reference prompts: no overshot verdict)"
+        )
         details["threshold"] = float(threshold)
-    return [CheckResult("memorization", image, stats, held, reason, details)]
+    return [CheckResult("memorization", image, stats, held_of(verdict), reason, details, verdict)]

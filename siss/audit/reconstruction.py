@@ -34,9 +34,11 @@ the Student-t interval over the draws) and ``"percentile"`` (``held_when="higher
 of reference images whose mean similarity is below it, ties against "held", exact
 Clopper-Pearson interval). Verdict with ``p = percentile``: held when the percentile's interval
 lies above ``1 - p`` (the forget image is reconstructed better than the non-members'
-``(1 - p)``-quantile), not held when it lies below, undecided otherwise (see
-``siss.audit.likelihood.rank_against_reference``). NaN reconstructions (a diverged model) give
-status ``"non-finite"`` and ``held = None``.
+``(1 - p)``-quantile); overshot, the mirror tail, when the share of reference images
+reconstructed at least as badly has its interval below ``p`` (the forget image is reconstructed
+worse than almost all non-members); not held when the percentile's interval lies below
+``1 - p`` otherwise; undecided otherwise (see ``siss.audit._stats.rank_against_reference``).
+NaN reconstructions (a diverged model) give status ``"non-finite"`` and ``held = None``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 from torch import Tensor
 
 from siss._checks import check_index
+from siss._optional import needs
 from siss.audit._inputs import (
     check_conditioning,
     check_fraction,
@@ -59,7 +62,7 @@ from siss.audit._inputs import (
 )
 from siss.audit._models import check_model_device, eval_mode, progress_bar
 from siss.audit._stats import rank_against_reference, t_interval
-from siss.audit.report import CheckResult, Estimate
+from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.audit.sampling import (
     ddim_denoise_from,
     flow_denoise_from,
@@ -79,7 +82,8 @@ def ssim(
 ) -> Tensor:
     """Per-image SSIM (torchmetrics) of ``(B, C, H, W)`` images mapped from ``data_range`` to
     ``[0, 1]``; ``(B,)`` float64. NaN images give NaN."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    with needs("siss.audit.reconstruction"):
+        from torchmetrics.functional.image import structural_similarity_index_measure
 
     lo, hi = data_range
     side = min(original.shape[-2:])
@@ -308,7 +312,7 @@ def reconstruction_check(
         estimate = Estimate(
             mean, low, high, noise_draws, "higher", note=note, confidence=confidence
         )
-        rank, held, reason, more = rank_against_reference(
+        rank, verdict, reason, more = rank_against_reference(
             mean,
             reference_means,
             held_when="higher",
@@ -322,9 +326,10 @@ def reconstruction_check(
                 "reconstruction",
                 i,
                 {"similarity": estimate, "percentile": rank},
-                held,
+                held_of(verdict),
                 reason,
                 details,
+                verdict,
             )
         )
     return results
@@ -371,33 +376,44 @@ def reconstruction_sweep(
     results = []
     for i in range(len(per_t[ts[0]])):
         statistics: dict[str, Estimate] = {}
-        verdicts, details = [], {}
+        verdicts: list[Verdict] = []
+        details = {}
         for t in ts:
             result = per_t[t][i]
             statistics[f"similarity@t={t}"] = result.statistics["similarity"]
             statistics[f"percentile@t={t}"] = result.statistics["percentile"]
-            verdicts.append(result.held)
-            details[str(t)] = {"held": result.held, "reason": result.reason, **result.details}
-        if any(v is True for v in verdicts):
-            held, word = True, "held"
-        elif all(v is False for v in verdicts):
-            held, word = False, "not held"
+            verdicts.append(result.verdict)
+            details[str(t)] = {
+                "held": result.held,
+                "verdict": result.verdict,
+                "reason": result.reason,
+                **result.details,
+            }
+        if "held" in verdicts:
+            word: Verdict = "held"
+        elif "overshot" in verdicts:
+            word = "overshot"
+        elif all(v == "not held" for v in verdicts):
+            word = "not held"
         else:
-            held, word = None, "undecided"
+            word = "undecided"
         pairs = list(zip(ts, verdicts, strict=True))
         reason = (
-            f"{word}: held at t in {[t for t, v in pairs if v is True]}, not held at "
-            f"{[t for t, v in pairs if v is False]}; each t at the Bonferroni level "
-            f"{level:.4g} (overall {confidence:.0%}): held if held at some t, not held if at all"
+            f"{word}: held at t in {[t for t, v in pairs if v == 'held']}, overshot at "
+            f"{[t for t, v in pairs if v == 'overshot']}, not held at "
+            f"{[t for t, v in pairs if v == 'not held']}; each t at the Bonferroni level "
+            f"{level:.4g} (overall {confidence:.0%}): held if held at some t, else overshot if "
+            "overshot at some t, not held if not held at every t"
         )
         results.append(
             CheckResult(
                 "reconstruction_sweep",
                 i,
                 statistics,
-                held,
+                held_of(word),
                 reason,
                 {"per_t": details, "ts": list(ts)},
+                word,
             )
         )
     return results

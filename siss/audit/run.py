@@ -69,7 +69,7 @@ ALL_CHECKS = (
 """The checks ``audit`` can run (its ``checks=``), in the order its report lists them; a check's
 position also seeds its generator (``check_seed``).
 
-Example:
+Examples:
     >>> ALL_CHECKS
     ('generation', 'likelihood', 'reconstruction', 'reconstruction_sweep', 'membership',
      'memorization')
@@ -78,7 +78,7 @@ DEFAULT_CHECKS = ALL_CHECKS[:5]
 """The checks ``audit`` runs with ``checks=None``: all but ``"memorization"``, which it adds when
 ``conditioning`` holds ``encoder_hidden_states`` and ``null_conditioning`` is given.
 
-Example:
+Examples:
     >>> DEFAULT_CHECKS
     ('generation', 'likelihood', 'reconstruction', 'reconstruction_sweep', 'membership')
 """
@@ -489,7 +489,7 @@ def _run_generation(ctx: _Context, options: Mapping[str, Any]) -> _Ran:
         },
     )
     out = ctx.functions["generation"](
-        samples, ctx.forget, **{"data_range": ctx.data_range, **options}
+        samples, ctx.forget, **{"data_range": ctx.data_range, "reference": ctx.reference, **options}
     )
     for result in out:
         _attach_gallery(result, samples)
@@ -609,7 +609,7 @@ def audit(
     Raises:
         TypeError, ValueError: naming the argument, before any model call.
 
-    Example:
+    Examples:
         The generation check alone, on an untrained 8x8 UNet (a few milliseconds on a CPU):
 
         >>> from diffusers import DDPMScheduler, UNet2DModel

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from siss._optional import needs
 from siss.audit._inputs import (
     broadcast_rows,
     check_conditioning,
@@ -145,7 +146,8 @@ def sampler_for(
     """A fresh inference scheduler (never the user's), its timesteps set: ``DDIMScheduler`` for a
     VP scheduler, ``FlowMatchEulerDiscreteScheduler`` for flow matching. Returns
     ``(sampler, kind, prediction_type)``."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    with needs("siss.audit.sampling"):
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     kind, prediction_type = scheduler_kind(scheduler)
     config = dict(scheduler.config)
@@ -271,7 +273,8 @@ def flow_denoise_from(
 ) -> Tensor:
     """Denoise a flow-matching ``x_t = (1 - sigma) x_0 + sigma eps`` to ``sigma = 0`` with the
     scheduler's Euler steps on ``num_steps`` equally spaced sigmas (no shift applied)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    with needs("siss.audit.sampling"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
     config = {
         **dict(scheduler.config),

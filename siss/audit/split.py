@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from siss._optional import needs
 from siss.audit._inputs import check_images, check_int, check_range
 from siss.audit.generation import pixel_features
 from siss.metrics.rate import default_threshold
@@ -121,7 +122,7 @@ class MemorizationSplit:
         centres: 2-means: ``(2, F)`` float64 feature-space centres, tight first.
         reference_features: reference rule: ``(R, F)`` float64 reference features.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> copies = torch.randn(1, 50, generator=g) + 0.01 * torch.randn(6, 50, generator=g)
         >>> others = torch.randn(10, 50, generator=g)
@@ -322,7 +323,7 @@ def split_by_reference(
         TypeError, ValueError: naming the argument (empty or non-finite features, a reference
             of another width, a threshold out of range, all-zero rows with ``"cosine"``).
 
-    Example:
+    Examples:
         >>> features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.1, 0.0]], dtype=torch.float64)
         >>> split = split_by_reference(features, torch.zeros(2), threshold=1.0)
         >>> split.memorized.tolist(), split.scores.tolist()
@@ -379,12 +380,8 @@ def _check_tightness(tightness: object) -> float:
 
 
 def _kmeans(array: Any, seed: int, init: Any = None) -> Any:
-    try:
+    with needs("split_by_clustering"):
         from sklearn.cluster import KMeans
-    except ImportError as err:  # pragma: no cover - sklearn is in the audit extra
-        raise ImportError(
-            "split_by_clustering needs scikit-learn: pip install scikit-learn"
-        ) from err
     if init is None:
         model = KMeans(n_clusters=2, n_init=10, random_state=seed)
     else:
@@ -573,7 +570,7 @@ def split_by_clustering(
             parameters out of range).
         ImportError: without scikit-learn (``pip install scikit-learn``).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> diverse = torch.randn(128, 100, generator=g)  # no memorization
         >>> split = split_by_clustering(diverse)
@@ -751,7 +748,7 @@ def memorization_split(
         TypeError, ValueError: naming the argument, before any feature is computed where the
             inputs allow (shapes, a missing threshold, ``threshold`` without ``reference``).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> memorized = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
         >>> copies = (memorized + 0.02 * torch.randn(5, 3, 8, 8, generator=g)).clamp(-1, 1)
@@ -842,7 +839,7 @@ def vae_features(vae: Any) -> FeatureMap:
     Raises:
         TypeError: naming ``vae`` when it is not an autoencoder.
 
-    Example:
+    Examples:
         An untrained one-block ``AutoencoderKL`` (no downsampling: 4 latent channels at 8x8):
 
         >>> from diffusers import AutoencoderKL
@@ -977,7 +974,7 @@ def image_encoder_features(
         ValueError: naming ``path_or_model`` for a folder that does not exist or holds no
             ``config.json``; TypeError for something that is neither a path nor callable.
 
-    Example:
+    Examples:
         Any callable from pixels to embeddings works (here a linear map on 8x8 inputs; a CLIP
         or DINOv2 folder is used the same way, by its path):
 
@@ -999,7 +996,8 @@ def image_encoder_features(
                 f"`path_or_model` {folder}: not a local model folder with config.json (image "
                 "encoders are loaded from disk only; save one with save_pretrained)"
             )
-        import transformers
+        with needs("siss.audit.split"):
+            import transformers
 
         config = json.loads((folder / "config.json").read_text())
         architectures = config.get("architectures") or []
@@ -1016,7 +1014,8 @@ def image_encoder_features(
         )
     settings = _processor_settings(folder)
     try:
-        from transformers import PreTrainedModel
+        with needs("siss.audit.split"):
+            from transformers import PreTrainedModel
 
         is_transformers = isinstance(model, PreTrainedModel)
     except ImportError:  # pragma: no cover - transformers comes with the diffusers extra

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from siss._optional import needs
 from siss.metrics._validate import check_int, check_real, check_tensor
 
 __all__ = ["ClassifierOutput", "DigitClassifier"]
@@ -27,7 +28,7 @@ class ClassifierOutput(NamedTuple):
         logits: ``(B, num_classes)`` class scores.
         features: ``(B, feature_dim)`` penultimate activations (after ReLU).
 
-    Example:
+    Examples:
         >>> logits, features = DigitClassifier(feature_dim=32)(torch.zeros(3, 1, 16, 16))
         >>> logits.shape, features.shape
         (torch.Size([3, 10]), torch.Size([3, 32]))
@@ -54,7 +55,7 @@ class DigitClassifier(nn.Module):
     Ints (numpy ints too, not bools) and a real ``dropout`` are checked; a bad value raises
     ``TypeError`` / ``ValueError`` naming the argument.
 
-    Example:
+    Examples:
         >>> model = DigitClassifier()
         >>> out = model(torch.zeros(2, 1, 16, 16))
         >>> tuple(out.logits.shape), tuple(out.features.shape)
@@ -126,7 +127,8 @@ class DigitClassifier(nn.Module):
 
         The returned model is in eval mode.
         """
-        from safetensors.torch import load_file
+        with needs("siss.metrics.classifier"):
+            from safetensors.torch import load_file
 
         model = cls(**kwargs)
         model.load_state_dict(load_file(str(path), device=str(map_location)))

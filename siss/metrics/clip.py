@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from siss._optional import needs
+
 CLIP_IQA_WEIGHTS = "clip_iqa"
 
 
@@ -52,7 +54,9 @@ class CLIPQuality:
     Typical use: ``CLIPQuality("weights/clip-vit-base-patch32", device="cuda")(images,
     "a photo of a cat")`` with a CLIP saved locally.
 
-    Example (a random tiny CLIP built from config: its scores mean nothing):
+    Examples:
+        A random tiny CLIP built from config (its scores mean nothing):
+
         >>> import json, tempfile
         >>> from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
         >>> from transformers import CLIPTokenizer
@@ -83,7 +87,8 @@ class CLIPQuality:
         source: str | os.PathLike[str] | Callable[[], tuple[Any, Any]],
         device: torch.device | str | None = None,
     ):
-        from torchmetrics.multimodal import CLIPImageQualityAssessment, CLIPScore
+        with needs("siss.metrics.clip"):
+            from torchmetrics.multimodal import CLIPImageQualityAssessment, CLIPScore
 
         self.device = torch.device(device if device is not None else "cpu")
         if isinstance(source, str) and source == CLIP_IQA_WEIGHTS:
@@ -99,7 +104,8 @@ class CLIPQuality:
                         f"`source`: no folder {os.fspath(source)!r} (a local CLIPModel + "
                         f"CLIPProcessor, or {CLIP_IQA_WEIGHTS!r} for torchmetrics' weights)"
                     )
-                from transformers import CLIPModel, CLIPProcessor
+                with needs("siss.metrics.clip"):
+                    from transformers import CLIPModel, CLIPProcessor
 
                 model = CLIPModel.from_pretrained(source, local_files_only=True)
                 processor = CLIPProcessor.from_pretrained(source, local_files_only=True)

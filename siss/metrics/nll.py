@@ -78,6 +78,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from siss._optional import needs
 from siss.metrics._validate import (
     check_choice,
     check_finite_rows,
@@ -110,7 +111,7 @@ class VPSchedule:
         alphas_cumprod: ``(T,)`` cumulative products of ``1 - beta`` of the discrete schedule
             (a tensor or a sequence of numbers), ``T >= 2``, non-increasing inside ``(0, 1)``.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         >>> vp = VPSchedule(torch.cumprod(1 - betas, 0))
         >>> round(float(vp.beta(torch.tensor(1.0))), 6)  # Song et al.'s beta_max
@@ -268,15 +269,14 @@ def _ode_log_likelihood(
         raise TypeError(f"`{name}` must be callable, got {type(model).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
-    try:
+    with needs("the probability-flow likelihood"):
         from torchdiffeq import odeint
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the likelihood needs torchdiffeq (pip install torchdiffeq)") from err
     batch, dims = x.shape[0], math.prod(x.shape[1:])
     probes = _rademacher((num_probes, *x.shape), generator).to(x.device, x.dtype)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        with needs("siss.metrics.nll"):
+            from tqdm.auto import tqdm
 
         bar = tqdm(total=1.0 - t_eps, desc="probability-flow ODE")
     reached = [t_eps]
@@ -366,7 +366,7 @@ def log_likelihood(
     Returns:
         ``(B,)`` float64 finite log-likelihoods in nats.
 
-    Example:
+    Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         >>> ac = torch.cumprod(1 - betas, 0)
         >>> def eps_model(x, t):  # exact eps of N(0, I) data: x_t ~ N(0, I) at every t
@@ -448,7 +448,7 @@ def flow_log_likelihood(
     Returns:
         ``(B,)`` float64 finite log-likelihoods in nats.
 
-    Example:
+    Examples:
         >>> def velocity_model(x, t):  # exact velocity of N(0, I) data
         ...     s = t[:1] / 1000
         ...     return (2 * s - 1) / ((1 - s) ** 2 + s**2) * x
@@ -555,7 +555,7 @@ def bits_per_dim(
         ``(B,)`` float64 finite bits per dimension. What cannot be measured (see the module
         docstring) raises ``ValueError`` / ``TypeError`` naming the argument.
 
-    Example:
+    Examples:
         >>> import torch
         >>> betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         >>> ac = torch.cumprod(1 - betas, 0)
@@ -630,7 +630,7 @@ def flow_bits_per_dim(
         ``(B,)`` float64 finite bits per dimension. What cannot be measured (see the module
         docstring) raises ``ValueError`` / ``TypeError`` naming the argument.
 
-    Example:
+    Examples:
         >>> def velocity_model(x, t):  # exact velocity of N(0, I) data
         ...     s = t[:1] / 1000
         ...     return (2 * s - 1) / ((1 - s) ** 2 + s**2) * x

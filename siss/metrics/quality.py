@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from siss._optional import needs
 from siss.metrics._validate import check_finite_rows, check_int, check_tensor
 
 __all__ = [
@@ -70,7 +71,7 @@ class ScoreEstimate(NamedTuple):
         mean: mean of the per-split scores.
         std: population standard deviation of the per-split scores (0 with one split).
 
-    Example:
+    Examples:
         >>> ScoreEstimate(mean=9.5, std=0.2).mean
         9.5
     """
@@ -144,7 +145,7 @@ def extract(
     Returns:
         ``(N, F)`` float32 outputs on the CPU.
 
-    Example:
+    Examples:
         >>> images = torch.zeros(5, 1, 4, 4)
         >>> extract(lambda x: (x.flatten(1), x.mean()), images, select=0, batch_size=2).shape
         torch.Size([5, 16])
@@ -174,7 +175,8 @@ def _extract(
         out = []
         starts = range(0, images.shape[0], batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            with needs("siss.metrics.quality"):
+                from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="extract")
         for start in starts:
@@ -226,7 +228,7 @@ def inception_score(logits: torch.Tensor, *, splits: int = 1) -> ScoreEstimate:
     Returns:
         A ``ScoreEstimate`` of finite values, ``1 <= mean <= K``.
 
-    Example:
+    Examples:
         >>> logits = 50.0 * torch.eye(10).repeat(3, 1)  # confident, 3 samples per class
         >>> round(inception_score(logits).mean, 6)
         10.0
@@ -264,7 +266,7 @@ def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     ``features`` must be floating point with ``N >= 2`` and ``F > 0``; rows with NaN or ±inf
     values raise ``ValueError`` with their count.
 
-    Example:
+    Examples:
         >>> mu, sigma = gaussian_statistics(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
         >>> mu.tolist() == [1.0, 2.0] and sigma.tolist() == [[2.0, 2.0], [2.0, 2.0]]
         True
@@ -336,7 +338,7 @@ def frechet_distance_from_statistics(
     Returns:
         The distance, finite, clamped at 0 against round-off.
 
-    Example:
+    Examples:
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> frechet_distance_from_statistics(torch.zeros(2), eye, torch.ones(2), 4 * eye)
         4.0
@@ -389,7 +391,8 @@ def _frechet_distance(
     features1: object, features2: object, names: tuple[str, str] = ("features1", "features2")
 ) -> float:
     """torchmetrics' ``FrechetInceptionDistance`` of checked ``(N1, F)``, ``(N2, F)`` features."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    with needs("siss.metrics.quality"):
+        from torchmetrics.image.fid import FrechetInceptionDistance
 
     features1 = _check_feature_set(features1, names[0])
     features2 = _check_feature_set(features2, names[1])
@@ -427,7 +430,7 @@ def frechet_distance(features1: torch.Tensor, features2: torch.Tensor) -> float:
     Returns:
         The squared Fréchet distance (what FID reports), finite and ``>= 0``.
 
-    Example:
+    Examples:
         >>> f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
         >>> frechet_distance(f, f) < 1e-9
         True
@@ -461,7 +464,7 @@ def is_score(
         A ``ScoreEstimate``. Images whose logits hold NaN or inf values (NaN samples of a
         diverged model) raise ``ValueError`` naming ``images`` with their count.
 
-    Example:
+    Examples:
         >>> images = torch.eye(4).repeat(2, 1)  # "images" a linear classifier reads as one-hot
         >>> round(is_score(lambda x: 50.0 * x, images, splits=2).mean, 6)
         4.0
@@ -505,7 +508,7 @@ def fid_score(
         NaN or inf values raise ``ValueError`` naming ``images1`` / ``images2`` with their
         count.
 
-    Example:
+    Examples:
         >>> images = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
         >>> round(fid_score(lambda x: x, images, images + 2.0), 6)  # |mean shift|^2 = 3 * 2^2
         12.0

@@ -23,6 +23,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from siss._optional import needs
 from siss.metrics._validate import (
     check_choice,
     check_finite_rows,
@@ -54,7 +55,7 @@ class RateEstimate(NamedTuple):
         nonfinite: number of samples holding a NaN or ±inf value, left out of ``count`` and
             ``total`` (so ``total + nonfinite`` is the number of samples given).
 
-    Example:
+    Examples:
         >>> estimate = RateEstimate(rate=0.25, low=0.05, high=0.6, count=2, total=8)
         >>> estimate.total + estimate.nonfinite
         8
@@ -84,7 +85,7 @@ def default_threshold(image_shape: Sequence[int] | torch.Size) -> float:
         image_shape: the shape ``S`` of one image, a sequence of positive ints (numpy ints are
             accepted).
 
-    Example:
+    Examples:
         >>> default_threshold((1, 28, 28))
         10.0
         >>> round(default_threshold((1, 16, 16)), 2)
@@ -135,7 +136,7 @@ def l2_distances(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ``(N,)`` float64 distances. A sample holding NaN or ±inf values (or a non-finite
         target) gives a NaN or inf distance in its row; ``generation_rate`` reports those.
 
-    Example:
+    Examples:
         >>> samples = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
         >>> l2_distances(samples, torch.zeros(2)).tolist() == [5.0, 0.0]
         True
@@ -168,7 +169,7 @@ def proportion_ci(
         ``(low, high)``, finite, in ``[0, 1]``; with ``count == 0`` the low end is 0 and with
         ``count == total`` the high end is 1.
 
-    Example:
+    Examples:
         >>> low, high = proportion_ci(0, 10)
         >>> low, round(high, 4)
         (0.0, 0.3085)
@@ -183,10 +184,8 @@ def proportion_ci(
     method = check_choice(method, "method", _METHODS)
     alpha = 1.0 - confidence
     if method == "exact":
-        try:
+        with needs("method='exact' (or use method='wilson')"):
             from scipy.stats import beta
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("method='exact' needs scipy; use method='wilson'") from err
         low = 0.0 if count == 0 else float(beta.ppf(alpha / 2, count, total - count + 1))
         high = 1.0 if count == total else float(beta.isf(alpha / 2, count + 1, total - count))
         return low, high
@@ -234,7 +233,7 @@ def generation_rate(
     Returns:
         A ``RateEstimate``; its ``rate`` is NaN exactly when it could not be measured.
 
-    Example:
+    Examples:
         >>> import torch
         >>> target = torch.ones(1, 16, 16)
         >>> samples = torch.cat([target.expand(3, 1, 16, 16), torch.zeros(97, 1, 16, 16)])

@@ -100,6 +100,38 @@ def test_command_writes_json_markdown_figure_and_comparison(folders, capsys):
     assert "| generation | 0 | rate |" in capsys.readouterr().out
 
 
+def test_reference_model_is_audited_and_compared_by_role(folders, capsys):
+    """--reference-model (e.g. the retrained model): audited like the others; compare.md puts
+    the first --model and each other against it, columns named by --roles."""
+    tmp, first, second = folders
+    out = tmp / "out"
+    images = ["--forget", str(tmp / "forget.pt"), "--reference", str(tmp / "ref.safetensors")]
+    code = main(
+        ["--model", str(first), "--model", str(second), "--reference-model", str(first),
+         "--roles", "pretrained", "unlearned", "retrained", *images, "--out", str(out), *CHEAP,
+         "--no-figure"]
+    )  # fmt: skip
+    assert code == 0
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"first", "second", "first-2"}
+    compare = (out / "compare.md").read_text()
+    assert compare.startswith("pretrained `")
+    assert "| unlearned within retrained's interval | closer to retrained |" in compare
+    assert "| check | image | pretrained | unlearned | retrained | unlearned like retrained |" in (
+        compare
+    )
+    assert compare.strip() in capsys.readouterr().out
+    # one --model: that model against the reference alone
+    code = main(
+        ["--model", str(second), "--reference-model", str(first), *images, "--out",
+         str(tmp / "alone"), *CHEAP, "--no-figure"]
+    )  # fmt: skip
+    alone = (tmp / "alone" / "compare.md").read_text()
+    assert code == 0 and "| check | image | statistic | second | first |" in alone
+    with pytest.raises(SystemExit):
+        main(["--model", str(first), "--roles", "a", "b", *images, "--out", str(out), *CHEAP])
+    assert "--roles" in capsys.readouterr().err
+
+
 def test_help_explains_every_flag():
     result = subprocess.run(
         [sys.executable, "-m", "siss.audit", "--help"], capture_output=True, text=True, check=True

@@ -13,7 +13,7 @@ full default audit (1,000 samples, the NLL, the sweep, 128 references), as docs/
 The membership AUC needs members and non-members of one distribution, which the T-shirt models
 lack (they trained on every digit). ``examples/assets/membership`` is a small UNet trained on 128
 random digits (members) and shipped with its split; the next 128 of the same draw are its
-non-members (``examples/audit_digits.py --train-membership``). On it the attacks must tell the
+non-members (``examples/audit_digits.py --train_membership``). On it the attacks must tell the
 two apart (AUC interval above 0.5); on retrain, which trained on both halves, they must not.
 """
 
@@ -178,16 +178,16 @@ def test_membership_loss_auc_is_at_chance_on_retrain():
 
 
 def test_membership_model_script_writes_a_pair_it_can_read_back(tmp_path):
-    """audit_digits.py --train-membership on the smallest settings: the model folder, its split
+    """audit_digits.py --train_membership on the smallest settings: the model folder, its split
     in training_info.json, the tensors that split gives, and the reference figure."""
     from diffusers import UNet2DModel
 
     audit_digits = _audit_digits()
     model, data = tmp_path / "membership", tmp_path / "data"
     audit_digits.main([
-        "--train-membership", str(model), "--membership-count", "4", "--membership-steps", "2",
-        "--out", str(data), "--count", "3", "--figure", str(tmp_path / "reference.png"),
-        "--no-progress",
+        "--train_membership", str(model), "--membership_count", "4", "--membership_steps", "2",
+        "--output_dir", str(data), "--count", "3", "--figure", str(tmp_path / "reference.png"),
+        "--no_progress",
     ])  # fmt: skip
     info = json.loads((model / "training_info.json").read_text())
     assert info["split"]["count"] == 4 and len(info["split"]["member_index"]) == 4

@@ -52,7 +52,7 @@ def test_markdown_shows_every_statistic_with_its_status():
 
 
 def test_compare_states_the_direction_of_each_change():
-    before = report("pretrained", 0.009, Estimate(2.9, 2.8, 3.0, 1, "lower"))
+    before = report("pretrained", 0.03, Estimate(2.9, 2.8, 3.0, 1, "lower"))
     after = report("siss", 0.0, Estimate(9.8, 9.6, 10.0, 1, "lower"))
     rows = {(r[0], r[2]): r[5] for r in compare(before, after).rows}
     assert rows == {
@@ -65,6 +65,73 @@ def test_compare_states_the_direction_of_each_change():
     rows = {(r[0], r[2]): r[5] for r in compare(before, unmeasured).rows}
     assert rows[("likelihood", "nll")] == "not comparable"  # never "no change"
     assert "| toward not held |" in compare(before, after).to_markdown()
+
+
+def test_a_direction_is_stated_only_where_the_intervals_separate():
+    """docs/audit.md's sweep at t = 750: pretrained 0.383 [0.274, 0.5] and retrain 0.375
+    [0.267, 0.492] coincide: no direction (it used to say "toward not held")."""
+
+    def sweep(value, low, high):
+        stats = {"percentile@t=750": Estimate(value, low, high, 128, "higher")}
+        return AuditReport("m", [CheckResult("reconstruction_sweep", 0, stats, False)])
+
+    (row,) = compare(sweep(0.383, 0.274, 0.5), sweep(0.375, 0.267, 0.492)).rows
+    assert row.direction == "intervals overlap"
+    (row,) = compare(sweep(1.0, 0.959, 1.0), sweep(0.547, 0.43, 0.661)).rows
+    assert row.direction == "toward not held"
+    # a statistic without an interval counts as its value
+    point = Estimate(0.637, math.nan, math.nan, 1000, "lower")
+    far = Estimate(6.8, math.nan, math.nan, 1000, "lower")
+    both = [AuditReport(m, [CheckResult("generation", 0, {"d": e}, None)]) for m, e in
+            (("a", point), ("b", far))]  # fmt: skip
+    assert compare(*both).rows[0].direction == "toward not held"
+
+
+def test_the_verdict_has_three_values_and_old_reports_read_back():
+    nll = {"percentile": Estimate(1.0, 0.97, 1.0, 128, "lower")}
+    overshot = CheckResult("likelihood", 0, nll, False, "far", verdict="overshot")
+    saved = AuditReport("m", [overshot]).to_dict()
+    again = AuditReport.from_dict(json.loads(json.dumps(saved)))
+    assert again.results[0].verdict == "overshot" and again.results[0].held is False
+    assert "| likelihood | 0 | percentile | 1 [0.97, 1] (n=128) | overshot |" in (
+        again.to_markdown()
+    )
+    del saved["results"][0]["verdict"]  # an audit.json written before "overshot" existed
+    old = AuditReport.from_dict(saved).results[0]
+    assert (old.held, old.verdict) == (False, "not held")
+    with pytest.raises(ValueError, match="contradicts"):
+        CheckResult("likelihood", 0, nll, True, verdict="overshot")
+    with pytest.raises(ValueError, match="verdict"):
+        CheckResult("likelihood", 0, nll, False, verdict="gone")
+
+
+def test_compare_with_a_reference_model_labels_the_roles():
+    """The issue's numbers: the demo's likelihood percentile 0.742 [0.657, 0.815] against
+    retrain's 0.602 [0.511, 0.687] (pretrained 0 [0, 0.0284])."""
+
+    def audit(model, value, low, high, verdict):
+        stats = {"percentile": Estimate(value, low, high, 128, "lower")}
+        held = {"held": True, "not held": False, "overshot": False}[verdict]
+        return AuditReport(model, [CheckResult("likelihood", 0, stats, held, verdict=verdict)])
+
+    pretrained = audit("pre", 0.0, 0.0, 0.0284, "held")
+    unlearned = audit("siss", 0.742, 0.657, 0.815, "not held")
+    retrained = audit("re", 0.602, 0.511, 0.687, "not held")
+    comparison = compare(pretrained, unlearned, retrained, labels=("pretrained", "unlearned",
+                                                                   "retrained"))  # fmt: skip
+    (row,) = comparison.rows
+    assert (row.within, row.closer, row.direction) == (False, "unlearned", "toward not held")
+    text = comparison.to_markdown()
+    assert text.splitlines()[0] == "pretrained `pre` vs unlearned `siss`; reference: retrained `re`"
+    assert "| before |" not in text and "| retrained | unlearned within retrained's interval |" in (
+        text
+    )
+    assert "| likelihood | 0 | held | not held | not held | yes |" in text
+    alone = compare(None, unlearned, retrained, labels=("", "unlearned", "retrained"))
+    assert alone.rows[0].closer is None and alone.rows[0].within is False
+    assert "| check | image | statistic | unlearned | retrained |" in alone.to_markdown()
+    with pytest.raises(ValueError, match="reference"):
+        compare(None, unlearned)
 
 
 def test_figure_of_many_forget_images_counts_them_and_shows_the_set_statistics():

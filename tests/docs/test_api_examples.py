@@ -1,5 +1,6 @@
 """Every public object of ``siss``, ``siss.adapters``, ``siss.metrics`` and ``siss.audit`` carries
-an ``Example:`` that runs as a doctest (issue 13: the API reference shows one per object).
+an ``Examples:`` section that runs as a doctest (issue 13: the API reference shows one per
+object, as a code block: tests/docs/test_site.py).
 
 "Public" is the package's ``__all__``. A class or function counts when ``doctest``'s own finder,
 which ``pytest --doctest-modules`` uses over ``siss/``, finds at least one example in its
@@ -121,8 +122,8 @@ def test_public_object_has_a_runnable_example(qualified: str):
         )
         pytest.xfail(f"no example yet: {MISSING_EXAMPLES[qualified]}")
     assert count > 0, (
-        f"{qualified} has no `Example:` with a `>>>` line in its docstring (for a constant: in the "
-        "string literal after its assignment); add one, short and cheap, that runs as a doctest"
+        f"{qualified} has no `Examples:` with a `>>>` line in its docstring (for a constant: in "
+        "the string literal after its assignment); add one, short and cheap, that runs as a doctest"
     )
 
 

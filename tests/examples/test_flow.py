@@ -95,18 +95,19 @@ def flow_pair(tmp_path_factory):
 
 def argv(checkpoint, out, *extra):
     return [
-        "--checkpoint", str(checkpoint), "--output-dir", str(out), "--steps", "2",
-        "--batch-size", "8", "--eval-every", "1", "--eval-samples", "8", "--track-samples", "4",
-        "--eval-steps", "2", "--nll-probes", "2", "--nll-tolerance", "1e-2",
-        "--checkpoint-every", "1", "--no-progress", *extra,
+        "--pretrained_model_name_or_path", str(checkpoint), "--output_dir", str(out),
+        "--max_train_steps", "2", "--train_batch_size", "8", "--eval_every", "1",
+        "--eval_samples", "8", "--track_samples", "4", "--eval_steps", "2", "--nll_probes", "2",
+        "--nll_tolerance", "1e-2", "--checkpointing_steps", "1", "--no_progress", *extra,
     ]  # fmt: skip
 
 
 def test_pretrain_process_flow_saves_a_flow_checkpoint_that_evaluates(tmp_path, capsys):
     out = tmp_path / "flow"
     pretrain.main([
-        "--process", "flow", "--steps", "2", "--batch-size", "4", "--warmup-steps", "1",
-        "--eval-samples", "4", "--eval-steps", "2", "--output-dir", str(out), "--no-progress",
+        "--process", "flow", "--max_train_steps", "2", "--train_batch_size", "4",
+        "--lr_warmup_steps", "1", "--eval_samples", "4", "--eval_steps", "2",
+        "--output_dir", str(out), "--no_progress",
     ])  # fmt: skip
     config = json.loads((out / "scheduler_config.json").read_text())
     assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler" and config["shift"] == 1.0
@@ -114,11 +115,11 @@ def test_pretrain_process_flow_saves_a_flow_checkpoint_that_evaluates(tmp_path, 
     assert info["process"] == "flow"
     assert info["evaluations"][0]["sampler"] == "euler" and info["evaluations"][0]["samples"] == 4
     assert "outlier rate" in capsys.readouterr().out
-    # --eval-only reads the process from the checkpoint, not from --process
-    args = pretrain.parse_args(["--eval-only", "--output-dir", str(out)])
+    # --eval_only reads the process from the checkpoint, not from --process
+    args = pretrain.parse_args(["--eval_only", "--output_dir", str(out)])
     assert args.sampler == "euler" and args.eval_steps == pretrain.DEFAULT_EVAL_STEPS["flow"]
     assert pretrain.parse_args(["--process", "flow"]).output_dir.name == "flow-pretrained"
-    retrain = pretrain.parse_args(["--process", "flow", "--exclude-outlier"])
+    retrain = pretrain.parse_args(["--process", "flow", "--exclude_outlier"])
     assert retrain.output_dir.name == "flow-retrain"
 
 
@@ -126,7 +127,7 @@ def test_pretrain_process_flow_saves_a_flow_checkpoint_that_evaluates(tmp_path, 
     "flags, message",
     [
         (["--sampler", "ddpm"], "--sampler ddpm does not apply to a rectified-flow"),
-        (["--flow-shift", "0"], "--flow-shift"),
+        (["--flow_shift", "0"], "--flow_shift"),
     ],
 )
 def test_pretrain_bad_flow_flags_fail_at_parse_time(capsys, flags, message):
@@ -213,9 +214,9 @@ def test_an_eval_sampler_of_the_other_process_is_refused_by_name(
         tiny_unet(sample_size=16).save_pretrained(folder, safe_serialization=True)
         DDPMScheduler(num_train_timesteps=T).save_pretrained(folder)
     with pytest.raises(SystemExit) as exit_info:
-        unlearn.parse_args(argv(folder, tmp_path / "out", "--eval-sampler", sampler))
+        unlearn.parse_args(argv(folder, tmp_path / "out", "--eval_sampler", sampler))
     assert exit_info.value.code == 2
-    assert f"--eval-sampler {sampler} does not apply" in capsys.readouterr().err
+    assert f"--eval_sampler {sampler} does not apply" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -224,25 +225,25 @@ def test_a_checkpoint_without_a_known_scheduler_is_refused(tmp_path, capsys):
     folder.mkdir()
     (folder / "scheduler_config.json").write_text('{"_class_name": "EulerDiscreteScheduler"}')
     with pytest.raises(SystemExit):
-        unlearn.parse_args(["--checkpoint", str(folder)])
-    assert "--checkpoint" in capsys.readouterr().err
+        unlearn.parse_args(["--pretrained_model_name_or_path", str(folder)])
+    assert "--pretrained_model_name_or_path" in capsys.readouterr().err
 
 
 @pytest.fixture
 def flow_study(flow_pair, tmp_path, monkeypatch):
-    monkeypatch.setitem(study.METHODS, "naive", (["--method", "naive"], 2))
-    real = study.unlearn_args
-    cheap = [
-        "--nll-probes", "2", "--nll-tolerance", "1e-2", "--batch-size", "8",
-        "--checkpoint-every", "2",
-    ]  # fmt: skip
-    monkeypatch.setattr(study, "unlearn_args", lambda argv: real([*argv, *cheap]))
+    monkeypatch.setitem(study.METHODS, "naive", ({"method": "naive"}, 2))
+    real = study.unlearn_job
+    cheap = {"nll_probes": 2, "nll_tolerance": 1e-2, "train_batch_size": 8}
+    cheap["checkpointing_steps"] = 2
+    monkeypatch.setattr(
+        study, "unlearn_job", lambda config, **settings: real(config, **{**cheap, **settings})
+    )
     monkeypatch.chdir(tmp_path)  # the default output folder is relative
     pretrained, retrain = flow_pair
     return [
-        "--pretrained", str(pretrained), "--retrain", str(retrain), "--seeds", "0",
-        "--methods", "naive", "--eval-samples", "8", "--eval-steps", "2", "--eval-every", "1",
-        "--track-samples", "4", "--no-progress", "--final-samples", "0",
+        "--pretrained_model_name_or_path", str(pretrained), "--retrain", str(retrain),
+        "--seeds", "0", "--methods", "naive", "--eval_samples", "8", "--eval_steps", "2",
+        "--eval_every", "1", "--track_samples", "4", "--no_progress", "--final_samples", "0",
     ]  # fmt: skip
 
 
@@ -257,7 +258,7 @@ def test_the_study_runs_on_the_flow_pair_into_its_own_folder(flow_study, tmp_pat
     assert [row["label"] for row in results["rows"]] == ["pretrained", "retrain", "naive"]
     run = json.loads((out / "naive-seed0" / "metrics.json").read_text())
     assert run["process"] == "flow" and run["config"]["eval_sampler"] == "euler"
-    assert run["config"]["checkpoint"] == flow_study[1]
+    assert run["config"]["pretrained_model_name_or_path"] == flow_study[1]
     # the retrain row is the retrain checkpoint, evaluated, not the pretrained one
     retrain = json.loads((out / "retrain-seed0" / "metrics.json").read_text())
     pretrained = json.loads((out / "pretrained-seed0" / "metrics.json").read_text())
@@ -273,11 +274,11 @@ def test_the_default_methods_of_a_flow_study_are_those_that_apply(flow_study):
 
 def test_a_study_folder_of_another_pair_is_refused(flow_study, flow_pair, tmp_path):
     out = tmp_path / "shared"
-    study.check_pair(study.parse_args([*flow_study, "--output-dir", str(out)]))
-    study.check_pair(study.parse_args([*flow_study, "--output-dir", str(out)]))  # same pair
-    swapped = [*flow_study, "--output-dir", str(out)]
+    study.check_pair(study.parse_args([*flow_study, "--output_dir", str(out)]))
+    study.check_pair(study.parse_args([*flow_study, "--output_dir", str(out)]))  # same pair
+    swapped = [*flow_study, "--output_dir", str(out)]
     swapped[1], swapped[3] = swapped[3], swapped[1]
-    with pytest.raises(SystemExit, match="choose another --output-dir"):
+    with pytest.raises(SystemExit, match="choose another --output_dir"):
         study.main(swapped)
     assert not (out / "pretrained-seed0").exists()
 
@@ -285,7 +286,7 @@ def test_a_study_folder_of_another_pair_is_refused(flow_study, flow_pair, tmp_pa
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--eval-sampler", "ddpm"], "--eval-sampler ddpm does not apply"),
+        (["--eval_sampler", "ddpm"], "--eval_sampler ddpm does not apply"),
         (["--retrain", "DDPM"], "must be trained with the same process"),
         (["--methods", "naive", "erasediff"], "--methods erasediff: EraseDiff fits"),
     ],

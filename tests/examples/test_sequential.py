@@ -16,6 +16,7 @@ from examples import sequential
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+RESUME = ["--resume_from_checkpoint", "latest"]
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,10 @@ def checkpoint(tmp_path_factory):
 
 def argv(checkpoint, out, *extra):
     return [
-        "--checkpoint", str(checkpoint), "--output-dir", str(out), "--shapes", "3",
-        "--steps-per-request", "2", "--batch-size", "8", "--eval-samples", "16",
-        "--eval-steps", "2", "--nll-probes", "2", "--nll-tolerance", "1e-2", "--band-seeds", "2",
-        "--band-level", "0.9999", "--no-progress", *extra,
+        "--pretrained_model_name_or_path", str(checkpoint), "--output_dir", str(out),
+        "--shapes", "3", "--max_train_steps", "2", "--train_batch_size", "8",
+        "--eval_samples", "16", "--eval_steps", "2", "--nll_probes", "2", "--nll_tolerance", "1e-2",
+        "--band_seeds", "2", "--band_level", "0.9999", "--no_progress", *extra,
     ]  # fmt: skip
 
 
@@ -60,10 +61,10 @@ def test_queue_runs_every_request_and_resumes_to_the_same_end(checkpoint, tmp_pa
 
     parts = tmp_path / "parts"
     first = sequential.run(
-        sequential.parse_args(argv(checkpoint, parts, "--stop-after-requests", "1"))
+        sequential.parse_args(argv(checkpoint, parts, "--stop_after_requests", "1"))
     )
     assert first["queue"].pending == ["trousers", "bag"]
-    resumed = sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume")))
+    resumed = sequential.run(sequential.parse_args(argv(checkpoint, parts, *RESUME)))
     assert untimed(resumed["queue"].records) == untimed(queue.records)
     one = load_file(str(tmp_path / "whole" / "requests" / "03-bag" / WEIGHTS))
     two = load_file(str(parts / "requests" / "03-bag" / WEIGHTS))
@@ -72,14 +73,14 @@ def test_queue_runs_every_request_and_resumes_to_the_same_end(checkpoint, tmp_pa
     assert any(not torch.equal(one[k], before[k]) for k in before)
 
     with pytest.raises(ValueError, match=r"--lam \(0.5 there, 1.0 now\)"):
-        sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume", "--lam", "1")))
+        sequential.run(sequential.parse_args(argv(checkpoint, parts, *RESUME, "--lam", "1")))
     # a queue begun by the unlearn.py that drew keep rows with replacement is not continued
     saved = json.loads((parts / "queue.json").read_text())
     assert saved["config"]["draws"] == sequential.DRAWS
     del saved["config"]["draws"]
     (parts / "queue.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="draws"):
-        sequential.run(sequential.parse_args(argv(checkpoint, parts, "--resume")))
+        sequential.run(sequential.parse_args(argv(checkpoint, parts, *RESUME)))
 
 
 def test_the_queue_stops_when_quality_leaves_its_band(checkpoint, tmp_path, monkeypatch):
@@ -100,23 +101,23 @@ def test_the_queue_stops_when_quality_leaves_its_band(checkpoint, tmp_path, monk
     assert "quality left its band after request 1 (tshirt)" in queue.stopped
     assert queue.stopped.endswith("Requests not processed: trousers, bag")
     assert "Stopped:" in result["table"]
-    again = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path, "--resume")))
+    again = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path, *RESUME)))
     assert again["queue"].done == ["tshirt"]  # a stopped queue stays stopped
 
 
 def test_flags_are_checked_before_any_work(checkpoint, tmp_path, capsys):
     for extra, flag in (
         (["--shapes", "6"], "--shapes"),
-        (["--band-seeds", "1"], "--band-seeds"),
-        (["--band-level", "1"], "--band-level"),
-        (["--steps-per-request", "0"], "--steps-per-request"),
+        (["--band_seeds", "1"], "--band_seeds"),
+        (["--band_level", "1"], "--band_level"),
+        (["--max_train_steps", "0"], "--max_train_steps"),
     ):
         with pytest.raises(SystemExit):
             sequential.parse_args(argv(checkpoint, tmp_path, *extra))
         assert flag in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sequential.parse_args(argv(tmp_path / "missing", tmp_path))
-    assert "--outlier-shapes 5" in capsys.readouterr().err
+    assert "--outlier_shapes 5" in capsys.readouterr().err
 
 
 def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
@@ -136,7 +137,7 @@ def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
 
     monkeypatch.setattr(sequential, "sample_images", recording(sequential.sample_images))
     monkeypatch.setattr(unlearn, "sample_images", recording(unlearn.sample_images))
-    args = sequential.parse_args(argv(checkpoint, tmp_path / "q", "--eval-precision", "bf16"))
+    args = sequential.parse_args(argv(checkpoint, tmp_path / "q", "--eval_precision", "bf16"))
     queue = sequential.run(args)["queue"]
     assert len(used) > 2 and set(used) == {"bf16"}  # band draws + one per evaluation
-    assert queue.config["--eval-precision"] == "bf16"
+    assert queue.config["--eval_precision"] == "bf16"

@@ -6,6 +6,7 @@ this checks the plumbing, not the science (examples/study.py does that).
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,10 @@ def checkpoint(tmp_path_factory):
 
 def argv(checkpoint, out, *extra):
     return [
-        "--checkpoint", str(checkpoint), "--output-dir", str(out), "--steps", "4",
-        "--batch-size", "8", "--eval-every", "2", "--eval-samples", "8", "--track-samples", "4",
-        "--eval-steps", "2",
-        "--nll-probes", "2", "--nll-tolerance", "1e-2", "--checkpoint-every", "2",
-        "--no-progress", *extra,
+        "--pretrained_model_name_or_path", str(checkpoint), "--output_dir", str(out),
+        "--max_train_steps", "4", "--train_batch_size", "8", "--eval_every", "2",
+        "--eval_samples", "8", "--track_samples", "4", "--eval_steps", "2", "--nll_probes", "2",
+        "--nll_tolerance", "1e-2", "--checkpointing_steps", "2", "--no_progress", *extra,
     ]  # fmt: skip
 
 
@@ -70,14 +70,28 @@ def test_every_method_runs_and_writes_its_outputs(checkpoint, tmp_path, method):
     assert any(not torch.equal(weights[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("ema", [[], ["--ema-decay", "0.99"]], ids=["raw", "ema"])
-def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path, ema):
+@pytest.mark.parametrize(
+    "ema, resume",
+    [([], "step-0000002"), (["--ema_decay", "0.99"], "latest")],
+    ids=["raw-from-a-named-checkpoint", "ema-from-the-latest"],
+)
+def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path, ema, resume):
+    """Stopped after step 3 (checkpoints at 2 and 3), resumed from the newest or from the one
+    named (step 2, under --output_dir/checkpoints): the same weights and history."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     expected = unlearn.run(unlearn.parse_args(argv(checkpoint, whole, *ema)))
-    stopped = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--stop-after", "2", *ema)))
-    assert stopped == {"stopped_at": 2}
+    stopped = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--stop_after", "3", *ema)))
+    assert stopped == {"stopped_at": 3}
     assert not (parts / "metrics.json").exists()
-    resumed = unlearn.run(unlearn.parse_args(argv(checkpoint, parts, "--resume", *ema)))
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == [
+        "step-0000002",
+        "step-0000003",
+    ]
+    if resume != "latest":  # a run that read the newest checkpoint instead would fail
+        (parts / "checkpoints" / "step-0000003" / "diffusion_pytorch_model.safetensors").unlink()
+    resumed = unlearn.run(
+        unlearn.parse_args(argv(checkpoint, parts, "--resume_from_checkpoint", resume, *ema))
+    )
     name = "diffusion_pytorch_model.safetensors"
     first = load_file(str(whole / "model" / name))
     second = load_file(str(parts / "model" / name))
@@ -93,7 +107,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(checkpoint, tmp_path, ema):
 def test_keep_rows_come_in_shuffled_epochs(checkpoint):
     """Every keep row once per epoch, as in pretraining: rows drawn with replacement weigh the
     images by Poisson counts, and the fine-tuned model's mix of digits follows those weights."""
-    args = unlearn.parse_args(["--method", "siss", "--batch-size", "4", "--superfactor", "0.1"])
+    args = unlearn.parse_args(
+        ["--method", "siss", "--train_batch_size", "4", "--superfactor", "0.1"]
+    )
     unet = UNet2DModel.from_pretrained(checkpoint)
     keep = torch.arange(12.0).view(12, 1, 1, 1).expand(12, 1, 16, 16).contiguous()
     forget = torch.full((1, 1, 16, 16), -1.0)
@@ -116,40 +132,44 @@ def test_keep_rows_come_in_shuffled_epochs(checkpoint):
 
 
 def test_a_checkpoint_from_rows_drawn_with_replacement_is_not_resumed(checkpoint, tmp_path):
-    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2")))
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop_after", "2")))
     state_path = tmp_path / "checkpoints" / "step-0000002" / "state.json"
     state = json.loads(state_path.read_text())
     assert state["draws"] == unlearn.DRAWS
     del state["draws"]  # what the unlearn.py of 0.2.0 wrote
     state_path.write_text(json.dumps(state))
     with pytest.raises(SystemExit, match="drew the keep rows with replacement"):
-        unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--resume")))
+        unlearn.run(
+            unlearn.parse_args(argv(checkpoint, tmp_path, "--resume_from_checkpoint", "latest"))
+        )
 
 
 def test_siss_matches_a_frozen_teacher_by_default(checkpoint, tmp_path):
-    """--keep-target teacher is SISS's default, with the 'absolute' superfactor rule scaled by
+    """--keep_target teacher is SISS's default, with the 'absolute' superfactor rule scaled by
     the naive-deletion gradient norm measured at the start (kept in every checkpoint, so that
     a resume uses it, not one measured at the resumed weights); the other methods keep the
     noise target, and asking them for a teacher is refused by flag."""
-    args = unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2"))
+    args = unlearn.parse_args(argv(checkpoint, tmp_path, "--stop_after", "2"))
     assert (args.keep_target, args.balance_mode) == ("teacher", "absolute")
     naive = unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive"))
     assert (naive.keep_target, naive.balance_mode) == ("noise", "fix")
     with pytest.raises(SystemExit):
-        unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive", "--keep-target=teacher"))
+        unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive", "--keep_target=teacher"))
     unlearn.run(args)
     state = json.loads((tmp_path / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state["keep_target"] == "teacher" and state["unlearner"]["scale"] > 0
     # A checkpoint of the teacher target is not resumed as a run of the noise target.
-    noise = unlearn.parse_args(argv(checkpoint, tmp_path, "--resume", "--keep-target=noise"))
-    with pytest.raises(SystemExit, match="--keep-target teacher, not noise"):
+    noise = unlearn.parse_args(
+        argv(checkpoint, tmp_path, "--resume_from_checkpoint", "latest", "--keep_target=noise")
+    )
+    with pytest.raises(SystemExit, match="--keep_target teacher, not noise"):
         unlearn.run(noise)
 
 
 def test_the_teacher_is_the_starting_model_and_receives_nothing(checkpoint):
     """Steps with the teacher target: the teacher is a frozen copy of the starting weights
     (unchanged after the steps, no gradient), while the model moves."""
-    args = unlearn.parse_args([*argv(checkpoint, Path("unused")), "--calibration-batches", "2"])
+    args = unlearn.parse_args([*argv(checkpoint, Path("unused")), "--calibration_batches", "2"])
     unet = UNet2DModel.from_pretrained(checkpoint)
     start = {k: v.clone() for k, v in unet.state_dict().items()}
     config = unlearn.resolve_keep_target(args)
@@ -168,28 +188,28 @@ def test_the_teacher_is_the_starting_model_and_receives_nothing(checkpoint):
 
 def test_bad_recipe_flags_are_named_before_any_model_is_loaded(tmp_path, capsys):
     for flags, named in [
-        (["--steps", "-5"], "--steps: must be >= 1, got -5"),
-        (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
+        (["--max_train_steps", "-5"], "--max_train_steps: must be >= 1, got -5"),
+        (["--learning_rate", "0"], "--learning_rate: must be > 0, got 0.0"),
         (["--lam", "2"], "--lam: must be in [0, 1], got 2.0"),
-        (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
-        (["--calibration-batches", "0"], "--calibration-batches: must be >= 1, got 0"),
-        (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
+        (["--balance_every", "0"], "--balance_every: must be >= 1, got 0"),
+        (["--calibration_batches", "0"], "--calibration_batches: must be >= 1, got 0"),
+        (["--method", "naive", "--keep_target", "teacher"], "--keep_target: 'teacher' needs"),
         (["--device", "tpu"], "--device tpu: not a torch device"),
         *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            unlearn.parse_args([*flags, "--output-dir", str(tmp_path / "out")])
+            unlearn.parse_args([*flags, "--output_dir", str(tmp_path / "out")])
         assert exit_info.value.code == 2
         assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
-    """--ema-decay: checkpoints hold the raw weights and the EMA; model/ holds the EMA, which
+    """--ema_decay: checkpoints hold the raw weights and the EMA; model/ holds the EMA, which
     is the average diffusers' EMAModel gives for the same raw trajectory."""
     from diffusers.training_utils import EMAModel
 
-    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--ema-decay", "0.99")))
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--ema_decay", "0.99")))
     name = "diffusion_pytorch_model.safetensors"
     saved = load_file(str(tmp_path / "model" / name))
     raw = load_file(str(tmp_path / "checkpoints" / "step-0000004" / name))
@@ -201,13 +221,13 @@ def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkp
     ema.copy_to(model.parameters())
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     with pytest.raises(SystemExit):
-        unlearn.parse_args(["--ema-decay", "1"])
+        unlearn.parse_args(["--ema_decay", "1"])
 
 
 def test_the_learning_rate_is_annealed_to_zero_by_the_last_step(checkpoint, tmp_path):
     """The default cosine schedule: half the peak lr at mid-run, 0 at the last step (the
     pretrained checkpoint ends annealed; a run that stops at a constant lr loses quality)."""
-    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--lr", "1e-4")))
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--learning_rate", "1e-4")))
     groups = {
         step: json.loads(
             (tmp_path / "checkpoints" / f"step-{step:07d}" / "optimizer.json").read_text()
@@ -220,7 +240,7 @@ def test_the_learning_rate_is_annealed_to_zero_by_the_last_step(checkpoint, tmp_
 
 @pytest.mark.parametrize("sampler", ["dpm", "ddim"])
 def test_the_evaluation_sampler_can_be_chosen(checkpoint, tmp_path, sampler):
-    flags = argv(checkpoint, tmp_path, "--method", "naive", "--eval-sampler", sampler)
+    flags = argv(checkpoint, tmp_path, "--method", "naive", "--eval_sampler", sampler)
     result = unlearn.run(unlearn.parse_args(flags))
     assert result["config"]["eval_sampler"] == sampler
     assert result["after"]["samples"] == 8 and isinstance(result["after"]["fid"], float)
@@ -229,17 +249,26 @@ def test_the_evaluation_sampler_can_be_chosen(checkpoint, tmp_path, sampler):
 
 
 def test_resuming_an_ema_run_from_a_checkpoint_without_one_is_refused(checkpoint, tmp_path):
-    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop-after", "2")))
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--stop_after", "2")))
     with pytest.raises(ValueError, match="no EMA weights"):
         unlearn.run(
-            unlearn.parse_args(argv(checkpoint, tmp_path, "--resume", "--ema-decay", "0.9"))
+            unlearn.parse_args(
+                argv(
+                    checkpoint, tmp_path, "--resume_from_checkpoint", "latest", "--ema_decay", "0.9"
+                )
+            )
         )
 
 
-def test_checkpoints_are_pruned_and_complete(checkpoint, tmp_path):
-    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, "--method", "naive")))
+@pytest.mark.parametrize("limit", [2, 3])
+def test_checkpoints_total_limit_keeps_the_newest(checkpoint, tmp_path, limit):
+    """--checkpoints_total_limit N with a checkpoint every step: 4 are written, the newest N
+    stay, each complete (no half-written temporaries)."""
+    flags = ["--method", "naive", "--checkpointing_steps", "1", "--eval_every", "0"]
+    flags += ["--checkpoints_total_limit", str(limit)]
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path, *flags)))
     folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert folders == ["step-0000002", "step-0000004"]  # no half-written temporaries left
+    assert folders == [f"step-{step:07d}" for step in range(5 - limit, 5)]
     for folder in folders:
         files = {p.name for p in (tmp_path / "checkpoints" / folder).iterdir()}
         assert {
@@ -250,13 +279,55 @@ def test_checkpoints_are_pruned_and_complete(checkpoint, tmp_path):
         } <= files
 
 
+def test_report_to_tensorboard_logs_each_step(checkpoint, tmp_path):
+    """--report_to tensorboard: accelerate's tracker writes an event file under --output_dir
+    with each step's loss terms and learning rate and the evaluations; the model is the one a
+    run without a tracker ends with."""
+    from accelerate.state import AcceleratorState, GradientState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--method", "naive", "--learning_rate", "1e-4"]
+    logged = argv(checkpoint, tmp_path / "logged", *flags, "--report_to", "tensorboard")
+    try:
+        unlearn.run(unlearn.parse_args(logged))
+    finally:  # the Accelerator's process-wide state, for the tests that build their own
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    events = list((tmp_path / "logged" / "logs" / "unlearn").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    log = EventAccumulator(str(events[0])).Reload()
+    loss = log.Scalars("train/loss")
+    assert [event.step for event in loss] == [1, 2, 3, 4]
+    assert all(math.isfinite(event.value) for event in loss)
+    lr = [event.value for event in log.Scalars("train/lr")]  # the lr each step used: cosine
+    assert lr == pytest.approx([1e-4 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)])
+    assert [event.step for event in log.Scalars("eval/outlier_rate")] == [0, 2, 4]
+    assert {"train/keep", "train/forget", "eval/fid"} <= set(log.Tags()["scalars"])
+
+    unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path / "plain", *flags)))
+    name = "diffusion_pytorch_model.safetensors"
+    with_tracker = load_file(str(tmp_path / "logged" / "model" / name))
+    without = load_file(str(tmp_path / "plain" / "model" / name))
+    assert all(torch.equal(with_tracker[k], without[k]) for k in without)
+
+
+def test_the_sample_grid_takes_any_sample_count(tmp_path):
+    """--eval_samples 50 (not a multiple of the grid's 8 rows) draws a grid, not a crash after
+    the evaluation."""
+    samples = torch.rand(50, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for count in (50, 5):
+        path = tmp_path / f"grid-{count}.png"
+        unlearn.save_grid(samples[:count], samples[0], path, "title")
+        assert path.stat().st_size > 0
+
+
 def test_help_runs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         unlearn.parse_args(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--resume" in out
-    assert "--audit-checks" in out and "~6 min per model" in " ".join(out.split())
+    assert "--resume_from_checkpoint latest|PATH" in out
+    assert "--audit_checks" in out and "~6 min per model" in " ".join(out.split())
 
 
 def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
@@ -273,12 +344,12 @@ def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
         Image.fromarray(pixels).save(folder / f"{index:02d}.png")
     outlier = tmp_path / "outlier.png"
     Image.fromarray(torch.full((12, 12, 3), 255, dtype=torch.uint8).numpy()).save(outlier)
-    data = ["--data", "folder", "--data-root", str(folder), "--outlier-image", str(outlier)]
+    data = ["--data", "folder", "--data_root", str(folder), "--outlier_image", str(outlier)]
     checkpoint = tmp_path / "pretrained"
     pretrain.main([
-        *data, "--size", "16", "--channels", "3", "--steps", "2", "--batch-size", "4",
-        "--warmup-steps", "1", "--eval-samples", "0", "--output-dir", str(checkpoint),
-        "--no-progress",
+        *data, "--resolution", "16", "--channels", "3", "--max_train_steps", "2",
+        "--train_batch_size", "4", "--lr_warmup_steps", "1", "--eval_samples", "0",
+        "--output_dir", str(checkpoint), "--no_progress",
     ])  # fmt: skip
     assert UNet2DModel.from_pretrained(checkpoint).config.in_channels == 3
     result = unlearn.run(unlearn.parse_args([*argv(checkpoint, tmp_path / "out"), *data]))
@@ -292,9 +363,9 @@ def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_pat
     from siss.audit import AuditReport, compare
 
     flags = [
-        *argv(checkpoint, tmp_path, "--method", "naive"), "--audit", "--audit-samples", "8",
-        "--audit-steps", "2", "--audit-references", "8", "--audit-option",
-        "reconstruction.noise_draws=2", "--audit-option", "membership.noise_draws=2",
+        *argv(checkpoint, tmp_path, "--method", "naive"), "--audit", "--audit_samples", "8",
+        "--audit_steps", "2", "--audit_references", "8", "--audit_option",
+        "reconstruction.noise_draws=2", "--audit_option", "membership.noise_draws=2",
     ]  # fmt: skip
     unlearn.main(flags)
     printed = capsys.readouterr().out
@@ -306,7 +377,13 @@ def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_pat
     for name in ("audit_before.png", "audit_after.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert {r.check for r in before.results} == set(unlearn.AUDIT_CHECKS)
-    directions = ("toward not held", "toward held", "no change", "not comparable")
+    directions = (
+        "toward not held",
+        "toward held",
+        "intervals overlap",
+        "no change",
+        "not comparable",
+    )
     rows = {}
     for line in table.splitlines()[4:]:
         check, image, name, first, second, change = (c.strip() for c in line.strip("|").split("|"))
@@ -323,7 +400,7 @@ def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_pat
 
     # The pretrained model is audited once: a rerun with the same settings reuses its audit.
     written = (tmp_path / "audit_before.json").stat().st_mtime_ns
-    unlearn.main([*flags, "--resume"])
+    unlearn.main([*flags, "--resume_from_checkpoint", "latest"])
     assert (tmp_path / "audit_before.json").stat().st_mtime_ns == written
     assert "auditing before" not in capsys.readouterr().err
 

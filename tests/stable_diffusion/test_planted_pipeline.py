@@ -1,4 +1,4 @@
-"""The planted-memorization pipeline does what the Stable Diffusion example's tests rely on.
+"""The planted-memorization pipeline does what the Stable Diffusion job's tests rely on.
 
 ``conftest.planted_sd_pipeline`` copies a tiny Stable Diffusion pipeline (tests/assets/planted-sd/)
 whose UNet was trained to reproduce one training image, a white T-shirt on black, for the prompt

@@ -1,0 +1,369 @@
+"""Groups of flags named as in diffusers' training scripts (``train_text_to_image.py``,
+``train_unconditional.py``), shared by every command: the model to start from, the output folder,
+the training schedule, checkpoints and resume, trackers, and where the command runs.
+
+Each ``add_*`` function adds its flags to a ``CommandParser`` (with their old hyphenated
+spellings, hidden, until ``siss._cli.parser.REMOVED_IN``) and the checks of their values, run
+right after parsing: an out-of-range value, a missing folder, a device this machine lacks or a
+tracker whose package is not installed is an error naming the flag and the value, exit code 2,
+before any model is loaded or any file is written. A command offers the flags that mean
+something for it: an argument left at ``None`` leaves that flag out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siss._cli.parser import Check, CommandParser, flag
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb")
+CHECKPOINTS = "checkpoints"
+"""The folder under ``--output_dir`` that ``--resume_from_checkpoint NAME`` also looks in."""
+
+
+def resolve_device(value: str | None, flag: str = "--device") -> torch.device:
+    """The ``torch.device`` of ``value`` (``None``: CUDA if available, else the CPU); a
+    ``ValueError`` naming ``flag`` for a malformed device or one this machine does not have.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("tpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: --device tpu: not a torch device (e.g. cpu, cuda, cuda:1, mps)
+    """
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{flag} {value}: not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {value}: CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{flag} {value}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {value}: MPS is not available on this machine; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {value}: this command runs on cpu, cuda or mps")
+    return device
+
+
+def _folder_check(name: str, dest: str, *, hub: bool, hint: str) -> Check:
+    """The check that ``args.<dest>`` is an existing folder (or, with ``hub``, a Hub id)."""
+
+    def check(args: argparse.Namespace) -> None:
+        value = getattr(args, dest)
+        if value is None:
+            return
+        path = Path(value)
+        if path.is_dir():
+            return
+        if path.exists():
+            raise ValueError(f"{name} {value}: is a file, not a model folder")
+        parts = str(value).split("/")
+        if hub and len(parts) == 2 and all(parts) and not str(value).startswith("."):
+            return  # a Hub model id (organization/name), downloaded by from_pretrained
+        raise ValueError(f"{name} {value}: no such folder{hint}")
+
+    return check
+
+
+def add_model_flag(
+    parser: CommandParser,
+    *,
+    default: Path | str | None,
+    help: str,
+    old: tuple[str, ...] = (),
+    hub: bool = False,
+    missing_hint: str = "",
+) -> None:
+    """``--pretrained_model_name_or_path``: the model folder the command starts from, which
+    must exist (``hub``: or be a Hub id such as ``CompVis/stable-diffusion-v1-4``).
+    ``missing_hint`` ends the error of a missing folder (say how to make it)."""
+    flag(
+        parser,
+        "--pretrained_model_name_or_path",
+        old=old,
+        type=str if hub else Path,
+        default=default,
+        metavar="PATH",
+        help=help,
+    )
+    parser.add_check(
+        _folder_check(
+            "--pretrained_model_name_or_path",
+            "pretrained_model_name_or_path",
+            hub=hub,
+            hint=missing_hint,
+        )
+    )
+
+
+def add_output_flag(
+    parser: CommandParser, *, default: Path | None, help: str, old: tuple[str, ...] = ()
+) -> None:
+    """``--output_dir``: the folder the command writes into (made when the run starts, not at
+    parsing); an existing file there is refused."""
+    flag(parser, "--output_dir", old=old, type=Path, default=default, metavar="DIR", help=help)
+
+    def check(args: argparse.Namespace) -> None:
+        if args.output_dir is not None and Path(args.output_dir).is_file():
+            raise ValueError(f"--output_dir {args.output_dir}: is a file, not a folder")
+
+    parser.add_check(check)
+
+
+# The flags of the training group with their generic help; a command's ``helps`` override it.
+_TRAINING_HELP = {
+    "max_train_steps": "optimizer steps of the run",
+    "train_batch_size": "rows per step on each device (one process: the whole batch)",
+    "gradient_accumulation_steps": "micro-batches accumulated into one optimizer step",
+    "learning_rate": "AdamW's peak learning rate",
+    "lr_scheduler": "learning-rate schedule (diffusers.optimization.get_scheduler)",
+    "lr_warmup_steps": "linear warmup steps of the learning-rate schedule",
+    "max_grad_norm": "gradient clipping norm; 0 disables clipping",
+    "mixed_precision": "precision of the forward and backward passes (accelerate)",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, slower",
+    "rank": "rank of the LoRA adapters",
+    "seed": "seed of every random draw (data order, timesteps, noise)",
+}
+# The spellings these flags had before they followed diffusers (accepted until REMOVED_IN).
+_TRAINING_OLD: dict[str, tuple[Any, ...]] = {
+    "max_train_steps": ("--steps",),
+    "train_batch_size": ("--batch-size",),
+    "learning_rate": ("--lr",),
+    "lr_scheduler": ("--lr-schedule",),
+}
+
+
+def add_training_flags(
+    parser: CommandParser,
+    *,
+    max_train_steps: int | None = None,
+    train_batch_size: int | None = None,
+    learning_rate: float | None = None,
+    lr_scheduler: tuple[str, tuple[str, ...]] | None = None,
+    lr_warmup_steps: int | None = None,
+    max_grad_norm: float | None = None,
+    gradient_accumulation_steps: int | None = None,
+    mixed_precision: str | None = None,
+    gradient_checkpointing: bool = False,
+    rank: int | None = None,
+    seed: int | None = None,
+    helps: dict[str, str] | None = None,
+    old: dict[str, tuple[Any, ...]] | None = None,
+) -> argparse._ArgumentGroup:
+    """The training group: each flag given a default here is offered with it, the others are
+    left out. ``lr_scheduler`` is ``(default, choices)``; ``gradient_checkpointing`` a switch.
+    ``helps``: the command's help of a flag (by its name without dashes); ``old``: more old
+    spellings of a flag. Checks: steps, batch and accumulation >= 1, learning rate > 0,
+    warmup >= 0, clipping norm >= 0, rank >= 1, seed >= 0."""
+    helps = {**_TRAINING_HELP, **(helps or {})}
+    old_names = {**_TRAINING_OLD}
+    for key, spellings in (old or {}).items():
+        old_names[key] = old_names.get(key, ()) + tuple(spellings)
+    group = parser.add_argument_group("training")
+
+    def add(name: str, **kwargs: Any) -> None:
+        flag(group, f"--{name}", old=old_names.get(name, ()), help=helps[name], **kwargs)
+
+    if max_train_steps is not None:
+        add("max_train_steps", type=int, default=max_train_steps, at_least=1)
+    if train_batch_size is not None:
+        add("train_batch_size", type=int, default=train_batch_size, at_least=1)
+    if gradient_accumulation_steps is not None:
+        add(
+            "gradient_accumulation_steps", type=int, default=gradient_accumulation_steps, at_least=1
+        )
+    if learning_rate is not None:
+        add("learning_rate", type=float, default=learning_rate, above=0)
+    if lr_scheduler is not None:
+        default, choices = lr_scheduler
+        add("lr_scheduler", choices=choices, default=default)
+    if lr_warmup_steps is not None:
+        add("lr_warmup_steps", type=int, default=lr_warmup_steps, at_least=0)
+    if max_grad_norm is not None:
+        add("max_grad_norm", type=float, default=max_grad_norm, at_least=0)
+    if mixed_precision is not None:
+        add("mixed_precision", choices=MIXED_PRECISIONS, default=mixed_precision)
+    if gradient_checkpointing:
+        add("gradient_checkpointing", action="store_true")
+    if rank is not None:
+        add("rank", type=int, default=rank, at_least=1)
+    if seed is not None:
+        add("seed", type=int, default=seed, at_least=0)
+    return group
+
+
+def add_checkpoint_flags(
+    parser: CommandParser,
+    *,
+    checkpointing_steps: int | None = None,
+    checkpoints_total_limit: int | None = None,
+    resume_paths: bool = True,
+    what: str = "the newest checkpoint under --output_dir",
+) -> argparse._ArgumentGroup:
+    """``--checkpointing_steps N`` (a checkpoint every N steps), ``--checkpoints_total_limit N``
+    (the newest N kept, older ones deleted as new ones are written) where given a default, and
+    ``--resume_from_checkpoint latest|PATH`` (``latest``: ``what``; a PATH: that checkpoint
+    folder, as given or under ``--output_dir``/checkpoints; ``resume_paths=False``: ``latest``
+    only). A PATH that does not exist is an error naming it."""
+    group = parser.add_argument_group("checkpoints")
+    if checkpointing_steps is not None:
+        flag(
+            group,
+            "--checkpointing_steps",
+            old=("--checkpoint-every",),
+            type=int,
+            default=checkpointing_steps,
+            at_least=1,
+            help="save a resumable checkpoint every this many steps (and at the last one)",
+        )
+    if checkpoints_total_limit is not None:
+        flag(
+            group,
+            "--checkpoints_total_limit",
+            type=int,
+            default=checkpoints_total_limit,
+            at_least=1,
+            help="checkpoints kept: the oldest are deleted as new ones are saved",
+        )
+    flag(
+        group,
+        "--resume_from_checkpoint",
+        old=(("--resume", "latest"),),
+        default=None,
+        metavar="latest|PATH" if resume_paths else "latest",
+        help=f"continue a run: 'latest' from {what}"
+        + (", or a PATH to one checkpoint folder" if resume_paths else "")
+        + ". Default: none (start anew)",
+    )
+
+    def check(args: argparse.Namespace) -> None:
+        value = args.resume_from_checkpoint
+        if value is None or value == "latest":
+            return
+        if not resume_paths:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: this command resumes its --output_dir; "
+                "use 'latest'"
+            )
+        candidates = [Path(value)]
+        if getattr(args, "output_dir", None) is not None:
+            candidates.append(Path(args.output_dir) / CHECKPOINTS / value)
+        found = next((path for path in candidates if path.is_dir()), None)
+        if found is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+        args.resume_from_checkpoint = found
+
+    parser.add_check(check)
+    return group
+
+
+def tracker_available(name: str) -> bool:
+    """Whether the package of accelerate's tracker ``name`` is installed."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+
+
+def add_logging_flags(parser: CommandParser) -> argparse._ArgumentGroup:
+    """``--report_to tensorboard|wandb`` (accelerate's trackers; default none) and
+    ``--logging_dir`` (under ``--output_dir``). A tracker whose package is not installed is
+    an error naming it."""
+    group = parser.add_argument_group("logging")
+    flag(
+        group,
+        "--report_to",
+        choices=TRACKERS,
+        default=None,
+        help="log the per-step loss terms, balancer statistics, learning rate and in-run "
+        "evaluations with accelerate's tracker: tensorboard (pip install tensorboard, or "
+        "siss[examples]) or wandb. Default: no tracker",
+    )
+    flag(
+        group,
+        "--logging_dir",
+        type=Path,
+        default=Path("logs"),
+        help="the trackers' folder, under --output_dir",
+    )
+
+    def check(args: argparse.Namespace) -> None:
+        if args.report_to is not None and not tracker_available(args.report_to):
+            raise ValueError(
+                f"--report_to {args.report_to}: the {args.report_to} package is not installed "
+                f"(pip install {args.report_to})"
+            )
+
+    parser.add_check(check)
+    return group
+
+
+def add_runtime_flags(
+    parser: CommandParser, *, device: bool = True, threads: int | None = None
+) -> argparse._ArgumentGroup:
+    """``--device`` (checked: a device this machine lacks is named as such; the namespace
+    holds its name), ``--threads`` (torch CPU threads; ``threads`` the default, ``None``:
+    torch's) and ``--no_progress``."""
+    group = parser.add_argument_group("runtime")
+    if device:
+        flag(
+            group,
+            "--device",
+            default=None,
+            help="torch device (cpu, cuda, cuda:1, mps). Default: cuda if available, else cpu",
+        )
+        parser.add_check(lambda args: setattr(args, "device", str(resolve_device(args.device))))
+    default = "torch's own (all cores)" if threads is None else threads
+    flag(
+        group,
+        "--threads",
+        type=int,
+        default=threads,
+        at_least=1,
+        help=f"torch CPU threads. Default: {default}",
+    )
+    flag(group, "--no_progress", action="store_true", help="hide the progress bars")
+    return group
+
+
+def start_trackers(
+    args: argparse.Namespace, project_dir: Path, project_name: str, config: dict[str, Any]
+) -> Any | None:
+    """An ``accelerate.Accelerator`` logging to ``args.report_to`` under
+    ``project_dir / args.logging_dir`` (``ProjectConfiguration``), its trackers started with
+    ``config`` as hyper-parameters (values that are not numbers, strings or booleans as
+    strings); ``None`` without ``--report_to``. Log with ``accelerator.log(values, step=...)``
+    and close with ``accelerator.end_training()``."""
+    if getattr(args, "report_to", None) is None:
+        return None
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(
+        project_dir=str(project_dir), logging_dir=str(Path(project_dir) / args.logging_dir)
+    )
+    accelerator = Accelerator(log_with=args.report_to, project_config=project)
+    hparams = {
+        key: value
+        if isinstance(value, bool | int | str)
+        or (isinstance(value, float) and math.isfinite(value))
+        else str(value)
+        for key, value in config.items()
+    }
+    accelerator.init_trackers(project_name, config=hparams)
+    return accelerator

@@ -1,0 +1,111 @@
+"""The recipe's flags (``siss.UnlearningConfig``) and the config they make."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from siss._cli.parser import flag
+
+# The flag of each UnlearningConfig field, where it is not ``--<field>`` (diffusers' style).
+RECIPE_FLAGS: dict[str, str] = {}
+# The same for a command whose flags still have their old names (``--lr``, ``--steps``, with
+# hyphens): one without ``args.learning_rate``.
+_OLD_RECIPE_FLAGS = {
+    "max_train_steps": "--steps",
+    "learning_rate": "--lr",
+    "lr_scheduler": "--lr-schedule",
+    "adam_weight_decay": "--weight-decay",
+}
+
+
+def add_keep_target_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, keep_target: str | None = None
+) -> None:
+    """``--keep_target``, ``--balance_mode``, ``--balance_every`` and ``--calibration_batches``:
+    the recipe's flags beyond the paper's (``recipe_config`` checks them and resolves their
+    defaults). ``keep_target``: the command's default (``None``: the method's, the teacher for
+    SISS). The hyphenated spellings stay accepted until ``siss._cli.parser.REMOVED_IN``."""
+    default = "the teacher for --method siss" if keep_target is None else repr(keep_target)
+    flag(
+        parser,
+        "--keep_target",
+        choices=("teacher", "noise"),
+        default=keep_target,
+        help="SISS's keep term: 'teacher' matches the frozen model's prediction (a frozen copy; "
+        "for a LoRA, its base model): Lemma 1's expected gradient where the teacher is stationary "
+        "for the loss, without the keep term's regression on the drawn noise (NegGrad's noise "
+        "remains; siss.functional.teacher_siss_terms); refused at --lam 0 or 1; 'noise' "
+        "regresses on the drawn noise (the paper's Eq. 15, the only choice for the other "
+        f"methods). Default: {default}",
+    )
+    flag(
+        parser,
+        "--balance_mode",
+        choices=("fix", "clip", "absolute"),
+        default=None,
+        help="superfactor rule (siss.NormBalancer). Default: 'absolute' with the teacher keep "
+        "target (the forget gradient at --ratio times the naive-deletion gradient's norm, "
+        "measured over --calibration_batches steps at the start), 'fix' otherwise (--ratio times "
+        "the keep gradient's norm, every step)",
+    )
+    flag(
+        parser,
+        "--balance_every",
+        type=int,
+        default=None,
+        help="refresh the balancer's coefficient every this many steps (a second backward); "
+        "in between one backward of keep - c * forget. Default: 10 for 'absolute' "
+        "(siss.recipe.DEFAULT_BALANCE_EVERY), 1 otherwise",
+    )
+    flag(
+        parser,
+        "--calibration_batches",
+        type=int,
+        default=8,
+        help="steps whose median naive-deletion gradient norm sets 'absolute' mode's scale",
+    )
+
+
+def _value(args: argparse.Namespace, new: str, old: str) -> Any:
+    return getattr(args, new) if hasattr(args, new) else getattr(args, old, None)
+
+
+def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
+    """The ``siss.UnlearningConfig`` of a command's recipe flags (``--method``, ``--lam``,
+    ``--keep_target``, ``--superfactor``, ``--ratio``, ``--balance_mode``, ``--balance_every``,
+    ``--calibration_batches``, ``--timesteps``, ``--learning_rate``, ``--max_train_steps``,
+    ``--max_grad_norm``, ``--seed``; a namespace with the old ``lr``/``steps`` reads those);
+    ``fields`` set or override the others. A ``ValueError`` naming the flag of a bad value."""
+    from siss.recipe import UnlearningConfig
+
+    timesteps = args.timesteps or None
+    if timesteps is not None:
+        timesteps = timesteps[0] if len(timesteps) == 1 else tuple(timesteps)
+    values = {
+        "method": args.method,
+        "lam": args.lam,
+        "keep_target": args.keep_target,
+        "superfactor": args.superfactor,
+        "ratio": args.ratio,
+        "balance_mode": args.balance_mode,
+        "balance_every": args.balance_every,
+        "calibration_batches": args.calibration_batches,
+        "timesteps": timesteps,
+        "learning_rate": _value(args, "learning_rate", "lr"),
+        "max_train_steps": _value(args, "max_train_steps", "steps"),
+        "max_grad_norm": args.max_grad_norm,
+        "seed": args.seed,
+        **fields,
+    }
+    if values["max_train_steps"] is None:
+        del values["max_train_steps"]
+    try:
+        return UnlearningConfig(**values)
+    except ValueError as error:
+        field, _, message = str(error).removeprefix("UnlearningConfig.").partition(": ")
+        if hasattr(args, "learning_rate"):
+            name = RECIPE_FLAGS.get(field, "--" + field)
+        else:  # a command that still has the old names
+            name = _OLD_RECIPE_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{name}: {message}") from None

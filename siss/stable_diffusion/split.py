@@ -1,0 +1,154 @@
+"""Stage 2, split: the generated images into the memorized copies (A) and the rest (X \\ A).
+
+``siss.audit.split.memorization_split`` decides: by the distance to ``--reference-image`` when
+the training image is at hand, else by the paper's 2-means rule; on pixels, VAE latents or an
+image encoder's features (``--features``). ``split.json`` records the rule in words, its
+statistics and every image's score, and a grid shows each side. A prompt the split finds not
+memorized, or memorized in every image (no X \\ A to keep), stops here with ``StopJob`` naming
+the flag that would change it. The same rule applied to new images is the verification's
+detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from siss._optional import needs
+from siss.stable_diffusion.files import (
+    SPLIT_FLAGS,
+    Job,
+    image_grid,
+    read_json,
+    save_png,
+    training_config,
+    write_json,
+)
+from siss.stable_diffusion.pipeline import to_signed
+
+
+class StopJob(Exception):
+    """A prompt that cannot be unlearned as asked (no memorization, an empty side of the split):
+    the message says why and which flag would change it. The prompt-list mode records it in the
+    summary and goes on with the next prompt."""
+
+
+def check_threshold_given(args: argparse.Namespace, where: str) -> None:
+    """The default reference threshold is a pixel distance: other features need their own."""
+    if args.threshold is None and (args.features, args.metric) != ("pixels", "euclidean"):
+        raise SystemExit(
+            f"--threshold is required with {where} and --features {args.features} "
+            f"(--metric {args.metric}): the default threshold is a pixel distance"
+        )
+
+
+def load_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """``(1, 3, H, W)`` in [-1, 1]; a named error when it is not the generated size."""
+    import numpy as np
+
+    with needs("siss-stable-diffusion"):
+        from PIL import Image
+
+    with Image.open(path) as image:
+        if (image.height, image.width) != size:
+            raise SystemExit(
+                f"--reference-image {path} is {image.width}x{image.height} but the pipeline "
+                f"generates {size[1]}x{size[0]} images: resize or crop it to {size[1]}x{size[0]}"
+            )
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return to_signed(torch.from_numpy(array.copy()).permute(2, 0, 1)[None])
+
+
+def feature_map(args: argparse.Namespace, pipe: Any) -> Any:
+    """Images ``(N, 3, H, W)`` in [-1, 1] -> features ``(N, F)``; ``None`` for pixels (the
+    split's default, which also brings its default reference threshold)."""
+    from siss.audit import split as split_module
+
+    if args.features == "pixels":
+        return None
+    if args.features == "vae":
+        return split_module.vae_features(pipe.vae)
+    return split_module.image_encoder_features(args.features, device=pipe.device)
+
+
+def split_stage(
+    args: argparse.Namespace, job: Job, pipe: Any, accelerator: Any, images: torch.Tensor
+) -> tuple[Any, Any]:
+    """Split the generated images with ``siss.audit.split.memorization_split``.
+
+    The main process splits (deterministic: KMeans is seeded) and writes ``split.json`` (the
+    rule in words, its parameters and statistics, per-image scores and the memorized indices)
+    and a grid of each side; every process then reads ``split.json`` and raises ``StopJob``
+    when no memorization was found or a side is empty. Returns the split (``.memorized``, a
+    ``(N,)`` bool mask) and, on the main process, the detector that applies the split's own
+    rule to new uint8 images (``MemorizationSplit.classify``).
+    """
+    from siss.audit.generation import pixel_features
+    from siss.audit.split import memorization_split
+
+    path = job.out / "split.json"
+    features = feature_map(args, pipe)
+    detector = split = None
+    if accelerator.is_main_process:
+        kwargs: dict[str, Any] = {"features": features}
+        if job.reference is not None:
+            reference = load_reference(job.reference, tuple(images.shape[2:]))
+            kwargs.update(reference=reference, threshold=args.threshold, metric=args.metric)
+        else:
+            kwargs.update(seed=args.seed, tightness=args.tightness)
+        split = memorization_split(to_signed(images), **kwargs)
+        settings = {k: training_config(args, job)[k] for k in SPLIT_FLAGS}
+        write_json(path, {**split.to_dict(), "settings": settings})
+        save_split_grids(images, split.memorized.bool().cpu(), job.out)
+        apply = features or pixel_features
+
+        def detector(new_images: torch.Tensor) -> torch.Tensor:
+            feats = torch.cat([apply(to_signed(chunk)) for chunk in new_images.split(64)])
+            return split.classify(feats).bool().cpu()
+
+    accelerator.wait_for_everyone()
+    payload = read_json(path)
+    check_split(payload, job)
+    if split is None:
+        split = SavedSplit(payload)
+    return split, detector
+
+
+class SavedSplit:
+    """What the other processes need of the split: the ``(N,)`` bool mask (from split.json)."""
+
+    def __init__(self, payload: dict[str, Any]):
+        self.memorized = torch.tensor(payload["memorized"], dtype=torch.bool)
+
+
+def check_split(payload: dict[str, Any], job: Job) -> None:
+    """``StopJob`` naming the flag to change when ``split.json`` found no copy, or nothing but
+    copies (SISS needs both A and X \\ A)."""
+    memorized, keep = payload["counts"]["memorized"], payload["counts"]["not_memorized"]
+    grids = f"see {job.out}/split_memorized.png and split_not_memorized.png"
+    if not payload.get("found", True) or memorized == 0:
+        if job.reference is None:
+            how = "pass --reference-image (the training image), or raise --tightness"
+        elif payload.get("metric") == "cosine":
+            how = "lower --threshold (a similarity)"
+        else:
+            how = "raise --threshold (a distance)"
+        raise StopJob(
+            f"no memorization found among the {memorized + keep} images of {job.train_prompt!r}: "
+            f"{payload.get('reason', '')} ({grids}); if it is memorized, {how}"
+        )
+    if keep == 0:
+        raise StopJob(
+            f"all {memorized} images of {job.train_prompt!r} are copies of the memorized image: "
+            "with no image to keep, SISS has no X \\ A; use a modified, partially memorized "
+            f"--train-prompt (the paper's), or raise --num-images ({grids})"
+        )
+
+
+def save_split_grids(images: torch.Tensor, memorized: torch.Tensor, out: Path) -> None:
+    """``split_memorized.png`` and ``split_not_memorized.png``: up to 64 images of each side."""
+    for name, mask in (("split_memorized", memorized), ("split_not_memorized", ~memorized)):
+        save_png(image_grid(images[mask][:64]), out / f"{name}.png")

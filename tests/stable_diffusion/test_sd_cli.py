@@ -1,0 +1,172 @@
+"""The command line of the Stable Diffusion job (``siss.stable_diffusion.cli``): ``--help`` of
+``python -m siss.stable_diffusion``, the exit status, and every bad input the issue lists
+stopping with an error naming the flag before the expensive work (on the random tiny pipeline,
+CPU, no download). The installed ``siss-stable-diffusion --help``: tests/test_commands.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_conditional_unet, tiny_sd_pipeline
+
+from siss.stable_diffusion import cli
+from tests.stable_diffusion.sd_harness import CHEAP, MODULE, ROOT, expect_exit
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
+
+
+def test_help_runs_as_a_script_and_names_every_stage_and_flag():
+    done = subprocess.run(
+        [sys.executable, *MODULE, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert text.startswith("usage: python -m siss.stable_diffusion"), text[:200]
+    for word in (
+        "generate",
+        "split",
+        "unlearn",
+        "verify",
+        "--lora-rank",
+        "--full",
+        "--reference-image",
+        "--prompts",
+        "--clip-model",
+        "--resume",
+        "--verify-every",
+        "--gradient-checkpointing",
+        "--compile",
+        "--mixed-precision",
+    ):
+        assert word in text, word  # fmt: skip
+    parser_flags = [a for a in text.split() if a.startswith("--")]
+    assert len(set(parser_flags)) > 40
+
+
+def test_main_exits_with_status_zero_once_done(tiny_sd_folder, tmp_path):
+    """``main`` is the installed command's entry point (``sys.exit(main())``): it returns 0, not
+    the metrics (a dict would exit with status 1)."""
+    out = tmp_path / "out"
+    argv = ["generate", "--model", tiny_sd_folder, "--prompt", "a", "--out", out,
+            "--num-images", "2", *CHEAP]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_a_bad_flag_exits_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "give --prompt or --prompts" in capsys.readouterr().err
+
+
+def test_missing_model_path_names_the_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    expect_exit(capsys, ["--model", tmp_path / "no-such", "--prompt", "a", "--out", out], "--model")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--steps", "-5"], "--steps must be >= 1"),
+        (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
+        (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
+        (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
+        *(
+            []
+            if torch.cuda.is_available()
+            else [(["--device", "cuda"], "--device cuda: CUDA is not available")]
+        ),
+    ],
+)
+def test_bad_recipe_flags_are_named_before_loading(tiny_sd_folder, tmp_path, capsys, flags, named):
+    out = tmp_path / "out"
+    expect_exit(capsys, ["--model", tiny_sd_folder, "--prompt", "a", "--out", out, *flags], named)
+    assert not out.exists()
+
+
+def test_pipeline_without_text_encoder_is_refused_before_loading(tmp_path, capsys):
+    from conftest import tiny_unet
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = tmp_path / "ddpm"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    out = tmp_path / "out"
+    expect_exit(capsys, ["--model", folder, "--prompt", "a", "--out", out, *CHEAP],
+                "--model", "text encoder")  # fmt: skip
+    assert not (out / "images").exists()
+
+
+def test_reference_image_of_the_wrong_size_stops_before_generating(
+    tiny_sd_folder, tmp_path, capsys
+):
+    from PIL import Image
+
+    reference = tmp_path / "ref.png"
+    Image.new("RGB", (20, 24), "red").save(reference)
+    out = tmp_path / "out"
+    argv = ["--model", tiny_sd_folder, "--prompt", "a", "--out", out, *CHEAP]
+    expect_exit(
+        capsys, [*argv, "--reference-image", reference], "--reference-image", "20x24", "16x16"
+    )
+    assert not (out / "images").exists()
+
+
+def test_lora_on_a_model_without_attention_is_refused(tmp_path, capsys):
+    unet = tiny_conditional_unet(
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None,
+    )
+    folder = tiny_sd_pipeline(tmp_path / "pipe", unet=unet)
+    out = tmp_path / "out"
+    argv = ["--model", folder, "--prompt", "a", "--out", out, *CHEAP]
+    expect_exit(capsys, argv, "--lora-rank 4", "--lora-targets", "--full")
+    assert not (out / "images").exists()
+    expect_exit(capsys, [*argv, "--lora-rank", "0"], "--lora-rank")
+    expect_exit(capsys, [*argv, "--full", "--lora-rank", "8"], "--full", "--lora-rank")
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(tiny_sd_folder, tmp_path, capsys):
+    argv = ["--model", tiny_sd_folder, "--prompt", "a", "--out", tmp_path, *CHEAP]
+    expect_exit(capsys, [*argv, "--batch-size", "6", "--micro-batch-size", "4"], "--batch-size")
+
+
+@pytest.mark.parametrize(
+    ("environ", "refused"),
+    [
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),
+        ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "x", "WORLD_SIZE": "2", "RANK": "0"}, False),
+        ({"ACCELERATE_USE_CPU": "False"}, False),  # accelerate launch, one process asked for
+        ({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),  # torchrun
+        ({}, False),
+    ],
+)
+def test_a_launch_that_started_fewer_processes_than_asked_is_refused(environ, refused, capsys):
+    parser = cli.build_parser()
+    if not refused:
+        cli.check_launcher(parser, environ)
+        return
+    with pytest.raises(SystemExit) as exited:
+        cli.check_launcher(parser, environ)
+    assert exited.value.code == 2
+    assert "torchrun --nproc_per_node N" in capsys.readouterr().err
+
+
+def test_accelerate_launch_of_two_cpu_processes_stops_before_loading(tmp_path):
+    """The issue's case: ``accelerate launch --num_processes 2`` on the CPU ran one process and
+    reported ``processes: 1``. Now it stops with exit 2 and writes nothing."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
+               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "siss.stable_diffusion", "generate", "--model", str(tmp_path / "absent"),
+               "--prompt", "a", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    assert "started one" in done.stderr and "torchrun --nproc_per_node N" in done.stderr
+    assert not out.exists()

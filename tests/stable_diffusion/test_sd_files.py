@@ -1,0 +1,70 @@
+"""The prompt lists of the Stable Diffusion job (``siss.stable_diffusion.files``): plain text,
+JSONL (Wen et al.'s ``sdv1_500_memorized.jsonl`` included) and Webster's ground-truth parquet,
+each prompt a job in a subfolder of ``--out``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from siss.stable_diffusion.files import MEMORIZED_TYPES, read_prompt_list, records_from_columns
+
+
+def test_prompt_list_formats(tmp_path):
+    (tmp_path / "list.txt").write_text("# memorized prompts\nfirst prompt\n\nsecond prompt\n")
+    jobs = read_prompt_list(tmp_path / "list.txt", tmp_path / "out")
+    assert [j.prompt for j in jobs] == ["first prompt", "second prompt"]
+    assert [j.out.name for j in jobs] == ["000-first-prompt", "001-second-prompt"]
+
+    (tmp_path / "ref.png").write_bytes(b"")
+    rows = [
+        {"prompt": "a", "train_prompt": "a'", "reference_image": "ref.png"},
+        # Wen et al.'s sdv1_500_memorized.jsonl: caption, index, url
+        {"caption": "Mothers influence on her young hippo", "index": 964841345, "url": "https://x"},
+    ]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first, second = read_prompt_list(tmp_path / "list.jsonl", tmp_path / "out")
+    assert (first.prompt, first.train_prompt) == ("a", "a'")
+    assert first.reference == (tmp_path / "ref.png").resolve()
+    assert (second.prompt, second.train_prompt) == ("Mothers influence on her young hippo",) * 2
+    assert second.source == {"index": 964841345, "url": "https://x"}
+
+    (tmp_path / "bad.jsonl").write_text('{"url": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"--prompts .* entry 1: no 'prompt'"):
+        read_prompt_list(tmp_path / "bad.jsonl", tmp_path / "out")
+    (tmp_path / "missing.jsonl").write_text('{"prompt": "a", "reference_image": "nope.png"}\n')
+    with pytest.raises(ValueError, match="no reference image"):
+        read_prompt_list(tmp_path / "missing.jsonl", tmp_path / "out")
+
+
+def test_webster_columns_keep_memorized_rows_only():
+    """Webster's ground-truth parquet, as pyarrow's ``to_pydict()`` gives it."""
+    columns = {
+        "caption": ["Galaxy Women's Leather Boots", "Mothers influence on her young hippo", "x"],
+        "url": ["u1", "u2", "u3"],
+        "overfit_type": ["TV", "MV", "N"],
+    }
+    rows = records_from_columns(columns, "gt.parquet", MEMORIZED_TYPES)
+    assert [r["caption"] for r in rows] == columns["caption"][:2]
+    rows = records_from_columns(columns, "gt.parquet", ["MV"])
+    assert [r["overfit_type"] for r in rows] == ["MV"]
+    with pytest.raises(ValueError, match="no 'caption' or 'prompt' column"):
+        records_from_columns({"text": ["a"]}, "gt.parquet", ["MV"])
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        (tmp_path / "gt.parquet").write_bytes(b"PAR1")
+        with pytest.raises(SystemExit, match="pip install pyarrow"):
+            read_prompt_list(tmp_path / "gt.parquet", tmp_path / "out")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"caption": ["a", "b"], "url": ["u", "v"], "overfit_type": ["MV", "N"]})
+        pq.write_table(table, tmp_path / "gt.parquet")
+        jobs = read_prompt_list(tmp_path / "gt.parquet", tmp_path / "out")
+        assert [j.prompt for j in jobs] == ["a"]

@@ -1,0 +1,43 @@
+"""The split stage of the Stable Diffusion job (``siss.stable_diffusion.split``) on the random
+tiny pipeline: a split with an empty side stops the job, naming the flag that would change it,
+after generation and before training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.stable_diffusion.sd_harness import CHEAP, expect_exit, run
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
+
+
+def test_fully_memorized_split_names_the_flags(tiny_sd_folder, tmp_path, capsys):
+    """The random tiny model's images all lie within the default pixel threshold of one of them:
+    A is everything, X \\ A is empty."""
+    out = tmp_path / "out"
+    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", "--out", out, "--num-images", "8",
+            *CHEAP]  # fmt: skip
+    run("generate", *argv)
+    reference = out / "images" / "00000.png"
+    message = expect_exit(capsys, ["split", *argv, "--reference-image", reference],
+                          "all 8 images", "--train-prompt")  # fmt: skip
+    assert "--num-images" in message
+    assert (out / "split.json").is_file() and (out / "split_memorized.png").is_file()
+    # a reference far from every image (white): "no memorization found", naming --threshold
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "white.png")
+    argv += ["--reference-image", tmp_path / "white.png", "--threshold", "0.5"]
+    expect_exit(capsys, ["split", *argv], "no memorization found", "raise --threshold")
+
+
+def test_random_model_has_no_memorization_by_2_means(tiny_sd_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", "--out", out, "--num-images", "12"]
+    expect_exit(capsys, [*argv, *CHEAP], "no memorization found", "--tightness",
+                "--reference-image")  # fmt: skip
+    split = json.loads((out / "split.json").read_text())
+    assert split["rule"] == "2-means" and split["found"] is False
+    assert split["statistics"]["ratio"] > 0.25
