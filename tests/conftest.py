@@ -629,7 +629,7 @@ def build_planted_sd_pipeline(
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -748,6 +748,14 @@ def build_planted_sd_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         ).save_pretrained(staging, safe_serialization=True)
+        # transformers 5 saves the CLIP text encoder without the "text_model." prefix, which
+        # transformers 4 (the lowest versions CI tests) loads as random weights: re-key it
+        encoder = staging / "text_encoder" / "model.safetensors"
+        weights = load_file(encoder)
+        prefixed = {
+            k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()
+        }
+        save_file(prefixed, encoder, metadata={"format": "pt"})
         save_file(
             {"memorized_image": memorized.contiguous()}, staging / "memorized_image.safetensors"
         )

@@ -189,7 +189,8 @@ def prompt_conditioning(
 
         >>> import json, tempfile
         >>> from pathlib import Path
-        >>> from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        >>> from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+        >>> from diffusers import UNet2DConditionModel
         >>> from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
         >>> letters = list("abcdefghijklmnopqrstuvwxyz")
         >>> tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
@@ -207,8 +208,9 @@ def prompt_conditioning(
         ...     cross_attention_dim=8, attention_head_dim=2,
         ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        >>> pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
-        ...     unet=unet, scheduler=None, safety_checker=None, feature_extractor=None,
+        >>> vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)  # not used here
+        >>> pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        ...     unet=unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
         ...     requires_safety_checker=False)
         >>> cond = prompt_conditioning(pipe, "a photo of a hippo")
         >>> cond.conditional["encoder_hidden_states"].shape  # one row, broadcast to any batch

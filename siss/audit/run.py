@@ -140,7 +140,7 @@ def parse_options(values: Sequence[str], flag: str = "--option") -> dict[str, di
 def check_seed(seed: int, check: str) -> int:
     """The seed of ``check``'s generator for the audit seed ``seed``."""
     index = ALL_CHECKS.index(check)
-    return int(np.random.SeedSequence([int(seed), index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed), index]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def _functions() -> dict[str, Callable[..., Any]]:

@@ -40,10 +40,12 @@ def test_scores_match_torchmetrics_on_the_same_model(tiny_clip):
     processor = CLIPProcessor.from_pretrained(tiny_clip)
 
     def text_features(*args, **kwargs):
-        return CLIPModel.get_text_features(model, *args, **kwargs).pooler_output
+        out = CLIPModel.get_text_features(model, *args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output  # a tensor before 5
 
     def image_features(*args, **kwargs):
-        return CLIPModel.get_image_features(model, *args, **kwargs).pooler_output
+        out = CLIPModel.get_image_features(model, *args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     model.get_text_features, model.get_image_features = text_features, image_features
     per_image = clip_image_quality_assessment(
@@ -61,7 +63,10 @@ def test_scores_depend_on_the_images_and_the_prompt(tiny_clip):
     first, again = quality(images(3, seed=1), "a cat"), quality(images(3, seed=1), "a cat")
     assert first == again  # reset between calls: no accumulation across calls
     assert quality(images(3, seed=2), "a cat")["clip_iqa"] != first["clip_iqa"]
-    assert quality(images(3, seed=1), "two dogs")["clip_score"] != first["clip_score"]
+    # clipped at 0: a random tiny CLIP (its init differs across transformers) scores some prompts 0
+    prompts = ("a cat", "two dogs", "a red car")
+    scores = {quality(images(3, seed=1), prompt)["clip_score"] for prompt in prompts}
+    assert len(scores) > 1
 
 
 def test_not_measured_is_said_not_zeroed(tiny_clip):
