@@ -119,6 +119,11 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def adamw(params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    """The benchmarks' optimizer: AdamW at lr 1e-5, the fused kernel on CUDA."""
+    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+
 def make_steps(
     work: Workload,
     batch: int,
@@ -139,8 +144,7 @@ def make_steps(
     adapter = adapter_for(model if model is not None else work.model)
     params = [p for p in work.model.parameters() if p.requires_grad]
     if optimizer is None:
-        fused = {"fused": True} if device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+        optimizer = adamw(params, device)
     siss = loss_from_scheduler(SISSLoss, work.scheduler, lam=0.5, superfactor=ratio).to(device)
     nois = loss_from_scheduler(SISSNoISLoss, work.scheduler, superfactor=ratio).to(device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -459,8 +463,7 @@ def recipe_entries(
         add_lora(work.model, args.rank)
     params = [p for p in work.model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+    optimizer = adamw(params, device)
     plain = make_steps(
         work,
         args.batch_size,
@@ -787,8 +790,7 @@ def bf16_section(args: argparse.Namespace, device: torch.device, entries: Entrie
             )
         )
         entries.put(str(lam), {"max_relative_error": error, "target": 1e-6}, "weights")
-        fused = {"fused": True} if device.type == "cuda" else {}
-        optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+        optimizer = adamw(params, device)
         bad = torch.zeros((), device=device, dtype=torch.long)
         generator.manual_seed(args.seed)
         start = time.perf_counter()

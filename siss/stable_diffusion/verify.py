@@ -169,8 +169,7 @@ def save_plot(history: list[dict[str, Any]], path: Path, floor: float, title: st
     with needs("siss-stable-diffusion"):
         import matplotlib
 
-    matplotlib.use("Agg")
-    with needs("siss-stable-diffusion"):
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
