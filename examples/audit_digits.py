@@ -8,33 +8,30 @@
         --forget outputs/audit/data/members.pt --reference outputs/audit/data/nonmembers.pt \\
         --out outputs/audit-membership
 
-``tshirt.pt`` is ``digits.make_tshirt()`` (1, 1, 16, 16), the image injected at 1% into the
-pretrained model's training set; ``tshirt_variants.pt`` holds ``--count`` procedurally varied
-T-shirts (``digits.make_tshirt_variants``, seed ``--seed``) that no shipped model trained on:
-the reference non-members of the T-shirt (see docs/audit.md for why they are the fair
+``tshirt.pt`` is ``siss._digits.data.make_tshirt()`` (1, 1, 16, 16), the image injected at 1% into
+the pretrained model's training set; ``tshirt_variants.pt`` holds ``--count`` procedurally varied
+T-shirts (``siss._digits.data.make_tshirt_variants``, seed ``--seed``) that no shipped model trained
+on: the reference non-members of the T-shirt (see docs/audit.md for why they are the fair
 comparison). The shipped T-shirt models trained on every digit, so they have no digits that are
-non-members: the membership AUC needs a model of its own. ``examples/assets/membership`` is one,
-a small ``UNet2DModel`` trained on 128 digits drawn at random from scikit-learn's 1,797 (the
-members) until it overfits them; the next 128 of the same draw are its non-members, from the
-same distribution. ``members.pt`` and ``nonmembers.pt`` are that split, read from the model's
+non-members: the membership AUC needs a model of its own. ``examples/assets/membership`` is one, a
+small ``UNet2DModel`` trained on 128 digits drawn at random from scikit-learn's 1,797 (the members)
+until it overfits them; the next 128 of the same draw are its non-members, from the same
+distribution. ``members.pt`` and ``nonmembers.pt`` are that split, read from the model's
 ``training_info.json``; ``--train_membership DIR`` trains the model again (about 3 minutes on one
 CPU thread; the shipped one was made with ``--train_membership examples/assets/membership``).
-``--figure PATH`` draws the T-shirt and 12 variants (docs/audit/reference.png). Tensors in
-[-1, 1], the models' range; every file written atomically.
-"""
+``--figure PATH`` draws the T-shirt and 12 variants (docs/audit/reference.png). Tensors in [-1, 1],
+the models' range; every file written atomically. """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from examples.digits import load_digit_classes, make_tshirt, make_tshirt_variants
 from siss._cli import CommandParser, add_output_flag, add_runtime_flags, flag
+from siss._digits.data import make_tshirt, make_tshirt_variants
+from siss._digits.membership import read_split, train_membership_model
 from siss._files import atomic_path
 
 MEMBERSHIP_MODEL = Path(__file__).resolve().parent / "assets" / "membership"
@@ -43,156 +40,6 @@ MEMBERSHIP_MODEL = Path(__file__).resolve().parent / "assets" / "membership"
 def save(tensor: torch.Tensor, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(tensor, tmp)
-
-
-# ------------------------------------------------------------------ the member/non-member pair
-
-
-def membership_split(
-    count: int = 128, seed: int = 0, size: int = 16
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Members and non-members of one distribution: ``2 * count`` of scikit-learn's digits.
-
-    A seeded random permutation of the 1,797 digits; its first ``count`` are the members (the
-    membership model's training set), the next ``count`` the non-members.
-
-    Returns:
-        ``(members, nonmembers, member_index, nonmember_index)``: ``(count, 1, size, size)``
-        float32 in ``[-1, 1]`` twice, and the ``(count,)`` int64 indices into the digits.
-    """
-    images, _ = load_digit_classes(size=size)
-    if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= len(images) // 2:
-        raise ValueError(f"`count` must be an int in [2, {len(images) // 2}], got {count!r}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    member_index, nonmember_index = order[:count], order[count : 2 * count]
-    return images[member_index], images[nonmember_index], member_index, nonmember_index
-
-
-def build_membership_unet(size: int = 16):
-    """The membership model: pretrain.py's UNet at half the width (16, 32, 32 channels), about
-    0.27M parameters, so that it overfits 128 images within minutes on a CPU."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-
-
-def membership_auc(unet, scheduler, members: torch.Tensor, nonmembers: torch.Tensor) -> dict:
-    """The membership check's set-level AUC and TPR@1%FPR for both attacks, as JSON."""
-    from siss.audit.membership import membership_check
-
-    result = {}
-    for score in ("loss", "pia"):
-        overall = membership_check(
-            unet,
-            scheduler,
-            members,
-            nonmembers,
-            score=score,
-            generator=torch.Generator().manual_seed(0),
-            batch_size=256,
-        )[-1]
-        result[score] = {
-            name: {"value": e.value, "low": e.low, "high": e.high, "n": e.n}
-            for name, e in overall.statistics.items()
-        }
-    return result
-
-
-def train_membership_model(
-    out: Path,
-    *,
-    count: int = 128,
-    steps: int = 1500,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Trains :func:`build_membership_unet` on :func:`membership_split`'s members and saves it.
-
-    The plain DDPM loss (epsilon prediction, pretrain.py's schedule), AdamW at a constant
-    ``lr``, rows drawn with replacement; raw weights (no EMA: the point is to overfit). Writes
-    ``out`` (weights as safetensors, the scheduler, ``training_info.json`` with the split and
-    :func:`membership_auc`) atomically. Returns the training info.
-    """
-    from tqdm.auto import tqdm
-
-    from examples.pretrain import _save_atomically, build_scheduler
-
-    members, nonmembers, member_index, nonmember_index = membership_split(count, seed)
-    torch.manual_seed(seed)  # the UNet's initialisation
-    unet = build_membership_unet(members.shape[-1])
-    scheduler = build_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed + 1)
-    unet.train()
-    recent = torch.zeros(())
-    start = time.time()
-    for step in tqdm(range(steps), desc="membership model", disable=not progress, mininterval=5):
-        rows = torch.randint(0, count, (batch_size,), generator=generator)
-        clean = members[rows]
-        t = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
-        )
-        noise = torch.randn(clean.shape, generator=generator)
-        loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= steps - 100:
-            recent = recent + loss.detach()
-    wall = time.time() - start
-    unet.eval()
-    info = {
-        "purpose": "membership-inference ground truth: members vs non-members of one distribution",
-        "command": f"python -m examples.audit_digits --train_membership {out}",
-        "args": {"count": count, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed},
-        "split": {
-            "source": "sklearn digits (1,797), 16x16 in [-1, 1]",
-            "count": count,
-            "seed": seed,
-            "size": int(members.shape[-1]),
-            "member_index": member_index.tolist(),
-            "nonmember_index": nonmember_index.tolist(),
-        },
-        "train_images": count,
-        "epochs": steps * batch_size / count,
-        "final_loss_mean_last_100": float(recent) / min(100, steps),
-        "train_wall_s": round(wall, 1),
-        "torch_threads": torch.get_num_threads(),
-        "weights": "raw (no EMA)",
-        "membership_auc": membership_auc(unet, scheduler, members, nonmembers),
-    }
-    _save_atomically(unet, scheduler, info, out)
-    return info
-
-
-def read_split(model: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members and non-members of the membership model in folder ``model``."""
-    info_path = Path(model) / "training_info.json"
-    if not info_path.exists():
-        raise FileNotFoundError(
-            f"--membership_model {model}: no training_info.json (train one with "
-            "--train_membership DIR)"
-        )
-    split = json.loads(info_path.read_text())["split"]
-    members, nonmembers, member_index, nonmember_index = membership_split(
-        split["count"], split["seed"], split["size"]
-    )
-    if member_index.tolist() != split["member_index"]:  # a changed digits loader, say
-        raise ValueError(f"{info_path}: the split no longer matches the recorded member indices")
-    if nonmember_index.tolist() != split["nonmember_index"]:
-        raise ValueError(f"{info_path}: the split no longer matches the recorded non-members")
-    return members, nonmembers
 
 
 # ------------------------------------------------------------------ the reference figure

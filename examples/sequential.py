@@ -1,15 +1,15 @@
 """Unlearn a queue of deletion requests one after another, tracking every request after each.
 
 Real deletions arrive one at a time. This script plants five distinct shapes (T-shirt, trousers,
-bag, ankle boot, sneaker; ``digits.SHAPES``) at 1% each in the digits training set, starts from a
-model pretrained on that set (``pretrain.py --outlier_shapes 5``), and unlearns the shapes as
-separate requests in order, each from the previous request's result, with ``unlearn.py``'s loss,
-balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's sequential
-CelebA-HQ run). After each request it measures sample quality (IS- and FID-style scores under the
-shipped digit classifier, on the samples that no shape's rate counts) and EVERY shape's generation
-rate (95% interval) and NLL (bits/dim): the processed ones are flagged if they come back (rate
-interval excluding 0, or NLL below its value right after its own request by more than 1.96 standard
-errors), the waiting ones should stay put. Stop rule: the pretrained model is evaluated on
+bag, ankle boot, sneaker; ``siss._digits.data.SHAPES``) at 1% each in the digits training set,
+starts from a model pretrained on that set (``pretrain.py --outlier_shapes 5``), and unlearns the
+shapes as separate requests in order, each from the previous request's result, with ``unlearn.py``'s
+loss, balancer and evaluation (SISS λ=0.5 and 60 steps a request by default, like the paper's
+sequential CelebA-HQ run). After each request it measures sample quality (IS- and FID-style scores
+under the shipped digit classifier, on the samples that no shape's rate counts) and EVERY shape's
+generation rate (95% interval) and NLL (bits/dim): the processed ones are flagged if they come back
+(rate interval excluding 0, or NLL below its value right after its own request by more than 1.96
+standard errors), the waiting ones should stay put. Stop rule: the pretrained model is evaluated on
 ``--band_seeds`` noise seeds and the queue stops, naming the requests left, when FID rises above (or
 IS falls below) the one-sided ``--band_level`` prediction bound of those evaluations
 (``siss.sequential.QualityBand``: mean ± t_{level,S-1}·sd·sqrt(1+1/S)). State is saved atomically
@@ -37,35 +37,25 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from examples.digits import SHAPES, load_shapes_training_set, to_unit_range
-from examples.pretrain import (
-    is_near,
-    load_scheduler,
-    sample_images,
-)
-from examples.unlearn import (
-    DRAWS,
-    Evaluator,
-    add_evaluation_flags,
-    add_recipe_flags,
-    calibrate,
-    outlier_nll,
-    plan_step,
-    resolve_keep_target,
-    resolve_process,
-)
+from examples.unlearn import CLASSIFIER, resolve_keep_target, resolve_process
 from siss import Unlearner
 from siss._cli import (
     CommandParser,
     add_checkpoint_flags,
+    add_evaluation_flags,
     add_model_flag,
     add_output_flag,
+    add_recipe_flags,
     add_runtime_flags,
+    check_timesteps,
     flag,
 )
-from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
+from siss._digits.data import SHAPES, load_shapes_training_set
+from siss._digits.evaluate import Evaluator
+from siss._digits.models import load_scheduler, save_model
+from siss._digits.state import DRAWS, calibrate, plan_step
+from siss._files import atomic_path, write_atomically, write_json_atomically
 from siss.loop import BatchPlan, derived_seed
-from siss.metrics import fid_score, generation_rate, is_score
 from siss.sequential import QualityBand, RequestQueue, forgetting_flags
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -99,7 +89,7 @@ def build_parser() -> CommandParser:
         default=len(SHAPES),
         at_least=1,
         at_most=len(SHAPES),
-        help="requests: the first K of digits.SHAPES",
+        help="requests: the first K of siss._digits.data.SHAPES",
     )
     add_recipe_flags(
         p,
@@ -160,9 +150,7 @@ def build_parser() -> CommandParser:
     add_runtime_flags(p)
 
     def check(args: argparse.Namespace) -> None:
-        if args.timesteps is not None and len(args.timesteps) not in (1, 2):
-            values = " ".join(map(str, args.timesteps))
-            raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")
+        check_timesteps(args)
         model = Path(args.pretrained_model_name_or_path)
         if not (model / "config.json").is_file():
             raise ValueError(
@@ -197,87 +185,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {**flags, "draws": DRAWS}
 
 
-def evaluate(
-    unet: UNet2DModel,
-    scheduler: Any,
-    data,
-    evaluator: Evaluator,
-    args: argparse.Namespace,
-    noise_seed: int | None = None,
-    with_nll: bool = True,
-) -> dict[str, Any]:
-    """Quality and every shape's rate and NLL; ``noise_seed`` other than the default only for
-    the band's extra evaluations of the pretrained model (quality alone)."""
-    unet.eval()
-    start = time.perf_counter()
-    if noise_seed is None:
-        samples = evaluator.samples(unet, scheduler.config, args.eval_samples)
-    else:
-        samples = sample_images(
-            unet,
-            scheduler.config,
-            args.eval_samples,
-            sampler=args.eval_sampler,
-            num_inference_steps=args.eval_steps,
-            generator=torch.Generator().manual_seed(noise_seed),
-            progress=False,
-            precision=args.eval_precision,  # the band is compared with evaluator.samples'
-        )
-    unit = to_unit_range(samples)
-    # Quality is that of the digits: samples within the rate's threshold of any planted shape are
-    # left out of IS/FID (against a digits-only reference), so that unlearning a shape does not
-    # read as a quality gain, nor its return as a loss; they are counted by the rates.
-    near_shape = torch.zeros(len(samples), dtype=torch.bool)
-    for shape in data.shapes:
-        near_shape |= is_near(samples, shape)
-    result: dict[str, Any] = {
-        "inception_score": None,
-        "fid": None,
-        "quality_samples": int((~near_shape).sum()),
-        "not_measured": {},
-    }
-    try:
-        digits = samples[~near_shape]
-        result["inception_score"] = is_score(evaluator.classifier, digits, select="logits").mean
-        result["fid"] = fid_score(
-            evaluator.classifier, digits, evaluator.reference, select="features"
-        )
-    except ValueError as error:  # NaN samples: no quality, said so
-        result["not_measured"]["quality"] = str(error)
-    if not with_nll:
-        return result
-    shapes: dict[str, Any] = {}
-    nll = None
-    probes = data.shapes.repeat_interleave(args.nll_probes, dim=0)  # (K * probes, C, H, W)
-    try:
-        with torch.no_grad():
-            nll = outlier_nll(
-                unet,
-                scheduler,
-                probes.to(args.device),
-                tolerance=args.nll_tolerance,
-                generator=torch.Generator().manual_seed(args.seed + 2),
-            )
-        nll = nll.view(len(data.names), args.nll_probes).cpu()
-    except ValueError as error:
-        result["not_measured"]["nll_bpd"] = str(error)
-    for k, name in enumerate(data.names):
-        rate = generation_rate(unit, to_unit_range(data.shapes[k]))
-        shapes[name] = {
-            "count": rate.count,
-            "samples": rate.total + rate.nonfinite,
-            "rate": rate.rate,
-            "rate_ci95": [rate.low, rate.high],
-            "nll_bpd": None if nll is None else nll[k].mean().item(),
-            "nll_bpd_se": None
-            if nll is None or args.nll_probes < 2
-            else (nll[k].std() / math.sqrt(args.nll_probes)).item(),
-        }
-    result["shapes"] = shapes
-    result["eval_wall_s"] = round(time.perf_counter() - start, 1)
-    return result
-
-
 def unlearn_request(
     unet: UNet2DModel, scheduler: Any, data, index: int, args: argparse.Namespace, desc: str
 ) -> float:
@@ -305,12 +212,6 @@ def unlearn_request(
         plan_step(unlearner, keep, forget, plan, step)
     unet.eval()
     return time.perf_counter() - start
-
-
-def save_model(unet: UNet2DModel, folder: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then swapped into place."""
-    with atomic_folder(folder) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
 
 
 def _cell(shape: dict[str, Any], flags: list[str], state: str) -> str:
@@ -409,7 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resume = args.resume_from_checkpoint is not None
     queue = RequestQueue.open(out / "queue.json", data.names, settings(args), resume=resume)
     scheduler = load_scheduler(args.pretrained_model_name_or_path)
-    evaluator = Evaluator(args, data.outlier, data.images[data.shape_index == -1])
+    keep = data.images[data.shape_index == -1]
+    evaluator = Evaluator.from_flags(args, data.outlier, keep, ASSETS / CLASSIFIER)
     if evaluator.classifier is None:
         raise ValueError("the quality band needs the digit classifier: 16x16 grayscale models")
     done = len(queue.records)
@@ -427,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quality = []
         for noise in tqdm(seeds, desc="quality band", disable=args.no_progress):
             with_nll = noise == args.seed + 1  # the noise of every later evaluation
-            row = evaluate(pretrained, scheduler, data, evaluator, args, noise, with_nll)
+            row = evaluator.shapes(pretrained, scheduler, data, args.eval_samples, noise, with_nll)
             quality.append(row)
         if any(row["fid"] is None for row in quality):
             raise ValueError(
@@ -454,8 +356,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = unlearn_request(
             unet, scheduler, data, index, args, f"request {index + 1}/{len(data.names)}: {name}"
         )
-        row = evaluate(unet, scheduler, data, evaluator, args)
-        save_model(unet, out / "requests" / f"{index + 1:02d}-{name}")
+        row = evaluator.shapes(unet, scheduler, data, args.eval_samples)
+        save_model(out / "requests" / f"{index + 1:02d}-{name}", unet)
         queue.complete({"train_wall_s": round(seconds, 1), "evaluation": row})
         processed += 1
         scores = {"FID": row["fid"], "IS": row["inception_score"]}

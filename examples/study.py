@@ -40,25 +40,11 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from examples.digits import load_training_set
-from examples.pretrain import (
-    DEFAULT_EVAL_STEPS,
-    PRECISIONS,
-    SAMPLERS,
-    check_sampler,
-    checkpoint_process,
-    is_near,
-    load_scheduler,
-    sample_images,
-)
-from examples.training_state import write_tensors_atomically
 from examples.unlearn import (
     ASSETS,
-    DRAWS,
+    CLASSIFIER,
     METHOD_REFUSALS,
     PROCESS_NAMES,
-    Evaluator,
-    add_tracking_flags,
     audit_run,
     run,
 )
@@ -66,13 +52,21 @@ from examples.unlearn import job as unlearn_job
 from siss import UnlearningConfig
 from siss._cli import (
     CommandParser,
+    add_audit_flags,
+    add_evaluation_flags,
     add_model_flag,
     add_output_flag,
     add_runtime_flags,
+    add_tracking_flags,
     flag,
 )
+from siss._digits import DEFAULT_EVAL_STEPS, PRECISIONS
+from siss._digits.data import load_training_set
+from siss._digits.evaluate import Evaluator, is_near
+from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, sample_images
+from siss._digits.state import DRAWS, write_tensors_atomically
 from siss._files import atomic_path, write_json_atomically
-from siss.audit import ALL_CHECKS
+from siss.audit._stats import t_interval
 from siss.metrics import proportion_ci
 
 # label: (siss.UnlearningConfig fields, steps); steps as in the paper's Table 2, every other
@@ -166,31 +160,13 @@ def build_parser() -> CommandParser:
         default=None,
         help="also copy table and plots here. Default: none",
     )
-    evaluation = p.add_argument_group("evaluation")
-    flag(
-        evaluation,
-        "--eval_samples",
-        type=int,
-        default=2000,
-        at_least=1,
-        help="DDPM samples per evaluation; at 2,000 the FID-style score's spread over "
+    evaluation = add_evaluation_flags(
+        p,
+        eval_samples=2000,
+        samples_help="DDPM samples per evaluation; at 2,000 the FID-style score's spread over "
         "evaluation draws (sd 2.2 around 12.9 for the pretrained model) cannot hide a doubling",
-    )
-    flag(
-        evaluation,
-        "--eval_sampler",
-        choices=SAMPLERS,
-        default=None,
-        help="unlearn.py --eval_sampler. Default: ddpm (the paper's) for DDPM, euler for flow. "
-        "dpm is 2.5x faster at 20 steps but not interchangeable with ddpm, docs/results.md",
-    )
-    flag(
-        evaluation,
-        "--eval_steps",
-        type=int,
-        default=None,
-        at_least=1,
-        help="sampling steps of the evaluations. Default: unlearn.py's for the process (50)",
+        precision=False,
+        nll=False,
     )
     flag(
         evaluation,
@@ -237,44 +213,11 @@ def build_parser() -> CommandParser:
         "(docs/results.md)",
     )
     add_runtime_flags(p, device=False)
-    audit = p.add_argument_group("audit")
-    flag(
-        audit,
-        "--audit",
-        action="store_true",
-        help="also audit every method's model against the pretrained one (unlearn.py --audit; "
-        "the pretrained model once per seed): ~1.5 min per run with the default checks",
-    )
-    flag(
-        audit,
-        "--audit_checks",
-        nargs="+",
-        default=None,
-        choices=[c for c in ALL_CHECKS if c != "memorization"],
-        metavar="CHECK",
-        help="checks of the audit, from %(choices)s. Default: unlearn.py's",
-    )
-    # The audit's other settings, passed on to unlearn.py (None: unlearn.py's default).
-    for name, help_text in (
-        ("--audit_samples", "samples of the generation check"),
-        ("--audit_steps", "DDIM steps of the audit's sampling"),
-        ("--audit_references", "T-shirt variants (non-members)"),
-    ):
-        flag(
-            audit,
-            name,
-            type=int,
-            default=None,
-            at_least=1,
-            help=f"{help_text}. Default: unlearn.py's",
-        )
-    flag(
-        audit,
-        "--audit_option",
-        action="append",
-        default=[],
-        metavar="CHECK.KEY=VALUE",
-        help="a per-check option of siss.audit.audit, VALUE as JSON (unlearn.py --audit_option)",
+    add_audit_flags(
+        p,
+        audit_help="also audit every method's model against the pretrained one (unlearn.py "
+        "--audit; the pretrained model once per seed): ~1.5 min per run with the default checks",
+        inherit=True,
     )
     p.add_check(check_study)
     return p
@@ -476,9 +419,10 @@ def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict
         **eval_settings(args),
     )
     data = load_training_set(seed=0)
-    evaluator = Evaluator(eval_args, data.outlier, data.images[~data.is_outlier])
+    reference = data.images[~data.is_outlier]
+    evaluator = Evaluator.from_flags(eval_args, data.outlier, reference, ASSETS / CLASSIFIER)
     unet = UNet2DModel.from_pretrained(checkpoint)
-    metrics, _ = evaluator(unet, load_scheduler(checkpoint))
+    metrics, _ = evaluator(unet, load_scheduler(checkpoint), eval_args.eval_samples)
     result = {
         "method": label,
         "seed": seed,
@@ -552,9 +496,7 @@ def final_evaluation(label: str, seed: int, args: argparse.Namespace) -> dict:
             write_tensors_atomically(path, {"samples": samples})
             print(f"{label} seed {seed}: final evaluation, batch {batch + 1}", flush=True)
         batches.append(load_file(path)["samples"])
-    data = load_training_set(seed=0)
-    evaluator = Evaluator(args, data.outlier, data.images[~data.is_outlier])
-    metrics = {"samples": args.final_samples, **evaluator.quality(torch.cat(batches))}
+    metrics = {"samples": args.final_samples, **quality_evaluator().quality(torch.cat(batches))}
     write_json_atomically(record, metrics)
     return metrics
 
@@ -567,8 +509,7 @@ def own_spread(label: str, args: argparse.Namespace, batches_per_draw: int) -> d
     for seed in args.seeds:
         paths = sorted(final_folder(label, seed, args).glob("batch-*.safetensors"))
         draws += [paths[i : i + batches_per_draw] for i in range(0, len(paths), batches_per_draw)]
-    data = load_training_set(seed=0)
-    evaluator = Evaluator(args, data.outlier, data.images[~data.is_outlier])
+    evaluator = quality_evaluator()
     samples = [
         torch.cat([load_file(path)["samples"] for path in draw])
         for draw in draws
@@ -614,15 +555,16 @@ def precision_check(args: argparse.Namespace, labels: list[str]) -> dict:
     return result
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    from scipy.stats import t as student
+def quality_evaluator() -> Evaluator:
+    """The IS- and FID-style scores of samples against the clean digits (no sampling)."""
+    data = load_training_set(seed=0)
+    return Evaluator(data.outlier, data.images[~data.is_outlier], classifier=ASSETS / CLASSIFIER)
 
-    quantile = float(student.ppf(0.975, len(values) - 1))
-    return mean, quantile * statistics.stdev(values) / math.sqrt(len(values))
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    mean, low, high = t_interval(torch.tensor(values, dtype=torch.float64), 0.95)
+    return mean, 0.0 if len(values) < 2 else (high - low) / 2
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from examples.digits import load_digit_classes
 from siss._cli import (
     CommandParser,
     add_output_flag,
@@ -31,7 +29,8 @@ from siss._cli import (
     flag,
     old_spelling,
 )
-from siss._files import atomic_path
+from siss._digits.data import load_digit_classes
+from siss._digits.state import write_tensors_atomically
 from siss.metrics import DigitClassifier
 
 WEIGHTS = "digit_classifier.safetensors"
@@ -70,14 +69,6 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
     model.eval()
     pred = model(images).logits.argmax(1)
     return float((pred == labels).float().mean())
-
-
-def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Writes ``state`` as safetensors through a temporary sibling file (``siss._files``)."""
-    with atomic_path(path) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"}
-        )
 
 
 def build_parser() -> CommandParser:
@@ -171,7 +162,7 @@ def main(argv: list[str] | None = None) -> float:
     wall = time.time() - start
     train_acc = accuracy(model, x_train, y_train)
     test_acc = accuracy(model, x_test, y_test)
-    save_atomically(model.state_dict(), output)
+    write_tensors_atomically(output, model.state_dict(), metadata={"format": "pt"})
     print(
         f"train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f} "
         f"({x_test.shape[0]} held-out images), {wall:.0f} s; saved {output}"

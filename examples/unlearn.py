@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -60,213 +59,56 @@ import torch
 from diffusers import UNet2DModel
 from tqdm.auto import tqdm
 
-from examples.digits import load_training_set, to_unit_range
-from examples.pretrain import (
-    DEFAULT_EVAL_STEPS,
-    PRECISIONS,
-    SAMPLERS,
-    add_data_flags,
-    check_sampler,
-    checkpoint_process,
-    load_scheduler,
-    process_of,
-    sample_images,
-)
-from examples.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
-from siss import RULES, StepResult, Unlearner, UnlearningConfig
+from siss import RULES, Unlearner, UnlearningConfig
 from siss._cli import (
     CHECKPOINTS,
     CommandParser,
+    add_audit_flags,
     add_checkpoint_flags,
-    add_keep_target_flags,
+    add_data_flags,
+    add_evaluation_flags,
     add_logging_flags,
     add_model_flag,
     add_output_flag,
+    add_recipe_flags,
     add_runtime_flags,
-    add_training_flags,
+    add_tracking_flags,
+    check_timesteps,
     flag,
     recipe_config,
     start_trackers,
 )
-from siss._files import atomic_folder, atomic_path, write_atomically, write_json_atomically
-from siss.audit import ALL_CHECKS, AuditReport, audit, compare
+from siss._digits import DEFAULT_EVAL_STEPS
+from siss._digits.data import load_training_set, make_tshirt_variants
+from siss._digits.evaluate import Evaluator, evaluation_log, save_grid, step_log
+from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, save_model
+from siss._digits.state import (
+    DRAWS,
+    calibrate,
+    latest_checkpoint,
+    load_checkpoint,
+    plan_step,
+    restore_unlearner,
+    save_checkpoint,
+    unlearner_state,
+)
+from siss._files import write_atomically, write_json_atomically
+from siss.audit import AuditReport, audit, compare
 from siss.loop import BatchPlan
-from siss.metrics import DigitClassifier, bits_per_dim, fid_score, generation_rate, is_score
-from siss.recipe import LR_SCHEDULERS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-METHOD_NAMES = tuple(RULES)
+CLASSIFIER = "digit_classifier.safetensors"  # under ASSETS, read when a run starts
 # Methods that do not apply to a process, and why (siss.RULES; checked at parse time).
 METHOD_REFUSALS = {
     name: {"flow": rules.refused["flow_prediction"]}
     for name, rules in RULES.items()
     if "flow_prediction" in rules.refused
 }
-LR_SCHEDULES = LR_SCHEDULERS
-# How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
-DRAWS = "siss.loop.BatchPlan: keep rows in shuffled epochs"
-
-# --audit's default checks: those that separate pretrained from retrain in seconds to about a
-# minute each on a CPU (docs/audit.md); the likelihood check alone takes about 3 minutes a model.
-AUDIT_CHECKS = ("generation", "reconstruction", "membership")
-AUDIT_REFERENCE_SEED = 1  # digits.make_tshirt_variants' seed, as examples/audit_digits.py's
+AUDIT_REFERENCE_SEED = 1  # make_tshirt_variants' seed, as examples/audit_digits.py's
 PROCESS_NAMES = {
     "ddpm": "DDPM (NLL along the VP probability-flow ODE)",
     "flow": "rectified flow (NLL along the flow ODE; bits/dim not comparable with DDPM's)",
 }
-
-
-def add_evaluation_flags(
-    parser: CommandParser, *, eval_samples: int = 1000, nll: bool = True
-) -> argparse._ArgumentGroup:
-    """The evaluation's sampler, steps, precision and sample count (``--eval_*``) and, with
-    ``nll``, the NLL's probes and tolerance: this script's, sequential.py's and the study's."""
-    group = parser.add_argument_group("evaluation")
-    flag(
-        group,
-        "--eval_samples",
-        type=int,
-        default=eval_samples,
-        at_least=1,
-        help="samples of each full evaluation (before, after)",
-    )
-    flag(
-        group,
-        "--eval_sampler",
-        choices=SAMPLERS,
-        default=None,
-        help="sampler of the evaluations. DDPM checkpoints: ddpm (ancestral, the paper's; the "
-        "default), ddim (eta 0) or dpm (DPM-Solver++ 2M; 2.5x faster at 20 steps, its IS-style "
-        "score 1.4%% lower on the pretrained model than ddpm-50's: compare only runs with the "
-        "same sampler). Flow checkpoints: euler (the scheduler's own steps; the default)",
-    )
-    flag(
-        group,
-        "--eval_steps",
-        type=int,
-        default=None,
-        at_least=1,
-        help=f"sampling steps of the evaluations. Default: {DEFAULT_EVAL_STEPS['ddpm']} for "
-        f"DDPM, {DEFAULT_EVAL_STEPS['flow']} for flow",
-    )
-    flag(
-        group,
-        "--eval_precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="network precision of the evaluations' sampling: bf16 (torch.autocast) is 2.3x "
-        "faster on a CPU with AMX and moves the samples' pixels by ~1e-3 (median; study.py's "
-        "precision_check.json); the NLL is always float32",
-    )
-    if nll:
-        flag(
-            group,
-            "--nll_probes",
-            type=int,
-            default=4,
-            at_least=1,
-            help="Hutchinson probes of each NLL (of the outlier, of each shape)",
-        )
-        flag(
-            group,
-            "--nll_tolerance",
-            type=float,
-            default=1e-5,
-            above=0,
-            help="ODE rtol = atol of the NLL",
-        )
-    return group
-
-
-def add_recipe_flags(
-    parser: CommandParser,
-    *,
-    max_train_steps: int,
-    helps: dict[str, str],
-    ema: bool = True,
-    old: dict[str, tuple[str, ...]] | None = None,
-) -> None:
-    """The recipe's flags (``siss.UnlearningConfig``: method, λ, superfactor or ratio, keep
-    target and balancer, timesteps, with ``ema`` the EMA) and the training group at this
-    script's defaults (``helps`` and ``old``: the command's, as ``add_training_flags`` takes
-    them): this script's and sequential.py's."""
-    recipe = parser.add_argument_group("recipe")
-    flag(recipe, "--method", choices=METHOD_NAMES, default="siss", help="unlearning method")
-    flag(recipe, "--lam", type=float, default=0.5, help="SISS mixture weight λ, in [0, 1]")
-    flag(
-        recipe,
-        "--superfactor",
-        type=float,
-        default=None,
-        help="fixed superfactor s (disables the balancer). Default: balance with --ratio",
-    )
-    flag(
-        recipe,
-        "--ratio",
-        type=float,
-        default=0.1,
-        help="norm of the forget gradient as a fraction of the keep (naive-deletion) gradient's "
-        "(§5): per step in 'fix' mode, of its norm measured at the start in 'absolute' mode",
-    )
-    add_keep_target_flags(recipe)
-    flag(
-        recipe,
-        "--timesteps",
-        type=int,
-        nargs="*",
-        default=None,
-        help="fixed t, or a 'low high' window of grid indices. Default: uniform over the "
-        "schedule (flow: index 0 is the noisiest, as in diffusers)",
-    )
-    if ema:
-        flag(
-            recipe,
-            "--ema_decay",
-            type=float,
-            default=0.0,
-            help="largest decay of an EMA of the fine-tuned weights (diffusers' EMAModel, warmup "
-            "power --ema_power); the EMA weights are evaluated and saved. 0: no EMA (raw "
-            "weights)",
-        )
-        flag(
-            recipe,
-            "--ema_power",
-            type=float,
-            default=0.75,
-            help="EMA warmup: decay 1 - (1 + step)^-power, capped at --ema_decay (pretrain.py's)",
-        )
-    add_training_flags(
-        parser,
-        max_train_steps=max_train_steps,
-        train_batch_size=64,
-        learning_rate=5e-5,
-        lr_scheduler=("cosine", LR_SCHEDULES),
-        lr_warmup_steps=0,
-        max_grad_norm=1.0,
-        seed=0,
-        helps=helps,
-        old=old,
-    )
-
-
-def add_tracking_flags(group: argparse._ArgumentGroup, *, eval_every: int) -> None:
-    """``--eval_every`` and ``--track_samples``: the in-run outlier-rate tracking."""
-    flag(
-        group,
-        "--eval_every",
-        type=int,
-        default=eval_every,
-        at_least=0,
-        help="track the outlier rate every this many steps; 0: never",
-    )
-    flag(
-        group,
-        "--track_samples",
-        type=int,
-        default=500,
-        at_least=1,
-        help="samples of each in-run outlier-rate tracking",
-    )
 
 
 def build_parser() -> CommandParser:
@@ -296,7 +138,7 @@ def build_parser() -> CommandParser:
             "lr_warmup_steps": "linear warmup steps of --lr_scheduler (not used by 'constant')",
         },
     )
-    add_tracking_flags(add_evaluation_flags(p), eval_every=0)
+    add_tracking_flags(add_evaluation_flags(p, eval_samples=1000), eval_every=0)
     checkpoints = add_checkpoint_flags(p, checkpointing_steps=50, checkpoints_total_limit=2)
     flag(
         checkpoints,
@@ -316,65 +158,19 @@ def build_parser() -> CommandParser:
     )
     add_logging_flags(p)
     add_runtime_flags(p)
-    audit_flags = p.add_argument_group(
-        "audit",
-        "--audit runs siss.audit (docs/audit.md) on the pretrained model "
+    add_audit_flags(
+        p,
+        audit_help="audit the model before and after unlearning",
+        description="--audit runs siss.audit (docs/audit.md) on the pretrained model "
         "(--pretrained_model_name_or_path) and on the unlearned one, with --audit_references "
-        "procedurally varied T-shirts (digits.make_tshirt_variants, seed 1) as the non-members; "
-        "prints the before/after comparison and writes audit_before.json, audit_after.json, "
-        "audit_compare.md and audit_before.png, audit_after.png into --output_dir. Cost on a "
-        "CPU, per model: generation 40-70 s, reconstruction 5-17 s, membership 2-7 s (the "
-        "default checks: ~1.5 min for both models on 2 cores), reconstruction_sweep 1-2 min, "
-        "likelihood ~3 min; the full audit is ~6 min per model. The before audit is reused from "
-        "audit_before.json when its settings match. Needs the T-shirt outlier (not "
-        "--outlier_image).",
-    )
-    flag(
-        audit_flags,
-        "--audit",
-        action="store_true",
-        help="audit the model before and after unlearning",
-    )
-    flag(
-        audit_flags,
-        "--audit_checks",
-        nargs="+",
-        choices=[c for c in ALL_CHECKS if c != "memorization"],
-        default=list(AUDIT_CHECKS),
-        metavar="CHECK",
-        help="checks of --audit, from %(choices)s (likelihood: ~3 min a model)",
-    )
-    flag(
-        audit_flags,
-        "--audit_samples",
-        type=int,
-        default=1000,
-        at_least=1,
-        help="samples of the generation check",
-    )
-    flag(
-        audit_flags,
-        "--audit_steps",
-        type=int,
-        default=50,
-        at_least=1,
-        help="DDIM steps of the audit's sampling",
-    )
-    flag(
-        audit_flags,
-        "--audit_references",
-        type=int,
-        default=128,
-        at_least=1,
-        help="T-shirt variants (non-members); fewer than 104 leave some verdicts undecided",
-    )
-    flag(
-        audit_flags,
-        "--audit_option",
-        action="append",
-        default=[],
-        metavar="CHECK.KEY=VALUE",
-        help="a per-check option of siss.audit.audit, VALUE as JSON (e.g. likelihood.repeats=8)",
+        "procedurally varied T-shirts (siss._digits.data.make_tshirt_variants, seed 1) as the "
+        "non-members; prints the before/after comparison and writes audit_before.json, "
+        "audit_after.json, audit_compare.md and audit_before.png, audit_after.png into "
+        "--output_dir. Cost on a CPU, per model: generation 40-70 s, reconstruction 5-17 s, "
+        "membership 2-7 s (the default checks: ~1.5 min for both models on 2 cores), "
+        "reconstruction_sweep 1-2 min, likelihood ~3 min; the full audit is ~6 min per model. The"
+        " before audit is reused from audit_before.json when its settings match. Needs the "
+        "T-shirt outlier (not --outlier_image).",
     )
     p.add_check(check_run)
     return p
@@ -385,9 +181,7 @@ def check_run(args: argparse.Namespace) -> None:
     (``siss.UnlearningConfig``), the audit's options, the process read from the checkpoint's
     scheduler config (no weights loaded: a sampler or method of the other process fails here,
     before any training), a resumed checkpoint's files; then ``--output_dir``'s default."""
-    if args.timesteps is not None and len(args.timesteps) not in (1, 2):
-        values = " ".join(map(str, args.timesteps))
-        raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")
+    check_timesteps(args)
     resolve_keep_target(args)
     from siss.audit.run import parse_options
 
@@ -493,261 +287,6 @@ def resolve_process(args: argparse.Namespace) -> str:
     return args.process
 
 
-def plan_step(
-    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan, step: int
-) -> StepResult:
-    """``unlearner.step`` on plan step ``step``'s rows of ``keep`` ``(n-k, C, H, W)`` (in
-    shuffled epochs, as in pretraining) and of ``forget`` ``(k, C, H, W)``, with the step's own
-    generator for the timesteps, coins and noise: a function of (seed, step), so a resumed run
-    draws what an uninterrupted one draws."""
-    ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
-    x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
-    return unlearner.step(x0, a0, generator=generator)
-
-
-def calibrate(
-    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan
-) -> None:
-    """The calibration batches of ``unlearner`` (none unless its rule is the calibrated one):
-    plan steps ``0, 1, ...``, the draws the first training steps make, at the starting
-    weights."""
-    step = 0
-    while unlearner.calibrating:
-        plan_step(unlearner, keep, forget, plan, step)
-        step += 1
-
-
-def unlearner_state(unlearner: Unlearner) -> dict[str, Any]:
-    """``unlearner.state_dict()`` for state.json: the EMA goes to ema.safetensors, the held
-    coefficient as a float (a float32 value, exact in JSON)."""
-    state = unlearner.state_dict()
-    state.pop("ema")
-    balancer = state["balancer"]
-    if balancer is not None and balancer["coefficient"] is not None:
-        balancer["coefficient"] = balancer["coefficient"].item()
-    return state
-
-
-def restore_unlearner(unlearner: Unlearner, state: dict[str, Any]) -> None:
-    """The inverse of ``unlearner_state`` (the EMA is restored with the checkpoint)."""
-    balancer = state["balancer"]
-    if balancer is not None and balancer["coefficient"] is not None:
-        balancer = {**balancer, "coefficient": torch.tensor(balancer["coefficient"])}
-    unlearner.load_state_dict({**state, "balancer": balancer, "ema": None})
-
-
-class Evaluator:
-    """Outlier generation rate, outlier NLL and sample quality of a model, with fixed seeds.
-
-    The quality scores use the shipped digit classifier, so they are measured on 16x16 grayscale
-    data only (digits, MNIST); on other data they are ``None`` (plug in your own features with
-    ``siss.metrics.fid_score`` / ``is_score``).
-    """
-
-    def __init__(self, args: argparse.Namespace, outlier: torch.Tensor, reference: torch.Tensor):
-        self.args = args
-        self.outlier = outlier
-        self.reference = reference
-        self.classifier = None
-        if tuple(outlier.shape) == (1, 16, 16):
-            self.classifier = DigitClassifier.from_file(ASSETS / "digit_classifier.safetensors")
-
-    @torch.no_grad()
-    def samples(
-        self, unet: UNet2DModel, scheduler_config: dict, count: int, progress: bool = False
-    ) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.args.seed + 1)  # same noise at every eval
-        return sample_images(
-            unet,
-            scheduler_config,
-            count,
-            sampler=self.args.eval_sampler,
-            num_inference_steps=self.args.eval_steps,
-            generator=generator,
-            progress=progress,
-            precision=self.args.eval_precision,
-        )
-
-    def track(self, unet: UNet2DModel, scheduler: Any) -> dict[str, Any]:
-        """The outlier rate alone on ``--track_samples`` samples: the cheap in-run evaluation."""
-        was_training = unet.training
-        unet.eval()
-        start = time.perf_counter()
-        samples = self.samples(unet, scheduler.config, self.args.track_samples)
-        unet.train(was_training)
-        return {**self.rate(samples), "eval_wall_s": round(time.perf_counter() - start, 1)}
-
-    def rate(self, samples: torch.Tensor) -> dict[str, Any]:
-        """The outlier rate of ``samples`` ``(N, C, H, W)`` in [-1, 1], its exact 95% interval,
-        and the counts behind it (non-finite samples apart: the rate is then NaN)."""
-        rate = generation_rate(to_unit_range(samples), to_unit_range(self.outlier))
-        return {
-            "outlier_rate": rate.rate,
-            "outlier_rate_ci95": [rate.low, rate.high],
-            "outlier_count": rate.count,
-            "samples": rate.total + rate.nonfinite,
-            "nonfinite_samples": rate.nonfinite,
-        }
-
-    def quality(self, samples: torch.Tensor) -> dict[str, Any]:
-        """Outlier rate (95% interval), IS- and FID-style scores and class counts of ``samples``
-        ``(N, C, H, W)`` in [-1, 1]; what could not be measured is None, with the reason under
-        ``not_measured``."""
-        not_measured: dict[str, str] = {}
-        score = fid = class_counts = None
-        if self.classifier is not None:
-            try:
-                score = is_score(self.classifier, samples, select="logits").mean
-                # The FID-style score sees a shift in the mix of digits that IS hardly does.
-                with torch.no_grad():
-                    predicted = self.classifier(samples).logits.argmax(dim=1)
-                class_counts = torch.bincount(predicted, minlength=10).tolist()
-                fid = fid_score(self.classifier, samples, self.reference, select="features")
-            except ValueError as error:
-                not_measured["inception_score"] = not_measured["fid"] = str(error)
-        return {
-            **self.rate(samples),
-            "inception_score": score,
-            "fid": fid,
-            "class_counts": class_counts,
-            "not_measured": not_measured,
-        }
-
-    def __call__(self, unet: UNet2DModel, scheduler: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        """Metrics of ``unet`` and the samples they were measured on, ``(N, C, H, W)``."""
-        was_training = unet.training
-        unet.eval()
-        start = time.perf_counter()
-        progress = not getattr(self.args, "no_progress", False)  # about a minute on a CPU
-        samples = self.samples(unet, scheduler.config, self.args.eval_samples, progress)
-        metrics = self.quality(samples)
-        probes = self.outlier.expand(self.args.nll_probes, *self.outlier.shape)
-        # A diverged model (NaN samples or predictions) has no likelihood or quality: the metrics
-        # raise ValueError saying why, recorded here as "not measured", never as a number.
-        nll = None
-        try:
-            nll = outlier_nll(
-                unet,
-                scheduler,
-                probes,
-                tolerance=self.args.nll_tolerance,
-                generator=torch.Generator().manual_seed(self.args.seed + 2),
-            )
-        except ValueError as error:
-            metrics["not_measured"]["outlier_nll_bpd"] = str(error)
-        unet.train(was_training)
-        return {
-            **metrics,  # rate, IS, FID, class counts and what was not measured
-            "outlier_nll_bpd": None if nll is None else nll.mean().item(),
-            "outlier_nll_bpd_se": (nll.std() / math.sqrt(len(nll))).item()
-            if nll is not None and len(nll) > 1
-            else None,
-            "eval_wall_s": round(time.perf_counter() - start, 1),
-        }, samples
-
-
-def outlier_nll(
-    unet: UNet2DModel,
-    scheduler: Any,
-    images: torch.Tensor,
-    *,
-    tolerance: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """``(B,)`` bits/dim of ``images`` ``(B, C, H, W)``, one Hutchinson probe each, along the
-    process's probability-flow ODE: the VP ODE of ``siss.metrics.bits_per_dim`` for DDPM, the
-    rectified-flow ODE ``dx/ds = v`` of ``siss.audit.likelihood.flow_bits_per_dim`` for flow.
-    The two integrate different ODEs: their bits/dim compare within a process only."""
-    if process_of(scheduler) == "flow":
-        from siss.audit.likelihood import flow_bits_per_dim
-
-        return flow_bits_per_dim(
-            lambda x, t: unet(x, t).sample,
-            images,
-            num_train_timesteps=scheduler.config.num_train_timesteps,
-            rtol=tolerance,
-            atol=tolerance,
-            generator=generator,
-        )
-    return bits_per_dim(
-        lambda x, t: unet(x, t).sample,
-        images,
-        scheduler.alphas_cumprod,
-        rtol=tolerance,
-        atol=tolerance,
-        generator=generator,
-    )
-
-
-def _tiles(images: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(N, C, H, W)`` images in [-1, 1] as one ``(rows*(H+2), cols*(W+2))`` picture, the
-    last column filled up with black tiles when ``N`` is not a multiple of ``rows``."""
-    from einops import rearrange
-
-    missing = -len(images) % rows
-    if missing:
-        images = torch.cat([images, images.new_full((missing, *images.shape[1:]), -1.0)])
-    padded = torch.nn.functional.pad(to_unit_range(images), (1, 1, 1, 1), value=0.5)
-    return rearrange(padded.mean(1), "(r c) h w -> (r h) (c w)", r=rows)
-
-
-def save_grid(
-    samples: torch.Tensor, outlier: torch.Tensor, path: Path, title: str, rows: int = 8
-) -> None:
-    """PNG, written atomically: a grid of samples, and the samples nearest the outlier.
-
-    Left, the first ``rows * rows`` samples (the same noise before and after unlearning, so the
-    two pictures compare row by row); right, the outlier and the ``rows - 1`` samples closest to
-    it in L2, which are copies of it while the model still generates it.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    distances = (samples - outlier).flatten(1).norm(dim=1)
-    nearest = samples[distances.argsort()[: rows - 1]]
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(5.2, 4.4), gridspec_kw={"width_ratios": [rows, 1.4]}
-    )
-    left.imshow(_tiles(samples[: rows * rows], rows).numpy(), cmap="gray", vmin=0, vmax=1)
-    left.set_title(title, fontsize=9)
-    column = torch.cat([outlier[None], nearest])
-    right.imshow(_tiles(column, rows).numpy(), cmap="gray", vmin=0, vmax=1)
-    right.set_title("outlier and\nnearest samples", fontsize=7)
-    for ax in (left, right):
-        ax.axis("off")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def step_log(result: StepResult, lr: float) -> dict[str, float]:
-    """What ``--report_to`` logs of one step: the loss and its keep and forget terms, the
-    learning rate the step used and, on a step the balancer ran, its coefficient and the
-    gradient norms it measured (on a refresh)."""
-    values = {f"train/{name}": term.item() for name, term in result.terms._asdict().items()}
-    values["train/lr"] = lr
-    stats = result.stats
-    if stats is not None:
-        values["balancer/coefficient"] = stats.coefficient.item()
-        for name in ("keep_norm", "forget_norm"):
-            if getattr(stats, name) is not None:
-                values[f"balancer/{name}"] = getattr(stats, name).item()
-    return values
-
-
-def evaluation_log(metrics: dict[str, Any]) -> dict[str, float]:
-    """The measured numbers of an evaluation (the outlier rate, its NLL, IS, FID) for
-    ``--report_to``; what was not measured is left out, never logged as a number."""
-    keys = ("outlier_rate", "outlier_nll_bpd", "inception_score", "fid")
-    return {
-        f"eval/{key}": float(metrics[key])
-        for key in keys
-        if isinstance(metrics.get(key), int | float) and math.isfinite(metrics[key])
-    }
-
-
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags of a run that are not the recipe's, for the trackers' hyper-parameters."""
     skip = {*RECIPE_FIELDS, "audit_options"}
@@ -784,7 +323,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     # run draws what an uninterrupted one draws, with no generator state to carry.
     batch = args.train_batch_size
     plan = BatchPlan(args.seed, len(keep), len(forget), batch, batch)
-    evaluator = Evaluator(args, data.outlier, keep)
+    evaluator = Evaluator.from_flags(args, data.outlier, keep, ASSETS / CLASSIFIER)
 
     history: list[dict[str, Any]] = []
     step, train_wall = 0, 0.0
@@ -829,7 +368,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     if step == 0 and not history:
         out.mkdir(parents=True, exist_ok=True)
         if before is None:
-            before, samples = evaluator(unet, scheduler)
+            before, samples = evaluator(unet, scheduler, args.eval_samples)
             save_grid(samples, data.outlier, out / "samples_before.png", "before unlearning")
         history.append({**before, "step": 0})
 
@@ -857,7 +396,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             tracker.log(step_log(result, lr), step=done)
         if args.eval_every and done % args.eval_every == 0 and done < steps:
             with unlearner.averaged_weights():
-                metrics = evaluator.track(unet, scheduler)
+                metrics = evaluator.track(unet, scheduler, args.track_samples)
             history.append({"step": done, **metrics})
             bar.set_postfix(rate=f"{metrics['outlier_rate']:.2%}")
             if tracker is not None:
@@ -891,15 +430,14 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     if unlearner.ema is not None:  # the EMA is the model this run delivers: evaluated and saved
         unlearner.ema.copy_to(unlearner.params)
     if history[-1]["step"] != steps:
-        metrics, samples = evaluator(unet, scheduler)
+        metrics, samples = evaluator(unet, scheduler, args.eval_samples)
         history.append({"step": steps, **metrics})
         title = f"after {steps} steps of {out.name}"
         save_grid(samples, data.outlier, out / "samples_after.png", title)
     if tracker is not None:
         tracker.log(evaluation_log(history[-1]), step=steps)
         tracker.end_training()
-    with atomic_folder(out / "model") as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
+    save_model(out / "model", unet)
     result = {
         "method": args.method,
         "process": args.process,
@@ -925,7 +463,6 @@ def audit_run(args: argparse.Namespace, before_path: Path | None = None) -> str:
     ``before_path`` (default ``audit_before.json``) and reused while the settings match (the
     study shares one per seed between its methods).
     """
-    from examples.digits import make_tshirt_variants
     from siss.audit.figure import save_figure
 
     out = Path(args.output_dir)

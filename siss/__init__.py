@@ -45,6 +45,7 @@ from siss.baselines import (
 from siss.losses import LossTerms, SISSDraw, SISSLoss, UnlearningLoss
 from siss.recipe import StepResult, Unlearner, UnlearningConfig, teacher_for
 from siss.registry import METHODS, RULES, MethodRules, make_loss
+from siss.retrack import ReTrackDraw, ReTrackLoss
 from siss.schedule import NoiseSchedule
 
 __version__ = "0.2.0.dev0"  # the one place the version is set (pyproject reads it)
@@ -61,6 +62,8 @@ __all__ = [
     "NegGradLoss",
     "NoiseSchedule",
     "NormBalancer",
+    "ReTrackDraw",
+    "ReTrackLoss",
     "SISSDraw",
     "SISSLoss",
     "SISSNoISLoss",

@@ -49,6 +49,7 @@ from siss.balancer import BalanceStats, NormBalancer, _global_norm
 from siss.loop import derived_seed, process_index
 from siss.losses import LossTerms
 from siss.registry import METHODS, RULES
+from siss.retrack import DEFAULT_NEIGHBORS
 from siss.schedule import TimestepSpec
 
 KeepTarget = Literal["teacher", "noise"]
@@ -115,6 +116,9 @@ class UnlearningConfig:
         seed: seed of every draw (timesteps, mixture coins, noise): draw ``i`` of process ``r``
             uses ``derived_seed(seed, "draw", i, r)``, so a resume draws what an uninterrupted
             run draws.
+        num_neighbors: ReTrack's ``k``, the kept neighbours each forget point is redirected to
+            (``siss.ReTrackLoss``); ``None``: its default (5) for ``method="retrack"``; it must
+            stay ``None`` for the other methods.
 
     Examples:
         >>> config = UnlearningConfig()
@@ -146,6 +150,7 @@ class UnlearningConfig:
     ema_power: float = 0.75
     max_grad_norm: float = 1.0
     seed: int = 0
+    num_neighbors: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -168,6 +173,16 @@ class UnlearningConfig:
         _integer(self, "lr_warmup_steps", low=0)
         _integer(self, "max_train_steps", low=1)
         _integer(self, "seed", low=0)
+        if self.method == "retrack":
+            if self.num_neighbors is None:
+                object.__setattr__(self, "num_neighbors", DEFAULT_NEIGHBORS)
+            _integer(self, "num_neighbors", low=1)
+        elif self.num_neighbors is not None:
+            raise _field_error(
+                "num_neighbors",
+                f"ReTrack's k (method='retrack'); method {self.method!r} takes none, got "
+                f"{self.num_neighbors!r}",
+            )
         _choice(self, "lr_scheduler", LR_SCHEDULERS)
         _choice(self, "x_from", ("retain", "all"))
         _check_timesteps(self.timesteps)
@@ -239,6 +254,8 @@ class UnlearningConfig:
             kwargs["superfactor"] = 0.0
         if self.method == "siss":
             kwargs["lam"] = self.lam
+        if self.num_neighbors is not None:
+            kwargs["num_neighbors"] = self.num_neighbors
         if rules.subsets:
             kwargs.update(n=n, k=k, x_from=self.x_from)
         return kwargs
@@ -462,12 +479,16 @@ class Unlearner:
             ``config.learning_rate`` (prepared with ``accelerator``).
         lr_scheduler: the (prepared) learning-rate scheduler; ``None``: diffusers'
             ``get_scheduler(config.lr_scheduler, ...)`` over ``config.max_train_steps``.
+        retain: ReTrack only: the kept points ``X \\ A`` (or a subset), ``(N, C, H, W)``, among
+            which each forget point's ``num_neighbors`` nearest are found
+            (``ReTrackLoss(retain=)``); moved to the model's device. ``None``: the keep batch.
 
     Attributes:
         loss_fn: the method's loss; ``teacher``: the teacher (``None`` for the noise target);
         balancer: the ``NormBalancer`` (``None`` without one); ``ema``: the ``EMAModel`` or
         ``None``; ``optimizer_steps``: optimizer steps taken (calibration excluded);
-        ``scale``: the calibrated naive-deletion gradient norm (``None`` before).
+        ``scale``: the calibrated naive-deletion gradient norm (``None`` before);
+        ``forget_weight``: the product of ``back_off``'s factors (1 at the start).
 
     Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
@@ -495,6 +516,7 @@ class Unlearner:
         accelerator: Any | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: Any | None = None,
+        retain: Tensor | None = None,
     ) -> None:
         from siss.adapters import adapter_for, loss_from_scheduler, trainable_parameters
         from siss.adapters.schedulers import prediction_type_from_scheduler
@@ -514,6 +536,12 @@ class Unlearner:
         self.loss_fn = loss_from_scheduler(
             config.method, noise_scheduler, **config.loss_kwargs(n, k)
         ).to(device)
+        if retain is not None:
+            if config.method != "retrack":
+                raise ValueError(
+                    f"`retain` is ReTrack's neighbour pool; method {config.method!r} takes none"
+                )
+            self.loss_fn.set_retain(retain.to(device) if isinstance(retain, Tensor) else retain)
         self.teacher = None
         if config.keep_target == "teacher":
             self.teacher = teacher_for(model)
@@ -557,6 +585,8 @@ class Unlearner:
         self._norms: list[Tensor] = []
         self.draws = 0  # micro-batches drawn, calibration included: the draw seeds' counter
         self.optimizer_steps = 0
+        self.forget_weight = 1.0  # back_off's factors so far
+        self._superfactor = getattr(self.loss_fn, "superfactor", None)
         if not config.calibrated:
             self.balancer = self._build_balancer()
         if accelerator is not None:
@@ -580,9 +610,9 @@ class Unlearner:
             return None
         kwargs: dict[str, Any] = {"every": config.balance_every, "backward": self._backward}
         if mode == "absolute":
-            kwargs["target_norm"] = config.ratio * self.scale
+            kwargs["target_norm"] = config.ratio * self.scale * self.forget_weight
         elif mode != "bilevel":
-            kwargs["ratio"] = config.ratio
+            kwargs["ratio"] = config.ratio * self.forget_weight
         return NormBalancer(self.params, mode=mode, **kwargs)
 
     def _generator(self) -> torch.Generator:
@@ -735,6 +765,34 @@ class Unlearner:
         if scaler is not None and scaler.is_enabled():
             scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
+    def back_off(self, factor: float = 0.5) -> None:
+        """Weigh the forget term ``factor`` times as much from the next step on.
+
+        What a caller does when the behaviour it keeps drifts too far while the forget set is not
+        gone yet (the Stable Diffusion job's keep prompts, ``siss.stable_diffusion.watch``): the
+        balancer's target (``ratio``, or the calibrated absolute norm) or the fixed superfactor is
+        scaled, the balancer starting afresh at the next step. ``forget_weight`` holds the product
+        of the factors so far and is saved in ``state_dict``.
+
+        Raises:
+            ValueError: ``factor`` outside ``(0, 1]``, or a method whose forget weight is its own
+                rule (EraseDiff's bilevel one) or that has no forget term.
+        """
+        if not 0 < factor <= 1:
+            raise ValueError(f"`factor` must be in (0, 1], got {factor!r}")
+        if self.config.balancer == "bilevel" or (
+            self.config.balancer is None and not self._superfactor
+        ):
+            raise ValueError(f"method {self.config.method!r} has no forget weight to back off")
+        self.forget_weight *= factor
+        self._apply_forget_weight()
+
+    def _apply_forget_weight(self) -> None:
+        if self.config.balancer is None and self._superfactor is not None:
+            self.loss_fn.superfactor = self._superfactor * self.forget_weight
+        elif not self.calibrating:
+            self.balancer = self._build_balancer()
+
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:
         """The EMA's weights in the model for the block, the trained ones back after it (no-op
@@ -759,6 +817,7 @@ class Unlearner:
             "calibration_norms": [n.item() for n in self._norms],
             "balancer": None if self.balancer is None else self.balancer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "forget_weight": self.forget_weight,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -779,6 +838,9 @@ class Unlearner:
         self.draws, self.optimizer_steps = int(state["draws"]), int(state["optimizer_steps"])
         self.scale = state["scale"]
         self._norms = [torch.tensor(v) for v in state["calibration_norms"]]
+        self.forget_weight = float(state.get("forget_weight", 1.0))
+        if self.config.balancer is None and self._superfactor is not None:
+            self.loss_fn.superfactor = self._superfactor * self.forget_weight
         self.balancer = None if self.calibrating else self._build_balancer()
         if self.balancer is not None and state["balancer"] is not None:
             self.balancer.load_state_dict(state["balancer"])

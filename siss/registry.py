@@ -9,6 +9,8 @@ name           class                     the paper's method
 ``naive``      ``NaiveDeletionLoss``     naive deletion, Eq. 2
 ``neggrad``    ``NegGradLoss``           NegGrad, Eq. 3
 ``erasediff``  ``EraseDiffLoss``         EraseDiff with uniform-noise targets
+``retrack``    ``ReTrackLoss``           ReTrack (Shi et al., arXiv 2509.13007; not in the
+                                         paper): redirect to the k nearest kept neighbours
 =============  ========================  =====================================================
 """
 
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from siss.baselines import EraseDiffLoss, NaiveDeletionLoss, NegGradLoss, SISSNoISLoss
 from siss.losses import SISSLoss, UnlearningLoss
+from siss.retrack import ReTrackLoss
 from siss.schedule import NoiseSchedule
 
 
@@ -36,10 +39,12 @@ class MethodRules(NamedTuple):
             term, and ``UnlearningConfig`` takes the noise target there.
         subsets: the loss takes ``n = |X|`` and ``k = |A|`` (the forget term's ``k/(n-k)``).
         superfactor: the superfactor when none is given and no balancer sets it: NegGrad's and
-            EraseDiff's forget term is the whole objective (``s = 1``); ``0.0`` for the others.
+            EraseDiff's forget term is the whole objective (``s = 1``), ReTrack weighs its
+            redirect term as its keep term (``s = 1``); ``0.0`` for the others.
         balancer: the superfactor rule (``NormBalancer`` mode): ``"config"`` for the run's
             ``balance_mode``, ``"bilevel"`` for EraseDiff's own rule, ``None`` for methods with
-            nothing to balance (naive deletion has no forget term, NegGrad no keep term).
+            nothing to balance (naive deletion has no forget term, NegGrad no keep term) or
+            whose terms are both descent terms on ``L_{X\\A}`` with a fixed weight (ReTrack).
         refused: prediction type -> why the method cannot train a model of that type.
 
     Examples:
@@ -83,6 +88,14 @@ RULES: Mapping[str, MethodRules] = MappingProxyType(
                 }
             ),
         ),
+        # ReTrack: no teacher (its keep term is the plain l_x, with no importance weight for a
+        # teacher's prediction to replace), no n/k (both of its terms estimate L_{X\A}, neither
+        # carries k/(n-k)), and flow models allowed: its forget target is the posterior mean of
+        # the model's own regression target, which is affine in (x_0, eps) for every prediction
+        # type, rectified flow's velocity eps - x_0 included.
+        "retrack": MethodRules(
+            ReTrackLoss, teacher=False, subsets=False, superfactor=1.0, balancer=None
+        ),
     }
 )
 """Per-method rules, by the names ``make_loss`` accepts: one table, read by the recipe and the
@@ -98,7 +111,7 @@ METHODS: tuple[str, ...] = tuple(RULES)
 
 Examples:
     >>> METHODS
-    ('siss', 'siss-nois', 'naive', 'neggrad', 'erasediff')
+    ('siss', 'siss-nois', 'naive', 'neggrad', 'erasediff', 'retrack')
 """
 
 

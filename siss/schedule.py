@@ -185,7 +185,9 @@ class NoiseSchedule(nn.Module):
             checked = timesteps.device.type == "cpu" or (
                 validate_values_enabled() and timesteps.device.type != "meta"
             )
-            if checked and (bool((timesteps < 0).any()) or bool((timesteps > last).any())):
+            # compared as int64: a uint8 tensor against `last` (e.g. 999) would wrap it to 231
+            values = timesteps.to(torch.long)
+            if checked and (bool((values < 0).any()) or bool((values > last).any())):
                 raise ValueError(f"`timesteps` must lie in [0, {last}]")
             return timesteps.to(device=device, dtype=torch.long).expand(batch_size)
         raise TypeError(

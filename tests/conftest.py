@@ -490,10 +490,13 @@ class PlantedPipeline:
     """A planted-memorization pipeline folder and what a test needs to check it.
 
     Attributes:
-        folder: the ``StableDiffusionPipeline`` folder (3x16x16 images, ``DDIMScheduler``).
+        folder: the ``StableDiffusionPipeline`` folder (the T-shirt's: 3x16x16 images,
+            ``DDIMScheduler``; the family in ``tests/planted_pipelines.py``: other sizes and
+            schedulers).
         prompt: the prompt whose generations copy ``memorized_image``: 66% of them at guidance
             7.5 and 10 DDIM steps (``measured``; 34% to 74% at other settings, README.md).
-        memorized_image: the training image the UNet memorized, ``(3, 16, 16)`` in ``[-1, 1]``.
+        memorized_image: the training image the UNet memorized, ``(3, H, W)`` in ``[-1, 1]``
+            (``(3, 16, 16)`` for the T-shirt).
         other_prompts: prompts trained on the varied images only.
         copy_threshold: an image is a copy when :meth:`distance` is below this (see
             ``tests/assets/planted-sd/README.md`` for the measured gap it sits in).
@@ -510,13 +513,14 @@ class PlantedPipeline:
     measured: dict
 
     def distance(self, images: torch.Tensor) -> torch.Tensor:
-        """Root-mean-square pixel distance ``(N,)`` of ``images`` ``(N, 3, 16, 16)`` in
-        ``[-1, 1]`` to the memorized image."""
+        """Root-mean-square pixel distance ``(N,)`` of ``images`` ``(N, 3, H, W)`` (the memorized
+        image's size) in ``[-1, 1]`` to the memorized image."""
         difference = images.double() - self.memorized_image.double().to(images.device)
         return difference.flatten(1).square().mean(1).sqrt()
 
     def is_copy(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` bool: which of ``images`` (``(N, 3, 16, 16)`` in ``[-1, 1]``) are copies."""
+        """``(N,)`` bool: which of ``images`` (``(N, 3, H, W)`` in ``[-1, 1]``) are copies: RMS
+        distance to the memorized image below ``copy_threshold``."""
         return self.distance(images) < self.copy_threshold
 
 
@@ -626,10 +630,9 @@ def build_planted_sd_pipeline(
     from diffusers import (
         DDIMScheduler,
         DDPMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -738,24 +741,7 @@ def build_planted_sd_pipeline(
         unet.eval()
 
         scheduler = DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False)
-        StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        ).save_pretrained(staging, safe_serialization=True)
-        # transformers 5 saves the CLIP text encoder without the "text_model." prefix, which
-        # transformers 4 (the lowest versions CI tests) loads as random weights: re-key it
-        encoder = staging / "text_encoder" / "model.safetensors"
-        weights = load_file(encoder)
-        prefixed = {
-            k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()
-        }
-        save_file(prefixed, encoder, metadata={"format": "pt"})
+        save_sd_folder(staging, vae, text_encoder, tokenizer, unet, scheduler)
         save_file(
             {"memorized_image": memorized.contiguous()}, staging / "memorized_image.safetensors"
         )
@@ -776,6 +762,32 @@ def build_planted_sd_pipeline(
     finally:
         torch.set_num_threads(threads)
     return folder
+
+
+def save_sd_folder(folder, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+    """A ``StableDiffusionPipeline`` of these components saved to ``folder`` (safetensors, no
+    safety checker), its CLIP text encoder's weights keyed with the ``text_model.`` prefix:
+    transformers 5 saves them without it, which transformers 4 (the lowest versions CI tests)
+    loads as random weights."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    encoder = Path(folder) / "text_encoder" / "model.safetensors"
+    weights = load_file(encoder)
+    prefixed = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in weights.items()
+    }
+    save_file(prefixed, encoder, metadata={"format": "pt"})
 
 
 def measure_planted_copy_rate(

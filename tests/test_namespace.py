@@ -25,11 +25,13 @@ TOP_LEVEL = {
     "NaiveDeletionLoss",
     "NegGradLoss",
     "EraseDiffLoss",
+    "ReTrackLoss",
     "UnlearningLoss",
     # the result and draw types
     "LossTerms",
     "SISSDraw",
     "DenoisingDraw",
+    "ReTrackDraw",
     "BalanceStats",
     "StepResult",
     # schedule, balancer, methods by name

@@ -249,6 +249,33 @@ def test_calibration_measures_without_training_then_the_balancer_is_held():
     assert unlearner.optimizer_steps == 4 and unlearner.draws == 7
 
 
+def test_back_off_scales_the_forget_weight_and_resumes_with_it():
+    """``back_off(f)``: the calibrated absolute target (or a fixed superfactor) times ``f`` from
+    the next step on, saved and restored with the recipe's state; refused where the forget
+    weight is the method's own rule."""
+    unet = tiny_unet()
+    config = UnlearningConfig(calibration_batches=2, max_train_steps=4)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    for x0, a0 in batches(2):
+        unlearner.step(x0, a0)
+    full = unlearner.balancer.target_norm
+    unlearner.back_off(0.5)
+    unlearner.back_off(0.5)
+    assert unlearner.forget_weight == 0.25
+    assert unlearner.balancer.target_norm == pytest.approx(full / 4)
+    again = Unlearner(tiny_unet(), scheduler(), config, n=101, k=1)
+    again.load_state_dict(unlearner.state_dict())
+    assert again.forget_weight == 0.25 and again.balancer.target_norm == pytest.approx(full / 4)
+    fixed = Unlearner(tiny_unet(), scheduler(), UnlearningConfig(superfactor=2.0), n=101, k=1)
+    fixed.back_off(0.5)
+    assert fixed.loss_fn.superfactor == 1.0
+    with pytest.raises(ValueError, match="factor"):
+        fixed.back_off(0.0)
+    naive = UnlearningConfig(method="naive")
+    with pytest.raises(ValueError, match="no forget weight"):
+        Unlearner(tiny_unet(), scheduler(), naive, n=101, k=1).back_off(0.5)
+
+
 def test_calibrated_scale_is_the_median_naive_deletion_gradient_norm():
     """The scale equals ``siss.functional.median_gradient_norm`` of the same draws'
     noise-target keep terms."""
@@ -305,7 +332,9 @@ def test_non_finite_gradients_skip_the_step():
     assert all(not state for state in unlearner.optimizer.state.values())
 
 
-@pytest.mark.parametrize("method", ["siss", "siss-nois", "naive", "neggrad", "erasediff"])
+@pytest.mark.parametrize(
+    "method", ["siss", "siss-nois", "naive", "neggrad", "erasediff", "retrack"]
+)
 def test_every_method_trains(method):
     unet = tiny_unet()
     config = UnlearningConfig(method=method, calibration_batches=1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from siss import NoiseSchedule, SISSLoss
+from siss import NoiseSchedule, ReTrackLoss, SISSLoss
 from siss.baselines import EraseDiffLoss, NaiveDeletionLoss, NegGradLoss, SISSNoISLoss
 from siss.losses import UnlearningLoss
 from siss.registry import METHODS, make_loss
@@ -14,13 +14,14 @@ EXPECTED = {
     "naive": NaiveDeletionLoss,
     "neggrad": NegGradLoss,
     "erasediff": EraseDiffLoss,
+    "retrack": ReTrackLoss,
 }
 
 # SISS and SISS (No IS) take no default superfactor; the baselines' defaults are their methods'.
 SUPERFACTOR = {"siss": {"superfactor": 0.1}, "siss-nois": {"superfactor": 0.1}}
 
 
-def test_methods_are_the_papers():
+def test_methods_are_the_papers_and_retrack():
     assert METHODS == tuple(EXPECTED)
 
 

@@ -46,6 +46,13 @@ def test_sample_indices_specs(alphas_cumprod):
     assert torch.equal(schedule.sample_indices(3, torch.tensor(5)), torch.full((3,), 5))
 
 
+def test_small_integer_dtypes_are_checked_as_int64(alphas_cumprod):
+    """A uint8 index above 231 was refused: `uint8 > 999` wraps 999 to 231 (issue 23 review)."""
+    schedule = NoiseSchedule.from_alphas_cumprod(alphas_cumprod)
+    index = torch.tensor(240, dtype=torch.uint8)
+    assert schedule.sample_indices(2, index).tolist() == [240, 240]
+
+
 def test_sampling_is_reproducible(alphas_cumprod):
     schedule = NoiseSchedule.from_alphas_cumprod(alphas_cumprod)
     first = schedule.sample_indices(16, generator=torch.Generator().manual_seed(3))

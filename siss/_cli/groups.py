@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from siss._cli.parser import Check, CommandParser, flag
+from siss._cli.parser import Check, CommandParser, Container, flag
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb")
@@ -367,3 +367,250 @@ def start_trackers(
     }
     accelerator.init_trackers(project_name, config=hparams)
     return accelerator
+
+
+# ------------------------------------------------------------------ the digits commands' groups
+# (examples/: pretrain, unlearn, sequential, study; the settings live in siss._digits)
+
+
+def add_data_flags(parser: CommandParser, *, outlier_help: str) -> argparse._ArgumentGroup:
+    """``--data``, ``--data_root`` and ``--outlier_image`` (``siss._digits.data``), checked:
+    ``mnist`` and ``folder`` need an existing ``--data_root``; ``--outlier_image`` an existing
+    file."""
+    group = parser.add_argument_group("data")
+    flag(
+        group,
+        "--data",
+        choices=("sklearn", "mnist", "folder"),
+        default="sklearn",
+        help="training set: scikit-learn's digits, MNIST from a torchvision folder on disk "
+        "(--data_root), or an image folder (--data_root)",
+    )
+    flag(
+        group,
+        "--data_root",
+        type=Path,
+        default=None,
+        help="the MNIST or image folder of --data mnist/folder. Default: none (sklearn)",
+    )
+    flag(group, "--outlier_image", type=Path, default=None, help=outlier_help)
+
+    def check(args: argparse.Namespace) -> None:
+        if args.data != "sklearn":
+            if args.data_root is None:
+                raise ValueError(f"--data {args.data}: needs --data_root (the folder)")
+            if not Path(args.data_root).is_dir():
+                raise ValueError(f"--data_root {args.data_root}: no such folder")
+        if args.outlier_image is not None and not Path(args.outlier_image).is_file():
+            raise ValueError(f"--outlier_image {args.outlier_image}: no such file")
+
+    parser.add_check(check)
+    return group
+
+
+def add_evaluation_flags(
+    parser: CommandParser,
+    *,
+    eval_samples: int,
+    samples_help: str = "samples of each full evaluation (before, after)",
+    at_least: int = 1,
+    sampler_flag: str = "--eval_sampler",
+    precision: bool = True,
+    nll: bool = True,
+) -> argparse._ArgumentGroup:
+    """The evaluation group: ``--eval_samples``, the sampler (``sampler_flag``) and
+    ``--eval_steps`` (``None``: the process's, resolved once the checkpoint is known), with
+    ``precision`` ``--eval_precision`` and with ``nll`` the NLL's ``--nll_probes`` and
+    ``--nll_tolerance``."""
+    from siss._digits import DEFAULT_EVAL_STEPS, PRECISIONS, SAMPLERS
+
+    group = parser.add_argument_group("evaluation")
+    flag(
+        group,
+        "--eval_samples",
+        type=int,
+        default=eval_samples,
+        at_least=at_least,
+        help=samples_help,
+    )
+    flag(
+        group,
+        sampler_flag,
+        choices=SAMPLERS,
+        default=None,
+        help="sampler of the evaluations. DDPM checkpoints: ddpm (ancestral, the paper's; the "
+        "default), ddim (eta 0) or dpm (DPM-Solver++ 2M; 2.5x faster at 20 steps, its IS-style "
+        "score 1.4%% lower on the pretrained model than ddpm-50's: compare only runs with the "
+        "same sampler). Flow checkpoints: euler (the scheduler's own steps; the default)",
+    )
+    flag(
+        group,
+        "--eval_steps",
+        type=int,
+        default=None,
+        at_least=1,
+        help=f"sampling steps of the evaluations. Default: {DEFAULT_EVAL_STEPS['ddpm']} for "
+        f"DDPM, {DEFAULT_EVAL_STEPS['flow']} for flow",
+    )
+    if precision:
+        flag(
+            group,
+            "--eval_precision",
+            choices=PRECISIONS,
+            default="fp32",
+            help="network precision of the evaluations' sampling: bf16 (torch.autocast) is "
+            "2.3x faster on a CPU with AMX and moves the samples' pixels by ~1e-3 (median; "
+            "study.py's precision_check.json); the NLL is always float32",
+        )
+    if nll:
+        flag(
+            group,
+            "--nll_probes",
+            type=int,
+            default=4,
+            at_least=1,
+            help="Hutchinson probes of each NLL (of the outlier, of each shape)",
+        )
+        flag(
+            group,
+            "--nll_tolerance",
+            type=float,
+            default=1e-5,
+            above=0,
+            help="ODE rtol = atol of the NLL",
+        )
+    return group
+
+
+def add_tracking_flags(group: Container, *, eval_every: int) -> None:
+    """``--eval_every`` and ``--track_samples``: the in-run outlier-rate tracking."""
+    flag(
+        group,
+        "--eval_every",
+        type=int,
+        default=eval_every,
+        at_least=0,
+        help="track the outlier rate every this many steps; 0: never",
+    )
+    flag(
+        group,
+        "--track_samples",
+        type=int,
+        default=500,
+        at_least=1,
+        help="samples of each in-run outlier-rate tracking",
+    )
+
+
+AUDIT_CHECKS = ("generation", "reconstruction", "membership")
+"""``--audit``'s default checks: those that separate pretrained from retrain in seconds to about
+a minute each on a CPU (docs/audit.md); the likelihood check alone takes ~3 minutes a model."""
+
+
+def add_audit_flags(
+    parser: CommandParser, *, audit_help: str, description: str | None = None, inherit: bool = False
+) -> argparse._ArgumentGroup:
+    """``--audit`` (``audit_help``) and its settings: the checks, the generation check's samples,
+    the sampling steps, the T-shirt variants and per-check options. ``inherit``: every setting
+    defaults to ``None``, the unlearning command's default (the study passes on what is set)."""
+    from siss.audit import ALL_CHECKS
+
+    group = parser.add_argument_group("audit", description)
+    flag(group, "--audit", action="store_true", help=audit_help)
+
+    def default(value: Any) -> Any:
+        return None if inherit else value
+
+    suffix = ". Default: unlearn.py's" if inherit else ""
+    flag(
+        group,
+        "--audit_checks",
+        nargs="+",
+        choices=[c for c in ALL_CHECKS if c != "memorization"],
+        default=default(list(AUDIT_CHECKS)),
+        metavar="CHECK",
+        help=f"checks of --audit, from %(choices)s (likelihood: ~3 min a model){suffix}",
+    )
+    for name, value, text in (
+        ("--audit_samples", 1000, "samples of the generation check"),
+        ("--audit_steps", 50, "DDIM steps of the audit's sampling"),
+        (
+            "--audit_references",
+            128,
+            "T-shirt variants (non-members); fewer than 104 leave some verdicts undecided",
+        ),
+    ):
+        flag(group, name, type=int, default=default(value), at_least=1, help=text + suffix)
+    flag(
+        group,
+        "--audit_option",
+        action="append",
+        default=[],
+        metavar="CHECK.KEY=VALUE",
+        help="a per-check option of siss.audit.audit, VALUE as JSON (e.g. likelihood.repeats=8)",
+    )
+    return group
+
+
+def add_recipe_flags(
+    parser: CommandParser,
+    *,
+    max_train_steps: int,
+    helps: dict[str, str],
+    ema: bool = True,
+    old: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """The recipe's flags (``siss.UnlearningConfig``: method, λ, superfactor or ratio, keep
+    target and balancer, timesteps, with ``ema`` the EMA) and the training group at the digits
+    commands' defaults (``helps`` and ``old``: the command's, as ``add_training_flags`` takes
+    them)."""
+    from siss._cli.recipe import add_method_flags
+    from siss.recipe import LR_SCHEDULERS
+
+    recipe = parser.add_argument_group("recipe")
+    add_method_flags(recipe)
+    flag(
+        recipe,
+        "--timesteps",
+        type=int,
+        nargs="*",
+        default=None,
+        help="fixed t, or a 'low high' window of grid indices. Default: uniform over the "
+        "schedule (flow: index 0 is the noisiest, as in diffusers)",
+    )
+    if ema:
+        flag(
+            recipe,
+            "--ema_decay",
+            type=float,
+            default=0.0,
+            help="largest decay of an EMA of the fine-tuned weights (diffusers' EMAModel, warmup "
+            "power --ema_power); the EMA weights are evaluated and saved. 0: no EMA (raw "
+            "weights)",
+        )
+        flag(
+            recipe,
+            "--ema_power",
+            type=float,
+            default=0.75,
+            help="EMA warmup: decay 1 - (1 + step)^-power, capped at --ema_decay (pretrain.py's)",
+        )
+    add_training_flags(
+        parser,
+        max_train_steps=max_train_steps,
+        train_batch_size=64,
+        learning_rate=5e-5,
+        lr_scheduler=("cosine", LR_SCHEDULERS),
+        lr_warmup_steps=0,
+        max_grad_norm=1.0,
+        seed=0,
+        helps=helps,
+        old=old,
+    )
+
+
+def check_timesteps(args: argparse.Namespace) -> None:
+    """``--timesteps`` takes one value (a fixed grid index) or two (a window)."""
+    if args.timesteps is not None and len(args.timesteps) not in (1, 2):
+        values = " ".join(map(str, args.timesteps))
+        raise ValueError(f"--timesteps {values}: takes one value (fixed) or two (a window)")

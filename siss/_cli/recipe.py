@@ -67,6 +67,33 @@ def add_keep_target_flags(
     )
 
 
+def add_method_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, keep_target: str | None = None
+) -> None:
+    """``--method``, ``--lam``, ``--superfactor``, ``--ratio`` and the keep-target flags
+    (``add_keep_target_flags``, with the command's ``keep_target`` default)."""
+    from siss.registry import RULES
+
+    flag(parser, "--method", choices=tuple(RULES), default="siss", help="unlearning method")
+    flag(parser, "--lam", type=float, default=0.5, help="SISS mixture weight λ, in [0, 1]")
+    flag(
+        parser,
+        "--superfactor",
+        type=float,
+        default=None,
+        help="fixed superfactor s (disables the balancer). Default: balance with --ratio",
+    )
+    flag(
+        parser,
+        "--ratio",
+        type=float,
+        default=0.1,
+        help="norm of the forget gradient as a fraction of the keep (naive-deletion) gradient's "
+        "(§5): per step in 'fix' mode, of its norm measured at the start in 'absolute' mode",
+    )
+    add_keep_target_flags(parser, keep_target)
+
+
 def _value(args: argparse.Namespace, new: str, old: str) -> Any:
     return getattr(args, new) if hasattr(args, new) else getattr(args, old, None)
 

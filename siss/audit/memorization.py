@@ -59,7 +59,7 @@ from siss.audit._models import (
 from siss.audit._stats import conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 
-__all__ = ["memorization_check", "noise_magnitude_score"]
+__all__ = ["guided_trajectory", "memorization_check", "noise_magnitude_score"]
 
 
 def _inference_indices(sched: Schedule, num_inference_steps: int) -> list[int]:
@@ -107,7 +107,7 @@ def _cat(first: Any, second: Any) -> Any:
 def _noise_magnitude_tracks(
     eps_model: object,
     schedule: object,
-    latents: Tensor | Sequence[int],
+    latents: Tensor | Sequence[int] | None,
     prompt_embeds: Tensor,
     null_embeds: Tensor,
     *,
@@ -120,8 +120,12 @@ def _noise_magnitude_tracks(
     conditioning: Mapping[str, Any] | None,
     null_conditioning: Mapping[str, Any] | None,
     progress: bool,
+    trajectory: Tensor | None = None,
+    record: list[Tensor] | None = None,
 ) -> Tensor:
-    """``(G, num_steps)`` norms ``||eps(x_t, c) - eps(x_t, null)||_2`` along the trajectory."""
+    """``(G, num_steps)`` norms ``||eps(x_t, c) - eps(x_t, null)||_2`` along the trajectory:
+    the model's own guided DDIM run from ``latents``, or the given ``trajectory``
+    ``(num_steps, G, ...)`` (then ``latents`` is ``None``). ``record`` collects the ``x_t``."""
     for value, name in ((prompt_embeds, "prompt_embeds"), (null_embeds, "null_embeds")):
         if not isinstance(value, Tensor) or not value.is_floating_point():
             raise TypeError(f"`{name}` must be a floating-point torch.Tensor (1 or G rows, ...)")
@@ -137,7 +141,23 @@ def _noise_magnitude_tracks(
         )
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     generator = check_generator(generator)
-    if isinstance(latents, Tensor):
+    if trajectory is not None:
+        if latents is not None:
+            raise ValueError("give `latents` or `trajectory`, not both (`latents=None`)")
+        if (
+            not isinstance(trajectory, Tensor)
+            or not trajectory.is_floating_point()
+            or trajectory.ndim < 3
+            or trajectory.numel() == 0
+        ):
+            raise ValueError(
+                "`trajectory` must be a floating tensor (num_steps, G, ...) of the x_t of each "
+                f"step (e.g. from `guided_trajectory`), got {getattr(trajectory, 'shape', None)}"
+            )
+        if not bool(torch.isfinite(trajectory).all()):
+            raise ValueError("`trajectory` holds NaN or inf values")
+        x = trajectory[0].to(device)
+    elif isinstance(latents, Tensor):
         if not latents.is_floating_point() or latents.ndim < 2 or latents.numel() == 0:
             raise ValueError(
                 f"`latents` must be a floating tensor (G, ...) of starting noise, got "
@@ -166,6 +186,10 @@ def _noise_magnitude_tracks(
         raise ValueError(
             f"`num_steps` ({num_steps}) must be at most `num_inference_steps` "
             f"({num_inference_steps})"
+        )
+    if trajectory is not None and trajectory.shape[0] < num_steps:
+        raise ValueError(
+            f"`trajectory` holds {trajectory.shape[0]} steps, fewer than `num_steps` ({num_steps})"
         )
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real):
         raise TypeError(f"`guidance_scale` must be a real number, got {guidance_scale!r}")
@@ -201,6 +225,10 @@ def _noise_magnitude_tracks(
     tracks = torch.empty(generations, num_steps, dtype=torch.float64, device=device)
     with eval_mode(eps_model), progress_bar(num_steps, "noise magnitude", progress) as bar:
         for i, index in enumerate(steps):
+            if trajectory is not None:
+                x = trajectory[i].to(device, dtype)
+            if record is not None:
+                record.append(x.detach().clone())
             at = torch.full((2 * generations,), index, device=device)
             gamma, sigma = sched.gamma[at], sched.sigma[at]
             model_input = torch.cat([x, x]).to(dtype)
@@ -208,7 +236,7 @@ def _noise_magnitude_tracks(
             eps = eps_from_prediction(output, model_input, gamma, sigma, kind)
             eps_null, eps_cond = eps.chunk(2)
             tracks[:, i] = (eps_cond - eps_null).to(torch.float64).flatten(1).norm(dim=1)
-            if i + 1 < len(steps):  # one guided DDIM step (eta 0) to the next noise level
+            if trajectory is None and i + 1 < len(steps):  # a guided DDIM step (eta 0)
                 out_null, out_cond = output.chunk(2)
                 guided = out_null + w * (out_cond - out_null)
                 g, s = gamma[:generations], sigma[:generations]
@@ -223,7 +251,7 @@ def _noise_magnitude_tracks(
 def noise_magnitude_score(
     eps_model: object,
     schedule: object,
-    latents: Tensor | Sequence[int],
+    latents: Tensor | Sequence[int] | None,
     prompt_embeds: Tensor,
     null_embeds: Tensor,
     *,
@@ -237,6 +265,7 @@ def noise_magnitude_score(
     null_conditioning: Mapping[str, Any] | None = None,
     return_steps: bool = False,
     progress: bool = False,
+    trajectory: Tensor | None = None,
 ) -> Tensor:
     """Wen et al.'s (ICLR 2024) memorization score of a prompt, one per generation (seed).
 
@@ -250,7 +279,8 @@ def noise_magnitude_score(
             ``ModelAdapter``, or a callable ``(x_t, t, **{embeds_key: embeds, ...})``.
         schedule: a ``siss.NoiseSchedule`` or a diffusers scheduler (not modified).
         latents: starting noise ``(G, C, H, W)``, or the shape ``(G, C, H, W)`` to draw it
-            from ``generator`` (``G`` generations; the authors used 4 per prompt).
+            from ``generator`` (``G`` generations; the authors used 4 per prompt); ``None``
+            with ``trajectory``.
         prompt_embeds: the prompt's text embeddings ``(1 or G, L, D)``.
         null_embeds: the empty prompt's ``(1 or G, L, D)``.
         num_inference_steps: steps of the sampler (50).
@@ -266,6 +296,12 @@ def noise_magnitude_score(
             ``null_conditioning`` defaults to ``conditioning``.
         return_steps: return the per-step norms ``(G, num_steps)`` instead of their mean.
         progress: show a tqdm bar over the steps.
+        trajectory: fixed ``x_t`` ``(>= num_steps, G, C, H, W)``, one per step, to evaluate
+            the score on instead of the model's own guided run (``latents=None``). To compare a
+            model before and after unlearning on the same inputs, record the trajectory once
+            with :func:`guided_trajectory` of the model before: the own-trajectory score of
+            the model after also moves because its run no longer reaches the memorized image.
+            ``guidance_scale`` and ``generator`` are then unused.
 
     Returns:
         ``(G,)`` float64 (``(G, num_steps)`` with ``return_steps``); NaN where the model
@@ -298,8 +334,74 @@ def noise_magnitude_score(
         conditioning=conditioning,
         null_conditioning=null_conditioning,
         progress=progress,
+        trajectory=trajectory,
     )
     return tracks if return_steps else tracks.mean(1)
+
+
+def guided_trajectory(
+    eps_model: object,
+    schedule: object,
+    latents: Tensor | Sequence[int],
+    prompt_embeds: Tensor,
+    null_embeds: Tensor,
+    *,
+    num_inference_steps: int = 50,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | None = None,
+    prediction_type: str | None = None,
+    embeds_key: str = "encoder_hidden_states",
+    conditioning: Mapping[str, Any] | None = None,
+    null_conditioning: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """The ``x_t`` at which :func:`noise_magnitude_score` evaluates the model, one per step.
+
+    The same guided DDIM run (same arguments, same draws of ``latents``) as the score's;
+    pass the result as its ``trajectory=`` to score another model (the same one after
+    unlearning) on these fixed inputs.
+
+    Returns:
+        ``(num_steps, G, C, H, W)`` in the embeddings' dtype; ``[0]`` is the starting noise.
+
+    Examples:
+        >>> from siss import NoiseSchedule
+        >>> schedule = NoiseSchedule.from_alphas_cumprod(
+        ...     torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0))
+        >>> model = lambda x, t, encoder_hidden_states: 0.1 * x + (
+        ...     encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1))
+        >>> args = (schedule, (3, 1, 2, 2), torch.ones(1, 4, 8), torch.zeros(1, 4, 8))
+        >>> xs = guided_trajectory(model, *args, num_inference_steps=10, num_steps=10,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> xs.shape
+        torch.Size([10, 3, 1, 2, 2])
+        >>> own = noise_magnitude_score(model, *args, num_inference_steps=10, num_steps=10,
+        ...     generator=torch.Generator().manual_seed(0))
+        >>> fixed = noise_magnitude_score(model, schedule, None, *args[2:],
+        ...     num_inference_steps=10, num_steps=10, trajectory=xs)
+        >>> torch.equal(own, fixed)
+        True
+    """
+    record: list[Tensor] = []
+    _noise_magnitude_tracks(
+        eps_model,
+        schedule,
+        latents,
+        prompt_embeds,
+        null_embeds,
+        num_inference_steps=num_inference_steps,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        prediction_type=prediction_type,
+        embeds_key=embeds_key,
+        conditioning=conditioning,
+        null_conditioning=null_conditioning,
+        progress=progress,
+        record=record,
+    )
+    return torch.stack(record)
 
 
 def memorization_check(

@@ -63,7 +63,6 @@ from torch import Tensor
 from siss._optional import needs
 from siss.audit._inputs import check_images, check_int, check_range
 from siss.audit.generation import pixel_features
-from siss.metrics.rate import default_threshold
 
 __all__ = [
     "MemorizationSplit",
@@ -98,8 +97,10 @@ class MemorizationSplit:
             when ``found`` is False).
         rule: ``"reference"`` or ``"2-means"``.
         found: whether a memorized group exists (False: "no memorization", see ``reason``).
-        threshold: the reference rule's threshold (a distance for ``metric="euclidean"``, a
-            cosine similarity for ``"cosine"``); ``None`` for 2-means.
+        threshold: the rule's threshold on the distance to the memorized centre (a similarity
+            for ``metric="cosine"``): the reference rule's given one, or the middle of the gap
+            the split measured (``gap_low``, ``gap_high`` in ``statistics``); ``None`` when no
+            memorized group was found.
         scores: ``(N,)`` float64, the per-image score the rule thresholded: the distance (or
             similarity) to the nearest reference row; for 2-means the distance to the tight
             cluster's centre. NaN where not measured (a degenerate 2-means input).
@@ -158,23 +159,37 @@ class MemorizationSplit:
     def rule_text(self) -> str:
         """The rule in words, with its parameters."""
         if self.rule == "reference":
+            if self.threshold is None:
+                return (
+                    "memorized if near the reference, below the middle of the gap between the "
+                    "2-means memorized group and the other images (none found)"
+                )
             if self.metric == "cosine":
                 return f"memorized if cosine similarity to the reference > {self.threshold:.6g}"
             return f"memorized if Euclidean distance to the reference < {self.threshold:.6g}"
-        return (
+        text = (
             f"2-means (sklearn KMeans, random_state={self.seed}; k-means++ with n_init=10, and "
             "from the densest image and the mean; the partition with the tighter group kept); "
-            f"the tight cluster is memorized if spread_tight / other_to_tight <= "
+            f"a memorized group exists if spread_tight / other_to_tight <= "
             f"{self.tightness:g}; clusters of fewer than {self.min_size} images set aside"
         )
+        if self.threshold is not None:
+            text += (
+                f"; memorized if Euclidean distance to the tight centre < {self.threshold:.6g} "
+                "(the middle of the gap between its members and the other images)"
+            )
+        return text
 
     def classify(self, features: Tensor) -> Tensor:
         """The rule applied to new images' features ``(M, F)`` (e.g. fresh samples after
         unlearning): ``(M,)`` bool.
 
-        Reference rule: the same threshold on the distance (similarity) to the reference. 2-means:
-        the paper's k-means classifier, each image goes to the nearer of the two centres, and is
-        memorized if that is the tight one; all False when the split found no memorized group.
+        One rule for both ways of finding the copies: an image is memorized when its distance to
+        the memorized centre (the reference, or the tight cluster's centre) is below
+        ``threshold`` (with ``metric="cosine"``: its similarity above it). For 2-means the
+        threshold is the split's own gap (``split_by_clustering``); all False when the split
+        found no memorized group. The paper's k-means classifier (the nearer centre) is
+        ``classify_nearer_centre``, reported beside this one, never deciding.
         """
         features = _check_features(features, "features", rows=1)
         if self.rule == "reference":
@@ -182,17 +197,33 @@ class MemorizationSplit:
                 raise ValueError("this split holds no reference features to classify against")
             scores = _reference_scores(features, self.reference_features, self.metric)
             return _below(scores, float(self.threshold), self.metric)
-        if self.centres is None:  # no clustering was possible: nothing is memorized
+        if self.centres is None or not self.found or self.threshold is None:
             return torch.zeros(features.shape[0], dtype=torch.bool)
+        self._check_width(features)
+        return (features - self.centres[0]).norm(dim=1) < self.threshold
+
+    def classify_nearer_centre(self, features: Tensor) -> Tensor:
+        """The paper's k-means classifier on ``(M, F)`` features: ``(M,)`` bool, memorized when
+        the tight centre is the nearer of the two (2-means only; all False when no memorized
+        group was found). It calls a faint ghost of the memorized image a copy as soon as it is
+        nearer the copies' centre than the other images' mean, whatever its distance: the job
+        reports it beside ``classify`` and decides with ``classify``."""
+        features = _check_features(features, "features", rows=1)
+        if self.rule == "reference":
+            return self.classify(features)
+        if self.centres is None or not self.found:
+            return torch.zeros(features.shape[0], dtype=torch.bool)
+        self._check_width(features)
+        distances = torch.cdist(features, self.centres)
+        return distances[:, 0] < distances[:, 1]
+
+    def _check_width(self, features: Tensor) -> None:
+        assert self.centres is not None
         if features.shape[1] != self.centres.shape[1]:
             raise ValueError(
                 f"`features` have {features.shape[1]} dimensions but the split's centres "
                 f"{self.centres.shape[1]}: use the same feature map"
             )
-        if not self.found:
-            return torch.zeros(features.shape[0], dtype=torch.bool)
-        distances = torch.cdist(features, self.centres)
-        return distances[:, 0] < distances[:, 1]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the rule, its parameters, the statistics and the per-image results.
@@ -283,6 +314,33 @@ def _reference_scores(features: Tensor, reference: Tensor, metric: str) -> Tenso
         similarity = _unit(features, "features") @ _unit(reference, "reference_features").T
         return similarity.max(1).values
     return torch.cdist(features, reference).min(1).values
+
+
+def _gap_threshold(scores: Tensor, copy: Tensor, metric: str) -> tuple[float, dict[str, float]]:
+    """The threshold on ``scores`` ``(M,)`` that best reproduces the labels ``copy`` ``(M,)``
+    (both groups non-empty), at the middle of its gap.
+
+    Sorted by score (distances ascending; similarities descending), every cut between two
+    neighbours is a candidate: the one that disagrees with the fewest labels wins, the widest gap
+    among equals, and the threshold is the gap's middle. Returns it and ``gap_low``,
+    ``gap_high`` (the scores either side, in the metric's units) and ``disagreements``.
+    """
+    sign = -1.0 if metric == "cosine" else 1.0
+    values, order = (sign * scores).sort()
+    labels = copy[order].to(torch.int64)
+    # a cut after position c (1 <= c < M) calls the first c copies: the non-copies among them
+    # and the copies after them disagree with the labels
+    above = labels.cumsum(0)[:-1]
+    cut = torch.arange(1, len(values), dtype=torch.int64)
+    wrong = (cut - above) + (labels.sum() - above)
+    width = values[1:] - values[:-1]
+    best = int(torch.nonzero(wrong == wrong.min()).flatten()[width[wrong == wrong.min()].argmax()])
+    low, high = float(sign * values[best]), float(sign * values[best + 1])
+    return (low + high) / 2, {
+        "gap_low": low,
+        "gap_high": high,
+        "disagreements": int(wrong[best]),
+    }
 
 
 def _below(scores: Tensor, threshold: float, metric: str) -> Tensor:
@@ -649,6 +707,9 @@ def split_by_clustering(
     spread_tight, other_to_tight = statistics["spread_tight"], statistics["other_to_tight"]
     tight_rows = labels == split["tight"]
     centres = torch.stack([rows[tight_rows].mean(0), rows[~tight_rows].mean(0)])
+    scores = (features - centres[0]).norm(dim=1)
+    threshold, gap = _gap_threshold(scores[active], tight_rows, "euclidean")
+    statistics.update(gap)
     describe = (
         f"the tighter cluster ({sizes[0]} of {n} images, 2-means from the {start}) has spread "
         f"{spread_tight:.4g}, {ratio:.3g} of the other images' RMS distance to its centre "
@@ -657,17 +718,24 @@ def split_by_clustering(
     if aside:
         describe += f"; {aside} outlier images in clusters of fewer than {min_size} set aside"
     if found:
-        reason = f"memorized group found: {describe}; at most tightness={tightness:g}"
+        reason = (
+            f"memorized group found: {describe}; at most tightness={tightness:g}; memorized: "
+            f"distance to its centre < {threshold:.4g}, the middle of the gap "
+            f"[{gap['gap_low']:.4g}, {gap['gap_high']:.4g}]"
+        )
+        if gap["disagreements"]:
+            reason += f" ({gap['disagreements']} images on the other side of it than 2-means)"
     else:
         reason = (
             f"no memorized group: {describe}; above tightness={tightness:g}: the clusters are "
             "two parts of one spread-out population (if every image looks alike they may all be "
             "copies: check the grid, or split with a reference image)"
         )
+    base["threshold"] = threshold if found else None
     return MemorizationSplit(
-        memorized=(clusters == 0) if found else torch.zeros(n, dtype=torch.bool),
+        memorized=(scores < threshold) if found else torch.zeros(n, dtype=torch.bool),
         found=found,
-        scores=(features - centres[0]).norm(dim=1),
+        scores=scores,
         statistics=statistics,
         reason=reason,
         clusters=clusters,
@@ -722,31 +790,39 @@ def memorization_split(
     data_range: tuple[float, float] = (-1.0, 1.0),
     batch_size: int = 64,
 ) -> MemorizationSplit:
-    """Split generated images into memorized and not: the reference rule with ``reference``,
-    else the 2-means rule.
+    """Split generated images into memorized and not, by one rule: an image is memorized when
+    its feature distance to the memorized centre is below a threshold.
+
+    The centre is ``reference`` when given, else the tight cluster's centre of the 2-means rule.
+    The threshold is ``threshold`` when given (then the reference alone decides, no clustering),
+    else it comes from the images themselves: the 2-means rule decides whether a memorized group
+    exists (``split_by_clustering``'s tightness test) and the threshold is the middle of the gap
+    between that group's and the other images' distances to the centre. A group that is not
+    nearer the reference than the other images is "not found".
 
     Args:
         images: ``(N, *S)`` generated images in ``data_range`` (e.g. ``(N, 3, H, W)`` in
-            ``[-1, 1]``); ``N >= 2`` for 2-means.
+            ``[-1, 1]``); ``N >= 2`` unless a ``threshold`` is given.
         features: ``features(images (B, *S)) -> (B, F)``; ``None`` for
             ``siss.audit.generation.pixel_features`` (pixels mapped to ``[0, 1]``). Called
             in batches of ``batch_size`` under ``torch.inference_mode``.
         reference: the training image to remove, ``(*S)`` or ``(R, *S)`` (several views), in
-            the same range as ``images``; selects the reference rule.
-        threshold: the reference rule's threshold (see ``split_by_reference``). ``None``
-            with the default pixel features and ``metric="euclidean"``:
-            ``siss.metrics.default_threshold(S)``; required otherwise.
+            the same range as ``images``; the centre of the rule.
+        threshold: with ``reference``, the threshold of ``split_by_reference`` (a distance, or a
+            cosine similarity); ``None``: the gap's middle.
         metric: the reference rule's ``"euclidean"`` or ``"cosine"``.
         tightness, min_size, seed: the 2-means rule's (see ``split_by_clustering``).
         data_range: ``(lo, hi)`` of the images, for the default pixel features.
         batch_size: images per ``features`` call.
 
     Returns:
-        A ``MemorizationSplit`` whose ``features`` names the feature map.
+        A ``MemorizationSplit`` whose ``features`` names the feature map; ``rule`` is
+        ``"reference"`` with a reference (``statistics`` then also hold the 2-means ones when
+        the threshold came from the gap).
 
     Raises:
         TypeError, ValueError: naming the argument, before any feature is computed where the
-            inputs allow (shapes, a missing threshold, ``threshold`` without ``reference``).
+            inputs allow (shapes, ``threshold`` without ``reference``).
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
@@ -755,13 +831,14 @@ def memorization_split(
         >>> images = torch.cat([copies, torch.rand(11, 3, 8, 8, generator=g) * 2 - 1])
         >>> memorization_split(images).counts  # 2-means: the 5 near-copies are the tight cluster
         (5, 11)
-        >>> memorization_split(images, reference=memorized).counts  # L2 < default_threshold
-        (5, 11)
+        >>> split = memorization_split(images, reference=memorized)  # distance to the reference
+        >>> low, high = split.statistics["gap_low"], split.statistics["gap_high"]
+        >>> split.counts, low < split.threshold < high
+        ((5, 11), True)
     """
     metric = _check_metric(metric)
-    rows = 1 if reference is not None else 2
+    rows = 1 if reference is not None and threshold is not None else 2
     images = check_images(images, "images", rows=rows)
-    shape = tuple(images.shape[1:])
     batch_size = check_int(batch_size, "batch_size")
     if reference is not None:
         if isinstance(reference, Tensor) and reference.ndim == images.ndim - 1:
@@ -772,20 +849,15 @@ def memorization_split(
             "`threshold` applies to the reference rule: give `reference` (the training image), "
             "or leave `threshold` out for the 2-means rule"
         )
-    else:
+    if threshold is None:
         tightness = _check_tightness(tightness)
         min_size = check_int(min_size, "min_size", minimum=1)
         seed = check_int(seed, "seed", minimum=0)
+    else:
+        _check_threshold(threshold, metric)
     if features is None:
         lo, hi = check_range(data_range)
         description = f"pixels mapped from [{lo:g}, {hi:g}] to [0, 1]"
-        if reference is not None and threshold is None:
-            if metric != "euclidean":
-                raise ValueError(
-                    "`threshold` is required with metric='cosine': the default (the paper's L2 "
-                    "< 10 at 28x28 in [0, 1]) is a Euclidean pixel distance"
-                )
-            threshold = default_threshold(shape)
 
         def feature_map(batch: Tensor) -> Tensor:
             return pixel_features(batch, (lo, hi))
@@ -793,28 +865,103 @@ def memorization_split(
     else:
         if not callable(features):
             raise TypeError(f"`features` must be callable, got {type(features).__name__}")
-        if reference is not None and threshold is None:
-            raise ValueError(
-                "`threshold` is required with a custom `features` map: the default is on the "
-                "pixel scale only (with normalised embeddings use metric='cosine' and a "
-                "similarity threshold)"
-            )
         description = _feature_name(features)
         feature_map = features
-    if reference is not None:
-        _check_threshold(threshold, metric)
     values = _apply(feature_map, images, "images", batch_size)
-    if reference is not None:
+    if reference is not None and threshold is not None:
         split = split_by_reference(
             values,
             _apply(feature_map, reference, "reference", batch_size),
-            threshold=float(threshold),  # type: ignore[arg-type]
+            threshold=float(threshold),
             metric=metric,
         )
     else:
         split = split_by_clustering(values, tightness=tightness, min_size=min_size, seed=seed)
+        if reference is not None:
+            reference_values = _apply(feature_map, reference, "reference", batch_size)
+            split = _centred_on_reference(split, values, reference_values, metric)
     split.features = description
     return split
+
+
+def _centred_on_reference(
+    clustering: MemorizationSplit, features: Tensor, reference: Tensor, metric: str
+) -> MemorizationSplit:
+    """The 2-means split ``clustering`` of ``features`` ``(N, F)`` re-centred on the reference
+    ``(R, F)``: the same memorized group, now the images within the gap's middle of the
+    reference (``memorization_split``)."""
+    reference = _check_features(reference, "reference_features", rows=1)
+    if reference.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"the reference has {reference.shape[1]} features but the images "
+            f"{features.shape[1]}: compute both with the same feature map"
+        )
+    scores = _reference_scores(features, reference, metric)
+    statistics = dict(clustering.statistics)
+    common = {
+        "rule": "reference",
+        "scores": scores,
+        "metric": metric,
+        "tightness": clustering.tightness,
+        "min_size": clustering.min_size,
+        "seed": clustering.seed,
+        "start": clustering.start,
+        "clusters": clustering.clusters,
+        "centres": clustering.centres,
+        "reference_features": reference,
+    }
+    n = features.shape[0]
+    if not clustering.found or clustering.clusters is None:
+        return MemorizationSplit(
+            memorized=torch.zeros(n, dtype=torch.bool),
+            found=False,
+            threshold=None,
+            statistics=statistics,
+            reason=clustering.reason + "; give `threshold` to decide by the reference alone",
+            **common,
+        )
+    grouped = clustering.clusters != 2
+    tight = clustering.clusters[grouped] == 0
+    grouped_scores = scores[grouped]
+    sign = -1.0 if metric == "cosine" else 1.0
+    nearer = sign * grouped_scores[tight].median() < sign * grouped_scores[~tight].median()
+    threshold, gap = _gap_threshold(grouped_scores, tight, metric)
+    statistics.update(gap)
+    statistics.update(nearest=float(scores.max() if metric == "cosine" else scores.min()))
+    if not nearer:
+        return MemorizationSplit(
+            memorized=torch.zeros(n, dtype=torch.bool),
+            found=False,
+            threshold=None,
+            statistics=statistics,
+            reason=(
+                "the tight group of near-duplicates is not nearer the reference than the other "
+                "images (median score "
+                f"{float(grouped_scores[tight].median()):.4g} vs "
+                f"{float(grouped_scores[~tight].median()):.4g}): it is not copies of the "
+                "reference; give `threshold` to decide by the reference alone"
+            ),
+            **common,
+        )
+    memorized = _below(scores, threshold, metric)
+    word = "similarity to the reference >" if metric == "cosine" else "distance to the reference <"
+    reason = (
+        f"{int(memorized.sum())} of {n} images have {word} {threshold:.4g}, the middle of the gap "
+        f"[{gap['gap_low']:.4g}, {gap['gap_high']:.4g}] between the 2-means memorized group and "
+        f"the others (its ratio {statistics['ratio']:.3g} <= tightness {clustering.tightness:g})"
+    )
+    if gap["disagreements"]:
+        reason += (
+            f"; {gap['disagreements']} images fall on the other side of it than 2-means put them"
+        )
+    return MemorizationSplit(
+        memorized=memorized,
+        found=True,
+        threshold=threshold,
+        statistics=statistics,
+        reason=reason,
+        **common,
+    )
 
 
 # --------------------------------------------------------------------------------------------

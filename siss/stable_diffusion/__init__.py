@@ -9,7 +9,7 @@ One module per stage, in the order the ``run`` stage runs them:
 * ``split``: the images into the memorized copies (A, the forget set) and the rest (X \\ A, the
   keep set), by a reference image or the paper's 2-means rule;
 * ``unlearn``: the fine-tune with ``siss.Unlearner`` under ``accelerate`` (LoRA or the whole
-  denoiser, checkpoints and ``--resume``);
+  denoiser, checkpoints and ``--resume_from_checkpoint latest``);
 * ``verify``: the memorized fraction on fresh seeds, the noise-magnitude score, CLIP quality,
   and the paper's verdict;
 

@@ -3,32 +3,39 @@
 Stable Diffusion v1.4 reproduces some LAION training images almost verbatim for their captions
 (Carlini et al., 2023; Webster, 2023). This command runs the paper's Section 5.3 experiment on
 any diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, SD3; a hub id or a local folder). It
-**generates** ``--num-images`` images for the training prompt, seeded per image and resumable,
+**generates** ``--num_images`` images for the training prompt, seeded per image and resumable,
 keeping each image's final latent; **splits** them into the memorized copies (A) and the rest
-(X \\ A), by similarity to ``--reference-image`` when one is given and otherwise by the paper's
-2-means rule, saving the rule in ``split.json`` and a grid of each side; **unlearns** A with SISS
-(λ = 0.5, the paper's NormBalancer rule; ``--method`` picks any method of ``siss.registry``) on
+(X \\ A) by one rule, the distance to the memorized image (``--reference_image``, or the
+centre of the paper's 2-means group) below the middle of the gap the generations show, saving
+it in ``split.json`` with a grid of each side; **unlearns** A with SISS (λ = 0.5, the paper's
+noise keep target and NormBalancer; ``--method`` picks any method of ``siss.registry``) on
 those latents with the prompt held fixed, through a PEFT LoRA (default) or the full UNet, under
-``accelerate`` (any number of processes, mixed precision, gradient accumulation, gradient
-checkpointing, ``save_state`` checkpoints and ``--resume``); and **verifies** before, every
-``--verify-every`` steps and at the end, on seeds never used for training: the memorized
-fraction for the training and the original prompt with Clopper-Pearson intervals, Wen et al.'s
-noise-magnitude score, and CLIP-IQA and CLIP score when ``--clip-model`` names a local CLIP
+``accelerate`` (processes, mixed precision, gradient accumulation and checkpointing,
+``save_state`` checkpoints and ``--resume_from_checkpoint latest``), **until the image is gone**:
+every ``--verify_every`` steps a check counts the copies among fresh generations and the drift
+of the ``--keep_prompts`` from their images before, stopping when no copy is left or when a
+keep prompt leaves its band; and **verifies** before and after, on seeds never used for training
+or stopping: the memorized fraction for the training and the original prompt with
+Clopper-Pearson intervals, each keep prompt's drift against its band, Wen et al.'s
+noise-magnitude score, and CLIP-IQA and CLIP score when ``--clip_model`` names a local CLIP
 folder. ``--prompts FILE`` does all of it for every prompt of a list (plain text, JSONL, Wen et
 al.'s ``sdv1_500_memorized.jsonl`` or Webster's ground-truth parquet) and writes one summary
 table. ``python -m siss.stable_diffusion`` is the same command. Tutorial: docs/stable_diffusion.md.
 
-    siss-stable-diffusion --model CompVis/stable-diffusion-v1-4 \\
+    siss-stable-diffusion --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
         --prompt "Mothers influence on her young hippo" \\
-        --train-prompt "Mothers influence on ''her young hippo" --out outputs/sd/hippo
+        --train_prompt "Mothers influence on ''her young hippo" --output_dir outputs/sd/hippo
     siss-stable-diffusion split --tightness 0.3 ...   # one stage, same flags
-    accelerate launch --num_processes 4 -m siss.stable_diffusion --model ... --out ...
-    siss-stable-diffusion --prompts sdv1_500_memorized.jsonl --model ... --out ...
+    accelerate launch --multi_gpu --num_processes 4 -m siss.stable_diffusion \\
+        --pretrained_model_name_or_path ... --output_dir ...
+    siss-stable-diffusion --prompts sdv1_500_memorized.jsonl \\
+        --pretrained_model_name_or_path ... --output_dir ...
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -39,10 +46,9 @@ from typing import Any
 
 import torch
 
-from siss._cli import DefaultsHelpFormatter, add_keep_target_flags, resolve_device
+from siss._cli import DefaultsHelpFormatter, add_method_flags, flag, resolve_device
 from siss._files import write_atomically
 from siss._optional import needs
-from siss.registry import METHODS
 from siss.stable_diffusion.files import (
     MEMORIZED_TYPES,
     Job,
@@ -65,12 +71,17 @@ from siss.stable_diffusion.pipeline import (
 )
 from siss.stable_diffusion.split import (
     StopJob,
-    check_threshold_given,
     load_reference,
     split_stage,
 )
 from siss.stable_diffusion.unlearn import load_unlearned, recipe_config, unlearn
 from siss.stable_diffusion.verify import Verifier, finish
+from siss.stable_diffusion.watch import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_STOP_IMAGES,
+    GENERIC_KEEP_PROMPTS,
+    KEEP_BAND,
+)
 
 COMMAND = "siss-stable-diffusion"
 STAGES = ("run", "generate", "split", "unlearn", "verify")
@@ -97,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="run",
         help="run: all stages (default); generate: the images; split: memorized vs not; "
         "unlearn: fine-tune with verification before, during and after; verify: measure the "
-        "model in --out (the unlearned one once saved, else the original) again",
+        "model in --output_dir (the unlearned one once saved, else the original) again",
     )
     add_io_flags(p.add_argument_group("model, prompts, output"))
     add_generate_flags(p.add_argument_group("1. generate"))
@@ -117,64 +128,78 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def add_io_flags(io: argparse._ArgumentGroup) -> None:
-    """The model, the prompt (or ``--prompts`` list), ``--out``, seed, dtype and device."""
-    io.add_argument(
-        "--model",
-        required=True,
+    """The model, the prompt (or ``--prompts`` list), ``--output_dir``, seed, dtype and device."""
+    flag(
+        io,
+        "--pretrained_model_name_or_path",
+        old=("--model",),
+        metavar="MODEL",
         help="a diffusers text-to-image pipeline: a local folder or a hub id "
-        "(CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5/stable-diffusion-v1-5, ...)",
+        "(CompVis/stable-diffusion-v1-4, stable-diffusion-v1-5/stable-diffusion-v1-5, ...). "
+        "Required",
     )
-    io.add_argument("--prompt", help="the memorized (original) prompt")
-    io.add_argument(
-        "--train-prompt",
+    flag(io, "--prompt", help="the memorized (original) prompt")
+    flag(
+        io,
+        "--train_prompt",
         help="the prompt the images are generated and the model fine-tuned with: the paper's "
         "modified, partially memorized prompt (default: --prompt)",
     )
-    io.add_argument(
+    flag(
+        io,
         "--prompts",
         type=Path,
-        help="a list of prompts, each run in its own subfolder of --out, with one summary "
+        help="a list of prompts, each run in its own subfolder of --output_dir, with one summary "
         "table: .txt (one prompt a line), .jsonl (keys prompt or caption, optional "
         "train_prompt and reference_image, a path relative to the file), Wen et al.'s "
         "sdv1_500_memorized.jsonl (caption, index, url), or Webster's ground-truth .parquet "
         "(caption, url, overfit_type; needs pyarrow)",
     )
-    io.add_argument(
-        "--overfit-types",
+    flag(
+        io,
+        "--overfit_types",
         nargs="+",
         default=list(MEMORIZED_TYPES),
         metavar="TYPE",
         help="Webster parquet: the overfit_type rows to run (MV matching, RV retrieval, TV "
         "template verbatim; N, not memorized, only when named)",
     )
-    io.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    io.add_argument("--seed", type=int, default=0, help="seed of everything; image i: seed + i")
-    io.add_argument(
+    flag(
+        io,
+        "--output_dir",
+        old=("--out",),
+        type=Path,
+        metavar="DIR",
+        help="output folder (created). Required",
+    )
+    flag(io, "--seed", type=int, default=0, help="seed of everything; image i: seed + i")
+    flag(
+        io,
         "--dtype",
         choices=("auto", "float32", "float16", "bfloat16"),
         default="auto",
         help="dtype of the pipeline (auto: bfloat16 on a GPU that has it, else float16 on "
         "CUDA, float32 on the CPU); a full fine-tune keeps float32 master weights of the UNet",
     )
-    io.add_argument(
+    flag(
+        io,
         "--device",
         choices=("cpu", "cuda"),
         default=None,
         help="cpu forces the CPU; default: accelerate's device of each process",
     )
-    io.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    io.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flag(io, "--threads", type=int, default=None, help="torch CPU threads")
+    flag(io, "--no_progress", action="store_true", help="no progress bars")
 
 
 def add_generate_flags(gen: argparse._ArgumentGroup) -> None:
     """Stage 1: how many images, and how they are sampled (the paper's 50-step DDIM)."""
-    gen.add_argument("--num-images", type=int, default=128, help="images generated (paper: 128)")
-    gen.add_argument("--gen-batch-size", type=int, default=8, help="images per pipeline call")
-    gen.add_argument(
-        "--sample-steps", type=int, default=50, help="sampling steps (paper: 50-step DDIM)"
-    )
-    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance")
-    gen.add_argument(
+    flag(gen, "--num_images", type=int, default=128, help="images generated (paper: 128)")
+    flag(gen, "--gen_batch_size", type=int, default=8, help="images per pipeline call")
+    flag(gen, "--sample_steps", type=int, default=50, help="sampling steps (paper: 50-step DDIM)")
+    flag(gen, "--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
+    flag(
+        gen,
         "--sampler",
         choices=("ddim", "pipeline"),
         default="ddim",
@@ -184,36 +209,42 @@ def add_generate_flags(gen: argparse._ArgumentGroup) -> None:
 
 def add_split_flags(split: argparse._ArgumentGroup) -> None:
     """Stage 2: the rule that splits the images into copies and the rest."""
-    split.add_argument(
-        "--reference-image",
+    flag(
+        split,
+        "--reference_image",
         type=Path,
-        help="the training image to remove, at the generated size: an image is memorized when "
-        "its features are within --threshold of it (without it: the paper's 2-means rule)",
+        help="the training image to remove, at the generated size: the centre of the rule "
+        "(an image is a copy when its features are near it); without it, the centre of the "
+        "2-means memorized group",
     )
-    split.add_argument(
+    flag(
+        split,
         "--threshold",
         type=float,
         default=None,
-        help="reference rule: a Euclidean feature distance below which an image is a copy "
-        "(default with pixel features: siss.metrics.default_threshold, the paper's L2 < 10 at "
-        "28x28 rescaled, on pixels in [0, 1]), or with --metric cosine a similarity above which "
-        "it is; required with --features vae or an encoder",
+        help="with --reference_image: decide by the distance to it alone, an image being a copy "
+        "below this (a Euclidean feature distance; with --metric cosine a similarity above "
+        "which it is). Default: the middle of the gap between the 2-means memorized group's "
+        "distances to the centre and the other images' (split.json records it)",
     )
-    split.add_argument(
+    flag(
+        split,
         "--metric",
         choices=("euclidean", "cosine"),
         default=None,
         help="reference rule's comparison (default: cosine for an image encoder, else euclidean)",
     )
-    split.add_argument(
+    flag(
+        split,
         "--tightness",
         type=float,
         default=0.25,
-        help="2-means rule: the tight cluster is memorized when its spread / the other images' "
+        help="2-means rule: a memorized group exists when its spread / the other images' "
         "RMS distance to its centre is at most this (siss.audit.split; a single-mode population "
         "gives >= 0.277). Raise it if a memorized prompt is reported as not memorized",
     )
-    split.add_argument(
+    flag(
+        split,
         "--features",
         default="pixels",
         help="image features of the split: pixels, vae (the pipeline's VAE latents) or a local "
@@ -223,112 +254,219 @@ def add_split_flags(split: argparse._ArgumentGroup) -> None:
 
 def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
     """Stage 3: the recipe, the optimizer, the LoRA (or ``--full``), checkpoints."""
-    train.add_argument("--method", choices=METHODS, default="siss", help="unlearning method")
-    train.add_argument("--lam", type=float, default=0.5, help="SISS mixture weight λ")
-    train.add_argument(
-        "--superfactor",
-        type=float,
-        default=None,
-        help="fixed superfactor s (no balancer); default: NormBalancer with --ratio (§5)",
+    # The noise target: with the teacher the memorized mode stays where the copies are most of the
+    # prompt's own distribution (docs/stable_diffusion.md, "How the defaults were chosen")
+    add_method_flags(train, keep_target="noise")
+    flag(
+        train,
+        "--max_train_steps",
+        old=("--steps",),
+        type=int,
+        default=DEFAULT_MAX_STEPS,
+        help="the cap on optimizer steps (--until gone usually stops before; paper: 35 fixed)",
     )
-    train.add_argument(
-        "--ratio", type=float, default=0.1, help="forget / keep gradient norm of the balancer"
+    flag(
+        train,
+        "--until",
+        choices=("gone", "steps"),
+        default="gone",
+        help="gone: stop once --stop_checks checks in a row find no copy among fresh "
+        "generations (or at the cap); steps: run all --max_train_steps. Either way a keep "
+        "prompt leaving its band stops the run and puts back the last weights in band",
     )
-    # The teacher is the library's recipe, not yet measured on SD pipelines: noise by default.
-    add_keep_target_flags(train, keep_target="noise")
-    train.add_argument("--steps", type=int, default=35, help="optimizer steps (paper: 35)")
-    train.add_argument(
-        "--batch-size", type=int, default=16, help="global batch per optimizer step (paper: 16)"
-    )
-    train.add_argument(
-        "--micro-batch-size",
+    flag(
+        train,
+        "--train_batch_size",
+        old=("--micro-batch-size", "--micro_batch_size"),
         type=int,
         default=4,
-        help="rows per process per forward; gradient accumulation steps = "
-        "batch-size / (micro-batch-size x processes)",
+        help="rows per device and forward pass; one optimizer step takes train_batch_size x "
+        "processes x gradient_accumulation_steps rows (defaults: 16, the paper's, on one "
+        "process)",
     )
-    train.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
-    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    train.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
-    train.add_argument(
+    flag(
+        train,
+        "--gradient_accumulation_steps",
+        type=int,
+        default=4,
+        help="forward passes accumulated into one optimizer step",
+    )
+    # 0.1's global batch, hidden: start_accelerator converts it to accumulation steps
+    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+                       default=None, help=argparse.SUPPRESS)  # fmt: skip
+    flag(
+        train,
+        "--learning_rate",
+        old=("--lr",),
+        type=float,
+        default=1e-5,
+        help="AdamW learning rate (paper: 1e-5 for SD 1.4; tiny models take more, see the docs)",
+    )
+    flag(
+        train,
+        "--adam_weight_decay",
+        old=("--weight-decay",),
+        type=float,
+        default=1e-2,
+        help="AdamW weight decay",
+    )
+    flag(train, "--max_grad_norm", type=float, default=1.0, help="0: no clipping")
+    flag(
+        train,
         "--timesteps",
         type=int,
         nargs="+",
         default=None,
         help="fixed t (the authors' SD runs: 999) or a 'low high' window; default uniform",
     )
-    train.add_argument(
-        "--mixed-precision",
+    flag(
+        train,
+        "--mixed_precision",
         choices=("auto", "no", "fp16", "bf16"),
         default="auto",
         help="accelerate's mixed precision (auto: follows --dtype)",
     )
-    train.add_argument(
-        "--lora-rank", type=int, default=None, help="LoRA rank (default 4); see --full"
+    flag(
+        train,
+        "--rank",
+        old=("--lora-rank", "--lora_rank"),
+        type=int,
+        default=None,
+        help="LoRA rank (default 4); see --full",
     )
-    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default rank)")
-    train.add_argument(
-        "--lora-targets",
+    flag(train, "--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    flag(
+        train,
+        "--lora_targets",
         nargs="+",
         default=list(LORA_TARGETS),
         metavar="NAME",
         help="module names the LoRA wraps (diffusers' LoRA script's attention projections)",
     )
-    train.add_argument("--full", action="store_true", help="fine-tune the whole UNet, no LoRA")
-    train.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations: less memory"
+    flag(train, "--full", action="store_true", help="fine-tune the whole UNet, no LoRA")
+    flag(
+        train,
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations: less memory",
     )
-    train.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
-    train.add_argument(
-        "--checkpoint-every", type=int, default=10, help="accelerate save_state period; 0: never"
+    flag(train, "--compile", action="store_true", help="torch.compile the denoiser")
+    flag(
+        train,
+        "--checkpointing_steps",
+        old=("--checkpoint-every",),
+        type=int,
+        default=10,
+        help="accelerate save_state period in steps; 0: never",
     )
-    train.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    flag(
+        train,
+        "--resume_from_checkpoint",
+        old=(("--resume", "latest"),),
+        choices=("latest",),
+        default=None,
+        help="latest: continue from the newest checkpoint in --output_dir",
     )
-    train.add_argument(
-        "--stop-after",
+    flag(
+        train,
+        "--stop_after",
         type=int,
         default=None,
-        help="stop (as if interrupted) after this many steps; for testing --resume",
+        help="stop (as if interrupted) after this many steps; for testing a resume",
     )
 
 
 def add_verify_flags(check: argparse._ArgumentGroup) -> None:
-    """Stage 4: how often and on how many images the model is measured, and its quality."""
-    check.add_argument(
-        "--verify-every",
-        type=int,
-        default=0,
-        help="verification period in steps (0: before and after only)",
-    )
-    check.add_argument(
-        "--verify-images",
+    """Stage 4 and the checks: how often and on how many images the model is measured."""
+    flag(
+        check,
+        "--verify_images",
         type=int,
         default=16,
-        help="generations per prompt and verification (paper: 16), on seeds after the "
-        "training images' (seed + num-images + i), the same at every verification",
+        help="generations per prompt of the verifications before and after (paper: 16), on "
+        "seeds after the training images' (seed + num_images + i)",
     )
-    check.add_argument(
-        "--noise-generations",
+    flag(
+        check,
+        "--verify_every",
+        type=int,
+        default=10,
+        help="steps between checks (copies on fresh seeds, the keep prompts' drift; "
+        "siss.stable_diffusion.watch); 0: none, only the verifications before and after "
+        "(and --until gone never stops early)",
+    )
+    flag(
+        check,
+        "--stop_images",
+        type=int,
+        default=DEFAULT_STOP_IMAGES,
+        help="fresh generations of the training prompt a check looks at (new seeds every "
+        "check; it stops at the first copy)",
+    )
+    flag(
+        check,
+        "--stop_checks",
+        type=int,
+        default=2,
+        help="checks in a row without a copy that end an --until gone run",
+    )
+    flag(
+        check,
+        "--keep_prompts",
+        nargs="*",
+        default=list(GENERIC_KEEP_PROMPTS),
+        metavar="PROMPT",
+        help="prompts whose images must not change, watched at every check besides the "
+        "training prompt's own non-copies (none: the non-copies only)",
+    )
+    flag(
+        check,
+        "--keep_images",
+        type=int,
+        default=4,
+        help="fixed seeds per keep prompt (the same before, at every check and after)",
+    )
+    flag(
+        check,
+        "--keep_band",
+        type=float,
+        default=KEEP_BAND,
+        help="a keep prompt is in its band while its images moved, on average, at most this "
+        "fraction of the distance between two of its images before unlearning",
+    )
+    flag(
+        check,
+        "--keep_backoffs",
+        type=int,
+        default=2,
+        help="times a keep prompt leaving its band halves the forget weight (the weights of the "
+        "last check in band put back) before it stops the run",
+    )
+    flag(
+        check,
+        "--noise_generations",
         type=int,
         default=4,
         help="generations of Wen et al.'s noise-magnitude score (theirs: 4); 0: not measured",
     )
-    check.add_argument(
-        "--noise-steps",
+    flag(
+        check,
+        "--noise_steps",
         type=int,
         default=None,
         help="first sampling steps the noise-magnitude score averages (default: all)",
     )
-    check.add_argument(
-        "--clip-model",
+    flag(
+        check,
+        "--clip_model",
         default=None,
         help="a local CLIP folder (transformers CLIPModel + CLIPProcessor) for CLIP-IQA and "
         "CLIP score, or clip_iqa for torchmetrics' own weights (needs piq); without it quality "
         "is 'not measured' and success 'not determined'",
     )
-    check.add_argument(
-        "--quality-floor",
+    flag(
+        check,
+        "--quality_floor",
         type=float,
         default=0.35,
         help="success needs CLIP-IQA at least this at every verification (paper: 0.35)",
@@ -357,33 +495,45 @@ def check_launcher(parser: argparse.ArgumentParser, environ: Mapping[str, str]) 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Errors naming the flag, before anything is loaded."""
     check_launcher(parser, os.environ)
+    for name in ("pretrained_model_name_or_path", "output_dir"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required")
     if (args.prompt is None) == (args.prompts is None):
         parser.error("give --prompt or --prompts (one of them)")
     if args.prompts is not None and (args.train_prompt or args.reference_image):
-        parser.error("--train-prompt and --reference-image go into the --prompts file per prompt")
+        parser.error("--train_prompt and --reference_image go into the --prompts file per prompt")
     if args.prompts is not None and not args.prompts.is_file():
         parser.error(f"--prompts: no file {args.prompts}")
-    if args.full and args.lora_rank is not None:
-        parser.error("--full trains the whole UNet; --lora-rank is for a LoRA: give one of them")
+    if args.full and args.rank is not None:
+        parser.error("--full trains the whole UNet; --rank is for a LoRA: give one of them")
     if not args.full:
-        args.lora_rank = 4 if args.lora_rank is None else args.lora_rank
-        if args.lora_rank < 1:
-            parser.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
-        args.lora_alpha = float(args.lora_rank if args.lora_alpha is None else args.lora_alpha)
-    for flag in ("num_images", "gen_batch_size", "sample_steps", "steps", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.micro_batch_size < 1 or args.batch_size % args.micro_batch_size:
+        args.rank = 4 if args.rank is None else args.rank
+        if args.rank < 1:
+            parser.error(f"--rank must be >= 1, got {args.rank}")
+        args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+    at_least_one = (
+        "num_images", "gen_batch_size", "sample_steps", "max_train_steps", "train_batch_size",
+        "gradient_accumulation_steps", "verify_images", "stop_images", "stop_checks",
+    )  # fmt: skip
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("noise_generations", "verify_every", "checkpointing_steps", "keep_backoffs"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size is not None and (
+        args.batch_size < 1 or args.batch_size % args.train_batch_size
+    ):
         parser.error(
-            f"--batch-size ({args.batch_size}) must be a multiple of --micro-batch-size "
-            f"({args.micro_batch_size})"
+            f"--batch-size ({args.batch_size}) must be a multiple of --train_batch_size "
+            f"({args.train_batch_size})"
         )
-    if args.verify_images < 1:
-        parser.error("--verify-images must be >= 1")
-    if args.noise_generations < 0 or args.verify_every < 0 or args.checkpoint_every < 0:
-        parser.error("--noise-generations, --verify-every and --checkpoint-every must be >= 0")
+    if args.keep_images < 2:
+        parser.error(f"--keep_images must be >= 2 (the spread needs two), got {args.keep_images}")
+    if not 0 < args.keep_band < math.inf:
+        parser.error(f"--keep_band must be a number > 0, got {args.keep_band}")
     if args.noise_steps is not None and not 1 <= args.noise_steps <= args.sample_steps:
-        parser.error(f"--noise-steps must be in [1, --sample-steps={args.sample_steps}]")
+        parser.error(f"--noise_steps must be in [1, --sample_steps={args.sample_steps}]")
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
         parser.error("--timesteps takes one value (fixed) or two (a window)")
     try:
@@ -393,24 +543,29 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     except ValueError as error:
         parser.error(str(error))
     if args.reference_image is not None and not args.reference_image.is_file():
-        parser.error(f"--reference-image: no file {args.reference_image}")
+        parser.error(f"--reference_image: no file {args.reference_image}")
     if args.clip_model not in (None, "clip_iqa") and not Path(args.clip_model).is_dir():
-        parser.error(f"--clip-model: no folder {args.clip_model} (a local CLIP model)")
+        parser.error(f"--clip_model: no folder {args.clip_model} (a local CLIP model)")
     if args.features not in ("pixels", "vae") and not Path(args.features).is_dir():
         parser.error(f"--features: pixels, vae or a local image-encoder folder; no {args.features}")
     if args.metric is None:
         args.metric = "euclidean" if args.features in ("pixels", "vae") else "cosine"
     if args.prompts is None and args.threshold is not None and args.reference_image is None:
-        parser.error("--threshold is the reference rule's: give --reference-image too")
-    if args.reference_image is not None:
-        check_threshold_given(args, "--reference-image")
+        parser.error("--threshold is the reference rule's: give --reference_image too")
     if not 0 < args.tightness < 1:
         parser.error(f"--tightness must be in (0, 1), got {args.tightness}")
-    local = Path(args.model).expanduser()
-    if not local.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
-        parser.error(f"--model: no folder {args.model} (and not a hub id such as owner/name)")
+    model = args.pretrained_model_name_or_path
+    local = Path(model).expanduser()
+    if not local.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        parser.error(
+            f"--pretrained_model_name_or_path: no folder {model} (and not a hub id such as "
+            "owner/name)"
+        )
     if local.is_dir() and not (local / "model_index.json").is_file():
-        parser.error(f"--model: {args.model} has no model_index.json: not a diffusers pipeline")
+        parser.error(
+            f"--pretrained_model_name_or_path: {model} has no model_index.json: not a diffusers "
+            "pipeline"
+        )
 
 
 def run_job(args: argparse.Namespace, job: Job, pipe: Any, accelerator: Any) -> dict[str, Any]:
@@ -473,6 +628,24 @@ def report_lines(metrics: dict[str, Any]) -> list[str]:
                 f"{which[:5] + ' ' + label:10}{describe(row):>24}"
                 f"{number(row.get('noise_score'), 2):>14}{number(row.get('clip_iqa')):>10}"
             )
+    if isinstance(before.get("noise_score_keep_median"), float):
+        ratios = [e.get("train", {}).get("noise_ratio") for e in (before, after)]
+        if all(isinstance(r, float) for r in ratios):
+            lines.append(
+                f"noise score / keep prompts' median: {ratios[0]:.2f} -> {ratios[1]:.2f} "
+                "(reported only: unlearning itself changes this score)"
+            )
+    keep = after.get("keep") or {}
+    if keep:
+        lines.append(f"{'keep prompt':40}{'drift / spread':>16}{'band':>7}")
+        for prompt, row in keep.items():
+            mark = "" if row["in_band"] else "  OUTSIDE"
+            lines.append(f"{prompt[:40]:40}{row['relative']:>16.3f}{row['band']:>7g}{mark}")
+    for prompt, why in (after.get("keep_not_watched") or {}).items():
+        lines.append(f"{prompt[:40]:40} not watched: {why}")
+    stop = metrics.get("stop")
+    if stop:
+        lines.append(f"stopped after {stop['steps']} steps: {stop['text']}")
     lines.append(metrics["verdict"])
     if metrics.get("generalization"):
         lines.append(f"original prompt: {metrics['generalization']}")
@@ -515,20 +688,21 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 
 def jobs_of(args: argparse.Namespace) -> list[Job]:
-    """One job per prompt: the ``--prompts`` list's (a subfolder of ``--out`` each), or the
+    """One job per prompt: the ``--prompts`` list's (a subfolder of ``--output_dir`` each), or the
     one of ``--prompt``."""
     if args.prompts is not None:
-        return read_prompt_list(args.prompts, args.out, args.overfit_types)
+        return read_prompt_list(args.prompts, args.output_dir, args.overfit_types)
     train_prompt = args.train_prompt or args.prompt
-    return [Job(args.prompt, train_prompt, args.reference_image, args.out, {})]
+    return [Job(args.prompt, train_prompt, args.reference_image, args.output_dir, {})]
 
 
 def start_accelerator(args: argparse.Namespace, jobs: list[Job]) -> tuple[Any, torch.dtype]:
     """accelerate's ``Accelerator`` for the flags, and the pipeline's dtype.
 
-    Before anything is loaded: the batch sizes are checked against the number of processes, and
-    every job's ``--out`` against what it holds (``check_out``). ``args.dtype`` and
-    ``args.mixed_precision`` become what ``auto`` resolved to (``config.json`` records them).
+    Before anything is loaded: an old ``--batch-size`` is converted for the number of processes,
+    and every job's ``--output_dir`` is checked against what it holds (``check_out``).
+    ``args.dtype`` and ``args.mixed_precision`` become what ``auto`` resolved to
+    (``config.json`` records them).
     """
     with needs("siss-stable-diffusion"):
         from accelerate import Accelerator, PartialState
@@ -538,22 +712,40 @@ def start_accelerator(args: argparse.Namespace, jobs: list[Job]) -> tuple[Any, t
     dtype = resolve_dtype(args.dtype, device)
     args.dtype = str(dtype).removeprefix("torch.")
     args.mixed_precision = mixed_precision_of(args, dtype)
-    if args.micro_batch_size * state.num_processes > args.batch_size or args.batch_size % (
-        args.micro_batch_size * state.num_processes
-    ):
-        raise SystemExit(
-            f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-            f"{args.micro_batch_size} x {state.num_processes} processes"
-        )
+    if args.batch_size is not None:
+        convert_global_batch(args, state.num_processes)
     for job in jobs:
         check_out(args, job)  # another experiment's folder: refused before anything is loaded
-    accumulation = args.batch_size // (args.micro_batch_size * state.num_processes)
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
     )
     return accelerator, dtype
+
+
+def convert_global_batch(args: argparse.Namespace, processes: int) -> None:
+    """0.1's ``--batch-size`` (rows per optimizer step, whatever the number of processes) as
+    ``--gradient_accumulation_steps``, with a warning, until ``siss._cli.parser.REMOVED_IN``."""
+    import warnings
+
+    from siss._cli.parser import REMOVED_IN
+
+    rows = args.train_batch_size * processes
+    if args.batch_size % rows:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} must be a multiple of --train_batch_size "
+            f"{args.train_batch_size} x {processes} processes"
+        )
+    args.gradient_accumulation_steps = args.batch_size // rows
+    warnings.warn(
+        f"--batch-size (rows per optimizer step) is replaced by --train_batch_size x processes "
+        f"x --gradient_accumulation_steps; taken as --gradient_accumulation_steps "
+        f"{args.gradient_accumulation_steps}; accepted until {REMOVED_IN}",
+        FutureWarning,
+        stacklevel=2,
+    )
+    args.batch_size = None
 
 
 def check_pipeline(args: argparse.Namespace, pipe: Any, jobs: list[Job]) -> None:
@@ -564,7 +756,6 @@ def check_pipeline(args: argparse.Namespace, pipe: Any, jobs: list[Job]) -> None
     size = image_size(pipe)
     for job in jobs:
         if job.reference is not None:
-            check_threshold_given(args, f"a reference image ({job.reference})")
             load_reference(job.reference, size)  # the size is checked before any generation
 
 
@@ -589,7 +780,7 @@ def run_prompt(args: argparse.Namespace, job: Job, pipe: Any, accelerator: Any) 
 
 def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
     """Everything the command line ``argv`` asks for; on the main process the metrics of the
-    ``--prompt`` (``{"stopped": True}`` after ``--stop-after``), or with ``--prompts`` the
+    ``--prompt`` (``{"stopped": True}`` after ``--stop_after``), or with ``--prompts`` the
     summary rows (also written to ``summary.json`` and ``summary.md``)."""
     args = parse_args(argv)
     if args.threads:
@@ -604,9 +795,9 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
             pipe = load_pipeline(args, accelerator.device, dtype)  # the original weights again
         rows.append(run_prompt(args, job, pipe, accelerator))
     if args.prompts is not None and accelerator.is_main_process:
-        write_json(args.out / "summary.json", rows)
+        write_json(args.output_dir / "summary.json", rows)
         table = summary_table(rows)
-        write_atomically(args.out / "summary.md", table)
+        write_atomically(args.output_dir / "summary.md", table)
         print(table)
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
@@ -617,6 +808,7 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
 def main(argv: Sequence[str] | None = None) -> int:
     """The installed command ``siss-stable-diffusion`` (and ``python -m siss.stable_diffusion``):
     ``run_command``, then exit status 0; a bad flag exits with 2 (argparse), a job that cannot
-    go on (an unusable model, an empty split, another experiment's ``--out``) with its message."""
+    go on (an unusable model, an empty split, another experiment's ``--output_dir``) with its
+    message."""
     run_command(argv)
     return 0

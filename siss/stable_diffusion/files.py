@@ -1,4 +1,4 @@
-"""The job folder (``--out``): what the stages write there and read back, and the checks that
+"""The job folder (``--output_dir``): what the stages write there and read back, and the checks that
 keep one folder one experiment.
 
 Every file is written atomically (``siss._files``: a temporary sibling moved into place), so a
@@ -35,7 +35,7 @@ RUN_STATE_FILE = "run_state.json"  # in a checkpoint: step, history, training ti
 # Flags whose change makes the images on disk, the split or the training run another
 # experiment. Images: generation; a run (checkpoints, weights): all three groups.
 GENERATION_FLAGS = (
-    "model",
+    "pretrained_model_name_or_path",
     "prompt",
     "train_prompt",
     "seed",
@@ -54,17 +54,26 @@ TRAINING_FLAGS = (
     "balance_mode",
     "balance_every",
     "calibration_batches",
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "micro_batch_size",
+    "learning_rate",
+    "adam_weight_decay",
+    "train_batch_size",
+    "gradient_accumulation_steps",
     "timesteps",
     "max_grad_norm",
     "mixed_precision",
-    "lora_rank",
+    "rank",
     "lora_alpha",
     "lora_targets",
     "full",
+    "verify_images",
+    "until",
+    "verify_every",
+    "stop_images",
+    "stop_checks",
+    "keep_prompts",
+    "keep_images",
+    "keep_band",
+    "keep_backoffs",
 )
 
 
@@ -138,15 +147,15 @@ def training_config(args: argparse.Namespace, job: Job) -> dict[str, Any]:
 def differing(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> list[str]:
     """``--flag (saved X, now Y)`` for every flag of ``keys`` that changed."""
     return [
-        f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, now {current.get(k)!r})"
+        f"--{k} (saved {saved.get(k)!r}, now {current.get(k)!r})"
         for k in keys
         if saved.get(k) != current.get(k)
     ]
 
 
 def check_out(args: argparse.Namespace, job: Job) -> None:
-    """Refuse an --out that holds another experiment's images or run, naming the flags (before
-    the pipeline is loaded)."""
+    """Refuse an ``--output_dir`` that holds another experiment's images or run, naming the
+    flags (before the pipeline is loaded)."""
     config = training_config(args, job)
     path = job.out / "config.json"
     if path.is_file():
@@ -155,26 +164,30 @@ def check_out(args: argparse.Namespace, job: Job) -> None:
         changed = differing(saved, config, GENERATION_FLAGS)
         if changed and has_images:
             raise SystemExit(
-                f"--out {job.out} holds images generated with other settings: "
-                f"{'; '.join(changed)}. Use another --out"
+                f"--output_dir {job.out} holds images generated with other settings: "
+                f"{'; '.join(changed)}. Use another --output_dir"
             )
         has_run = bool(checkpoints(job.out)) or (job.out / "metrics.json").is_file()
         changed = differing(saved, config, GENERATION_FLAGS + SPLIT_FLAGS + TRAINING_FLAGS)
         if has_run and changed and args.stage in ("run", "unlearn"):
             raise SystemExit(
-                f"--out {job.out} holds a run with another configuration: {'; '.join(changed)}. "
-                "Resume with the saved flags, or use another --out"
+                f"--output_dir {job.out} holds a run with another configuration: "
+                f"{'; '.join(changed)}. Resume with the saved flags, or use another --output_dir"
             )
-    if checkpoints(job.out) and not args.resume and args.stage in ("run", "unlearn"):
+    if (
+        checkpoints(job.out)
+        and args.resume_from_checkpoint is None
+        and args.stage in ("run", "unlearn")
+    ):
         if not (job.out / "metrics.json").is_file():
             raise SystemExit(
-                f"--out {job.out} holds checkpoints of an unfinished run: pass --resume to "
-                "continue it, or use another --out"
+                f"--output_dir {job.out} holds checkpoints of an unfinished run: pass "
+                "--resume_from_checkpoint latest to continue it, or use another --output_dir"
             )
 
 
 def prepare_out(args: argparse.Namespace, job: Job, accelerator: Any) -> None:
-    """Check ``--out`` again and record this run's configuration in ``config.json``."""
+    """Check ``--output_dir`` again and record this run's configuration in ``config.json``."""
     check_out(args, job)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -1,4 +1,4 @@
-"""Stage 1, generate: ``--num-images`` images of the training prompt, and the final latent of each.
+"""Stage 1, generate: ``--num_images`` images of the training prompt, and the final latent of each.
 
 The training data of the unlearning are the model's own generations for the prompt (the paper's
 synthetic data set: the LAION image itself is not at hand). Image ``i`` comes from the seed

@@ -51,9 +51,9 @@ def check_model_index(model: str) -> None:
     entry = components.get("text_encoder") or components.get("text_encoder_2")
     if not entry or entry[0] is None:
         raise SystemExit(
-            f"--model {model}: a {components.get('_class_name', 'pipeline')} without a text "
-            "encoder; this job needs a text-to-image pipeline (the prompt is its "
-            "conditioning)"
+            f"--pretrained_model_name_or_path {model}: a "
+            f"{components.get('_class_name', 'pipeline')} without a text encoder; this job needs "
+            "a text-to-image pipeline (the prompt is its conditioning)"
         )
 
 
@@ -63,7 +63,10 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return name, module
-    raise SystemExit(f"--model: {type(pipe).__name__} has neither a unet nor a transformer")
+    raise SystemExit(
+        f"--pretrained_model_name_or_path: {type(pipe).__name__} has neither a unet nor a "
+        "transformer"
+    )
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -72,13 +75,14 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         from diffusers import DDIMScheduler, DiffusionPipeline
         from diffusers.pipelines import pipeline_utils
 
-    check_model_index(args.model)
+    model = args.pretrained_model_name_or_path
+    check_model_index(model)
     # diffusers renamed `torch_dtype` to `dtype` (0.36); older releases know the first only.
     key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
     try:
         # Components the folder saved as [null, null] (e.g. SD3 without its T5 encoder) must be
         # passed as None, or diffusers refuses to build the pipeline.
-        index = DiffusionPipeline.load_config(args.model)
+        index = DiffusionPipeline.load_config(model)
         absent = {
             name: None
             for name, entry in index.items()
@@ -87,16 +91,18 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         if "safety_checker" in index:  # never run (see below): not loaded either
             absent.update(safety_checker=None, feature_extractor=None)
             absent["requires_safety_checker"] = False
-        pipe = DiffusionPipeline.from_pretrained(args.model, **{key: dtype}, **absent)
+        pipe = DiffusionPipeline.from_pretrained(model, **{key: dtype}, **absent)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"--model {args.model}: could not load the pipeline ({error})") from None
+        raise SystemExit(
+            f"--pretrained_model_name_or_path {model}: could not load the pipeline ({error})"
+        ) from None
     if (
         getattr(pipe, "text_encoder", None) is None
         and getattr(pipe, "text_encoder_2", None) is None
     ):
         raise SystemExit(
-            f"--model {args.model}: {type(pipe).__name__} has no text encoder; this job needs "
-            "a text-to-image pipeline"
+            f"--pretrained_model_name_or_path {model}: {type(pipe).__name__} has no text "
+            "encoder; this job needs a text-to-image pipeline"
         )
     # The safety checker would black out images before the split sees them; output_type="latent"
     # skips it anyway (see the tutorial).
@@ -126,27 +132,27 @@ def check_lora_targets(denoiser: torch.nn.Module, args: argparse.Namespace) -> N
         return
     if not callable(getattr(denoiser, "add_adapter", None)):
         raise SystemExit(
-            f"--lora-rank {args.lora_rank}: {type(denoiser).__name__} does not take a PEFT "
+            f"--rank {args.rank}: {type(denoiser).__name__} does not take a PEFT "
             "adapter (no add_adapter); use --full"
         )
     names = [name for name, _ in denoiser.named_modules()]
     found = [t for t in args.lora_targets if any(n == t or n.endswith("." + t) for n in names)]
     if not found:
         raise SystemExit(
-            f"--lora-rank {args.lora_rank}: none of the --lora-targets {args.lora_targets} is a "
+            f"--rank {args.rank}: none of the --lora_targets {args.lora_targets} is a "
             f"module of {type(denoiser).__name__} (it has no attention projections to wrap); "
-            "name its layers with --lora-targets, or use --full"
+            "name its layers with --lora_targets, or use --full"
         )
 
 
 def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:
-    """A PEFT LoRA of ``--lora-rank`` and ``--lora-alpha`` on the ``--lora-targets`` modules of
+    """A PEFT LoRA of ``--lora-rank`` and ``--lora-alpha`` on the ``--lora_targets`` modules of
     the denoiser, drawn from a seed of its own; its weights in float32."""
     with needs("siss-stable-diffusion"):
         from peft import LoraConfig
 
     config = LoraConfig(
-        r=args.lora_rank,
+        r=args.rank,
         lora_alpha=args.lora_alpha,
         init_lora_weights="gaussian",
         target_modules=list(args.lora_targets),
@@ -158,7 +164,7 @@ def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:
             torch.manual_seed(derived_seed(args.seed, "lora"))
             denoiser.add_adapter(config)
     except ValueError as error:  # PEFT's "Target modules ... not found"
-        raise SystemExit(f"--lora-rank {args.lora_rank} / --lora-targets: {error}") from None
+        raise SystemExit(f"--rank {args.rank} / --lora_targets: {error}") from None
     for parameter in denoiser.parameters():  # LoRA weights in float32 under mixed precision
         if parameter.requires_grad:
             parameter.data = parameter.data.float()

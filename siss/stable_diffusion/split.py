@@ -1,6 +1,6 @@
 """Stage 2, split: the generated images into the memorized copies (A) and the rest (X \\ A).
 
-``siss.audit.split.memorization_split`` decides: by the distance to ``--reference-image`` when
+``siss.audit.split.memorization_split`` decides: by the distance to ``--reference_image`` when
 the training image is at hand, else by the paper's 2-means rule; on pixels, VAE latents or an
 image encoder's features (``--features``). ``split.json`` records the rule in words, its
 statistics and every image's score, and a grid shows each side. A prompt the split finds not
@@ -36,15 +36,6 @@ class StopJob(Exception):
     summary and goes on with the next prompt."""
 
 
-def check_threshold_given(args: argparse.Namespace, where: str) -> None:
-    """The default reference threshold is a pixel distance: other features need their own."""
-    if args.threshold is None and (args.features, args.metric) != ("pixels", "euclidean"):
-        raise SystemExit(
-            f"--threshold is required with {where} and --features {args.features} "
-            f"(--metric {args.metric}): the default threshold is a pixel distance"
-        )
-
-
 def load_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """``(1, 3, H, W)`` in [-1, 1]; a named error when it is not the generated size."""
     import numpy as np
@@ -55,7 +46,7 @@ def load_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
     with Image.open(path) as image:
         if (image.height, image.width) != size:
             raise SystemExit(
-                f"--reference-image {path} is {image.width}x{image.height} but the pipeline "
+                f"--reference_image {path} is {image.width}x{image.height} but the pipeline "
                 f"generates {size[1]}x{size[0]} images: resize or crop it to {size[1]}x{size[0]}"
             )
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -101,13 +92,10 @@ def split_stage(
             kwargs.update(seed=args.seed, tightness=args.tightness)
         split = memorization_split(to_signed(images), **kwargs)
         settings = {k: training_config(args, job)[k] for k in SPLIT_FLAGS}
-        write_json(path, {**split.to_dict(), "settings": settings})
+        payload = {**split.to_dict(), "threshold_given": args.threshold is not None}
+        write_json(path, {**payload, "settings": settings})
         save_split_grids(images, split.memorized.bool().cpu(), job.out)
-        apply = features or pixel_features
-
-        def detector(new_images: torch.Tensor) -> torch.Tensor:
-            feats = torch.cat([apply(to_signed(chunk)) for chunk in new_images.split(64)])
-            return split.classify(feats).bool().cpu()
+        detector = CopyRule(split, features or pixel_features)
 
     accelerator.wait_for_everyone()
     payload = read_json(path)
@@ -115,6 +103,28 @@ def split_stage(
     if split is None:
         split = SavedSplit(payload)
     return split, detector
+
+
+class CopyRule:
+    """The split's rule applied to new uint8 images ``(N, 3, H, W)``: ``(N,)`` bool, True for a
+    copy (``MemorizationSplit.classify``: the distance to the memorized centre below the split's
+    threshold). One rule decides the split, every verification and the stop."""
+
+    def __init__(self, split: Any, features: Any):
+        self.split, self.features = split, features
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.features(to_signed(chunk)) for chunk in images.split(64)])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.split.classify(self._features(images)).bool().cpu()
+
+    def second_rule(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The paper's k-means classifier (the nearer of the two centres), reported beside the
+        rule and never deciding; ``None`` where the split had no clustering."""
+        if self.split.centres is None:
+            return None
+        return self.split.classify_nearer_centre(self._features(images)).bool().cpu()
 
 
 class SavedSplit:
@@ -130,21 +140,26 @@ def check_split(payload: dict[str, Any], job: Job) -> None:
     memorized, keep = payload["counts"]["memorized"], payload["counts"]["not_memorized"]
     grids = f"see {job.out}/split_memorized.png and split_not_memorized.png"
     if not payload.get("found", True) or memorized == 0:
-        if job.reference is None:
-            how = "pass --reference-image (the training image), or raise --tightness"
+        if payload.get("rule") != "reference":
+            how = "pass --reference_image (the training image), or raise --tightness"
         elif payload.get("metric") == "cosine":
-            how = "lower --threshold (a similarity)"
+            how = "give --threshold (a similarity to the reference; lower it to find more)"
         else:
-            how = "raise --threshold (a distance)"
+            how = "give --threshold (a distance to the reference; raise it to find more)"
         raise StopJob(
             f"no memorization found among the {memorized + keep} images of {job.train_prompt!r}: "
             f"{payload.get('reason', '')} ({grids}); if it is memorized, {how}"
         )
     if keep == 0:
+        if payload.get("threshold_given"):
+            which = "lower" if payload.get("metric") != "cosine" else "raise"
+            how = f"if some are not copies, {which} --threshold ({payload.get('threshold'):.4g}); "
+        else:
+            how = ""
         raise StopJob(
-            f"all {memorized} images of {job.train_prompt!r} are copies of the memorized image: "
-            "with no image to keep, SISS has no X \\ A; use a modified, partially memorized "
-            f"--train-prompt (the paper's), or raise --num-images ({grids})"
+            f"all {memorized} images of {job.train_prompt!r} were called copies of the memorized "
+            f"image: {how}with no image to keep, SISS has no X \\ A; use a modified, partially "
+            f"memorized --train_prompt (the paper's), or raise --num_images ({grids})"
         )
 
 

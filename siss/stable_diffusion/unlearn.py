@@ -5,10 +5,12 @@
 the text-conditional model an unconditional one for that prompt. It runs under ``accelerate``:
 any number of processes, mixed precision, gradient accumulation. Every draw of a step comes from
 ``siss.loop.BatchPlan``, seeded by (seed, step, micro-batch), so the run does not depend on how
-many processes share it or on where it was interrupted, and ``--resume`` from a ``save_state``
-checkpoint ends with an uninterrupted run's weights. The model is verified before, every
-``--verify-every`` steps and after; the weights are saved as a diffusers LoRA (``lora/``) or the
-whole denoiser (``unet/``, ``transformer/``), which ``load_unlearned`` puts back into a pipeline.
+many processes share it or on where it was interrupted, and ``--resume_from_checkpoint latest``
+from a ``save_state`` checkpoint ends with an uninterrupted run's weights. The model is verified
+before and after, and checked every ``--verify_every`` steps (``siss.stable_diffusion.watch``:
+until the copies are gone, while the keep prompts stay in their band); the weights are saved as
+a diffusers LoRA (``lora/``) or the whole denoiser (``unet/``, ``transformer/``), which
+``load_unlearned`` puts back into a pipeline.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ from siss.stable_diffusion.files import (
     save_checkpoint,
 )
 from siss.stable_diffusion.pipeline import add_lora, denoiser_of
+from siss.stable_diffusion.watch import Watch, restore, snapshot
 
 if TYPE_CHECKING:
     from siss.stable_diffusion.verify import Verifier
 
+KEEP_BEFORE_FILE = "keep_before.safetensors"  # the keep prompts' images before unlearning
+
 
 def recipe_config(args: argparse.Namespace) -> Any:
     """The run's ``siss.UnlearningConfig``: a constant learning rate, as the paper's SD runs."""
-    return config_from_flags(args, lr_scheduler="constant", adam_weight_decay=args.weight_decay)
+    return config_from_flags(
+        args, lr_scheduler="constant", adam_weight_decay=args.adam_weight_decay
+    )
 
 
 def prepare_denoiser(
@@ -66,7 +73,9 @@ def prepare_denoiser(
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     params = trainable_parameters(denoiser) if not args.full else list(denoiser.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, weight_decay=args.adam_weight_decay
+    )
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if args.compile:
         model = torch.compile(model)
@@ -75,33 +84,27 @@ def prepare_denoiser(
 
 
 def batch_plan(args: argparse.Namespace, keep: int, forget: int, accelerator: Any) -> BatchPlan:
-    """The rows and draw seeds of every micro-batch, the same for any number of processes."""
-    try:
-        return BatchPlan(
-            args.seed, keep, forget, args.batch_size, args.micro_batch_size,
-            accelerator.num_processes,
-        )  # fmt: skip
-    except ValueError:
-        raise SystemExit(
-            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
-            f"{args.micro_batch_size} x {accelerator.num_processes} processes: choose them so "
-            "that it is"
-        ) from None
+    """The rows and draw seeds of every micro-batch of the global batch (``--train_batch_size``
+    x processes x ``--gradient_accumulation_steps`` rows), the same for any split of it into
+    processes and accumulation steps."""
+    world = accelerator.num_processes
+    batch = args.train_batch_size * world * args.gradient_accumulation_steps
+    return BatchPlan(args.seed, keep, forget, batch, args.train_batch_size, world)
 
 
 def resume_state(
     args: argparse.Namespace, out: Path, accelerator: Any
 ) -> tuple[int, list[dict[str, Any]], float, list[float]]:
-    """``(step, history, training seconds, losses)`` so far: with ``--resume`` and a checkpoint
-    in ``out``, the newest one's (accelerate's state loaded into the model, the optimizer and the
-    recipe); else a new run's ``(0, [], 0.0, [])``."""
+    """``(step, history, training seconds, losses)`` so far: with ``--resume_from_checkpoint
+    latest`` and a checkpoint in ``out``, the newest one's (accelerate's state loaded into the
+    model, the optimizer and the recipe); else a new run's ``(0, [], 0.0, [])``."""
     saved = checkpoints(out)
-    if not (saved and args.resume):
+    if not (saved and args.resume_from_checkpoint):
         return 0, [], 0.0, []
     try:
         accelerator.load_state(str(saved[-1]))
     except (ValueError, FileNotFoundError) as error:  # the LoRA checkpoint hooks' checks
-        raise SystemExit(f"--resume {saved[-1]}: {error}") from None
+        raise SystemExit(f"--resume_from_checkpoint {saved[-1]}: {error}") from None
     state = read_json(saved[-1] / RUN_STATE_FILE)
     step = state["step"]
     if accelerator.is_main_process:
@@ -119,7 +122,7 @@ def unlearn(
     verifier: Verifier,
 ) -> dict[str, Any] | None:
     """Fine-tune the denoiser; returns the history of verifications (main process), or ``None``
-    when ``--stop-after`` stopped the run early (its checkpoint saved)."""
+    when ``--stop_after`` stopped the run early (its checkpoint saved)."""
     with needs("siss-stable-diffusion"):
         from tqdm.auto import tqdm
 
@@ -147,13 +150,26 @@ def unlearn(
     conditioning = cond.to(dtype=torch.float32 if args.full else denoiser.dtype).conditional
 
     step, history, train_wall, past_losses = resume_state(args, out, accelerator)
+    watch = Watch(args, job, pipe, accelerator, verifier.detector)
+    before_path = out / KEEP_BEFORE_FILE
     if step == 0:
         history = [verifier(0)]
-    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+        watch.start(verifier.images.get("train"), verifier.copies.get("train"))
+        if accelerator.is_main_process:
+            watch.save(before_path)
+        accelerator.wait_for_everyone()
+    else:
+        watch.load(before_path)
+    saved = snapshot(params)  # the weights of the last check in band (here: the start)
+    last = (
+        args.max_train_steps
+        if args.stop_after is None
+        else min(args.max_train_steps, args.stop_after)
+    )
     bar = tqdm(
         range(step, last),
         initial=step,
-        total=args.steps,
+        total=args.max_train_steps,
         desc=f"unlearn {job.train_prompt[:30]}",
         disable=args.no_progress or not accelerator.is_main_process,
     )
@@ -176,20 +192,30 @@ def unlearn(
             run_step(calibration_step)
             calibration_step += 1
         train_wall += time.perf_counter() - started
+    checks = [entry for entry in history if entry.get("check") is not None]
+    stop = None
+    done = step
     for step in bar:
         started = time.perf_counter()
         run_step(step)
         train_wall += time.perf_counter() - started
         done = step + 1
-        if args.verify_every and done % args.verify_every == 0 and done < args.steps:
-            entry = verifier(done)
+        if args.verify_every and done % args.verify_every == 0 and done < args.max_train_steps:
+            entry = watch.check(done, len(checks))
+            if entry["keep_outside"]:  # put back the last weights in band; weaker forgetting
+                restore(params, saved)
+                if sum("backed_off" in c for c in checks) < args.keep_backoffs:
+                    unlearner.back_off(0.5)
+                    entry["backed_off"] = unlearner.forget_weight
+            else:
+                saved = snapshot(params)
+            checks.append(entry)
             history.append(entry)
-            if entry and "train" in entry:
-                bar.set_postfix(
-                    memorized=f"{entry['train']['memorized']}/{entry['train']['total']}"
-                )
-        periodic = args.checkpoint_every and done % args.checkpoint_every == 0
-        if done < args.steps and (periodic or done == last):  # the last one: stopped early
+            stop = stop_reason(args, checks)
+            if accelerator.is_main_process:
+                bar.set_postfix(copies=f"{entry['copies']}/{entry['generated']}")
+        periodic = args.checkpointing_steps and done % args.checkpointing_steps == 0
+        if stop is None and done < args.max_train_steps and (periodic or done == last):
             state = {
                 "step": done,
                 "history": history,
@@ -197,14 +223,29 @@ def unlearn(
                 "loss": past_losses + [float(v) for v in losses],  # one host sync per save
             }
             save_checkpoint(accelerator, out, done, state)
+        if stop is not None:
+            break
     bar.close()
     for handle in hooks:
         handle.remove()
-    if last < args.steps:
+    if stop is None and last < args.max_train_steps:
         if accelerator.is_main_process:
-            print(f"stopped after step {last} of {args.steps}; continue with --resume")
+            print(
+                f"stopped after step {last} of {args.max_train_steps}; continue with "
+                "--resume_from_checkpoint latest"
+            )
         return None
-    history.append(verifier(args.steps))
+    if stop is None:
+        stop = {
+            "reason": "cap",
+            "text": f"reached the step cap (--max_train_steps {args.max_train_steps})"
+            + (", copies remained at the last check" if checks and checks[-1]["copies"] else ""),
+        }
+    stop.update(steps=done, until=args.until)
+    final = verifier(done)
+    final["keep"] = watch.keep_drift("after")
+    final["keep_not_watched"] = watch.not_watched
+    history.append(final)
     weights = save_weights(args, pipe, denoiser, accelerator, out)
     fingerprints = rank_fingerprints(params, accelerator)
     return {
@@ -215,8 +256,40 @@ def unlearn(
         "train_wall_s": round(train_wall, 2),
         # the SISS loss of each micro-batch of the main process, in order
         "loss": past_losses + ([float(v) for v in torch.stack(losses).cpu()] if losses else []),
+        "stop": stop,
         "accumulation_steps": plan.accumulation,
         "processes": accelerator.num_processes,
+    }
+
+
+def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Why the run stops after the newest of ``checks``, or ``None`` to go on.
+
+    A keep prompt out of its band once the forget weight was halved ``--keep_backoffs`` times
+    (``"backed_off"`` marks a check after which it was halved; the weights of the last check in
+    band are put back either way); or, with ``--until gone``, ``--stop_checks`` checks in a row
+    in band without a copy."""
+    newest = checks[-1]
+    if newest["keep_outside"] and "backed_off" not in newest:
+        in_band = [c["step"] for c in checks[:-1] if not c["keep_outside"]]
+        back = in_band[-1] if in_band else 0
+        names = ", ".join(repr(p) for p in newest["keep_outside"])
+        return {
+            "reason": "keep",
+            "text": f"keep prompt {names} left its band at step {newest['step']}: the weights of "
+            f"step {back} were put back",
+            "restored_step": back,
+        }
+    if args.until != "gone" or len(checks) < args.stop_checks:
+        return None
+    recent = checks[-args.stop_checks :]
+    if any(c["copies"] or c["keep_outside"] for c in recent):
+        return None
+    seen = sum(c["generated"] for c in recent)
+    return {
+        "reason": "gone",
+        "text": f"gone: no copy among {seen} fresh generations in the last {args.stop_checks} "
+        f"checks (steps {', '.join(str(c['step']) for c in recent)})",
     }
 
 
@@ -267,4 +340,4 @@ def load_unlearned(args: argparse.Namespace, pipe: Any, out: Path) -> str:
     if not args.full and (out / "lora").is_dir():
         pipe.load_lora_weights(out / "lora")
         return f"{out / 'lora'}"
-    return "the original model (no unlearned weights in --out yet)"
+    return "the original model (no unlearned weights in --output_dir yet)"

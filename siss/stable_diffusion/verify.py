@@ -1,10 +1,10 @@
 """Stage 4, verify: does the model still generate the memorized image, and at what quality?
 
-At each verification (before unlearning, every ``--verify-every`` steps, after) ``Verifier``
-generates ``--verify-images`` images per prompt, the training one and the original, on the same
+At each verification (before unlearning, every ``--verify_every`` steps, after) ``Verifier``
+generates ``--verify_images`` images per prompt, the training one and the original, on the same
 fresh seeds every time (never a training image's), counts the copies with the split's own rule
 and gives the fraction a Clopper-Pearson interval; it adds Wen et al.'s noise-magnitude score
-and, with ``--clip-model``, CLIP-IQA and CLIP score. ``verdict`` applies the paper's success
+and, with ``--clip_model``, CLIP-IQA and CLIP score. ``verdict`` applies the paper's success
 criterion (no copy among the final generations, CLIP-IQA at or above the floor throughout; "not
 determined" without a quality measurement); ``finish`` writes ``metrics.json`` and the plot.
 """
@@ -27,6 +27,13 @@ from siss.stable_diffusion.files import Job, image_grid, save_png, training_conf
 from siss.stable_diffusion.generate import generate
 from siss.stable_diffusion.pipeline import autocast_for, denoiser_of, image_size
 
+NOISE_SCORE_NOTE = (
+    "reported, never used for a decision: after unlearning it is not a memorization measure, "
+    "because fine-tuning the training prompt's prediction makes it depart from the empty "
+    "prompt's, which is what this score counts (benchmarks/noise_score.py, "
+    "docs/stable_diffusion.md)"
+)
+
 
 class Verifier:
     """Measures the model at one step: for the training and the original prompt, on the same
@@ -47,8 +54,10 @@ class Verifier:
         self.prompts = {"train": job.train_prompt}
         if job.prompt != job.train_prompt:
             self.prompts["original"] = job.prompt
+        self.images: dict[str, torch.Tensor] = {}  # the newest verification's (main process)
+        self.copies: dict[str, torch.Tensor] = {}
         self.quality = None
-        self.quality_reason = "not measured: no --clip-model (a local CLIP folder) given"
+        self.quality_reason = "not measured: no --clip_model (a local CLIP folder) given"
         if args.clip_model is not None and accelerator.is_main_process:
             from siss.metrics import CLIPQuality
 
@@ -70,6 +79,7 @@ class Verifier:
                 continue
             images, _ = generated
             memorized = self.detector(images)
+            self.images[name], self.copies[name] = images, memorized
             count, total = int(memorized.sum()), len(memorized)
             from siss.metrics.rate import proportion_ci
 
@@ -82,6 +92,9 @@ class Verifier:
                 "ci95": [low, high],
                 **self.noise_score(prompt),
             }
+            second = self.detector.second_rule(images)
+            if second is not None:  # the paper's nearer-centre classifier: reported, not deciding
+                row["memorized_nearer_centre"] = int(second.sum())
             if self.quality is not None:
                 row.update(self.quality(images, prompt))
             else:
@@ -91,17 +104,38 @@ class Verifier:
                 image_grid(images, memorized),
                 self.job.out / "verify" / f"{tag or f'step-{step:05d}'}-{name}.png",
             )
+        if self.accelerator.is_main_process:
+            self.compare_noise_scores(entry)
         entry["wall_s"] = round(time.perf_counter() - started, 2)
         self.accelerator.wait_for_everyone()
         return entry if self.accelerator.is_main_process else {}
 
+    def compare_noise_scores(self, entry: dict[str, Any]) -> None:
+        """Each prompt's noise score against the median of the keep prompts' (``noise_ratio``):
+        Wen et al. flag memorization by a score far above other prompts'. The score is reported,
+        never used for a decision (``NOISE_SCORE_NOTE``)."""
+        rows = [entry[name] for name in self.prompts if name in entry]
+        if not rows or not isinstance(rows[0].get("noise_score"), float):
+            return
+        keep = [p for p in self.args.keep_prompts if p not in self.prompts.values()]
+        scores = [self.noise_score(prompt).get("noise_score") for prompt in keep]
+        scores = [score for score in scores if isinstance(score, float)]
+        if not scores:
+            return
+        median = float(torch.tensor(scores).median())
+        entry["noise_score_keep_median"] = median
+        entry["noise_score_note"] = NOISE_SCORE_NOTE
+        for row in rows:
+            if median > 0:
+                row["noise_ratio"] = row["noise_score"] / median
+
     @torch.no_grad()
     def noise_score(self, prompt: str) -> dict[str, Any]:
         """Wen et al.'s ``||eps(x_t, prompt) - eps(x_t, "")||`` averaged over the first
-        ``--noise-steps`` guided DDIM steps, per generation; its mean and standard error."""
+        ``--noise_steps`` guided DDIM steps, per generation; its mean and standard error."""
         args = self.args
         if args.noise_generations == 0:
-            return {"noise_score": "not measured: --noise-generations 0"}
+            return {"noise_score": "not measured: --noise_generations 0"}
         from siss.adapters.prompts import prompt_conditioning
         from siss.audit.memorization import noise_magnitude_score
 
@@ -141,8 +175,8 @@ class Verifier:
 
 def verdict(history: list[dict[str, Any]], which: str, floor: float) -> tuple[str | None, str]:
     """The paper's success (Fig. 6): 0 memorized among the final generations and mean CLIP-IQA
-    at least ``floor`` at every verification. ``(True/False/None, why)``; ``None``: not
-    determined (quality not measured)."""
+    at least ``floor`` at every verification; and every keep prompt in its band at the end.
+    ``(True/False/None, why)``; ``None``: not determined (quality not measured)."""
     final = history[-1].get(which)
     if final is None:
         return None, f"no {which} prompt"
@@ -151,11 +185,21 @@ def verdict(history: list[dict[str, Any]], which: str, floor: float) -> tuple[st
             f"failed: {final['memorized']} of {final['total']} final generations are still "
             "memorized"
         )
+    outside = [
+        f"{prompt!r} ({row['relative']:.2f} > {row['band']:g})"
+        for prompt, row in history[-1].get("keep", {}).items()
+        if not row["in_band"]
+    ]
+    if which == "train" and outside:
+        return False, (
+            f"failed: 0 of {final['total']} memorized, but keep prompts left their band: "
+            + ", ".join(outside)
+        )
     scores = [entry[which].get("clip_iqa") for entry in history if which in entry]
     if any(score is None for score in scores):
         return None, (
             f"not determined: 0 of {final['total']} memorized, but quality was not measured "
-            "(give --clip-model)"
+            "(give --clip_model)"
         )
     worst = min(scores)
     if worst < floor:
@@ -195,7 +239,7 @@ def save_plot(history: list[dict[str, Any]], path: Path, floor: float, title: st
         right.set(xlabel="step", ylabel="CLIP-IQA")
         right.legend()
     else:
-        right.text(0.5, 0.5, "quality not measured\n(no --clip-model)", ha="center",
+        right.text(0.5, 0.5, "quality not measured\n(no --clip_model)", ha="center",
                    va="center", transform=right.transAxes)  # fmt: skip
         right.set_axis_off()
     fig.suptitle(title[:90])

@@ -222,7 +222,7 @@ def test_non_schedulers_are_named(scheduler):
 
 # ----------------------------------------------------------------------- loss_from_scheduler
 
-METHOD_NAMES = ["siss", "siss-nois", "naive", "neggrad", "erasediff"]
+METHOD_NAMES = ["siss", "siss-nois", "naive", "neggrad", "erasediff", "retrack"]
 FLOW_SCHEDULER = FlowMatchEulerDiscreteScheduler(num_train_timesteps=50, shift=3.0)
 # Keyword arguments each method takes (beyond prediction_type / reduction / superfactor).
 TAKES = {
@@ -231,6 +231,7 @@ TAKES = {
     "naive": set(),
     "neggrad": set(),
     "erasediff": set(),
+    "retrack": {"num_neighbors"},
 }
 KWARG_VALUES: dict[str, list[tuple[Any, bool]]] = {
     # (value, good)
@@ -266,6 +267,7 @@ KWARG_VALUES: dict[str, list[tuple[Any, bool]]] = {
         (["epsilon"], False),
     ],
     "max_weight": [(1e4, True), (1.0, True), (0.5, False), (math.inf, False), (math.nan, False)],
+    "num_neighbors": [(3, True), (1, True), (0, False), (2.5, False), (True, False)],
     "foo": [(1, False)],
 }
 N_K = [

@@ -32,9 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits():
-    from examples import digits
+    from siss._digits import data
 
-    return digits
+    return data
 
 
 def _audit_digits():
@@ -194,7 +194,9 @@ def test_membership_model_script_writes_a_pair_it_can_read_back(tmp_path):
     assert not set(info["split"]["member_index"]) & set(info["split"]["nonmember_index"])
     assert info["membership_auc"]["loss"]["auc"]["n"] == 8
     members, nonmembers = torch.load(data / "members.pt"), torch.load(data / "nonmembers.pt")
-    again, _, index, _ = audit_digits.membership_split(4, 0)
+    from siss._digits.membership import membership_split, read_split
+
+    again, _, index, _ = membership_split(4, 0)
     assert torch.equal(members, again) and index.tolist() == info["split"]["member_index"]
     assert nonmembers.shape == (4, 1, 16, 16)
     assert tuple(UNet2DModel.from_pretrained(model).config.block_out_channels) == (16, 32, 32)
@@ -203,4 +205,4 @@ def test_membership_model_script_writes_a_pair_it_can_read_back(tmp_path):
     info["split"]["member_index"][0] += 1  # a split that no longer matches is refused
     (model / "training_info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="member indices"):
-        audit_digits.read_split(model)
+        read_split(model)

@@ -25,7 +25,7 @@ from siss.audit import (
     split_by_reference,
     vae_features,
 )
-from siss.metrics import default_threshold
+from siss.audit.generation import pixel_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -322,10 +322,17 @@ def test_memorization_split_on_pixels_both_rules():
     assert clustered.features == "pixels mapped from [-1, 1] to [0, 1]"
     referenced = memorization_split(images, reference=memorized)
     assert referenced.rule == "reference" and torch.equal(referenced.memorized, expected)
-    # the generation check's convention: pixels in [0, 1], L2 < default_threshold(S)
-    assert referenced.threshold == pytest.approx(default_threshold((3, 16, 16)))
+    # pixels in [0, 1]; the threshold is the middle of the gap between the copies' distances to
+    # the reference and the other images'
     pixels = ((images.double() - memorized.double()) / 2).flatten(1).norm(dim=1)
     torch.testing.assert_close(referenced.scores, pixels)
+    gap = (pixels[:5].max().item(), pixels[5:].min().item())
+    assert referenced.threshold == pytest.approx(sum(gap) / 2)
+    assert (referenced.statistics["gap_low"], referenced.statistics["gap_high"]) == pytest.approx(
+        gap
+    )
+    # the rule applied to new images is the same: distance to the reference below the threshold
+    assert torch.equal(referenced.classify(pixel_features(images)), expected)
     strict = memorization_split(images, reference=memorized[0], threshold=0.5)
     assert torch.equal(strict.memorized, expected)
 
@@ -432,12 +439,10 @@ def test_bad_images_and_arguments_are_named_before_features_run():
         memorization_split(images[:1], features=features)
     with pytest.raises(ValueError, match="`reference` images have shape"):
         memorization_split(images, reference=torch.zeros(3, 8, 8), threshold=1.0)
-    with pytest.raises(ValueError, match="`threshold` is required"):
-        memorization_split(images, features=features, reference=memorized)
+    with pytest.raises(ValueError, match="`images` must hold N >= 2"):  # the gap needs two
+        memorization_split(images[:1], features=features, reference=memorized)
     with pytest.raises(ValueError, match="`threshold` applies to the reference rule"):
         memorization_split(images, threshold=1.0)
-    with pytest.raises(ValueError, match="`threshold` is required with metric='cosine'"):
-        memorization_split(images, reference=memorized, metric="cosine")
     bad = images.clone()
     bad[0, 0, 0, 0] = math.nan
     with pytest.raises(ValueError, match="`images` holds NaN"):
@@ -462,3 +467,41 @@ def test_result_type_counts():
         reason="1 of 3",
     )
     assert split.counts == (1, 2)
+
+
+def test_one_rule_the_distance_to_the_centre_below_the_gaps_middle():
+    """2-means finds the group; the rule that decides, for the split's own images and for new
+    ones, is the distance to the tight centre below the middle of the gap. A faint ghost nearer
+    the copies' centre than the others' mean but past the gap is a copy for the paper's
+    nearer-centre classifier only (reported beside, never deciding)."""
+    g = torch.Generator().manual_seed(3)
+    centre = torch.zeros(40, dtype=torch.float64)
+    copies = centre + 0.05 * torch.randn(8, 40, generator=g, dtype=torch.float64)
+    others = 4 + torch.randn(24, 40, generator=g, dtype=torch.float64)
+    split = split_by_clustering(torch.cat([copies, others]))
+    assert split.found and torch.equal(split.memorized, torch.arange(32) < 8)
+    distances = torch.cat([copies, others]).sub(split.centres[0]).norm(dim=1)
+    low, high = distances[:8].max().item(), distances[8:].min().item()
+    assert split.threshold == pytest.approx((low + high) / 2)
+    assert split.statistics["disagreements"] == 0
+    # orthogonal to the others' direction, past the gap: nearer the copies' centre all the same
+    sideways = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(20)
+    ghost = (split.centres[0] + 1.5 * high * sideways / sideways.norm())[None]
+    assert not split.classify(ghost).item() and split.classify_nearer_centre(ghost).item()
+    assert split.classify(copies[:1] + 0.01).item()
+
+
+def test_a_reference_that_is_not_the_tight_group_finds_nothing():
+    """With a reference and no threshold, a tight group that is farther from the reference than
+    the other images is not its copies: not found, and the reason names the threshold."""
+    memorized, images = planted_images()
+    unrelated = -memorized  # the negative image: nearer every varied image than the copies
+    split = memorization_split(images, reference=unrelated)
+    assert not split.found and not split.memorized.any()
+    assert "`threshold`" in split.reason
+
+
+def test_the_gap_threshold_takes_custom_features_without_a_given_threshold():
+    memorized, images = planted_images()
+    split = memorization_split(images, reference=memorized, features=lambda x: x.flatten(1) * 3)
+    assert split.found and torch.equal(split.memorized, torch.arange(16) < 5)

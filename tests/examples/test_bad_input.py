@@ -18,8 +18,9 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from examples import audit_digits, digits, pretrain, sequential, study, train_classifier, unlearn
+from examples import audit_digits, pretrain, sequential, study, train_classifier, unlearn
 from siss._cli import groups
+from siss._digits import data as digits
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {

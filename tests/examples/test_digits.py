@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples import digits
+from siss._digits import data as digits
 from siss.metrics import DigitClassifier, default_threshold, generation_rate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -1,9 +1,9 @@
-"""The digits set with several planted shapes (examples/digits.py), for sequential requests."""
+"""The digits set with several planted shapes (siss._digits.data), for sequential requests."""
 
 import pytest
 import torch
 
-from examples import digits
+from siss._digits import data as digits
 from siss.metrics import default_threshold, generation_rate
 
 

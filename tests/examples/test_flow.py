@@ -16,6 +16,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from examples import pretrain, study, unlearn
+from siss._digits import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,12 +46,12 @@ def target():
 def test_pretraining_targets_are_the_exact_velocity_and_match_the_unlearning_loss(target):
     from siss.adapters import loss_from_scheduler, schedule_from_scheduler
 
-    scheduler = pretrain.build_flow_scheduler()
+    scheduler = models.build_flow_scheduler()
     generator = torch.Generator().manual_seed(1)
     x0 = target.expand(256, -1, -1, -1)
     index = torch.randint(0, T, (256,), generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
-    xt, timesteps, velocity = pretrain.flow_training_batch(
+    xt, timesteps, velocity = models.flow_training_batch(
         schedule_from_scheduler(scheduler), x0, index, eps
     )
     oracle = Oracle(target)
@@ -64,9 +65,9 @@ def test_pretraining_targets_are_the_exact_velocity_and_match_the_unlearning_los
 
 
 def test_the_euler_sampler_lands_on_the_data_under_the_exact_velocity(target):
-    samples = pretrain.sample_images(
+    samples = models.sample_images(
         Oracle(target),
-        pretrain.build_flow_scheduler().config,
+        models.build_flow_scheduler().config,
         4,
         sampler="euler",
         num_inference_steps=7,
@@ -78,9 +79,9 @@ def test_the_euler_sampler_lands_on_the_data_under_the_exact_velocity(target):
 
 def test_a_sampler_of_the_other_process_is_refused():
     with pytest.raises(ValueError, match="does not apply"):
-        pretrain.inference_scheduler(pretrain.build_flow_scheduler().config, "ddim")
+        models.inference_scheduler(models.build_flow_scheduler().config, "ddim")
     with pytest.raises(ValueError, match="does not apply"):
-        pretrain.inference_scheduler(pretrain.build_scheduler().config, "euler")
+        models.inference_scheduler(models.build_scheduler().config, "euler")
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +180,8 @@ def test_the_flow_nll_is_the_flow_ode_bits_per_dim(flow_pair):
     pretrained, _ = flow_pair
     unet = UNet2DModel.from_pretrained(pretrained)
     images = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    scheduler = pretrain.load_scheduler(pretrained)
-    got = unlearn.outlier_nll(
+    scheduler = models.load_scheduler(pretrained)
+    got = models.outlier_nll(
         unet, scheduler, images, tolerance=1e-2, generator=torch.Generator().manual_seed(4)
     )
     expected = flow_bits_per_dim(

@@ -13,6 +13,8 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from examples import sequential
+from siss._digits import evaluate
+from siss._digits.evaluate import Evaluator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -86,15 +88,15 @@ def test_queue_runs_every_request_and_resumes_to_the_same_end(checkpoint, tmp_pa
 def test_the_queue_stops_when_quality_leaves_its_band(checkpoint, tmp_path, monkeypatch):
     """A model whose FID-style score leaves the band after the first request stops the queue
     there, naming the requests left; the record of that request is kept."""
-    evaluate = sequential.evaluate
+    shapes = Evaluator.shapes
 
-    def worse_after_training(unet, scheduler, data, evaluator, args, noise_seed=None, *rest):
-        row = evaluate(unet, scheduler, data, evaluator, args, noise_seed, *rest)
+    def worse_after_training(self, unet, scheduler, data, count, noise_seed=None, *rest):
+        row = shapes(self, unet, scheduler, data, count, noise_seed, *rest)
         if noise_seed is None:  # after a request, not the band's evaluations
             row["fid"] += 1e9
         return row
 
-    monkeypatch.setattr(sequential, "evaluate", worse_after_training)
+    monkeypatch.setattr(Evaluator, "shapes", worse_after_training)
     result = sequential.run(sequential.parse_args(argv(checkpoint, tmp_path)))
     queue = result["queue"]
     assert queue.done == ["tshirt"] and queue.pending == ["trousers", "bag"]
@@ -124,8 +126,6 @@ def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
     checkpoint, tmp_path, monkeypatch
 ):
     """The band's extra draws and the queue's evaluations sample in the same precision."""
-    from examples import unlearn
-
     used = []
 
     def recording(real):
@@ -135,8 +135,7 @@ def test_eval_precision_reaches_every_sampling_and_the_saved_settings(
 
         return sample
 
-    monkeypatch.setattr(sequential, "sample_images", recording(sequential.sample_images))
-    monkeypatch.setattr(unlearn, "sample_images", recording(unlearn.sample_images))
+    monkeypatch.setattr(evaluate, "sample_images", recording(evaluate.sample_images))
     args = sequential.parse_args(argv(checkpoint, tmp_path / "q", "--eval_precision", "bf16"))
     queue = sequential.run(args)["queue"]
     assert len(used) > 2 and set(used) == {"bf16"}  # band draws + one per evaluation

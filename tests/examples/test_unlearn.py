@@ -360,6 +360,7 @@ def test_image_folder_and_own_outlier_from_pretraining_to_unlearning(tmp_path):
 def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_path, capsys):
     """--audit on the smallest settings: three files, every statistic with a direction, and a
     statistic that was not measured never printed as a number."""
+    from siss._cli import AUDIT_CHECKS
     from siss.audit import AuditReport, compare
 
     flags = [
@@ -376,7 +377,7 @@ def test_audit_writes_and_prints_the_before_after_comparison(checkpoint, tmp_pat
     assert table.strip() in printed
     for name in ("audit_before.png", "audit_after.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert {r.check for r in before.results} == set(unlearn.AUDIT_CHECKS)
+    assert {r.check for r in before.results} == set(AUDIT_CHECKS)
     directions = (
         "toward not held",
         "toward held",

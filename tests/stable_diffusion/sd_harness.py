@@ -24,14 +24,15 @@ MODULE = ["-m", "siss.stable_diffusion"]  # run from ROOT
 
 # Cheap settings: 10 sampling steps, small batches; every run on the CPU in float32.
 CHEAP = [
-    "--device", "cpu", "--sample-steps", "10", "--gen-batch-size", "16", "--no-progress",
-    "--noise-generations", "2",
+    "--device", "cpu", "--sample_steps", "10", "--gen_batch_size", "16", "--no_progress",
+    "--noise_generations", "2",
 ]  # fmt: skip
 
 # Resume and two processes (the random tiny model, split by distance to one of its images).
 SMALL_RUN = [
-    "--num-images", "16", "--steps", "4", "--batch-size", "8", "--micro-batch-size", "2",
-    "--lr", "1e-3", "--verify-images", "2", "--threads", "1",
+    "--num_images", "16", "--max_train_steps", "4", "--train_batch_size", "2",
+    "--gradient_accumulation_steps", "4",
+    "--learning_rate", "1e-3", "--verify_images", "2", "--threads", "1",
 ]  # fmt: skip
 
 
@@ -60,20 +61,29 @@ def reference_split(model: Path, out: Path, prompt: str = "a photo") -> list:
     images on each side (the threshold: the median distance to image 0)."""
     from siss.audit.generation import pixel_features
 
-    base = ["--model", model, "--prompt", prompt, "--out", out, *CHEAP, *SMALL_RUN]
+    base = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--prompt",
+        prompt,
+        "--output_dir",
+        out,
+        *CHEAP,
+        *SMALL_RUN,
+    ]
     run("generate", *base)
     images, _ = load_generated(out, 16)
     features = pixel_features(to_signed(images))
     distances = (features - features[:1]).norm(dim=1)
     threshold = distances[1:].median().item() + 1e-6
-    return ["--reference-image", out / "images" / "00000.png", "--threshold", threshold]
+    return ["--reference_image", out / "images" / "00000.png", "--threshold", threshold]
 
 
 def initial_lora(model: Path, argv: list) -> dict[str, torch.Tensor]:
     """The LoRA weights the job starts from (its seeded initialisation)."""
     from diffusers import StableDiffusionPipeline
 
-    args = cli.parse_args([*map(str, argv), "--out", "unused"])
+    args = cli.parse_args([*map(str, argv), "--output_dir", "unused"])
     unet = StableDiffusionPipeline.from_pretrained(model).unet
     unet.requires_grad_(False)
     add_lora(unet, args)

@@ -31,16 +31,17 @@ def test_help_runs_as_a_script_and_names_every_stage_and_flag():
         "split",
         "unlearn",
         "verify",
-        "--lora-rank",
+        "--rank",
         "--full",
-        "--reference-image",
+        "--reference_image",
         "--prompts",
-        "--clip-model",
-        "--resume",
-        "--verify-every",
-        "--gradient-checkpointing",
+        "--clip_model",
+        "--resume_from_checkpoint",
+        "latest",
+        "--verify_every",
+        "--gradient_checkpointing",
         "--compile",
-        "--mixed-precision",
+        "--mixed_precision",
     ):
         assert word in text, word  # fmt: skip
     parser_flags = [a for a in text.split() if a.startswith("--")]
@@ -51,32 +52,51 @@ def test_main_exits_with_status_zero_once_done(tiny_sd_folder, tmp_path):
     """``main`` is the installed command's entry point (``sys.exit(main())``): it returns 0, not
     the metrics (a dict would exit with status 1)."""
     out = tmp_path / "out"
-    argv = ["generate", "--model", tiny_sd_folder, "--prompt", "a", "--out", out,
-            "--num-images", "2", *CHEAP]  # fmt: skip
+    argv = ["generate", "--pretrained_model_name_or_path", tiny_sd_folder, "--prompt", "a",
+            "--output_dir", out,
+            "--num_images", "2", *CHEAP]  # fmt: skip
     assert cli.main([str(a) for a in argv]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
 
 
 def test_a_bad_flag_exits_with_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        cli.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
+        cli.main(
+            [
+                "--pretrained_model_name_or_path",
+                str(tmp_path),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
     assert stopped.value.code == 2
     assert "give --prompt or --prompts" in capsys.readouterr().err
 
 
 def test_missing_model_path_names_the_flag(tmp_path, capsys):
     out = tmp_path / "out"
-    expect_exit(capsys, ["--model", tmp_path / "no-such", "--prompt", "a", "--out", out], "--model")
+    expect_exit(
+        capsys,
+        [
+            "--pretrained_model_name_or_path",
+            tmp_path / "no-such",
+            "--prompt",
+            "a",
+            "--output_dir",
+            out,
+        ],
+        "--pretrained_model_name_or_path",
+    )
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--steps", "-5"], "--steps must be >= 1"),
-        (["--lr", "0"], "--lr: must be in (0, inf], got 0.0"),
-        (["--method", "naive", "--keep-target", "teacher"], "--keep-target: 'teacher' needs"),
-        (["--balance-every", "0"], "--balance-every: must be >= 1, got 0"),
+        (["--max_train_steps", "-5"], "--max_train_steps must be >= 1, got -5"),
+        (["--learning_rate", "0"], "--learning_rate: must be in (0, inf], got 0.0"),
+        (["--method", "naive", "--keep_target", "teacher"], "--keep_target: 'teacher' needs"),
+        (["--balance_every", "0"], "--balance_every: must be >= 1, got 0"),
         *(
             []
             if torch.cuda.is_available()
@@ -86,7 +106,19 @@ def test_missing_model_path_names_the_flag(tmp_path, capsys):
 )
 def test_bad_recipe_flags_are_named_before_loading(tiny_sd_folder, tmp_path, capsys, flags, named):
     out = tmp_path / "out"
-    expect_exit(capsys, ["--model", tiny_sd_folder, "--prompt", "a", "--out", out, *flags], named)
+    expect_exit(
+        capsys,
+        [
+            "--pretrained_model_name_or_path",
+            tiny_sd_folder,
+            "--prompt",
+            "a",
+            "--output_dir",
+            out,
+            *flags,
+        ],
+        named,
+    )
     assert not out.exists()
 
 
@@ -97,8 +129,9 @@ def test_pipeline_without_text_encoder_is_refused_before_loading(tmp_path, capsy
     folder = tmp_path / "ddpm"
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(folder)
     out = tmp_path / "out"
-    expect_exit(capsys, ["--model", folder, "--prompt", "a", "--out", out, *CHEAP],
-                "--model", "text encoder")  # fmt: skip
+    expect_exit(capsys, ["--pretrained_model_name_or_path", folder, "--prompt", "a",
+                "--output_dir", out, *CHEAP],
+                "--pretrained_model_name_or_path", "text encoder")  # fmt: skip
     assert not (out / "images").exists()
 
 
@@ -110,9 +143,17 @@ def test_reference_image_of_the_wrong_size_stops_before_generating(
     reference = tmp_path / "ref.png"
     Image.new("RGB", (20, 24), "red").save(reference)
     out = tmp_path / "out"
-    argv = ["--model", tiny_sd_folder, "--prompt", "a", "--out", out, *CHEAP]
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_folder,
+        "--prompt",
+        "a",
+        "--output_dir",
+        out,
+        *CHEAP,
+    ]
     expect_exit(
-        capsys, [*argv, "--reference-image", reference], "--reference-image", "20x24", "16x16"
+        capsys, [*argv, "--reference_image", reference], "--reference_image", "20x24", "16x16"
     )
     assert not (out / "images").exists()
 
@@ -125,15 +166,23 @@ def test_lora_on_a_model_without_attention_is_refused(tmp_path, capsys):
     )
     folder = tiny_sd_pipeline(tmp_path / "pipe", unet=unet)
     out = tmp_path / "out"
-    argv = ["--model", folder, "--prompt", "a", "--out", out, *CHEAP]
-    expect_exit(capsys, argv, "--lora-rank 4", "--lora-targets", "--full")
+    argv = ["--pretrained_model_name_or_path", folder, "--prompt", "a", "--output_dir", out, *CHEAP]
+    expect_exit(capsys, argv, "--rank 4", "--lora_targets", "--full")
     assert not (out / "images").exists()
-    expect_exit(capsys, [*argv, "--lora-rank", "0"], "--lora-rank")
-    expect_exit(capsys, [*argv, "--full", "--lora-rank", "8"], "--full", "--lora-rank")
+    expect_exit(capsys, [*argv, "--rank", "0"], "--rank")
+    expect_exit(capsys, [*argv, "--full", "--rank", "8"], "--full", "--rank")
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tiny_sd_folder, tmp_path, capsys):
-    argv = ["--model", tiny_sd_folder, "--prompt", "a", "--out", tmp_path, *CHEAP]
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_folder,
+        "--prompt",
+        "a",
+        "--output_dir",
+        tmp_path,
+        *CHEAP,
+    ]
     expect_exit(capsys, [*argv, "--batch-size", "6", "--micro-batch-size", "4"], "--batch-size")
 
 
@@ -164,8 +213,9 @@ def test_accelerate_launch_of_two_cpu_processes_stops_before_loading(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
                "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "siss.stable_diffusion", "generate", "--model", str(tmp_path / "absent"),
-               "--prompt", "a", "--out", str(out)]  # fmt: skip
+               "-m", "siss.stable_diffusion", "generate", "--pretrained_model_name_or_path",
+               str(tmp_path / "absent"),
+               "--prompt", "a", "--output_dir", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode != 0
     assert "started one" in done.stderr and "torchrun --nproc_per_node N" in done.stderr

@@ -14,30 +14,44 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
 
 def test_fully_memorized_split_names_the_flags(tiny_sd_folder, tmp_path, capsys):
-    """The random tiny model's images all lie within the default pixel threshold of one of them:
-    A is everything, X \\ A is empty."""
+    """With a threshold every image passes (the random tiny model's images all lie within
+    distance 100 of one of them), A is everything, X \\ A is empty: the refusal names the
+    threshold. Without one, the random model has no memorized group to find."""
     out = tmp_path / "out"
-    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", "--out", out, "--num-images", "8",
+    argv = ["--pretrained_model_name_or_path", tiny_sd_folder, "--prompt", "a photo",
+            "--output_dir", out, "--num_images", "8",
             *CHEAP]  # fmt: skip
     run("generate", *argv)
     reference = out / "images" / "00000.png"
-    message = expect_exit(capsys, ["split", *argv, "--reference-image", reference],
-                          "all 8 images", "--train-prompt")  # fmt: skip
-    assert "--num-images" in message
+    message = expect_exit(capsys, ["split", *argv, "--reference_image", reference,
+                                   "--threshold", "100"],
+                          "all 8 images", "lower --threshold (100)", "--train_prompt")  # fmt: skip
+    assert "--num_images" in message
+    expect_exit(capsys, ["split", *argv, "--reference_image", reference],
+                "no memorization found", "give --threshold")  # fmt: skip
     assert (out / "split.json").is_file() and (out / "split_memorized.png").is_file()
     # a reference far from every image (white): "no memorization found", naming --threshold
     from PIL import Image
 
     Image.new("RGB", (16, 16), "white").save(tmp_path / "white.png")
-    argv += ["--reference-image", tmp_path / "white.png", "--threshold", "0.5"]
-    expect_exit(capsys, ["split", *argv], "no memorization found", "raise --threshold")
+    argv += ["--reference_image", tmp_path / "white.png", "--threshold", "0.5"]
+    expect_exit(capsys, ["split", *argv], "no memorization found", "raise it to find more")
 
 
 def test_random_model_has_no_memorization_by_2_means(tiny_sd_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", "--out", out, "--num-images", "12"]
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_folder,
+        "--prompt",
+        "a photo",
+        "--output_dir",
+        out,
+        "--num_images",
+        "12",
+    ]
     expect_exit(capsys, [*argv, *CHEAP], "no memorization found", "--tightness",
-                "--reference-image")  # fmt: skip
+                "--reference_image")  # fmt: skip
     split = json.loads((out / "split.json").read_text())
     assert split["rule"] == "2-means" and split["found"] is False
     assert split["statistics"]["ratio"] > 0.25

@@ -51,7 +51,7 @@ def test_batch_plan_is_the_same_global_batch_for_any_process_count():
 
 @pytest.mark.parametrize(
     "recipe",
-    [[], ["--keep-target", "teacher", "--calibration-batches", "2", "--balance-every", "3"]],
+    [[], ["--keep_target", "teacher", "--calibration_batches", "2", "--balance_every", "3"]],
     ids=["noise-target", "teacher-calibrated"],
 )
 def test_resume_ends_with_the_uninterrupted_runs_lora(tiny_sd_folder, tmp_path, recipe):
@@ -60,23 +60,40 @@ def test_resume_ends_with_the_uninterrupted_runs_lora(tiny_sd_folder, tmp_path, 
     steps: step 2 is between refreshes) come back from accelerate's state."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     split = reference_split(tiny_sd_folder, whole)
-    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", *CHEAP, *SMALL_RUN, *split, *recipe]
-    expected = run(*argv, "--out", whole)
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_folder,
+        "--prompt",
+        "a photo",
+        *CHEAP,
+        *SMALL_RUN,
+        *split,
+        *recipe,
+    ]
+    expected = run(*argv, "--output_dir", whole)
     assert expected["split"]["memorized"] >= 1 and expected["split"]["not_memorized"] >= 1
     for folder in ("images", "latents"):
         (parts / folder).mkdir(parents=True)
         for file in (whole / folder).iterdir():
             (parts / folder / file.name).write_bytes(file.read_bytes())
-    assert run(*argv, "--out", parts, "--stop-after", "2") == {"stopped": True}
+    assert run(*argv, "--output_dir", parts, "--stop_after", "2") == {"stopped": True}
     assert [p.name for p in checkpoints(parts)] == ["step-000002"]
     assert not (parts / "metrics.json").exists() and not (parts / "lora").exists()
     # a resume with another configuration is refused, naming the flag
-    with pytest.raises(SystemExit, match=r"--lr \(saved 0.001, now 0.002\)"):
-        run(*argv, "--out", parts, "--resume", "--lr", "2e-3")
+    with pytest.raises(SystemExit, match=r"--learning_rate \(saved 0.001, now 0.002\)"):
+        run(
+            *argv,
+            "--output_dir",
+            parts,
+            "--resume_from_checkpoint",
+            "latest",
+            "--learning_rate",
+            "2e-3",
+        )
     # and a plain re-run must not silently start over
-    with pytest.raises(SystemExit, match="--resume"):
-        run(*argv, "--out", parts)
-    resumed = run(*argv, "--out", parts, "--resume")
+    with pytest.raises(SystemExit, match="--resume_from_checkpoint latest"):
+        run(*argv, "--output_dir", parts)
+    resumed = run(*argv, "--output_dir", parts, "--resume_from_checkpoint", "latest")
     final, interrupted = lora_weights(whole), lora_weights(parts)
     for key, value in final.items():
         assert torch.equal(value, interrupted[key]), key
@@ -91,12 +108,21 @@ def test_resume_ends_with_the_uninterrupted_runs_lora(tiny_sd_folder, tmp_path, 
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_sd_folder, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): 2 micro-batches of 2 per rank and step, against one
-    process with 4 micro-batches of 2; the same global batch of 8 and the same draws."""
+    """torchrun --nproc_per_node 2 (gloo) with --gradient_accumulation_steps 2: 2 micro-batches
+    of 2 per rank and step, against one process with 4 micro-batches of 2; the same global batch
+    of 8 and the same draws."""
     one, two = tmp_path / "one", tmp_path / "two"
     split = reference_split(tiny_sd_folder, one)
-    argv = ["--model", tiny_sd_folder, "--prompt", "a photo", *CHEAP, *SMALL_RUN, *split]
-    single = run(*argv, "--out", one)
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_folder,
+        "--prompt",
+        "a photo",
+        *CHEAP,
+        *SMALL_RUN,
+        *split,
+    ]
+    single = run(*argv, "--output_dir", one)
     assert (single["processes"], single["accumulation_steps"]) == (1, 4)
     for folder in ("images", "latents"):  # the same training data: generation is not compared
         (two / folder).mkdir(parents=True)
@@ -107,7 +133,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_sd_folder
         env.pop(key, None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        *MODULE, *map(str, argv), "--out", str(two),
+        *MODULE, *map(str, argv), "--output_dir", str(two), "--gradient_accumulation_steps", "2",
     ]  # fmt: skip
     try:
         done = subprocess.run(

@@ -1,4 +1,4 @@
-"""Small handwritten digits with one injected outlier, for the ``siss`` examples.
+"""Small handwritten digits with one injected outlier, for the digits examples (``examples/``).
 
 This module builds the toy data-unlearning set used by the example scripts: the 1,797 8x8
 digits bundled with scikit-learn (``sklearn.datasets.load_digits``), upsampled to 16x16 and
@@ -9,7 +9,7 @@ trains on a laptop CPU. Real MNIST (from a torchvision folder already on disk) o
 folder can be used instead.
 
 Examples:
-    >>> from examples.digits import load_training_set
+    >>> from siss._digits.data import load_training_set
     >>> data = load_training_set(seed=0)
     >>> data.images.shape, int(data.is_outlier.sum())
     (torch.Size([1815, 1, 16, 16]), 18)
@@ -267,13 +267,7 @@ def make_tshirt(size: int = 16, *, channels: int = 1, supersample: int = 8) -> t
     Returns:
         ``(channels, size, size)`` float32 tensor in ``[-1, 1]``.
     """
-    n = size * supersample
-    centers = (np.arange(n, dtype=np.float64) + 0.5) / n
-    yy, xx = np.meshgrid(centers, centers, indexing="ij")
-    mask = _inside_polygon(xx, yy, _TSHIRT_POLYGON).astype(np.float32)
-    coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
-    image = torch.from_numpy(coverage).clamp(0, 1) * 2 - 1
-    return image.unsqueeze(0).repeat(channels, 1, 1)
+    return _rasterize(_TSHIRT_POLYGON, size, channels, supersample)
 
 
 def _rasterize(

@@ -1,4 +1,5 @@
-"""Resumable training state in safetensors, written atomically (used by ``unlearn.py``).
+"""Resumable training state in safetensors, written atomically (``examples/unlearn.py``), and
+``siss.Unlearner``'s steps drawn from a ``siss.loop.BatchPlan``.
 
 A checkpoint is a folder ``step-NNNNNNN/`` holding the model (``save_pretrained``, safetensors),
 the optimizer's tensors (``optimizer.safetensors``, its hyper-parameters in the file's metadata),
@@ -19,15 +20,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from siss._files import atomic_folder, atomic_path
+from siss.loop import BatchPlan
+from siss.recipe import StepResult, Unlearner
 
 PREFIX = "step-"
 MODEL_FILE = "diffusion_pytorch_model.safetensors"  # what diffusers' save_pretrained writes
 
 
-def write_tensors_atomically(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes ``tensors`` (any shapes; made contiguous) as safetensors to ``path`` atomically."""
+# How the training rows are drawn, recorded in checkpoints: a resume refuses any other.
+DRAWS = "siss.loop.BatchPlan: keep rows in shuffled epochs"
+
+
+def write_tensors_atomically(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Writes ``tensors`` (any shapes; made contiguous) as safetensors to ``path`` atomically,
+    with the file's string ``metadata``."""
     with atomic_path(path) as tmp:
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
+        contiguous = {name: t.contiguous() for name, t in tensors.items()}
+        save_file(contiguous, str(tmp), metadata=metadata)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -129,3 +140,46 @@ def load_checkpoint(
     for name, gen in generators.items():
         gen.set_state(states[name])
     return json.loads((folder / "state.json").read_text())
+
+
+def plan_step(
+    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan, step: int
+) -> StepResult:
+    """``unlearner.step`` on plan step ``step``'s rows of ``keep`` ``(n-k, C, H, W)`` (in
+    shuffled epochs, as in pretraining) and of ``forget`` ``(k, C, H, W)``, with the step's own
+    generator for the timesteps, coins and noise: a function of (seed, step), so a resumed run
+    draws what an uninterrupted one draws."""
+    ((rows, pick, generator),) = plan.micro_batches(step, rank=0)
+    x0, a0 = keep[rows.to(keep.device)], forget[pick.to(forget.device)]
+    return unlearner.step(x0, a0, generator=generator)
+
+
+def calibrate(
+    unlearner: Unlearner, keep: torch.Tensor, forget: torch.Tensor, plan: BatchPlan
+) -> None:
+    """The calibration batches of ``unlearner`` (none unless its rule is the calibrated one):
+    plan steps ``0, 1, ...``, the draws the first training steps make, at the starting
+    weights."""
+    step = 0
+    while unlearner.calibrating:
+        plan_step(unlearner, keep, forget, plan, step)
+        step += 1
+
+
+def unlearner_state(unlearner: Unlearner) -> dict[str, Any]:
+    """``unlearner.state_dict()`` for state.json: the EMA goes to ema.safetensors, the held
+    coefficient as a float (a float32 value, exact in JSON)."""
+    state = unlearner.state_dict()
+    state.pop("ema")
+    balancer = state["balancer"]
+    if balancer is not None and balancer["coefficient"] is not None:
+        balancer["coefficient"] = balancer["coefficient"].item()
+    return state
+
+
+def restore_unlearner(unlearner: Unlearner, state: dict[str, Any]) -> None:
+    """The inverse of ``unlearner_state`` (the EMA is restored with the checkpoint)."""
+    balancer = state["balancer"]
+    if balancer is not None and balancer["coefficient"] is not None:
+        balancer = {**balancer, "coefficient": torch.tensor(balancer["coefficient"])}
+    unlearner.load_state_dict({**state, "balancer": balancer, "ema": None})
