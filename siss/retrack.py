@@ -115,7 +115,8 @@ def neighbor_posterior(
     Args:
         a0: forget points ``a``, shape ``(B, ...)``.
         noise: ``ε`` with ``x_t = γ a + σ ε``, shape ``(B, ...)``.
-        gamma, sigma: ``γ_t`` and ``σ_t > 0`` per row, shape ``(B,)``.
+        gamma: ``γ_t`` per row, shape ``(B,)``.
+        sigma: ``σ_t > 0`` per row, shape ``(B,)``.
         neighbors: the candidates ``x_j`` of each row, shape ``(B, k, ...)``.
 
     Returns:

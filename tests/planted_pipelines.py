@@ -21,7 +21,7 @@ Their weights ship in ``tests/assets/planted-<name>/`` (each folder's README.md 
 the measured rates; ``planted.json`` the machine-readable record). Tests copy them with
 :func:`planted`; :func:`build_planted` trains one again (minutes, one thread, deterministic)::
 
-    python -c "import sys; sys.path.insert(0, 'tests'); from planted_pipelines import \\
+    PYTHONPATH=tests python -c "from planted_pipelines import \\
         build_planted as b; b('rings', 'tests/assets/planted-rings')"
 
 The copy rates are measured the way the job samples by default: ``DDIMScheduler.from_config``
