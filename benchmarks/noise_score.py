@@ -25,9 +25,9 @@ Deterministic: the starting noise comes from ``--seed``; one CPU thread by defau
 the keep-prompt stop switched off, as the runs of issue 22 section 6)::
 
     PYTHONPATH=tests python -c "from conftest import planted_sd_pipeline as p; p('/tmp/ns/pipe')"
-    siss-stable-diffusion --model /tmp/ns/pipe --prompt "a photo of a tshirt" \\
-        --output_dir /tmp/ns/run-lora --device cpu --threads 1 --sample_steps 10 \\
-        --num_images 32 --verify_images 32 --max_train_steps 60 --until steps \\
+    siss-stable-diffusion --pretrained_model_name_or_path /tmp/ns/pipe \\
+        --prompt "a photo of a tshirt" --output_dir /tmp/ns/run-lora --device cpu --threads 1 \\
+        --sample_steps 10 --num_images 32 --verify_images 32 --max_train_steps 60 --until steps \\
         --train_batch_size 16 --learning_rate 1e-3 --no_progress --keep_band 1000 --keep_prompts
     python benchmarks/noise_score.py --model /tmp/ns/pipe --lora /tmp/ns/run-lora/lora \\
         --prompt "a photo of a tshirt" --out /tmp/ns/lora.json
