@@ -147,7 +147,7 @@ class Scorer:
     @torch.no_grad()
     def predictions(self, prompt: str, xs: Tensor) -> tuple[Tensor, Tensor]:
         """``eps(x_t, prompt)`` and ``eps(x_t, "")`` at the first ``num_steps`` of ``xs``."""
-        from siss.audit._models import eps_from_prediction
+        from siss.targets import eps_from_prediction
 
         embeds, null = self.embeds(prompt)
         conds, nulls = [], []
@@ -166,7 +166,7 @@ class Scorer:
     @torch.no_grad()
     def image(self, xs: Tensor, prompt: str, guidance: float | None = None) -> Tensor:
         """The decoded image ``(G, 3, H, W)`` in ``[-1, 1]`` of the run ending at ``xs[-1]``."""
-        from siss.audit._models import x0_from_prediction
+        from siss.targets import x0_from_prediction
 
         embeds, null = self.embeds(prompt)
         if prompt == "":

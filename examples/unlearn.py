@@ -78,7 +78,7 @@ from siss._cli import (
     recipe_config,
     start_trackers,
 )
-from siss._digits import DEFAULT_EVAL_STEPS
+from siss._digits import DEFAULT_EVAL_STEPS, stopping
 from siss._digits.data import load_training_set, make_tshirt_variants
 from siss._digits.evaluate import Evaluator, evaluation_log, save_grid, step_log
 from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, save_model
@@ -139,6 +139,7 @@ def build_parser() -> CommandParser:
         },
     )
     add_tracking_flags(add_evaluation_flags(p, eval_samples=1000), eval_every=0)
+    stopping.add_until_flags(p.add_argument_group("stopping"))
     checkpoints = add_checkpoint_flags(p, checkpointing_steps=50, checkpoints_total_limit=2)
     flag(
         checkpoints,
@@ -190,6 +191,7 @@ def check_run(args: argparse.Namespace) -> None:
         raise ValueError(
             "--audit compares with T-shirt variants: it needs the T-shirt (no --outlier_image)"
         )
+    stopping.check_until(args)
     resolve_process(args)
     if args.process in METHOD_REFUSALS.get(args.method, {}):
         raise ValueError(f"--method {args.method}: {METHOD_REFUSALS[args.method][args.process]}")
@@ -229,6 +231,8 @@ RECIPE_FIELDS = (
     "ema_power",
     "max_grad_norm",
     "seed",
+    "num_neighbors",
+    "forget_timesteps",
 )
 
 
@@ -318,7 +322,9 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
     scheduler = load_scheduler(args.pretrained_model_name_or_path)
     # The teacher is a frozen copy of the weights loaded here: built before a resume loads the
     # checkpoint's.
-    unlearner = Unlearner(unet, scheduler, config, n=len(data.images), k=len(forget))
+    retain = keep.to(device) if args.method == "retrack" else None  # ReTrack's neighbour pool
+    unlearner = Unlearner(unet, scheduler, config, n=len(data.images), k=len(forget), retain=retain)
+    stop = stopping.nonmember_stop(args, unet, scheduler, data.outlier.to(device))
     # Training draws (rows, timesteps, coins, noise) are a function of (seed, step): a resumed
     # run draws what an uninterrupted one draws, with no generator state to carry.
     batch = args.train_batch_size
@@ -354,6 +360,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         )
         try:
             restore_unlearner(unlearner, state["unlearner"])
+            if stop is not None:
+                stop.load_state_dict(state["nonmember"])
         except ValueError as error:
             raise SystemExit(f"{found}: {error}") from None
         step, history, train_wall = state["step"], state["history"], state["train_wall_s"]
@@ -371,6 +379,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             before, samples = evaluator(unet, scheduler, args.eval_samples)
             save_grid(samples, data.outlier, out / "samples_before.png", "before unlearning")
         history.append({**before, "step": 0})
+        if stop is not None:
+            stop.start()
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
@@ -380,6 +390,8 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         train_wall += time.perf_counter() - started
     steps = args.max_train_steps
     last = steps if args.stop_after is None else min(steps, args.stop_after)
+    if stop is not None and stop.history[-1].entered:  # a non-member's level already
+        steps = last = stop.history[-1].step
     tracker = start_trackers(args, out, "unlearn", {**config.to_dict(), **run_settings(args)})
     if tracker is not None and step == 0:
         tracker.log(evaluation_log(history[0]), step=0)
@@ -392,6 +404,12 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         result = plan_step(unlearner, keep_dev, forget_dev, plan, step)
         train_wall += time.perf_counter() - started
         done = step + 1
+        with unlearner.averaged_weights():
+            check = None if stop is None else stop(done)
+        if check is not None:
+            bar.set_postfix(percentile=f"{check.percentile:.2f}")
+            if check.entered:  # the T-shirt ranks like a non-member: stop here
+                steps = last = done
         if tracker is not None:
             tracker.log(step_log(result, lr), step=done)
         if args.eval_every and done % args.eval_every == 0 and done < steps:
@@ -414,10 +432,14 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                     "draws": DRAWS,
                     "keep_target": args.keep_target,
                     "unlearner": unlearner_state(unlearner),
+                    "nonmember": stopping.stop_state(stop),
                 },
                 ema=unlearner.ema,
                 keep=args.checkpoints_total_limit,
             )
+        if check is not None and check.entered:
+            bar.update()  # the bar counts a step when the next one starts: this one is the last
+            break
     bar.close()
     if last < steps:
         if tracker is not None:
@@ -449,6 +471,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         "before": history[0],
         "after": history[-1],
         "history": history,
+        "nonmember_stop": stopping.stop_summary(stop, steps),
     }
     write_json_atomically(out / "metrics.json", result)
     return result
@@ -555,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{result['steps']} steps in {result['train_wall_s']:.0f} s of training; "
         f"pictures and metrics.json in {args.output_dir}"
     )
+    if (line := stopping.summary_line(result["nonmember_stop"])) is not None:
+        print(line)
     if table is not None:
         files = "audit_before.json, audit_after.json, audit_compare.md and figures"
         print(f"\n{table}\n\n{files} in {args.output_dir}")

@@ -222,6 +222,34 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_window(
+    value: object, length: int, name: str = "forget_timesteps"
+) -> tuple[int, int] | None:
+    """``None`` or an inclusive ``(low, high)`` window of grid indices in ``[0, length)``.
+
+    Examples:
+        >>> check_window([0, 300], 1000)
+        (0, 300)
+        >>> check_window((300, 0), 1000)
+        Traceback (most recent call last):
+        ...
+        ValueError: `forget_timesteps` must be a (low, high) window of grid indices with 0 <= low <= high < 1000, got (300, 0)
+    """  # noqa: E501
+    if value is None:
+        return None
+    values = tuple(value) if isinstance(value, tuple | list) else (value,)
+    if (
+        len(values) != 2
+        or any(isinstance(v, bool) or not isinstance(v, Integral) for v in values)
+        or not 0 <= values[0] <= values[1] < length
+    ):
+        raise ValueError(
+            f"`{name}` must be a (low, high) window of grid indices with 0 <= low <= high < "
+            f"{length}, got {value!r}"
+        )
+    return int(values[0]), int(values[1])
+
+
 def check_range(data_range: object, name: str = "data_range") -> tuple[float, float]:
     """``(lo, hi)``: two finite real numbers with ``hi > lo`` (a data range), as floats."""
     if (

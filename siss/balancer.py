@@ -77,6 +77,22 @@ therefore those of the globally reduced, fully accumulated gradients and agree o
 Pass ``backward=accelerator.backward`` (or a ``GradScaler``-scaling callable) so both backward
 passes get the same loss scaling; ``c`` is invariant to a common scale except in ``"absolute"``
 mode and for ``eps``.
+
+Sharded (FSDP2, ``torch.distributed.fsdp.fully_shard``, also through accelerate's
+``fsdp_version=2``): the parameters and their ``.grad`` are ``DTensor`` shards, detected at
+construction (build the balancer after sharding). FSDP reduce-scatters *every* backward, the
+forget one included (it re-gathers the parameters for it), so the forget buffer is already the
+reduced shard and is not all-reduced again. The norms are computed from the local shards: each
+rank's squared partial sums of ``g_keep`` and ``g_forget`` (and ``<g_keep, g_forget>`` in
+``"bilevel"`` mode) are stacked in one tensor and all-reduced once over the shard group; no full
+gradient is gathered and the combination is written shard by shard. One collective per refresh,
+and one per amortized step (the finiteness check must agree on every rank, and no rank holds the
+whole gradient). The forget backward runs without ``inputs=`` there (FSDP's sharded parameters
+are not leaves of the graph; its unsharded ones are): every parameter that gets a gradient must be
+in ``params``. Gradient accumulation must keep FSDP's gradient sync on (no
+``set_requires_gradient_sync(False)``), since unsynced FSDP accumulates both backward passes in
+one unsharded buffer. FSDP1 (``FullyShardedDataParallel``) is not supported: it frees the
+unsharded parameters after the keep backward and the forget backward on the retained graph fails.
 """
 
 from __future__ import annotations
@@ -91,6 +107,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from siss._checks import check_choice, check_nonnegative
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without DTensor (or without distributed)
+    DTensor = None
 
 Mode = Literal["fix", "clip", "absolute", "bilevel"]
 MODES: tuple[str, ...] = ("fix", "clip", "absolute", "bilevel")
@@ -150,8 +171,52 @@ def _stack(values: list[Tensor]) -> Tensor:
         return torch.stack([v.to(values[0].device) for v in values])
 
 
+def _is_sharded(tensor: object) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _shard_group(tensor: Tensor) -> dist.ProcessGroup:
+    """The process group a ``DTensor`` is sharded over: its one ``Shard`` mesh dimension (FSDP2;
+    HSDP's other dimension is ``Replicate``, whose ranks already hold equal shards)."""
+    placements = tensor.placements  # type: ignore[attr-defined]
+    dims = [i for i, p in enumerate(placements) if p.is_shard()]
+    if len(dims) != 1 or not all(p.is_shard() or p.is_replicate() for p in placements):
+        raise NotImplementedError(
+            f"NormBalancer handles gradients sharded along one mesh dimension (FSDP2, HSDP), "
+            f"not placements {placements}"
+        )
+    return tensor.device_mesh.get_group(dims[0])  # type: ignore[attr-defined]
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of ``DTensor``s (views: in-place ops on them write the shards)."""
+    return [t.to_local() for t in tensors]
+
+
+def _squared_sum(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """``sum_i ||t_i||²``, float32 (float64 for float64 tensors), 0-dim."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return _stack(_norms(tensors)).square().sum()
+
+
+def _all_reduce_sums(sums: list[Tensor], group: dist.ProcessGroup) -> Tensor:
+    """Sum the per-rank partial sums ``sums`` over ``group`` in ONE collective; returns them
+    stacked (float64 if any is, else float32)."""
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+    stacked = torch.stack([s.to(dtype) for s in sums])
+    dist.all_reduce(stacked, group=group)
+    return stacked
+
+
 def _global_norm(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """``sqrt(sum_i ||t_i||²)`` over a list, float32, 0-dim."""
+    """``sqrt(sum_i ||t_i||²)`` over a list, float32, 0-dim.
+
+    For ``DTensor`` shards (FSDP2): over the whole sharded tensors, from the local shards' squared
+    sums all-reduced in one collective (a collective: every rank must call it)."""
+    if tensors and _is_sharded(tensors[0]):
+        total = _squared_sum(_local(tensors), device)
+        return _all_reduce_sums([total], _shard_group(tensors[0]))[0].sqrt()
     if not tensors:
         return torch.zeros((), device=device)
     return torch.linalg.vector_norm(_stack(_norms(tensors)))
@@ -252,6 +317,25 @@ def _global_dot(first: list[Tensor], second: list[Tensor], device: torch.device)
     return _stack([p.reshape(()).to(dtype) for p in products]).sum()
 
 
+def _sharded_params(params: list[Tensor]) -> dist.ProcessGroup | None:
+    """The shard group of FSDP2 (``DTensor``) parameters, ``None`` for ordinary ones.
+
+    All or none must be sharded, over one device mesh: the norms are reduced in one collective.
+    """
+    sharded = [_is_sharded(p) for p in params]
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        raise ValueError(
+            "`params` mixes sharded (FSDP2 DTensor) and ordinary parameters: pass the parameters "
+            "of one fully_shard-ed model, built after sharding"
+        )
+    mesh = params[0].device_mesh  # type: ignore[attr-defined]
+    if any(p.device_mesh != mesh for p in params):  # type: ignore[attr-defined]
+        raise ValueError("`params` are sharded over different device meshes")
+    return _shard_group(params[0])
+
+
 class NormBalancer:
     """Combine the keep and forget gradients as ``g_keep - c g_forget`` (paper §5's superfactor).
 
@@ -275,8 +359,11 @@ class NormBalancer:
             would not change a single float32 value of the plain ``keep - s * forget`` gradient.
         sync: all-reduce the forget gradient across the default (or ``process_group``) group;
             ``None`` (default) does so when ``torch.distributed`` is initialised with more than one
-            process.
-        process_group: the group DDP reduces over (``None``: the default group).
+            process. With sharded (FSDP2 ``DTensor``) parameters: all-reduce the norms' partial
+            sums over the shard group unless ``False`` (``False`` there gives each rank the
+            norms of its own shards: a control, not a training setting).
+        process_group: the group DDP reduces over (``None``: the default group). Unused with
+            sharded parameters: the shard group is the parameters' device mesh's.
         backward: the backward call, ``backward(tensor, **kwargs)`` with ``retain_graph`` or
             ``inputs`` keywords: ``torch.Tensor.backward`` (default), ``accelerator.backward``,
             or ``lambda t, **kw: scaler.scale(t).backward(**kw)``.
@@ -342,6 +429,7 @@ class NormBalancer:
         self._coefficient: Tensor | None = None
         self._since_refresh = 0
         self._graph_checked = False
+        self._shard_group = _sharded_params(self.params)
 
     def __repr__(self) -> str:
         return (
@@ -436,9 +524,12 @@ class NormBalancer:
         kept = [p.grad for p in params]
         forget_grads = self._forget if self._forget is not None else [None] * len(params)
         for p, grad in zip(params, forget_grads, strict=True):
-            p.grad = grad  # autograd accumulates in place into the forget buffer
+            p.grad = grad  # autograd (FSDP: its reduce-scatter) accumulates into the forget buffer
         try:
-            self._backward(forget, inputs=params)
+            if self._shard_group is None:
+                self._backward(forget, inputs=params)
+            else:  # FSDP's sharded parameters are not graph leaves: `inputs=` would reach none
+                self._backward(forget)
         finally:
             self._forget = [p.grad for p in params]
             for p, grad in zip(params, kept, strict=True):
@@ -464,7 +555,8 @@ class NormBalancer:
 
         forget, self._forget = self._forget, None
         params = self.params
-        if self._distributed():
+        sharded = self._shard_group is not None
+        if not sharded and self._distributed():
             self._all_reduce([f for f in forget if f is not None])
         pairs = list(zip(params, forget, strict=True))
         both = [(p.grad, f) for p, f in pairs if p.grad is not None and f is not None]
@@ -473,12 +565,16 @@ class NormBalancer:
         keep_grads = [k for k, _ in both] + keep_only
         forget_grads = [f for _, f in both] + [f for _, f in forget_only]
         device = params[0].device
-        keep_norm = _global_norm(keep_grads, device)
-        forget_norm = _global_norm(forget_grads, device)
+        dot = None
+        if sharded:  # FSDP already reduced both gradients; norms from the local shards
+            keep_norm, forget_norm, dot = self._sharded_norms(keep_grads, forget_grads, len(both))
+        else:
+            keep_norm = _global_norm(keep_grads, device)
+            forget_norm = _global_norm(forget_grads, device)
         floor = torch.clamp(self.floor * keep_norm, min=self.eps)
         measurable = forget_norm > floor
         coefficient = torch.where(
-            measurable, self._rule(keep_norm, forget_norm, both, device), 0.0
+            measurable, self._rule(keep_norm, forget_norm, both, device, dot), 0.0
         ).to(keep_norm.dtype)
         finite = torch.isfinite(keep_norm) & torch.isfinite(forget_norm)
         finite = finite & torch.isfinite(coefficient)
@@ -489,13 +585,14 @@ class NormBalancer:
             del forget, pairs, both, forget_grads
             self._since_refresh = self.every  # refresh again at the next step
             return BalanceStats(coefficient, keep_norm, forget_norm, True, True, False)
+        view = _local if sharded else list  # FSDP: the combination is written shard by shard
         if forget_grads:
-            torch._foreach_mul_(forget_grads, coefficient)
+            torch._foreach_mul_(view(forget_grads), coefficient)
         if both:
-            torch._foreach_sub_([k for k, _ in both], [f for _, f in both])
+            torch._foreach_sub_(view([k for k, _ in both]), view([f for _, f in both]))
         if forget_only:
             scaled = [f for _, f in forget_only]
-            torch._foreach_neg_(scaled)
+            torch._foreach_neg_(view(scaled))
             for p, grad in zip([p for p, _ in forget_only], scaled, strict=True):
                 p.grad = grad
         coefficient = coefficient.detach()
@@ -512,6 +609,7 @@ class NormBalancer:
         forget_norm: Tensor,
         both: list[tuple[Tensor, Tensor]],
         device: torch.device,
+        dot: Tensor | None = None,
     ) -> Tensor:
         if self.mode == "fix":
             return self.ratio * keep_norm / (forget_norm + self.eps)
@@ -519,8 +617,32 @@ class NormBalancer:
             return (self.ratio * keep_norm / (forget_norm + self.eps)).clamp(max=self.superfactor)
         if self.mode == "absolute":
             return self.target_norm / (forget_norm + self.eps)
-        dot = _global_dot([k for k, _ in both], [f for _, f in both], device)
+        if dot is None:
+            dot = _global_dot([k for k, _ in both], [f for _, f in both], device)
         return (self.eta + dot / (forget_norm.square() + self.eps)).clamp(min=0)
+
+    def _sharded_norms(
+        self,
+        keep_grads: list[Tensor],
+        forget_grads: list[Tensor],
+        pairs: int,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``||g_keep||``, ``||g_forget||`` (and ``<g_keep, g_forget>`` for ``"bilevel"``) of
+        ``DTensor`` shards: each rank's partial sums, stacked and all-reduced in ONE collective
+        over the shard group (none with ``sync=False``). No full gradient is gathered. The first
+        ``pairs`` entries of both lists belong to the same parameters (the dot product's)."""
+        device = self.params[0].device
+        keep_local, forget_local = _local(keep_grads), _local(forget_grads)
+        sums = [_squared_sum(keep_local, device), _squared_sum(forget_local, device)]
+        if self.mode == "bilevel":
+            sums.append(_global_dot(keep_local[:pairs], forget_local[:pairs], device))
+        if self.sync is False:
+            dtype = torch.float64 if any(v.dtype == torch.float64 for v in sums) else torch.float32
+            reduced = torch.stack([v.to(dtype) for v in sums])
+        else:
+            reduced = _all_reduce_sums(sums, self._shard_group)
+        dot = reduced[2] if self.mode == "bilevel" else None
+        return reduced[0].sqrt(), reduced[1].sqrt(), dot
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
         """Average ``tensors`` over the group in place, as DDP averages ``.grad``.

@@ -38,6 +38,7 @@ from siss._checks import (
     check_probability,
     check_rows,
     check_set_sizes,
+    check_window,
     work_dtype,
 )
 from siss.sampler import mixture_sample
@@ -431,6 +432,11 @@ class SISSLoss(UnlearningLoss):
         snr_gamma: min-SNR-γ loss weighting of each row by its timestep, as diffusers'
             ``--snr_gamma`` (``min(SNR, γ)/SNR`` for epsilon, ``/(SNR+1)`` for v-prediction);
             ``None`` (default) for none.
+        forget_timesteps: an inclusive ``(low, high)`` window of grid indices outside which
+            the forget (NegGrad) term is 0: the time-restricted variant (arXiv 2510.17917
+            reports gains from not forgetting at every noise level). The draw and the keep term
+            are unchanged, so the loss estimates ``L_{X\\A} - s k/(n-k) E[1[t in window] l_a]``
+            (Lemma 1 with the indicator in the forget term). ``None`` (default): every ``t``.
 
     Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
@@ -455,6 +461,7 @@ class SISSLoss(UnlearningLoss):
         max_weight: float = DEFAULT_MAX_WEIGHT,
         reduction: Reduction = "mean",
         snr_gamma: float | None = None,
+        forget_timesteps: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
             alphas_cumprod,
@@ -466,6 +473,7 @@ class SISSLoss(UnlearningLoss):
         self.lam = check_probability(lam, "lam")
         self.n, self.k, self.x_from, self.forget_ratio = check_subsets(n, k, x_from)
         self.max_weight = check_max_weight(max_weight)
+        self.forget_timesteps = check_window(forget_timesteps, len(self.schedule))
 
     def forward(
         self,
@@ -480,7 +488,8 @@ class SISSLoss(UnlearningLoss):
     def extra_repr(self) -> str:
         return (
             f"lam={self.lam}, n={self.n}, k={self.k}, x_from={self.x_from!r}, "
-            f"max_weight={self.max_weight}, " + super().extra_repr()
+            f"max_weight={self.max_weight}, forget_timesteps={self.forget_timesteps}, "
+            + super().extra_repr()
         )
 
     def sample(
@@ -589,4 +598,7 @@ class SISSLoss(UnlearningLoss):
             keep, forget = teacher_siss_terms(
                 distill, error_a, weight_x, weight_a, self.forget_ratio, self.x_from
             )
+        if self.forget_timesteps is not None:  # the time-restricted NegGrad term
+            low, high = self.forget_timesteps
+            forget = forget * ((draw.indices >= low) & (draw.indices <= high)).to(forget.dtype)
         return self._combine(keep, forget, draw, weights)

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -119,6 +119,9 @@ class UnlearningConfig:
         num_neighbors: ReTrack's ``k``, the kept neighbours each forget point is redirected to
             (``siss.ReTrackLoss``); ``None``: its default (5) for ``method="retrack"``; it must
             stay ``None`` for the other methods.
+        forget_timesteps: SISS only: an inclusive ``(low, high)`` window of grid indices
+            outside which the forget term is 0 (``SISSLoss(forget_timesteps=)``, the
+            time-restricted variant); ``None``: every timestep.
 
     Examples:
         >>> config = UnlearningConfig()
@@ -151,6 +154,7 @@ class UnlearningConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     num_neighbors: int | None = None
+    forget_timesteps: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -183,6 +187,19 @@ class UnlearningConfig:
                 f"ReTrack's k (method='retrack'); method {self.method!r} takes none, got "
                 f"{self.num_neighbors!r}",
             )
+        if self.forget_timesteps is not None:
+            if self.method != "siss":
+                raise _field_error(
+                    "forget_timesteps",
+                    f"the time-restricted forget term is SISS's; method {self.method!r} takes none",
+                )
+            window = self.forget_timesteps
+            if not isinstance(window, list | tuple) or len(window) != 2:
+                raise _field_error(
+                    "forget_timesteps", f"must be a (low, high) window, got {window!r}"
+                )
+            _check_timesteps(tuple(window), "forget_timesteps")
+            object.__setattr__(self, "forget_timesteps", tuple(window))
         _choice(self, "lr_scheduler", LR_SCHEDULERS)
         _choice(self, "x_from", ("retain", "all"))
         _check_timesteps(self.timesteps)
@@ -254,6 +271,8 @@ class UnlearningConfig:
             kwargs["superfactor"] = 0.0
         if self.method == "siss":
             kwargs["lam"] = self.lam
+        if self.forget_timesteps is not None:
+            kwargs["forget_timesteps"] = self.forget_timesteps
         if self.num_neighbors is not None:
             kwargs["num_neighbors"] = self.num_neighbors
         if rules.subsets:
@@ -269,8 +288,9 @@ class UnlearningConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings, JSON-ready (a ``(low, high)`` window as a list)."""
         values = dataclasses.asdict(self)
-        if isinstance(values["timesteps"], tuple):
-            values["timesteps"] = list(values["timesteps"])
+        for name in ("timesteps", "forget_timesteps"):
+            if isinstance(values[name], tuple):
+                values[name] = list(values[name])
         return values
 
 
@@ -339,7 +359,7 @@ def _warn_teacher_weighting(timesteps: TimestepSpec, snr_gamma: float | None) ->
     )
 
 
-def _check_timesteps(value: object) -> None:
+def _check_timesteps(value: object, name: str = "timesteps") -> None:
     if value is None:
         return
     values = value if isinstance(value, tuple | list) else (value,)
@@ -347,11 +367,11 @@ def _check_timesteps(value: object) -> None:
         isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values
     ):
         raise _field_error(
-            "timesteps",
+            name,
             f"must be None, a grid index >= 0 or a (low, high) window of them, got {value!r}",
         )
     if len(values) == 2 and values[0] > values[1]:
-        raise _field_error("timesteps", f"the window {tuple(values)} has low > high")
+        raise _field_error(name, f"the window {tuple(values)} has low > high")
 
 
 class StepResult(NamedTuple):
@@ -389,6 +409,15 @@ def _inner(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP (FSDP2's ``fully_shard`` or FSDP1's wrapper)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, FSDPModule | FullyShardedDataParallel)
+
+
 def _has_peft_adapters(model: nn.Module) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False)) or callable(
         getattr(model, "disable_adapter", None)
@@ -413,6 +442,21 @@ class _AdaptersDisabled:
             self.model.enable_adapters()
 
 
+class _OutsideInferenceMode:
+    """A teacher sharded by FSDP2, run under ``torch.no_grad`` instead of the adapters'
+    ``torch.inference_mode``: FSDP2 gathers a module's weights into buffers it keeps and reuses,
+    and buffers first made under inference mode are inference tensors, which the next training
+    forward of that module cannot write ("Inplace update to inference tensor outside
+    InferenceMode", seen with a LoRA whose teacher forward came first; tests/test_fsdp.py)."""
+
+    def __init__(self, teacher: Any) -> None:
+        self.teacher, self.model = teacher, getattr(teacher, "model", None)
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return self.teacher.predict(noisy, timesteps, **conditioning)
+
+
 class _Autocast:
     """A teacher run under ``accelerator.autocast()``: the mixed precision of the prepared model,
     which accelerate applies to the prepared model's own forward only."""
@@ -430,12 +474,24 @@ def teacher_for(model: nn.Module) -> Any:
 
     A model carrying PEFT adapters (``unet.add_adapter(LoraConfig(...))``, or a ``PeftModel``)
     is its own teacher with the adapters disabled: the base weights do not train, so they are
-    the model before unlearning, and no copy is made. Any other model is copied
-    (``copy.deepcopy``), frozen and put in eval mode: build the teacher before the first step,
-    and before ``accelerator.load_state`` on a resume, so that it holds the starting weights.
+    the model before unlearning, and no copy is made. Sharded by FSDP2, the teacher is sharded
+    with the model; it then runs under ``torch.no_grad`` rather than ``torch.inference_mode``,
+    and the root FSDP module is set to reshard after every forward (both for FSDP2's gathered
+    weight buffers, which the teacher's and the training forward share: docs/sharded.md). Any
+    other model is copied (``copy.deepcopy``), frozen and put in eval mode: build the teacher
+    before the first step, and before ``accelerator.load_state`` on a resume, so that it holds
+    the starting weights.
+
+    FSDP (a ``fully_shard``-ed model) forbids ``deepcopy``, and a gathered copy would undo the
+    sharding, so a sharded model without adapters raises ``ValueError``: call ``teacher_for``
+    *before* sharding, shard the teacher's frozen module the same way (``fully_shard`` on its
+    blocks and on ``teacher.model``, which shards it in place: a ``1/N`` share of its weights at
+    rest, gathered a block at a time in its forward), and pass it as ``Unlearner(...,
+    teacher=teacher)`` (docs/sharded.md).
 
     Args:
-        model: the diffusers model being unlearned (wrapped by DDP or not).
+        model: the diffusers model being unlearned (wrapped by DDP or not; sharded by FSDP only
+            with PEFT adapters).
 
     Examples:
         >>> from diffusers import UNet2DModel
@@ -451,7 +507,23 @@ def teacher_for(model: nn.Module) -> Any:
 
     inner = _inner(model)
     if _has_peft_adapters(inner):
-        return _AdaptersDisabled(adapter_for(inner), inner)
+        teacher = _AdaptersDisabled(adapter_for(inner), inner)
+        if not _is_fsdp(inner):
+            return teacher
+        # The root FSDP2 module keeps its weights gathered after a forward by default; gathered by
+        # the teacher's no-grad forward and reused by the training one, they gave the balancer's
+        # second (forget) backward wrong gradients for the root's own parameters (torch 2.13,
+        # tests/test_fsdp.py). Resharding the root after every forward avoids that.
+        set_reshard = getattr(inner, "set_reshard_after_forward", None)
+        if set_reshard is not None:
+            set_reshard(True, recurse=False)
+        return _OutsideInferenceMode(teacher)
+    if _is_fsdp(inner):
+        raise ValueError(
+            "teacher_for: the model is sharded by FSDP, which cannot be copied: build the "
+            "teacher with teacher_for(model) before sharding (before accelerator.prepare), shard "
+            "teacher.model the same way, and pass Unlearner(..., teacher=teacher)"
+        )
     frozen = copy.deepcopy(inner).requires_grad_(False).eval()
     return adapter_for(frozen)
 
@@ -482,6 +554,9 @@ class Unlearner:
         retain: ReTrack only: the kept points ``X \\ A`` (or a subset), ``(N, C, H, W)``, among
             which each forget point's ``num_neighbors`` nearest are found
             (``ReTrackLoss(retain=)``); moved to the model's device. ``None``: the keep batch.
+        teacher: the teacher keep target's frozen model, as ``teacher_for`` returns it;
+            ``None``: ``teacher_for(model)``. Needed under FSDP for a model without adapters:
+            ``teacher_for`` before sharding, then shard ``teacher.model`` (``teacher_for``).
 
     Attributes:
         loss_fn: the method's loss; ``teacher``: the teacher (``None`` for the noise target);
@@ -517,6 +592,7 @@ class Unlearner:
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler: Any | None = None,
         retain: Tensor | None = None,
+        teacher: Any | None = None,
     ) -> None:
         from siss.adapters import adapter_for, loss_from_scheduler, trainable_parameters
         from siss.adapters.schedulers import prediction_type_from_scheduler
@@ -543,8 +619,12 @@ class Unlearner:
                 )
             self.loss_fn.set_retain(retain.to(device) if isinstance(retain, Tensor) else retain)
         self.teacher = None
+        if teacher is not None and config.keep_target != "teacher":
+            raise ValueError(f"`teacher` is for keep_target='teacher', not {config.keep_target!r}")
         if config.keep_target == "teacher":
-            self.teacher = teacher_for(model)
+            self.teacher = teacher_for(model) if teacher is None else teacher
+            if teacher is not None and _is_fsdp(getattr(teacher, "model", None)):
+                self.teacher = _OutsideInferenceMode(self.teacher)
             if accelerator is not None:  # a prepared model's autocast does not reach the teacher
                 self.teacher = _Autocast(self.teacher, accelerator)
         self._backward = Tensor.backward if accelerator is None else accelerator.backward
@@ -620,10 +700,20 @@ class Unlearner:
         seed = derived_seed(self.config.seed, "draw", self.draws, process_index())
         return torch.Generator(self.params[0].device).manual_seed(seed)
 
-    def _accumulate(self) -> Any:
-        return (
-            nullcontext() if self.accelerator is None else self.accelerator.accumulate(self.model)
-        )
+    @contextmanager
+    def _accumulate(self) -> Iterator[None]:
+        if self.accelerator is None:
+            yield
+            return
+        with self.accelerator.accumulate(self.model):
+            if self.config.balancer is not None and _is_fsdp(self.model):
+                # accelerate turns FSDP2's gradient sync off on accumulation micro-batches; FSDP
+                # would then sum the keep and forget backward passes in one unsharded buffer,
+                # which the balancer must keep apart: reduce every micro-batch.
+                set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+                if set_sync is not None:
+                    set_sync(True)
+            yield
 
     def _sync(self) -> bool:
         return self.accelerator is None or bool(self.accelerator.sync_gradients)

@@ -71,3 +71,74 @@ def prediction_target(
     raise ValueError(
         f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
     )
+
+
+def _promote(prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor):
+    dtype = torch.float64 if torch.float64 in (prediction.dtype, noisy.dtype) else torch.float32
+    g = append_dims(torch.as_tensor(gamma).to(dtype), noisy.ndim)
+    s = append_dims(torch.as_tensor(sigma).to(dtype), noisy.ndim)
+    return prediction.to(dtype), noisy.to(dtype), g, s
+
+
+def eps_from_prediction(
+    prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
+) -> Tensor:
+    """The noise prediction implied by a model output, for ``x_t = gamma x_0 + sigma eps``.
+
+    With the targets of ``siss.targets`` (``v = gamma eps - sigma x_0``; flow velocity
+    ``u = eps - x_0``), solving ``x_t = gamma x_0 + sigma eps`` for ``eps``:
+
+    * ``epsilon``: ``eps = prediction``;
+    * ``v_prediction``: ``eps = (sigma x_t + gamma v) / (gamma^2 + sigma^2)``
+      (``sigma x_t + gamma v`` on a variance-preserving schedule);
+    * ``sample``: ``eps = (x_t - gamma x_0) / sigma``;
+    * ``flow_prediction``: ``eps = (x_t + gamma u) / (gamma + sigma)`` (``x_t + (1 - s) u`` on
+      rectified flow, ``gamma = 1 - s``, ``sigma = s``).
+
+    Args:
+        prediction, noisy: ``(B, ...)``.
+        gamma, sigma: ``(B,)``, or already broadcastable to ``noisy`` (``(B, 1, ..., 1)``, 0-dim).
+        prediction_type: one of ``siss.functional.PREDICTION_TYPES``.
+
+    Returns:
+        ``(B, ...)`` in float32 (float64 if an input is float64).
+
+    Examples:
+        >>> x0, eps = torch.randn(2, 3), torch.randn(2, 3)
+        >>> g, s = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
+        >>> x_t = g[:, None] * x0 + s[:, None] * eps
+        >>> v = g[:, None] * eps - s[:, None] * x0
+        >>> torch.allclose(eps_from_prediction(v, x_t, g, s, "v_prediction"), eps, atol=1e-6)
+        True
+    """
+    pred, x, g, s = _promote(prediction, noisy, gamma, sigma)
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return (s * x + g * pred) / (g * g + s * s)
+    if prediction_type == "sample":
+        return (x - g * pred) / s
+    if prediction_type == "flow_prediction":
+        return (x + g * pred) / (g + s)
+    raise ValueError(
+        f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+    )
+
+
+def x0_from_prediction(
+    prediction: Tensor, noisy: Tensor, gamma: Tensor, sigma: Tensor, prediction_type: str
+) -> Tensor:
+    """The clean-sample estimate implied by a model output (the inverse relations of
+    ``eps_from_prediction``), for ``x_t = gamma x_0 + sigma eps``."""
+    pred, x, g, s = _promote(prediction, noisy, gamma, sigma)
+    if prediction_type == "epsilon":
+        return (x - s * pred) / g
+    if prediction_type == "v_prediction":
+        return (g * x - s * pred) / (g * g + s * s)
+    if prediction_type == "sample":
+        return pred
+    if prediction_type == "flow_prediction":
+        return (x - s * pred) / (g + s)
+    raise ValueError(
+        f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+    )

@@ -348,7 +348,7 @@ def tiny_sd_vae(seed: int = 0, **overrides):
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny SDXL and SD3 pipelines (prompt conditioning with pooled embeddings), built from config
+# Tiny SDXL, SD3 and Flux pipelines (prompt conditioning with pooled embeddings), from config
 # --------------------------------------------------------------------------------------------
 
 
@@ -466,6 +466,97 @@ def tiny_sd3_pipeline(folder, *, seed: int = 0, max_length: int = 16):
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_flux_transformer(*, guidance_embeds: bool = False, seed: int = 0, channels: int = 4):
+    """A ``FluxTransformer2DModel`` of diffusers' own tiny test config (tests/pipelines/flux): one
+    double and one single block, width 32, ``4 * channels`` packed input channels (2x2 patches
+    of ``channels``-channel latents), built after ``manual_seed(seed)``."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def flux_scheduler(**overrides):
+    """FLUX.1's ``FlowMatchEulerDiscreteScheduler`` config: shift 3, dynamic shifting (a shift
+    per resolution at inference; none in training)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }
+    return FlowMatchEulerDiscreteScheduler(**{**config, **overrides})
+
+
+def tiny_flux_pipeline(folder=None, *, seed: int = 0, guidance_embeds: bool = True):
+    """A ``FluxPipeline`` of tiny parts; written to ``folder`` (returned) or, with ``None``,
+    returned as a pipeline object.
+
+    A letter-by-letter CLIP tokenizer of 16 tokens shared by both encoders, a
+    ``CLIPTextModel`` of width 32 (pooled 32), a one-layer ``T5EncoderModel`` of width 32,
+    :func:`tiny_flux_transformer` (guidance-distilled, as FLUX.1-dev, unless
+    ``guidance_embeds=False``), the 3x16x16 :func:`tiny_sd_vae` (factor 2, 4 latent channels)
+    with FLUX.1's shift and scaling factors and FLUX.1's scheduler config
+    (:func:`flux_scheduler`). ``FluxPipeline`` generates ``128 * 2`` pixels by default: pass
+    ``height``/``width`` (the job: ``--resolution``) for tiny images.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as scratch:
+        where = Path(folder) / "tokenizer" if folder is not None else Path(scratch)
+        tokenizer, vocab_size = write_clip_tokenizer(where, max_length=16)
+    clip = tiny_text_encoder(tokenizer, vocab_size, seed=seed, hidden_size=32, max_length=16)
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=tiny_sd_vae(seed=seed, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=clip.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=t5.eval(),
+        tokenizer_2=tokenizer,
+        transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds, seed=seed).eval(),
+    )
+    if folder is None:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
 
 
 # --------------------------------------------------------------------------------------------

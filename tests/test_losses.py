@@ -795,3 +795,24 @@ def test_teacher_bias_at_its_weights_is_the_gradient_of_l_x(where):
         assert bias_z <= bound
     else:  # stationary for another weighting: biased, far beyond the Monte Carlo error
         assert bias_z > 5 and l_x.abs().max() > 1e-3, bias_z
+
+
+def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
+    """``forget_timesteps``: rows drawn outside the window lose their forget term, nothing else
+    changes (same draw, same keep term; rows inside keep their forget term exactly)."""
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    whole = SISSLoss(alphas, superfactor=0.1, n=100, k=1, reduction="none")
+    window = SISSLoss(alphas, superfactor=0.1, n=100, k=1, reduction="none",
+                      forget_timesteps=(0, 400))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    x0, a0 = torch.randn(64, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4).double()
+    draw = whole.sample(x0, a0, generator=generator)
+    output = torch.randn_like(draw.noisy)
+    full, restricted = whole.terms(output, draw), window.terms(output, draw)
+    inside = draw.indices <= 400
+    assert 0 < int(inside.sum()) < 64
+    assert torch.equal(restricted.keep, full.keep)
+    assert torch.equal(restricted.forget[inside], full.forget[inside])
+    assert (restricted.forget[~inside] == 0).all()
+    with pytest.raises(ValueError, match="forget_timesteps"):
+        SISSLoss(alphas, superfactor=0.1, forget_timesteps=(0, 1000))

@@ -521,3 +521,14 @@ def test_fp16_loss_scaling_leaves_the_calibrated_update_unchanged_and_skips_over
     assert all(torch.equal(after[i]["exp_avg"], state["state"][i]["exp_avg"]) for i in after)
     result = scaled.step(x0, a0)
     assert not result.skipped and not torch.equal(flat(scaled_model), before)
+
+
+def test_the_forget_window_reaches_the_loss_and_is_siss_only():
+    config = UnlearningConfig(forget_timesteps=[0, 300])
+    assert config.forget_timesteps == (0, 300)
+    assert config.loss_kwargs(10, 1)["forget_timesteps"] == (0, 300)
+    assert config.to_dict()["forget_timesteps"] == [0, 300]
+    with pytest.raises(ValueError, match=r"forget_timesteps.*SISS's"):
+        UnlearningConfig(method="naive", forget_timesteps=(0, 300))
+    with pytest.raises(ValueError, match=r"forget_timesteps.*low > high"):
+        UnlearningConfig(forget_timesteps=(300, 0))

@@ -4,9 +4,11 @@ training scripts, and the recipe's flags.
 
 - ``siss._cli.parser``: ``CommandParser``, ``DefaultsHelpFormatter``, ``flag``;
 - ``siss._cli.groups``: ``--pretrained_model_name_or_path``, ``--output_dir``, the training,
-  checkpoint, logging and runtime groups, ``resolve_device``, ``start_trackers``; the digits
+  checkpoint, logging and runtime groups, ``resolve_device``, ``start_trackers`` (or
+  ``tracker_options`` and ``tracker_config`` for a command's own Accelerator); the digits
   commands' data, evaluation, tracking, audit and recipe groups;
-- ``siss._cli.recipe``: ``--keep_target`` and its group, ``recipe_config``.
+- ``siss._cli.recipe``: ``--keep_target`` and its group, ``recipe_config``;
+- ``siss._cli.tracking``: ``step_log``, what ``--report_to`` logs of a training step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from siss._cli.groups import (
     TRACKERS,
     add_audit_flags,
     add_checkpoint_flags,
+    add_checkpoints_total_limit_flag,
     add_data_flags,
     add_evaluation_flags,
     add_logging_flags,
@@ -30,6 +33,9 @@ from siss._cli.groups import (
     check_timesteps,
     resolve_device,
     start_trackers,
+    tracker_available,
+    tracker_config,
+    tracker_options,
 )
 from siss._cli.parser import (
     REMOVED_IN,
@@ -39,7 +45,14 @@ from siss._cli.parser import (
     old_spelling,
     range_check,
 )
-from siss._cli.recipe import RECIPE_FLAGS, add_keep_target_flags, add_method_flags, recipe_config
+from siss._cli.recipe import (
+    RECIPE_FLAGS,
+    add_keep_target_flags,
+    add_method_flags,
+    add_nonmember_flags,
+    recipe_config,
+)
+from siss._cli.tracking import step_log
 
 __all__ = [
     "AUDIT_CHECKS",
@@ -52,12 +65,14 @@ __all__ = [
     "DefaultsHelpFormatter",
     "add_audit_flags",
     "add_checkpoint_flags",
+    "add_checkpoints_total_limit_flag",
     "add_data_flags",
     "add_evaluation_flags",
     "add_keep_target_flags",
     "add_logging_flags",
     "add_method_flags",
     "add_model_flag",
+    "add_nonmember_flags",
     "add_output_flag",
     "add_recipe_flags",
     "add_runtime_flags",
@@ -70,4 +85,8 @@ __all__ = [
     "recipe_config",
     "resolve_device",
     "start_trackers",
+    "step_log",
+    "tracker_available",
+    "tracker_config",
+    "tracker_options",
 ]

@@ -233,14 +233,7 @@ def add_checkpoint_flags(
             help="save a resumable checkpoint every this many steps (and at the last one)",
         )
     if checkpoints_total_limit is not None:
-        flag(
-            group,
-            "--checkpoints_total_limit",
-            type=int,
-            default=checkpoints_total_limit,
-            at_least=1,
-            help="checkpoints kept: the oldest are deleted as new ones are saved",
-        )
+        add_checkpoints_total_limit_flag(group, default=checkpoints_total_limit)
     flag(
         group,
         "--resume_from_checkpoint",
@@ -273,6 +266,26 @@ def add_checkpoint_flags(
     return group
 
 
+def add_checkpoints_total_limit_flag(
+    container: Container,
+    *,
+    default: int | None,
+    help: str = "checkpoints kept: the oldest are deleted as new ones are saved",
+) -> argparse.Action:
+    """``--checkpoints_total_limit N`` (diffusers' name), checked to be >= 1 after parsing: the
+    newest N checkpoints are kept. ``add_checkpoint_flags`` adds it; a command whose
+    ``--checkpointing_steps`` and ``--resume_from_checkpoint`` mean something else (the Stable
+    Diffusion job's) adds it alone, with its own ``help`` (what ``None`` keeps)."""
+    return flag(
+        container,
+        "--checkpoints_total_limit",
+        type=int,
+        default=default,
+        at_least=1,
+        help=help,
+    )
+
+
 def tracker_available(name: str) -> bool:
     """Whether the package of accelerate's tracker ``name`` is installed."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
@@ -292,7 +305,7 @@ def add_logging_flags(parser: CommandParser) -> argparse._ArgumentGroup:
         default=None,
         help="log the per-step loss terms, balancer statistics, learning rate and in-run "
         "evaluations with accelerate's tracker: tensorboard (pip install tensorboard, or "
-        "siss[examples]) or wandb. Default: no tracker",
+        "siss-unlearn[examples]) or wandb. Default: no tracker",
     )
     flag(
         group,
@@ -352,21 +365,38 @@ def start_trackers(
     if getattr(args, "report_to", None) is None:
         return None
     from accelerate import Accelerator
+
+    accelerator = Accelerator(**tracker_options(args, project_dir))
+    accelerator.init_trackers(project_name, config=tracker_config(config))
+    return accelerator
+
+
+def tracker_options(args: argparse.Namespace, project_dir: Path) -> dict[str, Any]:
+    """The ``accelerate.Accelerator`` keyword arguments of ``--report_to``: ``log_with`` and a
+    ``ProjectConfiguration`` whose trackers write under ``project_dir / args.logging_dir``;
+    ``{}`` without ``--report_to`` (an Accelerator built with them is the one it would be
+    without the flags). For a command that builds its own Accelerator (``start_trackers``
+    builds one for a command that has none)."""
+    if getattr(args, "report_to", None) is None:
+        return {}
     from accelerate.utils import ProjectConfiguration
 
     project = ProjectConfiguration(
         project_dir=str(project_dir), logging_dir=str(Path(project_dir) / args.logging_dir)
     )
-    accelerator = Accelerator(log_with=args.report_to, project_config=project)
-    hparams = {
+    return {"log_with": args.report_to, "project_config": project}
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as trackers take hyper-parameters: numbers (finite), strings and booleans as
+    they are, anything else (paths, lists, ``None``, infinities) as its ``str``."""
+    return {
         key: value
         if isinstance(value, bool | int | str)
         or (isinstance(value, float) and math.isfinite(value))
         else str(value)
         for key, value in config.items()
     }
-    accelerator.init_trackers(project_name, config=hparams)
-    return accelerator
 
 
 # ------------------------------------------------------------------ the digits commands' groups

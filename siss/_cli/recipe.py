@@ -78,6 +78,26 @@ def add_method_flags(
     flag(parser, "--lam", type=float, default=0.5, help="SISS mixture weight λ, in [0, 1]")
     flag(
         parser,
+        "--forget_timesteps",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="--method siss: the forget term only on this inclusive window of timesteps (grid "
+        "indices), the keep term on all: the time-restricted variant (arXiv 2510.17917). "
+        "Default: every timestep",
+    )
+    flag(
+        parser,
+        "--num_neighbors",
+        type=int,
+        default=None,
+        help="--method retrack: the kept neighbours each forget point's trajectory is "
+        "redirected to (siss.ReTrackLoss; the paper's k). Default: 5 for retrack; refused "
+        "for the other methods",
+    )
+    flag(
+        parser,
         "--superfactor",
         type=float,
         default=None,
@@ -123,6 +143,8 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
         "max_train_steps": _value(args, "max_train_steps", "steps"),
         "max_grad_norm": args.max_grad_norm,
         "seed": args.seed,
+        "num_neighbors": getattr(args, "num_neighbors", None),
+        "forget_timesteps": getattr(args, "forget_timesteps", None),
         **fields,
     }
     if values["max_train_steps"] is None:
@@ -136,3 +158,44 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
         else:  # a command that still has the old names
             name = _OLD_RECIPE_FLAGS.get(field, "--" + field.replace("_", "-"))
         raise ValueError(f"{name}: {message}") from None
+
+
+def add_nonmember_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    references: int,
+    references_help: str,
+    every: int | None = 10,
+) -> None:
+    """``--stop_target``, ``--stop_references`` and (``every`` not ``None``) ``--stop_every``:
+    the settings of ``--until nonmember`` (``siss.stopping.NonmemberStop``)."""
+    flag(
+        parser,
+        "--stop_target",
+        type=float,
+        default=0.5,
+        above=0.0,
+        below=1.0,
+        help="--until nonmember stops once the forget images' mean denoising-error percentile "
+        "among the stop references reaches this (0.5: the non-members' median, where a "
+        "retrained model puts them on average; siss.stopping.NonmemberStop)",
+    )
+    flag(
+        parser,
+        "--stop_references",
+        type=int,
+        default=references,
+        at_least=2,
+        help=references_help,
+    )
+    if every is not None:
+        flag(
+            parser,
+            "--stop_every",
+            type=int,
+            default=every,
+            at_least=1,
+            help="--until nonmember measures the percentile every this many optimizer steps "
+            "(a forward pass over the forget images and the stop references, 4 noise levels "
+            "and a few noise draws each, without gradient)",
+        )

@@ -8,6 +8,8 @@
   steps drawn from a ``siss.loop.BatchPlan``.
 - ``siss._digits.evaluate``: a model evaluated by its samples (outlier rate, NLL, IS- and
   FID-style scores under ``siss.metrics.DigitClassifier``), sample grids, tracker logs.
+- ``siss._digits.stopping``: ``--until nonmember`` (``siss.stopping.NonmemberStop`` against
+  varied T-shirts).
 
 This module holds only the sampling settings the flag groups (``siss._cli.groups``) name, so
 that parsing a command imports neither diffusers nor scikit-learn.

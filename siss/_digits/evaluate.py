@@ -1,6 +1,7 @@
 """A digits model evaluated by its samples: the outlier's generation rate (95% interval), its NLL
 in bits/dim, and sample quality (IS- and FID-style scores under ``siss.metrics.DigitClassifier``);
-sample grids (``diffusers.utils.make_image_grid``) and what ``--report_to`` logs."""
+sample grids (``diffusers.utils.make_image_grid``) and what ``--report_to`` logs of an evaluation
+(a step's loss terms: ``siss._cli.tracking.step_log``, re-exported here for ``examples/``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from siss._cli.tracking import step_log  # noqa: F401  (examples/unlearn.py imports it here)
 from siss._digits.data import to_unit_range
 from siss._digits.models import outlier_nll, sample_images
 from siss._files import atomic_path
@@ -23,7 +25,6 @@ from siss.metrics import (
     is_score,
     l2_distances,
 )
-from siss.recipe import StepResult
 
 
 def is_near(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -337,21 +338,6 @@ def save_grid(
     ImageDraw.Draw(canvas).text((2, 1), f"{title} | right: outlier, nearest samples", fill="black")
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
-
-
-def step_log(result: StepResult, lr: float) -> dict[str, float]:
-    """What ``--report_to`` logs of one step: the loss and its keep and forget terms, the
-    learning rate the step used and, on a step the balancer ran, its coefficient and the
-    gradient norms it measured (on a refresh)."""
-    values = {f"train/{name}": term.item() for name, term in result.terms._asdict().items()}
-    values["train/lr"] = lr
-    stats = result.stats
-    if stats is not None:
-        values["balancer/coefficient"] = stats.coefficient.item()
-        for name in ("keep_norm", "forget_norm"):
-            if getattr(stats, name) is not None:
-                values[f"balancer/{name}"] = getattr(stats, name).item()
-    return values
 
 
 def evaluation_log(metrics: dict[str, Any]) -> dict[str, float]:

@@ -6,7 +6,8 @@ The only part of ``siss`` that imports diffusers (``pip install siss-unlearn[dif
     adapter = adapter_for(pipe.unet)
     adapter.loss(latents_x, latents_a, loss_fn, encoder_hidden_states=embeds).loss.backward()
 
-A fixed prompt's inputs through the pipeline's own ``encode_prompt`` (SD 1.x/2.x, SDXL, SD3)::
+A fixed prompt's inputs through the pipeline's own ``encode_prompt`` (SD 1.x/2.x, SDXL, SD3,
+Flux)::
 
     cond = prompt_conditioning(pipe, "a photo of ...")
     adapter_for(pipe.unet).loss(latents_x, latents_a, loss_fn, **cond.conditional)
@@ -24,6 +25,7 @@ from siss.adapters.lora import (
 )
 from siss.adapters.models import (
     DiTAdapter,
+    FluxTransformerAdapter,
     ModelAdapter,
     SD3TransformerAdapter,
     UNet2DAdapter,
@@ -43,6 +45,7 @@ __all__ = [
     "LORA_CHECKPOINT_FILE",
     "SUPPORTED_SCHEDULERS",
     "DiTAdapter",
+    "FluxTransformerAdapter",
     "ModelAdapter",
     "PromptConditioning",
     "SD3TransformerAdapter",

@@ -42,13 +42,16 @@ prediction from finite inputs, raise a ``ValueError`` naming the input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from siss import _checks
+from siss._optional import needs
 from siss.losses import LossTerms, UnlearningLoss
 from siss.schedule import NoiseSchedule, TimestepSpec
 
@@ -178,6 +181,9 @@ class ModelAdapter(nn.Module):
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
+    shared_conditioning: ClassVar[tuple[str, ...]] = ()
+    """Conditioning keys that are not per row (no batch dimension, e.g. Flux's ``txt_ids``
+    ``(L, 3)``): ``loss`` passes them to ``predict`` as they are, never matched to the rows."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -402,7 +408,10 @@ class ModelAdapter(nn.Module):
                 f"{batch}; adapters support {batch} (one forward row per pair) or {2 * batch} "
                 "(torch.cat([keep rows, forget rows]))"
             )
-        conditioning = {k: _match_batch(v, k, batch, rows) for k, v in conditioning.items()}
+        conditioning = {
+            k: v if k in self.shared_conditioning else _match_batch(v, k, batch, rows)
+            for k, v in conditioning.items()
+        }
         if _checks.validate_values_enabled():
             for name, value in _tensors(conditioning):
                 _checks.check_finite_values(value, name)
@@ -660,11 +669,231 @@ class SD3TransformerAdapter(ModelAdapter):
         return output[0]
 
 
+def _flux_pipeline() -> Any:
+    """diffusers' ``FluxPipeline`` class, for its static ``_pack_latents``, ``_unpack_latents`` and
+    ``_prepare_latent_image_ids`` (what the Flux training scripts call)."""
+    with needs("siss.adapters.FluxTransformerAdapter"):
+        from diffusers import FluxPipeline
+    return FluxPipeline
+
+
+class FluxTransformerAdapter(ModelAdapter):
+    """``FluxTransformer2DModel`` (FLUX.1 dev/schnell), a flow-matching model on packed latents.
+
+    ``predict`` takes latents ``(R, C, H, W)`` as the VAE gives them, shifted and scaled (see
+    ``encode_latents``), so the loss, its sampler and its weights see images in the usual layout,
+    and calls the transformer once exactly as diffusers' ``train_dreambooth_lora_flux.py`` does:
+
+    * ``hidden_states``: ``FluxPipeline._pack_latents(noisy, R, C, H, W)``, 2x2 patches
+      ``(R, H/2 * W/2, 4C)``; the model's ``in_channels`` is ``4C`` (64 for FLUX.1's 16 latent
+      channels), and ``H``, ``W`` must be even;
+    * ``img_ids``: ``FluxPipeline._prepare_latent_image_ids(R, H // 2, W // 2, ...)``
+      ``(H/2 * W/2, 3)`` in the latents' dtype, and ``txt_ids``: zeros ``(L, 3)``, as
+      ``FluxPipeline.encode_prompt`` returns them (both shared by every row, no batch dimension);
+    * ``timestep``: ``timesteps / 1000``, the draw's scheduler timesteps ``sigma * T`` over 1000
+      (``sigma`` itself for FLUX.1's ``T = 1000``; the transformer multiplies by 1000 again), as
+      the script and ``FluxPipeline`` pass it;
+    * ``guidance``: with ``guidance_embeds`` in the model's config (FLUX.1-dev, guidance
+      distilled), ``guidance_scale`` broadcast to the rows (the script's
+      ``torch.tensor([args.guidance_scale]).expand(B)``; its default 3.5); ``None`` without;
+    * the output ``(R, H/2 * W/2, 4C)`` unpacked with ``FluxPipeline._unpack_latents`` to the
+      shape of ``noisy``: the velocity, trained towards ``noise - latents`` (the loss's
+      ``flow_prediction`` target, the script's ``target = noise - model_input``).
+
+    Conditioning: ``encoder_hidden_states`` ``(B, L, D_joint)`` (T5) and ``pooled_projections``
+    ``(B, D_pool)`` (CLIP's pooled output), the first two results of ``FluxPipeline.encode_prompt``
+    (``prompt_conditioning(pipe, prompt)`` gives both); optionally ``txt_ids`` ``(L, 3)``, its
+    third (zeros: built here when left out), and ``guidance`` per call (a float, or a tensor
+    ``(B,)`` / ``(1,)``) in place of ``guidance_scale``.
+
+    Noise levels: the loss built by ``loss_from_scheduler(method, pipe.scheduler, ...)`` samples
+    the scheduler's training grid, as the script indexes ``noise_scheduler_copy.timesteps`` and
+    ``.sigmas`` of a freshly loaded scheduler. FLUX.1's scheduler config has
+    ``use_dynamic_shifting=True``: its training grid is then UNshifted (``sigma_i = (T - i) / T``;
+    its ``shift`` is not applied) and the resolution-dependent shift ``mu`` is applied by the
+    pipeline at inference only (``set_timesteps(mu=...)``). This adapter does the same: it passes
+    the draw's timesteps on and applies no shift of its own, so with ``use_dynamic_shifting=False``
+    the grid is shifted by the scheduler's ``shift`` (as for SD3, ``SD3TransformerAdapter``).
+    The script's ``--weighting_scheme`` (``logit_normal``, ``mode``) draws
+    ``u = compute_density_for_timestep_sampling(...)`` and indexes ``(u * T).long()``: pass those
+    indices as ``loss(..., timesteps=indices)``; its loss weighting
+    (``compute_loss_weighting_for_sd3``, for ``sigma_sqrt`` and ``cosmap``) goes in
+    ``weights=lambda draw: ...(sigmas=draw.sigma)``.
+
+    Args:
+        model: the ``FluxTransformer2DModel`` (possibly wrapped by DDP, ``torch.compile`` or PEFT).
+        guidance_scale: the guidance embedding's input when ``guidance`` is not given per call,
+            used only when the model has ``guidance_embeds``; default 3.5, the script's
+            ``--guidance_scale`` and ``FluxPipeline``'s default.
+
+    Examples:
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        >>> from siss import SISSLoss
+        >>> from siss.adapters import loss_from_scheduler
+        >>> transformer = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,
+        ...     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        ...     pooled_projection_dim=32, axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+        >>> scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        >>> loss_fn = loss_from_scheduler(SISSLoss, scheduler, lam=0.5, superfactor=0.1)
+        >>> adapter = FluxTransformerAdapter(transformer)  # or adapter_for(transformer)
+        >>> latents_x, latents_a = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)  # 4 = 16 / 4
+        >>> terms = adapter.loss(latents_x, latents_a, loss_fn,
+        ...     encoder_hidden_states=torch.randn(1, 6, 32), pooled_projections=torch.randn(1, 32))
+        >>> terms.loss.shape
+        torch.Size([])
+    """
+
+    model_classes = ("FluxTransformer2DModel",)
+    shared_conditioning = ("txt_ids",)
+
+    def __init__(self, model: nn.Module, guidance_scale: float = 3.5) -> None:
+        super().__init__(model)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real):
+            raise TypeError(f"`guidance_scale` must be a number, got {_describe(guidance_scale)}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}")
+        self.guidance_scale = float(guidance_scale)
+
+    def check_input(self, value: Tensor, name: str) -> None:
+        model = type(_unwrap(self.model)).__name__
+        if value.ndim != 4:
+            raise ValueError(
+                f"`{name}` must be unpacked latents (B, C, H, W) for {model}, got "
+                f"{tuple(value.shape)}"
+            )
+        channels = self.config.get("in_channels")
+        if isinstance(channels, int) and value.shape[1] * 4 != channels:
+            raise ValueError(
+                f"`{name}` has {value.shape[1]} channels but {model} takes in_channels={channels} "
+                f"packed channels: latents with {channels / 4:g} channels, packed into 2x2 "
+                f"patches by the adapter (shape {tuple(value.shape)})"
+            )
+        height, width = value.shape[2:]
+        if min(height, width) < 2 or height % 2 or width % 2:
+            raise ValueError(
+                f"`{name}` has spatial size {height}x{width}; {model} takes latents packed into "
+                "2x2 patches, so height and width must be positive multiples of 2"
+            )
+        ModelAdapter.check_input(self, value, name)
+
+    def _guidance(self, guidance: object, rows: int, device: torch.device) -> Tensor | None:
+        """``(R,)`` guidance for a guidance-distilled model, ``None`` for one without."""
+        if not self.config.get("guidance_embeds", False):
+            if guidance is not None:
+                raise ValueError(
+                    f"`guidance` given, but this {type(_unwrap(self.model)).__name__} has no "
+                    "guidance embedding (guidance_embeds=False, e.g. FLUX.1-schnell): leave it out"
+                )
+            return None
+        if guidance is None:
+            guidance = self.guidance_scale
+        if isinstance(guidance, Tensor):
+            if guidance.dtype == torch.bool or guidance.is_complex():
+                raise TypeError(f"`guidance` must hold real numbers, got dtype {guidance.dtype}")
+            if guidance.ndim == 0:
+                return guidance.expand(rows)
+            if guidance.ndim != 1:
+                raise ValueError(
+                    f"`guidance` must have shape ({rows},) or be a number, got "
+                    f"{tuple(guidance.shape)}"
+                )
+            _expect_rows(guidance, "guidance", rows)
+            self.check_like_model(guidance, "guidance", dtype=False)
+            return guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, Real):
+            raise TypeError(f"`guidance` must be a number or a tensor, got {_describe(guidance)}")
+        # train_dreambooth_lora_flux.py: torch.tensor([args.guidance_scale]).expand(bsz)
+        return torch.tensor([float(guidance)], device=device).expand(rows)
+
+    def predict(
+        self,
+        noisy: Tensor,
+        timesteps: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        pooled_projections: Tensor | None = None,
+        guidance: float | Tensor | None = None,
+        txt_ids: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Pack ``noisy``, call the transformer once, unpack its output (class docstring).
+
+        Args:
+            noisy: unpacked latents ``(R, C, H, W)`` with ``4C = in_channels``, ``H``, ``W`` even.
+            timesteps: the scheduler's timesteps ``(R,)`` (``sigma * T``); the model gets them
+                divided by 1000.
+            encoder_hidden_states: ``(R, L, D_joint)``.
+            pooled_projections: ``(R, D_pool)``.
+            guidance: a number, a 0-d tensor or ``(R,)``; default ``guidance_scale``. Only for a
+                model with ``guidance_embeds``.
+            txt_ids: ``(L, 3)``, shared by every row; default zeros, as ``encode_prompt`` gives.
+            **kwargs: further keyword inputs of the transformer (e.g. ``joint_attention_kwargs``).
+
+        Returns:
+            The velocity prediction, shape of ``noisy``.
+        """
+        if encoder_hidden_states is None or pooled_projections is None:
+            raise ValueError(
+                "FluxTransformer2DModel needs `encoder_hidden_states` (B, L, D) and "
+                "`pooled_projections` (B, D_pool), e.g. from `prompt_conditioning(pipe, prompt)`"
+            )
+        if "img_ids" in kwargs:
+            raise ValueError(
+                "`img_ids` is built by the adapter from the latents' size "
+                "(FluxPipeline._prepare_latent_image_ids): leave it out"
+            )
+        if not isinstance(noisy, Tensor):
+            raise TypeError(f"`noisy` must be a torch.Tensor, got {_describe(noisy)}")
+        self.check_input(noisy, "noisy")
+        rows, channels, height, width = noisy.shape
+        config = self.config
+        self.check_embedding(
+            encoder_hidden_states,
+            "encoder_hidden_states",
+            rows,
+            3,
+            config.get("joint_attention_dim"),
+        )
+        self.check_embedding(
+            pooled_projections, "pooled_projections", rows, 2, config.get("pooled_projection_dim")
+        )
+        length = encoder_hidden_states.shape[1]
+        if txt_ids is None:
+            txt_ids = torch.zeros(length, 3, device=noisy.device, dtype=noisy.dtype)
+        elif not isinstance(txt_ids, Tensor) or tuple(txt_ids.shape) != (length, 3):
+            shape = tuple(txt_ids.shape) if isinstance(txt_ids, Tensor) else _describe(txt_ids)
+            raise ValueError(
+                f"`txt_ids` must be a tensor ({length}, 3), one row per text token and shared by "
+                f"every image row, as FluxPipeline.encode_prompt returns it; got {shape}"
+            )
+        else:
+            self.check_like_model(txt_ids, "txt_ids", dtype=False)
+        guidance = self._guidance(guidance, rows, noisy.device)
+        pipeline = _flux_pipeline()
+        img_ids = pipeline._prepare_latent_image_ids(
+            rows, height // 2, width // 2, noisy.device, noisy.dtype
+        )
+        packed = pipeline._pack_latents(noisy.contiguous(), rows, channels, height, width)
+        output = self.model(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+            **kwargs,
+        )[0]
+        # _unpack_latents takes pixel sizes and the VAE's factor; in latent units the factor is 1
+        return pipeline._unpack_latents(output, height, width, 1)
+
+
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     UNet2DAdapter,
     UNet2DConditionAdapter,
     DiTAdapter,
     SD3TransformerAdapter,
+    FluxTransformerAdapter,
 )
 
 

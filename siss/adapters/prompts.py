@@ -7,7 +7,7 @@ same conditioning. ``prompt_conditioning`` computes it once, through the pipelin
 1-row conditioning to any batch)::
 
     cond = prompt_conditioning(pipe, "a photo of ...")
-    adapter = adapter_for(pipe.unet)                         # or pipe.transformer (SD3)
+    adapter = adapter_for(pipe.unet)                         # or pipe.transformer (SD3, Flux)
     terms = adapter.loss(latents_x, latents_a, loss_fn, **cond.conditional)
 
 Families (one set of keys per denoiser):
@@ -20,6 +20,12 @@ Families (one set of keys per denoiser):
 * Stable Diffusion 3/3.5 (``SD3Transformer2DModel``): ``{"encoder_hidden_states": (1, L, D),
   "pooled_projections": (1, P)}``; without the T5 encoder the pipeline pads with zeros (its own
   rule).
+* Flux (``FluxTransformer2DModel``): ``{"encoder_hidden_states": (1, L, D), "pooled_projections":
+  (1, P)}``, the T5 embeddings and CLIP's pooled output of ``FluxPipeline.encode_prompt``. Its
+  third result, ``text_ids``, is left out: zeros ``(L, 3)`` shared by every row (no batch
+  dimension, so it is not a per-row input), which ``FluxTransformerAdapter`` builds itself. Flux
+  has no negative prompt of its own: ``unconditional`` encodes ``negative_prompt`` (``""`` also
+  for ``None``) the same way, as ``FluxPipeline`` does for true CFG (``true_cfg_scale``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ _REQUIRED = {
     "sd": (("tokenizer", "text_encoder"),),
     "sdxl": (("tokenizer_2", "text_encoder_2"),),
     "sd3": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    "flux": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
 }
 
 
@@ -80,8 +87,8 @@ class PromptConditioning:
 
     Attributes:
         conditional: the prompt's inputs, e.g. ``{"encoder_hidden_states": (1, L, D)}``; SDXL
-            adds ``{"added_cond_kwargs": {"text_embeds": (1, P), "time_ids": (1, 6)}}``; SD3 has
-            ``{"encoder_hidden_states": (1, L, D), "pooled_projections": (1, P)}``.
+            adds ``{"added_cond_kwargs": {"text_embeds": (1, P), "time_ids": (1, 6)}}``; SD3 and
+            Flux have ``{"encoder_hidden_states": (1, L, D), "pooled_projections": (1, P)}``.
         unconditional: the same keys for the negative prompt (by default the empty prompt ``""``):
             the unconditional branch of classifier-free guidance.
 
@@ -107,7 +114,7 @@ class PromptConditioning:
 
 
 def _denoiser(pipe: Any) -> tuple[str, Any]:
-    """``(family, denoiser)`` of a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline."""
+    """``(family, denoiser)`` of a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline."""
     unet = getattr(pipe, "unet", None)
     transformer = getattr(pipe, "transformer", None)
     if unet is not None:
@@ -119,12 +126,15 @@ def _denoiser(pipe: Any) -> tuple[str, Any]:
     if transformer is not None:
         parameters = inspect.signature(transformer.forward).parameters
         if "pooled_projections" in parameters and "encoder_hidden_states" in parameters:
+            # Flux's transformer also takes both; its position ids tell it apart
+            if "img_ids" in parameters and "txt_ids" in parameters:
+                return "flux", transformer
             return "sd3", transformer
     denoiser = unet if unet is not None else transformer
     raise TypeError(
-        f"`pipe` ({type(pipe).__name__}) is not a Stable Diffusion 1.x/2.x, SDXL or SD3 "
+        f"`pipe` ({type(pipe).__name__}) is not a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux "
         "pipeline: prompt_conditioning needs a text-conditional `unet` (UNet2DConditionModel) or "
-        "an SD3 `transformer` (SD3Transformer2DModel), found "
+        "an SD3 or Flux `transformer` (SD3Transformer2DModel, FluxTransformer2DModel), found "
         + (type(denoiser).__name__ if denoiser is not None else "neither")
     )
 
@@ -151,11 +161,12 @@ def prompt_conditioning(
 ) -> PromptConditioning:
     """The denoiser's inputs for ``prompt``, through the pipeline's own ``encode_prompt``.
 
-    Supports ``StableDiffusionPipeline`` (1.x/2.x), ``StableDiffusionXLPipeline`` and
-    ``StableDiffusion3Pipeline`` (and their variants that share the same components); see the
-    module docstring for the keys of each. The text encoders run under ``torch.no_grad`` and the
-    result carries no graph. It may be called under ``torch.inference_mode``: the tensors are
-    returned as ordinary tensors, usable in a training step.
+    Supports ``StableDiffusionPipeline`` (1.x/2.x), ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline`` and ``FluxPipeline`` (and their variants that share the same
+    components and ``encode_prompt``); see the module docstring for the keys of each. The text
+    encoders run under ``torch.no_grad`` and the result carries no graph. It may be called under
+    ``torch.inference_mode``: the tensors are returned as ordinary tensors, usable in a training
+    step.
 
     Args:
         pipe: the diffusers pipeline (its tokenizers, text encoders and denoiser are used; the
@@ -165,6 +176,7 @@ def prompt_conditioning(
             al.'s score and classifier-free guidance use). ``None`` leaves it to the pipeline:
             the same as ``""`` except for SDXL pipelines with ``force_zeros_for_empty_prompt``,
             whose unconditional embeddings are then zeros (what ``pipe(prompt)`` samples with).
+            Flux encodes it like ``prompt`` (``None``: ``""``).
         device: where the returned tensors go (default: the pipeline's execution device). The
             text encoders run where they are (``pipe._execution_device``) and are not moved.
         dtype: cast the floating tensors to it (default: as ``encode_prompt`` returns them).
@@ -172,7 +184,7 @@ def prompt_conditioning(
             for ``time_ids`` (default: the pipeline's default resolution,
             ``default_sample_size * vae_scale_factor``). Ignored by other families.
         **encode_kwargs: passed on to ``pipe.encode_prompt`` (e.g. ``clip_skip``,
-            ``lora_scale``, SD3's ``max_sequence_length``).
+            ``lora_scale``, SD3's and Flux's ``max_sequence_length``).
 
     Returns:
         A ``PromptConditioning`` with 1-row tensors.
@@ -250,7 +262,21 @@ def prompt_conditioning(
     device = torch.device(device) if device is not None else torch.device(encode_device)
 
     with torch.no_grad():
-        if family == "sd":
+        if family == "flux":
+            # FluxPipeline.encode_prompt has no negative prompt: encode both the same way; its
+            # text_ids (zeros (L, 3), no batch dimension) are rebuilt by FluxTransformerAdapter
+            branches = []
+            for text in (prompt, "" if negative_prompt is None else negative_prompt):
+                embeds, pooled, _text_ids = pipe.encode_prompt(
+                    prompt=text,
+                    prompt_2=None,
+                    device=encode_device,
+                    num_images_per_prompt=1,
+                    **encode_kwargs,
+                )
+                branches.append({"encoder_hidden_states": embeds, "pooled_projections": pooled})
+            conditional, unconditional = branches
+        elif family == "sd":
             embeds, null = pipe.encode_prompt(
                 prompt,
                 encode_device,

@@ -37,6 +37,7 @@ import torch
 from siss._cli import DefaultsHelpFormatter, resolve_device
 from siss._files import write_atomically, write_json_atomically
 from siss._optional import needs
+from siss.audit._models import sample_channels
 from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -341,7 +342,7 @@ def check_image_shapes(
             raise ValueError(f"{flag}: images of shape {shape}; --forget holds {first}")
     for raw, model, _ in models:
         config = model.config
-        channels = getattr(config, "in_channels", None)
+        channels = sample_channels(model)
         if isinstance(channels, int) and first[0] != channels:
             raise ValueError(
                 f"--forget: images with {first[0]} channels; --model {raw} takes {channels}"
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- everything loaded and checked before the first (long) audit
     try:
         models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in paths]
-        channels = int(getattr(models[0][1].config, "in_channels", 1) or 1)
+        channels = int(sample_channels(models[0][1]) or 1)
         vae = load_vae(Path(args.model[0]))
         # image files are read with the VAE's pixel channels for a latent model
         file_channels = int(getattr(vae.config, "in_channels", 3)) if vae else channels

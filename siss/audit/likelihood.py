@@ -56,7 +56,6 @@ from siss.audit._inputs import (
 )
 from siss.audit._models import (
     check_model_device,
-    eps_from_prediction,
     eval_mode,
     progress_bar,
     scheduler_kind,
@@ -71,6 +70,7 @@ from siss.metrics.nll import (
     flow_bits_per_dim,
     flow_log_likelihood,
 )
+from siss.targets import eps_from_prediction
 
 __all__ = [
     "flow_bits_per_dim",

@@ -54,7 +54,6 @@ from siss.audit._inputs import (
     take_rows,
 )
 from siss.audit._models import (
-    eps_from_prediction,
     eval_mode,
     predictor,
     progress_bar,
@@ -63,6 +62,7 @@ from siss.audit._models import (
 from siss.audit._stats import conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.schedule import NoiseSchedule  # noqa: F401  (the doctests' namespace)
+from siss.targets import eps_from_prediction
 
 __all__ = [
     "denoising_errors",

@@ -49,15 +49,14 @@ from siss.audit._inputs import (
 )
 from siss.audit._models import (
     Schedule,
-    eps_from_prediction,
     eval_mode,
     predictor,
     progress_bar,
     resolve_schedule,
-    x0_from_prediction,
 )
 from siss.audit._stats import conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
+from siss.targets import eps_from_prediction, x0_from_prediction
 
 __all__ = ["guided_trajectory", "memorization_check", "noise_magnitude_score"]
 

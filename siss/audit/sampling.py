@@ -44,13 +44,13 @@ from siss.audit._inputs import (
 )
 from siss.audit._models import (
     config_sample_shape,
-    eps_from_prediction,
     eval_mode,
     model_device_dtype,
     predictor,
     progress_bar,
     scheduler_kind,
 )
+from siss.targets import eps_from_prediction
 
 __all__ = ["PredictionFn", "generate", "prediction_fn", "to_epsilon"]
 

@@ -2,14 +2,14 @@
 
 Stable Diffusion v1.4 reproduces some LAION training images almost verbatim for their captions
 (Carlini et al., 2023; Webster, 2023). This command runs the paper's Section 5.3 experiment on
-any diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, SD3; a hub id or a local folder). It
+any diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, Flux; a hub id or a local folder). It
 **generates** ``--num_images`` images for the training prompt, seeded per image and resumable,
 keeping each image's final latent; **splits** them into the memorized copies (A) and the rest
 (X \\ A) by one rule, the distance to the memorized image (``--reference_image``, or the
 centre of the paper's 2-means group) below the middle of the gap the generations show, saving
 it in ``split.json`` with a grid of each side; **unlearns** A with SISS (λ = 0.5, the paper's
 noise keep target and NormBalancer; ``--method`` picks any method of ``siss.registry``) on
-those latents with the prompt held fixed, through a PEFT LoRA (default) or the full UNet, under
+those latents with the prompt held fixed, through a PEFT LoRA (default) or the full denoiser, under
 ``accelerate`` (processes, mixed precision, gradient accumulation and checkpointing,
 ``save_state`` checkpoints and ``--resume_from_checkpoint latest``), **until the image is gone**:
 every ``--verify_every`` steps a check counts the copies among fresh generations and the drift
@@ -20,7 +20,10 @@ Clopper-Pearson intervals, each keep prompt's drift against its band, Wen et al.
 noise-magnitude score, and CLIP-IQA and CLIP score when ``--clip_model`` names a local CLIP
 folder. ``--prompts FILE`` does all of it for every prompt of a list (plain text, JSONL, Wen et
 al.'s ``sdv1_500_memorized.jsonl`` or Webster's ground-truth parquet) and writes one summary
-table. ``python -m siss.stable_diffusion`` is the same command. Tutorial: docs/stable_diffusion.md.
+table. ``--report_to tensorboard`` (or ``wandb``) logs each step's loss terms, balancer
+statistics and learning rate, each check's copies and keep drift, and the verifications;
+``--checkpoints_total_limit N`` keeps the newest N checkpoints, also once the run has finished.
+``python -m siss.stable_diffusion`` is the same command. Tutorial: docs/stable_diffusion.md.
 
     siss-stable-diffusion --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
         --prompt "Mothers influence on her young hippo" \\
@@ -38,7 +41,6 @@ import argparse
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,28 +48,38 @@ from typing import Any
 
 import torch
 
-from siss._cli import DefaultsHelpFormatter, add_method_flags, flag, resolve_device
+from siss._cli import (
+    CommandParser,
+    DefaultsHelpFormatter,
+    add_checkpoints_total_limit_flag,
+    add_logging_flags,
+    add_method_flags,
+    add_nonmember_flags,
+    flag,
+    resolve_device,
+    tracker_options,
+)
 from siss._files import write_atomically
 from siss._optional import needs
 from siss.stable_diffusion.files import (
     MEMORIZED_TYPES,
     Job,
     check_out,
-    checkpoints,
     prepare_out,
     read_json,
     read_prompt_list,
+    remove_checkpoints,
     write_json,
 )
 from siss.stable_diffusion.generate import generate, load_generated
 from siss.stable_diffusion.pipeline import (
-    LORA_TARGETS,
     check_lora_targets,
     denoiser_of,
     image_size,
     load_pipeline,
     mixed_precision_of,
     resolve_dtype,
+    resolve_lora_targets,
 )
 from siss.stable_diffusion.split import (
     StopJob,
@@ -91,11 +103,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter)
     """The module docstring's examples kept as written, and every flag's real default shown."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's flags, one group per stage; ``--help`` shows the module docstring."""
+def build_parser() -> CommandParser:
+    """The command's flags, one group per stage, and the shared ``--report_to`` group
+    (``siss._cli.add_logging_flags``); ``--help`` shows the module docstring. A
+    ``CommandParser``: the shared flags' checks run right after parsing, before ``check_args``."""
     # The installed command or `python -m siss.stable_diffusion`, whichever was run.
     command = Path(sys.argv[0]).name
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=command if command == COMMAND else "python -m siss.stable_diffusion",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -115,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_split_flags(p.add_argument_group("2. split"))
     add_unlearn_flags(p.add_argument_group("3. unlearn"))
     add_verify_flags(p.add_argument_group("4. verify"))
+    add_logging_flags(p)
     return p
 
 
@@ -200,6 +215,16 @@ def add_generate_flags(gen: argparse._ArgumentGroup) -> None:
     flag(gen, "--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
     flag(
         gen,
+        "--resolution",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="image height and width in pixels (one value: square); default: the pipeline's "
+        "own (SD 1.x: 512, SDXL, SD3 and Flux: 1024)",
+    )
+    flag(
+        gen,
         "--sampler",
         choices=("ddim", "pipeline"),
         default="ddim",
@@ -268,11 +293,22 @@ def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
     flag(
         train,
         "--until",
-        choices=("gone", "steps"),
+        choices=("gone", "steps", "nonmember"),
         default="gone",
         help="gone: stop once --stop_checks checks in a row find no copy among fresh "
-        "generations (or at the cap); steps: run all --max_train_steps. Either way a keep "
-        "prompt leaving its band stops the run and puts back the last weights in band",
+        "generations (or at the cap); steps: run all --max_train_steps; nonmember: stop at the "
+        "first check where the copies' latents are denoised like the training prompt's "
+        "non-copies held out as --stop_references (--stop_target; siss.stopping, "
+        "siss.stable_diffusion.nonmember), the level a model that never saw the image reaches. "
+        "Always a keep prompt leaving its band stops the run and puts back the last weights in "
+        "band",
+    )
+    add_nonmember_flags(
+        train,
+        references=32,
+        references_help="--until nonmember: non-copies of the training prompt held out of the "
+        "keep set as the rule's references (at most a third of them)",
+        every=None,
     )
     flag(
         train,
@@ -339,11 +375,13 @@ def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
         train,
         "--lora_targets",
         nargs="+",
-        default=list(LORA_TARGETS),
+        default=None,
         metavar="NAME",
-        help="module names the LoRA wraps (diffusers' LoRA script's attention projections)",
+        help="module names the LoRA wraps; default: those diffusers' LoRA training script of "
+        "the pipeline's family wraps (SD 1.x/2.x, SDXL: to_q to_k to_v to_out.0; SD3: both "
+        "attention streams; Flux: attention and feed-forwards)",
     )
-    flag(train, "--full", action="store_true", help="fine-tune the whole UNet, no LoRA")
+    flag(train, "--full", action="store_true", help="fine-tune the whole denoiser, no LoRA")
     flag(
         train,
         "--gradient_checkpointing",
@@ -358,6 +396,13 @@ def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
         type=int,
         default=10,
         help="accelerate save_state period in steps; 0: never",
+    )
+    add_checkpoints_total_limit_flag(
+        train,
+        default=None,
+        help="checkpoints kept in --output_dir/checkpoints: the oldest are deleted as new ones "
+        "are saved, and the newest N stay once the run has finished. Default: only the newest "
+        "while the run goes on, none once it has finished (its weights are saved)",
     )
     flag(
         train,
@@ -521,6 +566,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("noise_generations", "verify_every", "checkpointing_steps", "keep_backoffs"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.until == "nonmember" and args.verify_every == 0:
+        parser.error("--until nonmember measures at the checks: --verify_every must be >= 1")
     if args.batch_size is not None and (
         args.batch_size < 1 or args.batch_size % args.train_batch_size
     ):
@@ -532,6 +579,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--keep_images must be >= 2 (the spread needs two), got {args.keep_images}")
     if not 0 < args.keep_band < math.inf:
         parser.error(f"--keep_band must be a number > 0, got {args.keep_band}")
+    if args.resolution is not None:
+        if len(args.resolution) not in (1, 2) or min(args.resolution) < 1:
+            parser.error(f"--resolution takes one or two sizes >= 1, got {args.resolution}")
+        args.resolution = list(args.resolution) * (3 - len(args.resolution))  # [H, W]
     if args.noise_steps is not None and not 1 <= args.noise_steps <= args.sample_steps:
         parser.error(f"--noise_steps must be in [1, --sample_steps={args.sample_steps}]")
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
@@ -588,8 +639,10 @@ def run_job(args: argparse.Namespace, job: Job, pipe: Any, accelerator: Any) -> 
             entry["weights"] = loaded
             write_json(job.out / "verify.json", entry)
         return entry
-    if (job.out / "metrics.json").is_file() and not checkpoints(job.out):
-        return read_json(job.out / "metrics.json")  # finished before: nothing to do
+    if (job.out / "metrics.json").is_file():
+        # finished before (its weights saved before metrics.json), whatever checkpoints
+        # --checkpoints_total_limit kept: nothing to do, nothing deleted
+        return read_json(job.out / "metrics.json")
     try:
         result = unlearn(args, job, pipe, accelerator, latents, split, verifier)
     finally:
@@ -597,8 +650,9 @@ def run_job(args: argparse.Namespace, job: Job, pipe: Any, accelerator: Any) -> 
     if result is None or not accelerator.is_main_process:
         return {"stopped": True} if result is None else {}
     metrics = finish(args, job, result, split)
-    for old in checkpoints(job.out):  # the run is complete: its weights are saved
-        shutil.rmtree(old)
+    # the run is complete, its weights saved: its checkpoints go, but for the newest
+    # --checkpoints_total_limit
+    remove_checkpoints(job.out, args.checkpoints_total_limit or 0)
     return metrics
 
 
@@ -720,6 +774,8 @@ def start_accelerator(args: argparse.Namespace, jobs: list[Job]) -> tuple[Any, t
         cpu=device.type == "cpu",
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # --report_to: its tracker, writing under --output_dir/--logging_dir; {} without it
+        **tracker_options(args, args.output_dir),
     )
     return accelerator, dtype
 
@@ -785,6 +841,7 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    resolve_lora_targets(args)  # the family's default, recorded in config.json before loading
     jobs = jobs_of(args)
     accelerator, dtype = start_accelerator(args, jobs)
     pipe = load_pipeline(args, accelerator.device, dtype)
@@ -800,8 +857,8 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
         write_atomically(args.output_dir / "summary.md", table)
         print(table)
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        accelerator.end_training()
+    if accelerator.num_processes > 1 or args.report_to is not None:
+        accelerator.end_training()  # the trackers (each job finished its own) and processes
     return rows if args.prompts is not None else rows[0]["metrics"]
 
 

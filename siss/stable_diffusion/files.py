@@ -41,6 +41,7 @@ GENERATION_FLAGS = (
     "seed",
     "sample_steps",
     "guidance_scale",
+    "resolution",
     "sampler",
     "dtype",
 )
@@ -205,9 +206,22 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any]) -> None:
+def remove_checkpoints(out: Path, keep: int = 0) -> None:
+    """Delete all but the newest ``keep`` checkpoints of ``out`` (0: all of them), as
+    ``examples/unlearn.py``'s checkpoints are pruned (``siss._digits.state.save_checkpoint``).
+    accelerate's own rotation (``ProjectConfiguration(total_limit=...)``) only prunes its
+    automatically named ``checkpoint_N`` folders, not these atomically renamed ones."""
+    found = checkpoints(out)
+    for old in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(old)
+
+
+def save_checkpoint(
+    accelerator: Any, out: Path, step: int, state: dict[str, Any], keep: int = 1
+) -> None:
     """``accelerator.save_state`` into a temporary folder, renamed into place when whole;
-    older checkpoints are removed."""
+    then all but the newest ``keep`` checkpoints (``--checkpoints_total_limit``; 1 without
+    it) are removed."""
     root = out / "checkpoints"
     tmp = root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
     if accelerator.is_main_process:
@@ -221,9 +235,10 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any
         write_json(tmp / RUN_STATE_FILE, state)
         final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
         replace_folder(tmp, final)
-        for old in checkpoints(out):
-            if old != final:
-                shutil.rmtree(old)
+        for stale in checkpoints(out):  # past this step: an abandoned run's, never resumed
+            if int(stale.name[len(CHECKPOINT_PREFIX) :]) > step:
+                shutil.rmtree(stale)
+        remove_checkpoints(out, keep)
     accelerator.wait_for_everyone()
 
 

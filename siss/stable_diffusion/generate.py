@@ -20,12 +20,19 @@ import torch
 from siss._files import atomic_path
 from siss._optional import needs
 from siss.stable_diffusion.files import save_png
-from siss.stable_diffusion.pipeline import autocast_for, denoiser_of, to_uint8
+from siss.stable_diffusion.pipeline import (
+    autocast_for,
+    denoiser_of,
+    image_size,
+    to_uint8,
+    unpack_latents,
+)
 
 
 @torch.no_grad()
 def decode(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in [-1, 1] from the denoiser's latents ``(N, C, h, w)``."""
+    """Images ``(N, 3, H, W)`` in [-1, 1] from the denoiser's unpacked latents ``(N, C, h, w)``:
+    ``latents / scaling_factor + shift_factor`` (SD3's and Flux's VAEs have a shift), decoded."""
     vae = pipe.vae
     original = vae.dtype
     # SDXL's VAE overflows in float16 (config.force_upcast): decode in float32, as its pipeline
@@ -50,19 +57,24 @@ def sample_batch(
     pipe: Any, prompt: str, seeds: Sequence[int], args: argparse.Namespace, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``(B, 3, H, W)`` and float32 final latents ``(B, C, h, w)`` on the CPU for
-    ``seeds``, one generator each: image ``i``'s noise depends on its seed only."""
+    ``seeds``, one generator each: image ``i``'s noise depends on its seed only. The latents are
+    the denoiser's unpacked ones (Flux's packed output is unpacked), at ``image_size``."""
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     _, denoiser = denoiser_of(pipe)
     was_training = denoiser.training
     denoiser.eval()
+    height, width = image_size(pipe)
     with autocast_for(pipe, device):
         latents = pipe(
             [prompt] * len(seeds),
+            height=height,
+            width=width,
             num_inference_steps=args.sample_steps,
             guidance_scale=args.guidance_scale,
             generator=generators,
             output_type="latent",
         ).images
+        latents = unpack_latents(pipe, latents, (height, width))
         images = decode(pipe, latents)
     denoiser.train(was_training)
     return to_uint8(images).cpu(), latents.float().cpu()

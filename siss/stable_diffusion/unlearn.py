@@ -10,13 +10,16 @@ from a ``save_state`` checkpoint ends with an uninterrupted run's weights. The m
 before and after, and checked every ``--verify_every`` steps (``siss.stable_diffusion.watch``:
 until the copies are gone, while the keep prompts stay in their band); the weights are saved as
 a diffusers LoRA (``lora/``) or the whole denoiser (``unet/``, ``transformer/``), which
-``load_unlearned`` puts back into a pipeline.
+``load_unlearned`` puts back into a pipeline. ``--report_to tensorboard|wandb`` logs every
+step's loss terms, balancer statistics and learning rate, each check's copies and keep drift and
+the verifications before and after, through accelerate's trackers (``Tracking``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from siss._cli import recipe_config as config_from_flags
+from siss._cli import step_log, tracker_config
 from siss._files import atomic_folder
 from siss._optional import needs
 from siss.loop import BatchPlan
@@ -34,8 +38,10 @@ from siss.stable_diffusion.files import (
     checkpoints,
     read_json,
     save_checkpoint,
+    training_config,
 )
-from siss.stable_diffusion.pipeline import add_lora, denoiser_of
+from siss.stable_diffusion.nonmember import hold_out_references, nonmember_rule
+from siss.stable_diffusion.pipeline import add_lora, denoiser_of, guidance_conditioning
 from siss.stable_diffusion.watch import Watch, restore, snapshot
 
 if TYPE_CHECKING:
@@ -92,6 +98,96 @@ def batch_plan(args: argparse.Namespace, keep: int, forget: int, accelerator: An
     return BatchPlan(args.seed, keep, forget, batch, args.train_batch_size, world)
 
 
+def step_values(results: list[Any], lr: float, accelerator: Any) -> dict[str, float]:
+    """What ``--report_to`` logs of one optimizer step (``siss._cli.step_log``, the digits
+    example's tags): its micro-batches' loss, keep and forget terms averaged over the global
+    batch (every process calls it: the mean is all-reduced over the processes), the learning
+    rate, and the balancer's statistics of the micro-batch that ended the step."""
+    terms = torch.stack([torch.stack(tuple(r.terms)).float() for r in results]).mean(0)
+    if accelerator.num_processes > 1:
+        terms = accelerator.reduce(terms, reduction="mean")
+    stats = next((r.stats for r in reversed(results) if r.stats is not None), None)
+    last = results[-1]
+    return step_log(last._replace(terms=type(last.terms)(*terms), stats=stats), lr)
+
+
+def _finite(value: Any) -> bool:
+    """A measured number (not a reason string, ``None``, a flag or an infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_log(entry: dict[str, Any]) -> dict[str, float]:
+    """What ``--report_to`` logs of a check (``Watch.check``): the copies among the fresh
+    generations it made, their number and fraction, the largest relative drift of a watched
+    keep prompt (left out where one is infinite: a prompt without spread that moved), the
+    number of keep prompts out of their band and, after a back-off, the halved forget weight."""
+    values = {"check/copies": float(entry["copies"]), "check/generated": float(entry["generated"])}
+    if entry["generated"]:
+        values["check/copy_fraction"] = entry["copies"] / entry["generated"]
+    keep = entry.get("keep") or {}
+    if keep:
+        relative = [row["relative"] for row in keep.values()]
+        if all(_finite(r) for r in relative):
+            values["check/keep_drift_max"] = float(max(relative))
+        values["check/keep_outside"] = float(len(entry["keep_outside"]))
+    if _finite(entry.get("backed_off")):
+        values["check/forget_weight"] = float(entry["backed_off"])
+    return values
+
+
+def verification_log(entry: dict[str, Any]) -> dict[str, float]:
+    """What ``--report_to`` logs of a verification (``Verifier``; before and after): per prompt
+    (train, original) the copies among its generations and their fraction, and the noise score,
+    CLIP-IQA and CLIP score where they were measured."""
+    values = {}
+    for name in ("train", "original"):
+        row = entry.get(name)
+        if row is None:
+            continue
+        values[f"verify/{name}_copies"] = float(row["memorized"])
+        values[f"verify/{name}_fraction"] = float(row["fraction"])
+        for key in ("noise_score", "clip_iqa", "clip_score"):
+            if _finite(row.get(key)):
+                values[f"verify/{name}_{key}"] = float(row[key])
+    return values
+
+
+class Tracking:
+    """``--report_to``: one run of accelerate's trackers per job, under ``--output_dir``/
+    ``--logging_dir``/``unlearn`` (a ``--prompts`` list: one run per prompt, named as its
+    subfolder), its hyper-parameters the flags the run depends on (``config.json``'s). Without
+    ``--report_to`` every method does nothing, and the run syncs the host no more often.
+
+    ``accelerator.log`` and ``init_trackers`` act on the main process; ``step`` is called by
+    every process (its mean is all-reduced)."""
+
+    def __init__(self, args: argparse.Namespace, job: Job, accelerator: Any) -> None:
+        self.on = args.report_to is not None
+        self.accelerator = accelerator
+        if self.on:
+            name = "unlearn" if args.prompts is None else job.out.name
+            accelerator.init_trackers(name, config=tracker_config(training_config(args, job)))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log ``values`` at ``step`` (what the step measured; nothing if empty)."""
+        if self.on and values:
+            self.accelerator.log(values, step=step)
+
+    def step(self, results: list[Any], lr: float, step: int) -> None:
+        """One optimizer step's ``step_values`` at ``step`` (the steps done)."""
+        if self.on and results:
+            self.log(step_values(results, lr, self.accelerator), step)
+
+    def close(self) -> None:
+        """Finish the job's trackers. Not ``accelerator.end_training()``, which also ends the
+        processes' group that the next prompt of a ``--prompts`` list still needs: the command
+        calls it once, at its end."""
+        if self.on:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers.clear()
+
+
 def resume_state(
     args: argparse.Namespace, out: Path, accelerator: Any
 ) -> tuple[int, list[dict[str, Any]], float, list[float]]:
@@ -122,7 +218,26 @@ def unlearn(
     verifier: Verifier,
 ) -> dict[str, Any] | None:
     """Fine-tune the denoiser; returns the history of verifications (main process), or ``None``
-    when ``--stop_after`` stopped the run early (its checkpoint saved)."""
+    when ``--stop_after`` stopped the run early (its checkpoint saved). With ``--report_to``,
+    logged as it goes (``Tracking``), the job's trackers finished however it ends."""
+    tracking = Tracking(args, job, accelerator)
+    try:
+        return _train(args, job, pipe, accelerator, latents, split, verifier, tracking)
+    finally:
+        tracking.close()
+
+
+def _train(
+    args: argparse.Namespace,
+    job: Job,
+    pipe: Any,
+    accelerator: Any,
+    latents: torch.Tensor,
+    split: Any,
+    verifier: Verifier,
+    tracking: Tracking,
+) -> dict[str, Any] | None:
+    """``unlearn``'s run: verify, train with checks and checkpoints, verify, save."""
     with needs("siss-stable-diffusion"):
         from tqdm.auto import tqdm
 
@@ -132,6 +247,7 @@ def unlearn(
     out, device = job.out, accelerator.device
     memorized = split.memorized.bool().cpu()
     keep, forget = latents[~memorized].to(device), latents[memorized].to(device)
+    keep, references = hold_out_references(args, keep)  # --until nonmember's non-members
     denoiser, model, optimizer, params, hooks = prepare_denoiser(args, pipe, accelerator)
     plan = batch_plan(args, len(keep), len(forget), accelerator)
     # Built before a resume's load_state: its state (calibrated scale, balancer) is restored
@@ -148,13 +264,22 @@ def unlearn(
     )
     cond = prompt_conditioning(pipe, job.train_prompt, device=device)
     conditioning = cond.to(dtype=torch.float32 if args.full else denoiser.dtype).conditional
+    conditioning.update(guidance_conditioning(pipe, args))  # Flux-dev: --guidance_scale
 
+    nonmember = nonmember_rule(
+        args, model, pipe.training_scheduler, forget, references, conditioning, accelerator
+    )
+    if nonmember is not None:  # its reference scores and checks travel with accelerate's state
+        accelerator.register_for_checkpointing(nonmember)
     step, history, train_wall, past_losses = resume_state(args, out, accelerator)
     watch = Watch(args, job, pipe, accelerator, verifier.detector)
     before_path = out / KEEP_BEFORE_FILE
     if step == 0:
         history = [verifier(0)]
+        tracking.log(verification_log(history[0]), 0)
         watch.start(verifier.images.get("train"), verifier.copies.get("train"))
+        if nonmember is not None:
+            history[0]["nonmember"] = nonmember.start().to_dict()
         if accelerator.is_main_process:
             watch.save(before_path)
         accelerator.wait_for_everyone()
@@ -175,8 +300,10 @@ def unlearn(
     )
     losses: list[torch.Tensor] = []
 
-    def run_step(plan_step: int) -> None:
-        """One optimizer step of the plan: its micro-batches through ``unlearner.step``."""
+    def run_step(plan_step: int) -> list[Any]:
+        """One optimizer step of the plan: its micro-batches through ``unlearner.step``; the
+        ``StepResult`` of each that trained (not calibrating)."""
+        results = []
         for keep_rows, forget_rows, generator in plan.micro_batches(
             plan_step, accelerator.process_index
         ):
@@ -184,6 +311,8 @@ def unlearn(
             result = unlearner.step(x0, a0, generator=generator, **conditioning)
             if not result.calibrating:
                 losses.append(result.terms.loss)
+                results.append(result)
+        return results
 
     if unlearner.calibrating:  # the first steps' draws, at the starting weights
         started = time.perf_counter()
@@ -197,11 +326,15 @@ def unlearn(
     done = step
     for step in bar:
         started = time.perf_counter()
-        run_step(step)
+        lr = optimizer.param_groups[0]["lr"]  # this step's
+        results = run_step(step)
         train_wall += time.perf_counter() - started
         done = step + 1
+        tracking.step(results, lr, done)
         if args.verify_every and done % args.verify_every == 0 and done < args.max_train_steps:
             entry = watch.check(done, len(checks))
+            if nonmember is not None:
+                entry["nonmember"] = nonmember.check(done).to_dict()
             if entry["keep_outside"]:  # put back the last weights in band; weaker forgetting
                 restore(params, saved)
                 if sum("backed_off" in c for c in checks) < args.keep_backoffs:
@@ -211,6 +344,7 @@ def unlearn(
                 saved = snapshot(params)
             checks.append(entry)
             history.append(entry)
+            tracking.log(check_log(entry), done)
             stop = stop_reason(args, checks)
             if accelerator.is_main_process:
                 bar.set_postfix(copies=f"{entry['copies']}/{entry['generated']}")
@@ -222,7 +356,7 @@ def unlearn(
                 "train_wall_s": train_wall,
                 "loss": past_losses + [float(v) for v in losses],  # one host sync per save
             }
-            save_checkpoint(accelerator, out, done, state)
+            save_checkpoint(accelerator, out, done, state, keep=args.checkpoints_total_limit or 1)
         if stop is not None:
             break
     bar.close()
@@ -246,6 +380,7 @@ def unlearn(
     final["keep"] = watch.keep_drift("after")
     final["keep_not_watched"] = watch.not_watched
     history.append(final)
+    tracking.log(verification_log(final), done)
     weights = save_weights(args, pipe, denoiser, accelerator, out)
     fingerprints = rank_fingerprints(params, accelerator)
     return {
@@ -268,7 +403,8 @@ def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[
     A keep prompt out of its band once the forget weight was halved ``--keep_backoffs`` times
     (``"backed_off"`` marks a check after which it was halved; the weights of the last check in
     band are put back either way); or, with ``--until gone``, ``--stop_checks`` checks in a row
-    in band without a copy."""
+    in band without a copy; or, with ``--until nonmember``, a check in band whose non-member
+    rule (``siss.stable_diffusion.nonmember``) has entered its band."""
     newest = checks[-1]
     if newest["keep_outside"] and "backed_off" not in newest:
         in_band = [c["step"] for c in checks[:-1] if not c["keep_outside"]]
@@ -279,6 +415,16 @@ def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[
             "text": f"keep prompt {names} left its band at step {newest['step']}: the weights of "
             f"step {back} were put back",
             "restored_step": back,
+        }
+    if args.until == "nonmember":
+        measured = newest.get("nonmember")
+        if measured is None or not measured["entered"] or newest["keep_outside"]:
+            return None
+        return {
+            "reason": "nonmember",
+            "text": f"the copies rank like non-members: their denoising-error percentile among "
+            f"the held-out non-copies is {measured['percentile']:.2f} >= --stop_target "
+            f"{args.stop_target:g} at step {newest['step']}",
         }
     if args.until != "gone" or len(checks) < args.stop_checks:
         return None
@@ -324,7 +470,12 @@ def save_weights(
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    layers = get_peft_model_state_dict(denoiser)
+    if name == "unet":
+        # As diffusers' UNet LoRA scripts (SD 1.x/2.x, SDXL) save them. Its transformer scripts
+        # (SD3, Flux) save PEFT's names as they are: converted, the attention projections would
+        # be renamed and the other modules not, and load_lora_weights would drop the former.
+        layers = convert_state_dict_to_diffusers(layers)
     with atomic_folder(folder) as tmp:
         type(pipe).save_lora_weights(tmp, **{f"{name}_lora_layers": layers})
     return folder

@@ -25,7 +25,13 @@ from siss._optional import needs
 from siss.loop import derived_seed
 from siss.stable_diffusion.files import Job, image_grid, save_png, training_config, write_json
 from siss.stable_diffusion.generate import generate
-from siss.stable_diffusion.pipeline import autocast_for, denoiser_of, image_size
+from siss.stable_diffusion.pipeline import (
+    autocast_for,
+    denoiser_of,
+    guidance_conditioning,
+    image_size,
+    latent_channels,
+)
 
 NOISE_SCORE_NOTE = (
     "reported, never used for a decision: after unlearning it is not a memorization measure, "
@@ -144,9 +150,11 @@ class Verifier:
         cond = prompt_conditioning(self.pipe, prompt, device=device, dtype=denoiser.dtype)
         embeds = cond.conditional["encoder_hidden_states"]
         null = cond.unconditional["encoder_hidden_states"]
+        guidance = guidance_conditioning(self.pipe, args)  # Flux-dev's guidance embedding
         extra = {k: v for k, v in cond.conditional.items() if k != "encoder_hidden_states"}
         null_extra = {k: v for k, v in cond.unconditional.items() if k != "encoder_hidden_states"}
-        channels = denoiser.config.in_channels
+        extra, null_extra = {**extra, **guidance}, {**null_extra, **guidance}
+        channels = latent_channels(self.pipe)
         height, width = image_size(self.pipe)
         factor = int(getattr(self.pipe, "vae_scale_factor", 8))
         shape = (args.noise_generations, channels, height // factor, width // factor)

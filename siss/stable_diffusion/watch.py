@@ -257,7 +257,7 @@ class Watch:
             if self.accelerator.num_processes > 1:
                 broadcast_object_list(counted)
             copies, generated = copies + counted[0], generated + counted[1]
-            if copies and args.until == "gone":
+            if copies and args.until != "steps":
                 break  # the memorized image is not gone yet: the rest would not change that
         keep = self.keep_drift(f"step {step}")
         outside = [p for p, row in keep.items() if not row["in_band"]]

@@ -11,7 +11,6 @@ from conftest import tiny_conditional_unet, tiny_unet
 from scipy.stats import binom
 
 from siss import NoiseSchedule
-from siss.audit._models import x0_from_prediction
 from siss.audit.membership import (
     denoising_errors,
     eps_from_prediction,
@@ -19,7 +18,7 @@ from siss.audit.membership import (
     pia_errors,
     tpr_at_fpr,
 )
-from siss.targets import prediction_target
+from siss.targets import prediction_target, x0_from_prediction
 
 SHAPE = (1, 4, 4)  # D = 16
 

@@ -1,16 +1,23 @@
-"""python -m siss.audit --prompt on SDXL and SD3 pipeline folders (pooled text embeddings).
+"""python -m siss.audit --prompt on SDXL, SD3 and Flux pipeline folders (pooled embeddings).
 
 The prompt is encoded by the pipeline's own ``encode_prompt`` (``prompt_conditioning``), so the
 audit's conditioning carries SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) and
-SD3's ``pooled_projections``; every check must take them (the denoisers refuse to run without).
+SD3's and Flux's ``pooled_projections`` (Flux: packed latents, position ids built by the adapter);
+every check must take them (the denoisers refuse to run without).
 Tiny pipelines from ``tests/conftest.py``, saved and passed by path.
 """
 
 import json
+import math
 
 import pytest
 import torch
-from conftest import CHEAP_AUDIT_FLAGS, tiny_sd3_pipeline, tiny_sdxl_pipeline
+from conftest import (
+    CHEAP_AUDIT_FLAGS,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 import siss.audit.run
 from siss.adapters import prompt_conditioning
@@ -19,7 +26,35 @@ from siss.audit.__main__ import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHEAP = [*CHEAP_AUDIT_FLAGS, "--no-figure"]
-BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}
+
+
+def fixed_shift_flux_pipeline(folder):
+    """:func:`tiny_flux_pipeline` with its scheduler at the fixed shift FLUX.1's dynamic shifting
+    gives 8x8 latents (16 packed tokens): the audit refuses a dynamically shifted scheduler (its
+    sigmas depend on a per-resolution ``mu`` it does not set), and a folder's own scheduler is
+    the one it reads, so a Flux folder is audited with its scheduler saved at that shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    folder = tiny_flux_pipeline(folder)
+    own = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    config = own.config
+    mu = calculate_shift(
+        16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
+    fixed = FlowMatchEulerDiscreteScheduler.from_config(
+        config, use_dynamic_shifting=False, shift=math.exp(mu)
+    )
+    fixed.save_pretrained(folder / "scheduler")
+    return folder
+
+
+BUILDERS = {
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "flux": fixed_shift_flux_pipeline,
+}
+POOLED = {"sd3": "tensor(1, 16)", "flux": "tensor(1, 32)"}  # the pooled projections' shapes
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +113,7 @@ def test_prompt_on_a_pooled_pipeline_runs_every_check(family, data, monkeypatch)
         time_ids = seen["conditioning"]["added_cond_kwargs"]["time_ids"]
         assert time_ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]
     else:
-        assert conditioning["pooled_projections"] == "tensor(1, 16)"
+        assert conditioning["pooled_projections"] == POOLED[family]
 
 
 def test_prompt_needs_a_pipeline_folder(tmp_path, capsys):

@@ -23,6 +23,7 @@ BELOW = {
     "siss.loop",
     "siss.registry",
     "siss.recipe",
+    "siss.stopping",
     "siss.adapters",
     "siss.audit",
     "siss.metrics",

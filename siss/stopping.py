@@ -1,0 +1,343 @@
+"""When to stop unlearning: when the forget set is denoised like data the model never saw.
+
+Retraining without ``A`` does not make ``A`` *unlikely*; it makes ``A`` look like any image the
+model did not train on. A forget image's denoising error (Carlini et al.'s 2023 loss attack, the
+statistic of ``siss.audit``'s membership check) ranks it among comparable non-member images: a
+memorized image sits at percentile ~0 (denoised better than every non-member), a retrained model
+puts it where non-members sit (the digits pair's retrained model: 0.46-0.56 at ``t`` = 50, 100,
+250, 500), and unlearning that goes on past that point ranks it above the non-members, the
+"overshot" tail the audit reports. ``NonmemberStop`` measures that percentile every few steps and
+says when it reaches ``target`` (the non-members' median by default): the point where continuing
+would move the forget set from "like retrain" to "treated specially".
+
+In a loop built on ``siss.Unlearner``::
+
+    stop = NonmemberStop(unet, noise_scheduler, forget_images, reference_images)
+    stop.start()  # scores the references once, before the first step
+    for step, (batch, forget_batch) in enumerate(paired_batches(...), 1):
+        unlearner.step(batch, forget_batch)
+        check = stop(step)
+        if check is not None and check.entered:
+            break
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from siss._checks import check_fraction, check_int, check_tensor
+from siss.targets import eps_from_prediction
+
+__all__ = ["DEFAULT_STOP_TIMESTEPS", "NonmemberCheck", "NonmemberStop"]
+
+DEFAULT_STOP_TIMESTEPS: tuple[int, ...] = (50, 100, 250, 500)
+"""Noise levels the statistic averages over, as ranks on a 1000-step grid (the 50th, 100th, ...
+least noisy entry; scaled to other grid lengths). The membership check's (50, 100) and two
+mid-range levels, where the issue-23 audit found today's unlearning overshooting first."""
+
+
+class NonmemberCheck(NamedTuple):
+    """One measurement of ``NonmemberStop``.
+
+    Attributes:
+        step: the optimizer step it was taken after (0: before unlearning).
+        percentile: the forget set's mean percentile among the references, averaged over the
+            noise levels; NaN when the model returned a non-finite prediction on a forget image.
+        per_timestep: the same per noise level, in ``timesteps`` order.
+        entered: ``percentile >= target`` (``False`` when not measured).
+        per_timestep_start_references: ``per_timestep`` against the references as they were
+            scored at the start: how far the references themselves moved.
+    """
+
+    step: int
+    percentile: float
+    per_timestep: tuple[float, ...]
+    entered: bool
+    per_timestep_start_references: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, JSON-ready (the tuples as lists)."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in self._asdict().items()
+        }
+
+
+def _rows(conditioning: Mapping[str, Any], index: Tensor) -> dict[str, Any]:
+    """The conditioning's rows for image ``index`` (a 1-row tensor is shared by every image)."""
+    taken = {}
+    for name, value in conditioning.items():
+        if isinstance(value, Tensor) and value.ndim > 0:
+            taken[name] = (
+                value.expand(len(index), *value.shape[1:]) if len(value) == 1 else value[index]
+            )
+        else:
+            taken[name] = value
+    return taken
+
+
+def _unwrapped(model: Any) -> Any:
+    """``model``'s call with a diffusers output's ``.sample`` (or a tuple's first item) taken."""
+
+    def predict(noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
+        output = model(noisy, timesteps, **conditioning)
+        if isinstance(output, tuple | list):
+            return output[0]
+        return getattr(output, "sample", output)
+
+    return predict
+
+
+class NonmemberStop:
+    """Stop when the forget images' denoising error ranks like a non-member's (issue 23 §2).
+
+    The statistic, per noise level ``t``: each image's noise-prediction error
+    ``||eps_m - eps_hat(gamma_t x + sigma_t eps_m, t)||^2 / D`` averaged over ``noise_draws``
+    draws ``eps_m``. The draws are drawn once and shared by every image and every check (common
+    random numbers): a change between two checks is the model's, not the noise's, and forget and
+    reference images are compared on the same noise. The forget set's percentile at ``t`` is
+    the fraction of (forget image, reference) pairs in which the reference's error is lower
+    (ties count half); ``percentile`` averages it over the levels.
+
+    The references are scored again at every check, under the model as it is then: the
+    audit ranks the forget image among references scored by the *final* model, and unlearning
+    one image moves images like it too. On the digits pair (docs/results.md, "Stopping at the
+    non-member level") the T-shirt variants' own errors rose so much during SISS that, against
+    their scores at the start, the T-shirt read 0.60 where against their current scores it read
+    0.21. A check costs ``R + k`` images' rows (``rescore_references=False``: ``k``, with the
+    start's scores kept), so keep ``R`` to a few dozen; each check also records the percentile
+    against the start's scores (``per_timestep_start_references``).
+
+    Args:
+        model: the diffusers model being unlearned (any model ``siss.adapters.adapter_for``
+            takes; a DDP wrapper is looked through), or a callable
+            ``(x_t (B, ...), t (B,), **conditioning) -> prediction (B, ...)``.
+        noise_scheduler: the diffusers scheduler it trains with (forward process and prediction
+            type, as ``siss.Unlearner`` reads them).
+        forget: the images to forget ``(k, C, H, W)`` in the model's input space (latents for a
+            latent model).
+        references: comparable images the model never trained on ``(R, C, H, W)``, ``R >= 2``.
+            They must not be the references an audit will judge the result on: a rule stopped on
+            the audit's own references would pass it by construction.
+        timesteps: noise levels as ranks on a 1000-step grid (``DEFAULT_STOP_TIMESTEPS``).
+        noise_draws: draws per level and image.
+        target: the percentile at which ``entered`` becomes true (0.5: the non-members' median,
+            where retraining puts a forget image on average).
+        every: check every ``every`` optimizer steps (``__call__`` returns ``None`` otherwise).
+        seed: seed of the noise draws.
+        conditioning: the forget images' model inputs (e.g. ``{"encoder_hidden_states":
+            embeds}``), each with ``k`` rows or 1 (shared).
+        reference_conditioning: the references' inputs (``R`` rows or 1); default
+            ``conditioning`` when it is shared (1 row), else none.
+        batch_size: rows per model call.
+        autocast: a context manager factory for the model call (``accelerator.autocast``), or
+            ``None``.
+        rescore_references: score the references at every check (default), or once, at the
+            start.
+
+    Examples:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+        ...     block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        ...     down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> stop = NonmemberStop(unet, DDPMScheduler(), torch.zeros(1, 1, 8, 8),
+        ...     torch.randn(16, 1, 8, 8), noise_draws=2, every=5)
+        >>> check = stop.start()
+        >>> check.step, 0.0 <= check.percentile <= 1.0, len(check.per_timestep)
+        (0, True, 4)
+        >>> stop(3) is None, stop(5).step
+        (True, 5)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_scheduler: Any,
+        forget: Tensor,
+        references: Tensor,
+        *,
+        timesteps: Sequence[int] = DEFAULT_STOP_TIMESTEPS,
+        noise_draws: int = 8,
+        target: float = 0.5,
+        every: int = 10,
+        seed: int = 0,
+        conditioning: Mapping[str, Any] | None = None,
+        reference_conditioning: Mapping[str, Any] | None = None,
+        batch_size: int = 256,
+        autocast: Any | None = None,
+        rescore_references: bool = True,
+    ) -> None:
+        from siss.adapters import adapter_for, prediction_type_from_scheduler
+        from siss.adapters.schedulers import schedule_from_scheduler
+
+        forget = check_tensor(forget, "forget", min_dim=2)
+        references = check_tensor(references, "references", min_dim=2)
+        if references.shape[1:] != forget.shape[1:]:
+            raise ValueError(
+                f"`references` must be shaped like `forget` per image, got "
+                f"{tuple(references.shape[1:])} and {tuple(forget.shape[1:])}"
+            )
+        if len(references) < 2 or len(forget) < 1:
+            raise ValueError(
+                f"`NonmemberStop` needs >= 1 forget image and >= 2 references, got "
+                f"{len(forget)} and {len(references)}"
+            )
+        self.noise_draws = check_int(noise_draws, "noise_draws", minimum=1)
+        self.every = check_int(every, "every", minimum=1)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.target = check_fraction(target, "target")
+        ranks = [check_int(rank, "timesteps", minimum=0) for rank in timesteps]
+        if not ranks or max(ranks) >= 1000:
+            raise ValueError(f"`timesteps` must be ranks in 0..999, got {list(timesteps)}")
+        self.model = model
+        while isinstance(self.model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            self.model = self.model.module
+        try:
+            self.predict = adapter_for(self.model).predict
+        except TypeError:  # a plain callable (x_t, t, **conditioning) -> prediction
+            self.predict = _unwrapped(self.model)
+        self.prediction_type = prediction_type_from_scheduler(noise_scheduler)
+        schedule = schedule_from_scheduler(noise_scheduler)
+        length = len(schedule.sigma)
+        order = schedule.sigma.argsort()  # least noisy first, whatever the grid's direction
+        self.indices = order[[min(length - 1, round(rank * length / 1000)) for rank in ranks]]
+        self.timesteps = tuple(ranks)
+        device = forget.device
+        self.gamma = schedule.gamma[self.indices].to(device, torch.float32)
+        self.sigma = schedule.sigma[self.indices].to(device, torch.float32)
+        self.model_timesteps = schedule.timesteps[self.indices].to(device)
+        generator = torch.Generator().manual_seed(seed)
+        draws = (len(ranks) * self.noise_draws, *forget.shape[1:])
+        self.noise = torch.randn(draws, generator=generator).to(device)  # float32
+        self.forget, self.references = forget, references.to(device)
+        self.conditioning = dict(conditioning or {})
+        if reference_conditioning is None:
+            shared = all(
+                not isinstance(v, Tensor) or v.ndim == 0 or len(v) == 1
+                for v in self.conditioning.values()
+            )
+            reference_conditioning = self.conditioning if shared else {}
+        self.reference_conditioning = dict(reference_conditioning)
+        self.autocast = autocast
+        self.rescore = bool(rescore_references)
+        self.start_reference_errors: Tensor | None = None  # (levels, R), float64
+        self.history: list[NonmemberCheck] = []
+
+    @torch.no_grad()
+    def errors(self, images: Tensor, conditioning: Mapping[str, Any]) -> Tensor:
+        """The statistic of ``images`` ``(N, C, H, W)``: ``(levels, N)`` float64 errors averaged
+        over the draws, under the model as it is now (eval mode for the call)."""
+        levels, draws = len(self.timesteps), self.noise_draws
+        rows = len(images) * levels * draws
+        out = torch.empty(rows, dtype=torch.float64, device=images.device)
+        was_training = getattr(self.model, "training", False)
+        if isinstance(self.model, nn.Module):
+            self.model.eval()
+        try:
+            for start in range(0, rows, self.batch_size):
+                row = torch.arange(start, min(start + self.batch_size, rows), device=images.device)
+                image, draw = row // (levels * draws), row % (levels * draws)
+                level = draw // draws
+                gamma, sigma = self.gamma[level], self.sigma[level]
+                noise = self.noise[draw]
+                shape = (-1,) + (1,) * (images.ndim - 1)
+                noisy = gamma.view(shape) * images[image].float() + sigma.view(shape) * noise
+                noisy = noisy.to(images.dtype)
+                inputs = _rows(conditioning, image)
+                context = nullcontext() if self.autocast is None else self.autocast()
+                with context:
+                    output = self.predict(noisy, self.model_timesteps[level], **inputs)
+                eps_hat = eps_from_prediction(output, noisy, gamma, sigma, self.prediction_type)
+                out[row] = (noise.double() - eps_hat.double()).square().flatten(1).mean(1)
+        finally:
+            if was_training:
+                self.model.train()
+        return out.view(len(images), levels, draws).mean(2).T
+
+    def _scored_references(self) -> Tensor:
+        """The references' errors under the model as it is now, ``(levels, R')`` over the
+        ``R'`` references with a finite error at every level."""
+        errors = self.errors(self.references, self.reference_conditioning)
+        finite = torch.isfinite(errors).all(0)
+        if int(finite.sum()) < 2:
+            raise ValueError(
+                "fewer than 2 references have a finite denoising error under this model: no "
+                "non-member level to stop at"
+            )
+        return errors[:, finite]
+
+    def percentiles(self, forget_errors: Tensor, reference_errors: Tensor) -> Tensor:
+        """Per level, the forget set's mean percentile among the references ``(levels,)``:
+        ``forget_errors`` ``(levels, k)``, ``reference_errors`` ``(levels, R)``; NaN where a
+        forget error is not finite."""
+        forget = forget_errors.unsqueeze(2)  # (levels, k, 1)
+        reference = reference_errors.unsqueeze(1)  # (levels, 1, R)
+        below = (reference < forget).double().mean(2)
+        share = below + 0.5 * (reference == forget).double().mean(2)
+        share = torch.where(torch.isfinite(forget_errors), share, torch.nan)
+        return share.mean(1)
+
+    def check(self, step: int) -> NonmemberCheck:
+        """Measures now (after optimizer step ``step``) and records the result."""
+        if self.start_reference_errors is None or self.rescore:
+            references = self._scored_references()
+            if self.start_reference_errors is None:
+                self.start_reference_errors = references
+        else:
+            references = self.start_reference_errors
+        forget = self.errors(self.forget, self.conditioning)
+        per_level = self.percentiles(forget, references).tolist()
+        start = self.percentiles(forget, self.start_reference_errors).tolist()
+        percentile = sum(per_level) / len(per_level)
+        result = NonmemberCheck(
+            step=step,
+            percentile=percentile,
+            per_timestep=tuple(per_level),
+            entered=math.isfinite(percentile) and percentile >= self.target,
+            per_timestep_start_references=tuple(start),
+        )
+        self.history.append(result)
+        return result
+
+    def start(self) -> NonmemberCheck:
+        """Scores the references and the forget set before unlearning (step 0)."""
+        return self.check(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The references' scores at the start and the checks so far: what a resumed run needs
+        to go on as an uninterrupted one would (``accelerator.register_for_checkpointing``
+        takes the object)."""
+        return {
+            "start_reference_errors": self.start_reference_errors,
+            "history": [check._asdict() for check in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict``'s result (the scores may be nested lists)."""
+        errors = state["start_reference_errors"]
+        if errors is not None:
+            errors = torch.as_tensor(errors, dtype=torch.float64, device=self.forget.device)
+        self.start_reference_errors = errors
+        self.history = [
+            NonmemberCheck(
+                **{
+                    **check,
+                    "per_timestep": tuple(check["per_timestep"]),
+                    "per_timestep_start_references": tuple(check["per_timestep_start_references"]),
+                }
+            )
+            for check in state["history"]
+        ]
+
+    def __call__(self, step: int) -> NonmemberCheck | None:
+        """``check(step)`` every ``every`` steps, else ``None``."""
+        if step % self.every:
+            return None
+        return self.check(step)

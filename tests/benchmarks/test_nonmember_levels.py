@@ -1,0 +1,21 @@
+"""``benchmarks/nonmember_levels.py`` runs on a tiny model folder and prints one percentile per
+noise level, each in [0, 1]; the same model twice gives the same row (fixed draws)."""
+
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+
+from benchmarks import nonmember_levels
+
+
+def test_one_percentile_per_level_the_same_on_a_second_run(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_unet(sample_size=16).save_pretrained(folder)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    argv = [str(folder), str(folder), "--scheduler", str(folder), "--draws", "2",
+            "--references", "8", "--ranks", "50", "500"]  # fmt: skip
+    table = nonmember_levels.main(argv)
+    (row,) = table.values()
+    assert len(row) == 2 and all(0.0 <= value <= 1.0 for value in row)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "model | rank 50 | rank 500"
+    assert lines[1] == lines[2]  # the same folder twice: the same draws, the same row

@@ -1,0 +1,192 @@
+"""``NonmemberStop`` on the exact denoiser of a finite training set, where membership is known.
+
+The posterior-mean denoiser of the empirical distribution of a set ``S`` (Bayes-optimal for a model
+trained to convergence on ``S``) predicts ``eps_hat = (x_t - gamma E[x_0 | x_t]) / sigma`` with
+``E[x_0 | x_t]`` a softmax over ``S``. A forget image inside ``S`` is denoised almost perfectly at
+small ``t`` (percentile ~0 among non-members); with ``S`` the training set *without* it
+("retrained"), it is one more image the model never saw, exchangeable with the references drawn
+from the same distribution, so its expected percentile is 1/2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+
+from siss.stopping import NonmemberStop
+
+SHAPE = (1, 4, 4)
+
+
+def exact_denoiser(training_set: torch.Tensor, scheduler: DDPMScheduler):
+    alphas = scheduler.alphas_cumprod.double()
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        gamma = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
+        x = noisy.double()
+        distance = (x.unsqueeze(1) - gamma.unsqueeze(1) * training_set.double()).square()
+        logits = -distance.flatten(2).sum(2) / (2 * sigma.view(-1, 1) ** 2)
+        x0 = torch.einsum("bn,nchw->bchw", logits.softmax(1), training_set.double())
+        return ((x - gamma * x0) / sigma).float()
+
+    return predict
+
+
+def draw(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(count, *SHAPE, generator=generator)
+
+
+def test_a_member_ranks_below_every_non_member() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scheduler = DDPMScheduler()
+    training, references = draw(32, generator), draw(64, generator)
+    stop = NonmemberStop(
+        exact_denoiser(training, scheduler), scheduler, training[:1], references, noise_draws=4
+    )
+    check = stop.start()
+    assert check.step == 0 and not check.entered
+    assert check.percentile < 0.05, check
+
+
+def test_after_retraining_the_forget_image_ranks_like_a_non_member() -> None:
+    """Over 24 independent sets, the retrained model's percentile averages 1/2 within 4 standard
+    errors (the per-set percentiles' own spread)."""
+    scheduler = DDPMScheduler()
+    percentiles = []
+    for seed in range(24):
+        generator = torch.Generator().manual_seed(seed)
+        training, forget, references = draw(32, generator), draw(1, generator), draw(48, generator)
+        stop = NonmemberStop(
+            exact_denoiser(training, scheduler),
+            scheduler,
+            forget,
+            references,
+            noise_draws=4,
+            seed=seed,
+        )
+        percentiles.append(stop.start().percentile)
+    values = torch.tensor(percentiles, dtype=torch.float64)
+    standard_error = values.std() / math.sqrt(len(values))
+    assert abs(values.mean() - 0.5) < 4 * standard_error, (values.mean(), standard_error)
+    assert values.std() > 0.05  # the statistic varies: not a constant that happens to be 1/2
+
+
+def test_checks_every_few_steps_with_the_same_noise() -> None:
+    generator = torch.Generator().manual_seed(1)
+    scheduler = DDPMScheduler()
+    training, references = draw(8, generator), draw(16, generator)
+    stop = NonmemberStop(
+        exact_denoiser(training, scheduler), scheduler, training[:2], references, every=5
+    )
+    first = stop.start()
+    assert stop(4) is None
+    again = stop(5)
+    assert again is not None and again.step == 5
+    assert again.percentile == first.percentile  # common random numbers: same model, same value
+    assert [check.step for check in stop.history] == [0, 5]
+
+
+def test_entered_follows_the_target() -> None:
+    generator = torch.Generator().manual_seed(2)
+    scheduler = DDPMScheduler()
+    training, forget, references = draw(8, generator), draw(1, generator), draw(32, generator)
+    predict = exact_denoiser(training, scheduler)
+    value = NonmemberStop(predict, scheduler, forget, references).start().percentile
+    assert 0 < value < 1
+    below = NonmemberStop(predict, scheduler, forget, references, target=value / 2).start()
+    above = NonmemberStop(predict, scheduler, forget, references, target=(1 + value) / 2).start()
+    assert below.entered and not above.entered
+
+
+def test_a_model_that_returns_nan_is_not_measured() -> None:
+    scheduler = DDPMScheduler()
+    references = draw(4, torch.Generator().manual_seed(3))
+
+    def nan_on_forget(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(noisy)
+        out[(noisy.flatten(1).abs().sum(1) > 1e3)] = torch.nan
+        return out
+
+    forget = torch.full((1, *SHAPE), 1e4)
+    check = NonmemberStop(nan_on_forget, scheduler, forget, references).start()
+    assert math.isnan(check.percentile) and not check.entered
+
+
+def test_references_the_model_cannot_score_are_an_error() -> None:
+    scheduler = DDPMScheduler()
+    stop = NonmemberStop(
+        lambda noisy, timesteps: torch.full_like(noisy, torch.nan),
+        scheduler,
+        torch.zeros(1, *SHAPE),
+        torch.zeros(3, *SHAPE),
+    )
+    with pytest.raises(ValueError, match="fewer than 2 references"):
+        stop.start()
+
+
+def test_conditioning_rows_reach_the_model() -> None:
+    """One row shared by every image; k rows for k forget images; the references get the shared
+    row unless told otherwise."""
+    scheduler = DDPMScheduler()
+    seen: list[torch.Tensor] = []
+
+    def model(noisy: torch.Tensor, timesteps: torch.Tensor, *, label: torch.Tensor):
+        seen.append(label)
+        return torch.zeros_like(noisy)
+
+    forget, references = torch.zeros(2, *SHAPE), torch.zeros(3, *SHAPE)
+    stop = NonmemberStop(
+        model,
+        scheduler,
+        forget,
+        references,
+        noise_draws=1,
+        conditioning={"label": torch.tensor([[7.0]])},
+    )
+    stop.start()
+    assert all((label == 7).all() for label in seen)
+    seen.clear()
+    rows = NonmemberStop(
+        model,
+        scheduler,
+        forget,
+        references,
+        noise_draws=1,
+        conditioning={"label": torch.tensor([[1.0], [2.0]])},
+        reference_conditioning={"label": torch.tensor([[9.0]])},
+    )
+    rows.errors(forget, rows.conditioning)
+    assert sorted(torch.cat(seen).flatten().unique().tolist()) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"references": torch.zeros(1, *SHAPE)}, ">= 2 references"),
+        ({"references": torch.zeros(4, 1, 8, 8)}, "shaped like `forget`"),
+        ({"target": 1.0}, "`target`"),
+        ({"every": 0}, "`every`"),
+        ({"noise_draws": 0}, "`noise_draws`"),
+        ({"timesteps": (50, 1000)}, "`timesteps`"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
+    arguments = {"references": torch.zeros(4, *SHAPE)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        NonmemberStop(
+            lambda noisy, timesteps: noisy, DDPMScheduler(), torch.zeros(1, *SHAPE), **arguments
+        )
+
+
+def test_the_model_is_scored_in_eval_mode_and_left_training() -> None:
+    unet = tiny_unet(sample_size=4).train()
+    modes: list[bool] = []
+    unet.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    NonmemberStop(unet, DDPMScheduler(), torch.zeros(1, *SHAPE), torch.randn(4, *SHAPE)).start()
+    assert modes and not any(modes)
+    assert unet.training
