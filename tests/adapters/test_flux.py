@@ -9,6 +9,7 @@ packs 4 latent channels into ``in_channels=16`` (2x2 patches of 8x8 latents: 16 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -42,6 +43,18 @@ BATCH = 2
 GUIDANCE = pytest.mark.parametrize("guidance_embeds", [False, True], ids=["schnell", "dev"])
 # train_dreambooth_lora_flux.py's default --lora_layers, the SD job's Flux default
 LORA_TARGETS = list(FLUX_LORA_TARGETS)
+
+
+def script_density(generator: torch.Generator) -> torch.Tensor:
+    """The script's logit-normal timestep density (``compute_density_for_timestep_sampling``),
+    drawn from ``generator`` where diffusers takes one (>= 0.33), else from the global RNG seeded
+    from it, as the script's own global draw."""
+    kwargs = {}
+    if "generator" in inspect.signature(compute_density_for_timestep_sampling).parameters:
+        kwargs["generator"] = generator
+    else:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    return compute_density_for_timestep_sampling("logit_normal", BATCH, 0.0, 1.0, **kwargs)
 
 
 def tiny_flux(guidance_embeds: bool = False, seed: int = 0) -> FluxTransformer2DModel:
@@ -141,7 +154,7 @@ def test_predict_is_the_training_scripts_call_bit_for_bit(guidance_embeds, guida
     scheduler = flux_scheduler()
     g = torch.Generator().manual_seed(0)
     model_input, noise, cond = latents(g), latents(g), text(g)
-    u = compute_density_for_timestep_sampling("logit_normal", BATCH, 0.0, 1.0, generator=g)
+    u = script_density(g)
     timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
     sigmas = script_sigmas(scheduler, timesteps)
     text_ids = torch.zeros(6, 3)  # the script's encode_prompt
@@ -183,7 +196,7 @@ def test_loss_is_the_training_scripts_loss_with_its_timestep_density_and_weighti
     assert torch.equal(ours_input, model_input)
 
     cond = text(g)
-    u = compute_density_for_timestep_sampling("logit_normal", BATCH, 0.0, 1.0, generator=g)
+    u = script_density(g)
     indices = (u * scheduler.config.num_train_timesteps).long()
     loss_fn = loss_from_scheduler(NaiveDeletionLoss, scheduler)
     weights = lambda draw: compute_loss_weighting_for_sd3("sigma_sqrt", sigmas=draw.sigma)  # noqa: E731
@@ -462,9 +475,9 @@ def test_prompt_conditioning_is_what_encode_prompt_returns(flux_pipe):
     assert shapes == {"encoder_hidden_states": (1, 16, 32), "pooled_projections": (1, 32)}
     with torch.no_grad():
         embeds, pooled, text_ids = flux_pipe.encode_prompt(
-            "a photo of a cat", max_sequence_length=16
-        )
-        null, null_pooled, _ = flux_pipe.encode_prompt("", max_sequence_length=16)
+            "a photo of a cat", prompt_2=None, max_sequence_length=16
+        )  # diffusers < 0.33 has no default for prompt_2
+        null, null_pooled, _ = flux_pipe.encode_prompt("", prompt_2=None, max_sequence_length=16)
     assert torch.equal(cond.conditional["encoder_hidden_states"], embeds)
     assert torch.equal(cond.conditional["pooled_projections"], pooled)
     assert torch.equal(cond.unconditional["encoder_hidden_states"], null)

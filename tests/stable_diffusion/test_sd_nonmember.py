@@ -24,23 +24,28 @@ CHECKS = [
 ]  # fmt: skip
 
 
-def job(generated, tmp_path, name, *extra):
+def job(generated, folder, *extra):
     argv, source = generated
-    out = tmp_path / name
-    copy_generation(source, out)
+    copy_generation(source, folder)
     reset_accelerate()
     try:
-        return run(*argv, *CHECKS, "--output_dir", out, *extra)
+        return run(*argv, *CHECKS, "--output_dir", folder, *extra)
     finally:
         reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def never(generated, tmp_path_factory):
+    """The metrics of a run whose target no check reaches: all 4 steps, checked at each."""
+    folder = tmp_path_factory.mktemp("sd-nonmember") / "never"
+    return job(generated, folder, "--stop_target", "0.999")
 
 
 def measured(metrics):
     return [row["nonmember"] for row in metrics["history"] if "nonmember" in row]
 
 
-def test_the_run_stops_at_the_first_check_that_reaches_the_target(generated, tmp_path):
-    never = job(generated, tmp_path, "never", "--stop_target", "0.999")
+def test_the_run_stops_at_the_first_check_that_reaches_the_target(generated, never, tmp_path):
     checks = measured(never)
     assert [check["step"] for check in checks] == [0, 1, 2, 3]  # the start and every check
     assert never["stop"]["reason"] == "cap" and not any(c["entered"] for c in checks)
@@ -48,7 +53,7 @@ def test_the_run_stops_at_the_first_check_that_reaches_the_target(generated, tmp
     assert reached, checks  # the random model ranks the copies above some non-copy
     target = reached[0]
     first = next(c["step"] for c in checks[1:] if c["percentile"] >= target)
-    stopped = job(generated, tmp_path, "stopped", "--stop_target", str(target))
+    stopped = job(generated, tmp_path / "stopped", "--stop_target", str(target))
     assert stopped["stop"]["reason"] == "nonmember"
     assert stopped["stop"]["steps"] == first
 
@@ -58,8 +63,7 @@ def test_the_run_stops_at_the_first_check_that_reaches_the_target(generated, tmp
     assert values(measured(stopped)) == values(checks[: first + 1])
 
 
-def test_a_resumed_run_measures_what_an_uninterrupted_one_does(generated, tmp_path):
-    whole = job(generated, tmp_path, "whole", "--stop_target", "0.999")
+def test_a_resumed_run_measures_what_an_uninterrupted_one_does(generated, never, tmp_path):
     argv, source = generated
     out = tmp_path / "parts"
     copy_generation(source, out)
@@ -71,7 +75,7 @@ def test_a_resumed_run_measures_what_an_uninterrupted_one_does(generated, tmp_pa
         resumed = run(*flags, "--resume_from_checkpoint", "latest")
     finally:
         reset_accelerate()
-    assert measured(resumed) == measured(whole)
+    assert measured(resumed) == measured(never)
 
 
 def test_the_references_are_held_out_of_the_keep_set():
