@@ -404,8 +404,10 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         result = plan_step(unlearner, keep_dev, forget_dev, plan, step)
         train_wall += time.perf_counter() - started
         done = step + 1
-        with unlearner.averaged_weights():
-            check = None if stop is None else stop(done)
+        check = None
+        if stop is not None and done % stop.every == 0:  # the delivered (EMA) weights, measured
+            with unlearner.averaged_weights():
+                check = stop.check(done)
         if check is not None:
             bar.set_postfix(percentile=f"{check.percentile:.2f}")
             if check.entered:  # the T-shirt ranks like a non-member: stop here

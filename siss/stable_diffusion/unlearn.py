@@ -257,7 +257,7 @@ def _train(
         model,
         pipe.training_scheduler,
         recipe_config(args),
-        n=len(latents),
+        n=len(keep) + len(forget),  # the held-out stop references are not trained on
         k=len(forget),
         accelerator=accelerator,
         optimizer=optimizer,
