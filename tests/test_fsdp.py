@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_ddp import WORLD, make_data, terms  # the DDP test's batch and loss terms
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -42,8 +43,6 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("torch without FSDP2 (fully_shard)", allow_module_level=True)
 
-WORLD = 2
-ROWS = 8  # per rank
 SCENARIOS = [("fix", 1), ("fix", 2), ("bilevel", 2)]
 ALL_REDUCE = "c10d.allreduce_"
 REDUCE_SCATTER = "c10d._reduce_scatter_base_"
@@ -72,20 +71,6 @@ def shard_mlp(model: nn.Module) -> nn.Module:
     fully_shard(body[2])
     fully_shard(model)
     return model
-
-
-def make_data() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(WORLD * ROWS, 4, generator=g, dtype=torch.float64)
-    a = torch.randn(WORLD * ROWS, 4, generator=g, dtype=torch.float64)
-    return x, a
-
-
-def terms(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, scale: float):
-    """Mean-reduced keep and forget terms of one forward pass over ``torch.cat([x, a])``."""
-    keep = (out[: len(x)] - x).square().mean()
-    forget = (out[len(x) :] + a).square().mean()
-    return scale * keep, scale * forget
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
