@@ -13,7 +13,13 @@ for each level). A retrained model puts the T-shirt near 0.5 at every level; doc
     python -m benchmarks.nonmember_levels --scheduler examples/assets/flow-pretrained \\
         examples/assets/flow-pretrained examples/assets/flow-retrain outputs/unlearn/flow/model
 
-One CPU thread; about a minute per model on 2 CPU cores.
+How far apart two models' percentiles may lie by chance: ``--repeats R`` scores each model again
+with noise draws seeded 1 .. R-1, each time ranking the T-shirt among a bootstrap resample of the
+references' scores (seeded too), and prints each level's mean and standard deviation over the R
+repeats. Two models that treat the T-shirt alike differ in one auditor's run (one draw seed, one
+reference set) by less than about twice the root of the sum of their variances.
+
+One CPU thread; about a minute per model and repeat on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -40,7 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, nargs="+", default=[50, 100, 250, 500])
     p.add_argument("--draws", type=int, default=16, help="noise draws per image and level")
     p.add_argument("--references", type=int, default=128, help="T-shirt variants (seed 1)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeats with other noise draws and bootstrap-resampled references (module docstring)",
+    )
     return p.parse_args(argv)
+
+
+def percentile(reference_errors: torch.Tensor, forget_error: torch.Tensor) -> float:
+    """The share of references denoised better than the forget image (``(R,)`` and ``(1,)``)."""
+    return (reference_errors < forget_error).double().mean().item()
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
@@ -50,24 +67,39 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     tshirt = make_tshirt(references.shape[-1]).unsqueeze(0)
     scheduler = load_scheduler(args.scheduler)
     order = schedule_from_scheduler(scheduler).sigma.argsort()
-    table = {}
+    table, spread = {}, {}
     print("model | " + " | ".join(f"rank {rank}" for rank in args.ranks))
     for path in args.models:
         model = UNet2DModel.from_pretrained(path).eval()
-        row = []
-        for rank in args.ranks:
-            level = [int(order[rank])]
+        repeats = torch.empty(args.repeats, len(args.ranks), dtype=torch.float64)
+        for repeat in range(args.repeats):
+            # repeat 0: every reference, draws seeded 0 (the table); then a bootstrap resample
+            resample = torch.Generator().manual_seed(1000 + repeat)
+            chosen = (
+                torch.arange(len(references))
+                if repeat == 0
+                else torch.randint(len(references), (len(references),), generator=resample)
+            )
+            for column, rank in enumerate(args.ranks):
+                level = [int(order[rank])]
 
-            def errors(images: torch.Tensor, model=model, level=level) -> torch.Tensor:
-                generator = torch.Generator().manual_seed(0)
-                return denoising_errors(
-                    model, scheduler, images, timesteps=level, noise_draws=args.draws,
-                    generator=generator, batch_size=512,
-                )  # fmt: skip
+                def errors(images, model=model, level=level, seed=repeat) -> torch.Tensor:
+                    generator = torch.Generator().manual_seed(seed)
+                    return denoising_errors(
+                        model, scheduler, images, timesteps=level, noise_draws=args.draws,
+                        generator=generator, batch_size=512,
+                    )  # fmt: skip
 
-            row.append((errors(references) < errors(tshirt)).double().mean().item())
-        table[path] = row
-        print(f"{path} | " + " | ".join(f"{value:.3f}" for value in row), flush=True)
+                repeats[repeat, column] = percentile(errors(references)[chosen], errors(tshirt))
+        table[path] = repeats[0].tolist()
+        print(f"{path} | " + " | ".join(f"{value:.3f}" for value in table[path]), flush=True)
+        if args.repeats > 1:
+            spread[path] = (repeats.mean(0).tolist(), repeats.std(0).tolist())
+    if spread:
+        print(f"mean ± standard deviation over {args.repeats} repeats (module docstring)")
+        for path, (means, deviations) in spread.items():
+            cells = (f"{m:.3f} ± {d:.3f}" for m, d in zip(means, deviations, strict=True))
+            print(f"{path} | " + " | ".join(cells))
     return table
 
 

@@ -18,13 +18,16 @@ scheduler's own Euler steps (``--sampler euler``, the default for flow).
 
 Run from the repository root. Each run is about 23 minutes of CPU time on one thread for the
 4000 training steps (141 epochs) plus 5 for the 2000-sample evaluation; the shipped
-checkpoints took 42 minutes of wall time each, run side by side on a busy 2-core machine::
+checkpoints took 42 minutes of wall time each, run side by side on a busy 2-core machine. The
+model goes under ``outputs/pretrain/``; only an explicit ``--output_dir examples/assets/NAME``
+replaces a shipped checkpoint (the way each of them was made)::
 
-    python -m examples.pretrain                      # -> examples/assets/pretrained/
-    python -m examples.pretrain --exclude_outlier    # -> examples/assets/retrain/
-    python -m examples.pretrain --eval_only --output_dir examples/assets/pretrained
-    python -m examples.pretrain --process flow       # -> examples/assets/flow-pretrained/
+    python -m examples.pretrain                      # -> outputs/pretrain/pretrained/
+    python -m examples.pretrain --exclude_outlier    # -> outputs/pretrain/retrain/
+    python -m examples.pretrain --eval_only --output_dir outputs/pretrain/pretrained
+    python -m examples.pretrain --process flow       # -> outputs/pretrain/flow-pretrained/
     python -m examples.pretrain --process flow --exclude_outlier   # -> .../flow-retrain/
+    python -m examples.pretrain --output_dir examples/assets/pretrained   # the shipped one
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from siss.loop import rank_generator
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER = ASSETS / "digit_classifier.safetensors"
+OUTPUTS = Path("outputs/pretrain")  # the default --output_dir's parent (shipped: ASSETS)
 
 
 def load_data(args: argparse.Namespace, exclude_outlier: bool = False):
@@ -239,8 +243,9 @@ def build_parser() -> CommandParser:
     add_output_flag(
         p,
         default=None,
-        help="where the model goes. Default: examples/assets/{pretrained,retrain}, "
-        "examples/assets/flow-{pretrained,retrain} for flow",
+        help="where the model goes. Default: outputs/pretrain/{pretrained,retrain}, "
+        "outputs/pretrain/flow-{pretrained,retrain} for flow (the shipped checkpoints were made "
+        "with --output_dir examples/assets/<that name>)",
     )
     add_training_flags(
         p,
@@ -297,7 +302,7 @@ def check_pretrain(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of 4")
     if args.output_dir is None:
         name = "retrain" if args.exclude_outlier else "pretrained"
-        args.output_dir = ASSETS / (f"flow-{name}" if args.process == "flow" else name)
+        args.output_dir = OUTPUTS / (f"flow-{name}" if args.process == "flow" else name)
     process = args.process
     if args.eval_only:
         try:

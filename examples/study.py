@@ -158,7 +158,8 @@ def build_parser() -> CommandParser:
         "--docs",
         type=Path,
         default=None,
-        help="also copy table and plots here. Default: none",
+        help="also write table.md, results.json and the two plots here (docs/results: the "
+        "shipped ones). Default: none",
     )
     evaluation = add_evaluation_flags(
         p,

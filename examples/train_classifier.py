@@ -5,10 +5,12 @@ their feature extractor: it trains :class:`siss.metrics.DigitClassifier` (a ~0.2
 CNN) on scikit-learn's digits upsampled to 16x16 in ``[-1, 1]`` (10 classes; the injected
 T-shirt outlier is not a class), with random one-pixel shifts as augmentation, reports the
 accuracy on a stratified held-out split and writes the weights atomically to
-``examples/assets/digit_classifier.safetensors``. It takes well under a minute on one CPU
-thread::
+``outputs/classifier/digit_classifier.safetensors``; ``--output_dir examples/assets`` replaces
+the shipped ``examples/assets/digit_classifier.safetensors`` the examples read (how it was made).
+It takes well under a minute on one CPU thread::
 
     python -m examples.train_classifier
+    python -m examples.train_classifier --output_dir examples/assets   # the shipped weights
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from siss._digits.state import write_tensors_atomically
 from siss.metrics import DigitClassifier
 
 WEIGHTS = "digit_classifier.safetensors"
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / WEIGHTS
+DEFAULT_OUTPUT = Path("outputs/classifier") / WEIGHTS  # shipped: examples/assets/{WEIGHTS}
 
 
 def stratified_split(

@@ -183,6 +183,7 @@ def check_run(args: argparse.Namespace) -> None:
     scheduler config (no weights loaded: a sampler or method of the other process fails here,
     before any training), a resumed checkpoint's files; then ``--output_dir``'s default."""
     check_timesteps(args)
+    stopping.check_until(args)  # before the recipe's defaults: --stop_rule level sets one
     resolve_keep_target(args)
     from siss.audit.run import parse_options
 
@@ -191,7 +192,6 @@ def check_run(args: argparse.Namespace) -> None:
         raise ValueError(
             "--audit compares with T-shirt variants: it needs the T-shirt (no --outlier_image)"
         )
-    stopping.check_until(args)
     resolve_process(args)
     if args.process in METHOD_REFUSALS.get(args.method, {}):
         raise ValueError(f"--method {args.method}: {METHOD_REFUSALS[args.method][args.process]}")
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             save_grid(samples, data.outlier, out / "samples_before.png", "before unlearning")
         history.append({**before, "step": 0})
         if stop is not None:
-            stop.start()
+            stopping.act_on_check(args, stop, unlearner, stop.start())
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
@@ -390,7 +390,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         train_wall += time.perf_counter() - started
     steps = args.max_train_steps
     last = steps if args.stop_after is None else min(steps, args.stop_after)
-    if stop is not None and stop.history[-1].entered:  # a non-member's level already
+    if stop is not None and stopping.stops(args, stop.history[-1]):  # a non-member already
         steps = last = stop.history[-1].step
     tracker = start_trackers(args, out, "unlearn", {**config.to_dict(), **run_settings(args)})
     if tracker is not None and step == 0:
@@ -407,7 +407,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         check = None
         if stop is not None and done % stop.every == 0:  # the delivered (EMA) weights, measured
             with unlearner.averaged_weights():
-                check = stop.check(done)
+                check = stopping.act_on_check(args, stop, unlearner, stop.check(done))
         if check is not None:
             bar.set_postfix(percentile=f"{check.percentile:.2f}")
             if check.entered:  # the T-shirt ranks like a non-member: stop here
@@ -473,7 +473,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         "before": history[0],
         "after": history[-1],
         "history": history,
-        "nonmember_stop": stopping.stop_summary(stop, steps),
+        "nonmember_stop": stopping.stop_summary(stop, steps, args.stop_rule),
     }
     write_json_atomically(out / "metrics.json", result)
     return result

@@ -38,6 +38,7 @@ from siss._checks import (
     check_probability,
     check_rows,
     check_set_sizes,
+    check_tensor,
     check_window,
     work_dtype,
 )
@@ -438,6 +439,25 @@ class SISSLoss(UnlearningLoss):
             are unchanged, so the loss estimates ``L_{X\\A} - s k/(n-k) E[1[t in window] l_a]``
             (Lemma 1 with the indicator in the forget term). ``None`` (default): every ``t``.
 
+    Attributes:
+        forget_timestep_weights: ``None``, or a ``(T,)`` float tensor of non-negative weights of
+            the forget term per grid index (the ``forget_timesteps`` window sets it to that
+            window's indicator). Set it between steps with ``restrict_forget`` to change where
+            the forget term acts, e.g. the per-noise-level rule of
+            ``siss.stopping.NonmemberStop(per_level=True)``: the loss then estimates
+            ``L_{X\\A} - s k/(n-k) E[v(t) l_a]``.
+        forget_level: ``None``, or a ``(T,)`` float tensor ``c``: the forget term takes
+            ``l_a - l_a^2 / (2 c[t])`` instead of ``l_a`` (set with ``set_forget_level``). Its
+            slope in ``l_a`` is 1 at 0 (NegGrad), 0 at ``c[t]`` and negative past it, so the
+            forget term pushes a row's error up to ``c[t]`` and pulls it back beyond. With the
+            non-member level as ``c`` (``siss.stopping.NonmemberStop.forget_level``) the forget
+            set is driven toward where data the model never saw sits, at each noise level, and
+            pulled back rather than pushed past it; the loss estimates
+            ``L_{X\\A} - s k/(n-k) E[l_a - l_a^2/(2c(t))]`` (importance sampling holds for any
+            function of the draw). Keep the forget coefficient fixed with it (a ``NormBalancer``
+            that does not refresh): a refresh would rescale the gradient, small near the level
+            by design, back to full size.
+
     Examples:
         >>> betas = torch.linspace(1e-4, 0.02, 1000)
         >>> loss_fn = SISSLoss(torch.cumprod(1 - betas, 0), lam=0.5, superfactor=0.1)
@@ -474,6 +494,51 @@ class SISSLoss(UnlearningLoss):
         self.n, self.k, self.x_from, self.forget_ratio = check_subsets(n, k, x_from)
         self.max_weight = check_max_weight(max_weight)
         self.forget_timesteps = check_window(forget_timesteps, len(self.schedule))
+        window = None
+        if self.forget_timesteps is not None:
+            low, high = self.forget_timesteps
+            window = torch.zeros(len(self.schedule))
+            window[low : high + 1] = 1.0
+        self.register_buffer("forget_timestep_weights", window, persistent=False)
+        self.register_buffer("forget_level", None, persistent=False)
+
+    def set_forget_level(self, level: Tensor | None) -> None:
+        """Drive the forget term's squared error to ``level[t]`` from the next draw on: the
+        forget term becomes ``ρ w_a (l_a - l_a^2 / (2 level[t]))`` (``None``: plain NegGrad).
+
+        Args:
+            level: ``(T,)`` finite positive values per grid index, in the loss's own error (the
+                MSE against the ``prediction_type``'s target, as ``l_a``); copied, as float32,
+                onto the loss's device.
+        """
+        level = self._per_timestep(level, "level")
+        if level is not None and not bool((level > 0).all()):
+            raise ValueError("`level` must be positive at every grid index")
+        self.forget_level = level
+
+    def restrict_forget(self, weights: Tensor | None) -> None:
+        """Weigh the forget term by ``weights[t]`` from the next draw on (``None``: every ``t``
+        fully, the window of ``forget_timesteps`` dropped too).
+
+        Args:
+            weights: ``(T,)`` finite non-negative weights per grid index; copied, as float32,
+                onto the loss's device.
+        """
+        self.forget_timestep_weights = self._per_timestep(weights, "weights")
+
+    def _per_timestep(self, values: Tensor | None, name: str) -> Tensor | None:
+        """``values`` checked as ``(T,)`` finite non-negative numbers, float32 on the device."""
+        if values is None:
+            return None
+        values = check_tensor(values, name, min_dim=1)
+        if values.shape != (len(self.schedule),) or not bool(
+            (torch.isfinite(values) & (values >= 0)).all()
+        ):
+            raise ValueError(
+                f"`{name}` must be {len(self.schedule)} finite non-negative numbers, one per "
+                f"grid index, got shape {tuple(values.shape)}"
+            )
+        return values.detach().to(self.schedule.gamma.device, torch.float32).clone()
 
     def forward(
         self,
@@ -598,7 +663,9 @@ class SISSLoss(UnlearningLoss):
             keep, forget = teacher_siss_terms(
                 distill, error_a, weight_x, weight_a, self.forget_ratio, self.x_from
             )
-        if self.forget_timesteps is not None:  # the time-restricted NegGrad term
-            low, high = self.forget_timesteps
-            forget = forget * ((draw.indices >= low) & (draw.indices <= high)).to(forget.dtype)
+        if self.forget_level is not None:  # up to the level, back down past it
+            level = self.forget_level[draw.indices].to(dtype)
+            forget = self.forget_ratio * weight_a * (error_a - error_a.square() / (2 * level))
+        if self.forget_timestep_weights is not None:  # the time-restricted NegGrad term
+            forget = forget * self.forget_timestep_weights[draw.indices].to(forget.dtype)
         return self._combine(keep, forget, draw, weights)

@@ -401,6 +401,11 @@ class StepResult(NamedTuple):
     skipped: bool
 
 
+def _listed(weights: Tensor | None) -> list[float] | None:
+    """A per-timestep weight tensor as a list (float32 values are exact as floats)."""
+    return None if weights is None else weights.tolist()
+
+
 def _inner(model: nn.Module) -> nn.Module:
     """``model`` without a ``DistributedDataParallel`` wrapper (DDP's forward would prepare a
     gradient reduction and broadcast buffers for a prediction that needs neither)."""
@@ -877,6 +882,47 @@ class Unlearner:
         self.forget_weight *= factor
         self._apply_forget_weight()
 
+    def restrict_forget(self, weights: Tensor | None) -> None:
+        """Weigh the forget term by ``weights[t]`` per grid index from the next step on (SISS
+        only; ``None``: every ``t``, as configured). Saved in ``state_dict``.
+
+        ``siss.stopping.NonmemberStop.forget_timestep_weights`` gives the weights that turn the
+        forget term off at the noise levels where the forget set already ranks like a
+        non-member.
+
+        Args:
+            weights: ``(T,)`` finite non-negative weights, one per grid index of the scheduler.
+
+        Raises:
+            ValueError: a method without SISS's time-restricted forget term, or weights of
+                another shape.
+        """
+        if not hasattr(self.loss_fn, "restrict_forget"):
+            raise ValueError(
+                f"method {self.config.method!r} has no per-timestep forget weights (SISS only)"
+            )
+        self.loss_fn.restrict_forget(weights)
+
+    def set_forget_level(self, level: Tensor | None) -> None:
+        """Drive the forget term's squared error to ``level[t]`` per grid index from the next
+        step on, pulling it back past it (SISS only; ``None``: plain NegGrad). Saved in
+        ``state_dict``.
+
+        ``siss.stopping.NonmemberStop.forget_level`` gives the non-member level. Pair it with a
+        coefficient that does not refresh (``UnlearningConfig(balance_every=max_train_steps)``):
+        a refresh would scale the forget gradient, small near the level by design, back up
+        (``SISSLoss``'s ``forget_level``).
+
+        Args:
+            level: ``(T,)`` finite positive values, in the loss's own squared error.
+
+        Raises:
+            ValueError: a method without SISS's forget term, or values of another shape.
+        """
+        if not hasattr(self.loss_fn, "set_forget_level"):
+            raise ValueError(f"method {self.config.method!r} has no forget level (SISS only)")
+        self.loss_fn.set_forget_level(level)
+
     def _apply_forget_weight(self) -> None:
         if self.config.balancer is None and self._superfactor is not None:
             self.loss_fn.superfactor = self._superfactor * self.forget_weight
@@ -908,6 +954,10 @@ class Unlearner:
             "balancer": None if self.balancer is None else self.balancer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "forget_weight": self.forget_weight,
+            "forget_timestep_weights": _listed(
+                getattr(self.loss_fn, "forget_timestep_weights", None)
+            ),
+            "forget_level": _listed(getattr(self.loss_fn, "forget_level", None)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -929,6 +979,12 @@ class Unlearner:
         self.scale = state["scale"]
         self._norms = [torch.tensor(v) for v in state["calibration_norms"]]
         self.forget_weight = float(state.get("forget_weight", 1.0))
+        if hasattr(self.loss_fn, "restrict_forget") and "forget_timestep_weights" in state:
+            weights = state["forget_timestep_weights"]
+            self.loss_fn.restrict_forget(None if weights is None else torch.tensor(weights))
+        if hasattr(self.loss_fn, "set_forget_level") and "forget_level" in state:
+            level = state["forget_level"]
+            self.loss_fn.set_forget_level(None if level is None else torch.tensor(level))
         if self.config.balancer is None and self._superfactor is not None:
             self.loss_fn.superfactor = self._superfactor * self.forget_weight
         self.balancer = None if self.calibrating else self._build_balancer()

@@ -32,14 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from siss._checks import check_fraction, check_int, check_tensor
-from siss.targets import eps_from_prediction
+from siss.targets import eps_error_scale, eps_from_prediction
 
-__all__ = ["DEFAULT_STOP_TIMESTEPS", "NonmemberCheck", "NonmemberStop"]
+__all__ = ["DEFAULT_STOP_TIMESTEPS", "LEVEL_TIMESTEPS", "NonmemberCheck", "NonmemberStop"]
 
 DEFAULT_STOP_TIMESTEPS: tuple[int, ...] = (50, 100, 250, 500)
 """Noise levels the statistic averages over, as ranks on a 1000-step grid (the 50th, 100th, ...
 least noisy entry; scaled to other grid lengths). The membership check's (50, 100) and two
 mid-range levels, where the issue-23 audit found today's unlearning overshooting first."""
+
+
+LEVEL_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 175, 250, 375, 500, 750, 950)
+"""Noise ranks to measure for ``NonmemberStop.forget_level``: the default four and six more,
+so that the level follows the error's shape over ``t``."""
 
 
 class NonmemberCheck(NamedTuple):
@@ -140,6 +145,9 @@ class NonmemberStop:
             ``None``.
         rescore_references: score the references at every check (default), or once, at the
             start.
+        per_level: ``entered`` when *every* level's percentile has reached ``target``, not
+            their mean; pair it with ``forget_timestep_weights``, which turns the forget term
+            off at the noise levels already there (see that method).
 
     Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
@@ -173,6 +181,7 @@ class NonmemberStop:
         batch_size: int = 256,
         autocast: Any | None = None,
         rescore_references: bool = True,
+        per_level: bool = False,
     ) -> None:
         from siss.adapters import adapter_for, prediction_type_from_scheduler
         from siss.adapters.schedulers import schedule_from_scheduler
@@ -209,6 +218,15 @@ class NonmemberStop:
         order = schedule.sigma.argsort()  # least noisy first, whatever the grid's direction
         self.indices = order[[min(length - 1, round(rank * length / 1000)) for rank in ranks]]
         self.timesteps = tuple(ranks)
+        # Each grid index follows the measured level nearest to it in log noise rank.
+        grid_rank = torch.empty(length, dtype=torch.float64)
+        grid_rank[order] = torch.arange(length, dtype=torch.float64) * 1000 / length
+        measured = torch.tensor([float(min(rank, 999)) for rank in ranks], dtype=torch.float64)
+        distance = (grid_rank.log1p()[:, None] - measured.log1p()[None, :]).abs()
+        self.level_of_index = distance.argmin(1)  # (T,)
+        self.grid_rank = grid_rank
+        self.error_scale = eps_error_scale(self.prediction_type, schedule.gamma, schedule.sigma)
+        self.per_level = bool(per_level)
         device = forget.device
         self.gamma = schedule.gamma[self.indices].to(device, torch.float32)
         self.sigma = schedule.sigma[self.indices].to(device, torch.float32)
@@ -228,6 +246,7 @@ class NonmemberStop:
         self.autocast = autocast
         self.rescore = bool(rescore_references)
         self.start_reference_errors: Tensor | None = None  # (levels, R), float64
+        self.reference_errors: Tensor | None = None  # the last check's, (levels, R')
         self.history: list[NonmemberCheck] = []
 
     @torch.no_grad()
@@ -292,19 +311,80 @@ class NonmemberStop:
                 self.start_reference_errors = references
         else:
             references = self.start_reference_errors
+        self.reference_errors = references
         forget = self.errors(self.forget, self.conditioning)
         per_level = self.percentiles(forget, references).tolist()
         start = self.percentiles(forget, self.start_reference_errors).tolist()
         percentile = sum(per_level) / len(per_level)
+        reached = min(per_level) if self.per_level else percentile
         result = NonmemberCheck(
             step=step,
             percentile=percentile,
             per_timestep=tuple(per_level),
-            entered=math.isfinite(percentile) and percentile >= self.target,
+            entered=math.isfinite(percentile) and reached >= self.target,
             per_timestep_start_references=tuple(start),
         )
         self.history.append(result)
         return result
+
+    def forget_timestep_weights(self, check: NonmemberCheck | None = None) -> Tensor:
+        """Where the forget term should still act after ``check`` (default: the last one):
+        ``(T,)`` float32 over the scheduler's grid, 0 at the grid indices whose nearest measured
+        level (in log noise rank) has reached ``target``, 1 elsewhere (and everywhere before
+        the first check, or at a level that could not be measured).
+
+        Why: unlearning does not reach the non-member level at every noise level at once. On
+        the digits pair SISS brought the mean percentile to 0.5 with the least noisy levels
+        still below it and the middle ones past it (docs/results.md, "Stopping at the
+        non-member level"). With the forget term off where a level has arrived, only the keep
+        term acts there, which pulls the model back toward the teacher, so a level that went
+        past the target comes back, while the levels still below it go on being forgotten.
+        ``siss.Unlearner.restrict_forget`` takes the result.
+        """
+        check = check if check is not None else (self.history[-1] if self.history else None)
+        if check is None:
+            return torch.ones(len(self.level_of_index))
+        per_level = torch.tensor(check.per_timestep, dtype=torch.float64)
+        still = ~(per_level >= self.target)  # NaN: not measured, the forget term stays on
+        return still[self.level_of_index].float()
+
+    def forget_level(self) -> Tensor:
+        """The non-member level of the forget term's squared error at every grid index:
+        ``(T,)`` float32, for ``siss.Unlearner.set_forget_level``.
+
+        At each measured level, the references' median denoising error at the last check
+        (under the model as it was then); between levels, interpolated linearly in log error
+        against log noise rank, and held flat beyond the least and the most noisy level; then
+        divided by ``siss.targets.eps_error_scale``, which turns a noise error into the error
+        against the model's own target (what the loss's ``l_a`` is).
+
+        Why: SISS's forget term is gradient *ascent*, which does not stop where retraining
+        would have left the forget set: on the digits pair its error went past the non-members'
+        at the middle noise levels before reaching them at the small ones, and stopping, or
+        turning the term off per level, did not bring those back (docs/results.md). With the
+        term driven to this level (``SISSLoss``'s ``forget_level``), a noise level that goes
+        past it is pulled back. Measure more levels than the default four (``timesteps``, e.g.
+        ``LEVEL_TIMESTEPS``) for a level that follows the error's shape over ``t``.
+
+        Raises:
+            ValueError: before the first check.
+        """
+        if self.reference_errors is None:
+            raise ValueError("`forget_level` needs a check first (`start()`)")
+        ranks = torch.tensor(self.timesteps, dtype=torch.float64).clamp(max=999).log1p()
+        median = self.reference_errors.median(1).values.clamp(min=1e-30).log()
+        order = ranks.argsort()
+        ranks, median = ranks[order], median[order]
+        where = self.grid_rank.log1p().clamp(ranks[0], ranks[-1])
+        if len(ranks) == 1:
+            log_error = median.expand(len(where))
+        else:
+            right = torch.searchsorted(ranks, where).clamp(1, len(ranks) - 1)
+            left = right - 1
+            share = (where - ranks[left]) / (ranks[right] - ranks[left]).clamp(min=1e-12)
+            log_error = median[left] + share * (median[right] - median[left])
+        level = log_error.exp() / self.error_scale.double().clamp(min=1e-12)
+        return level.clamp(min=1e-30, max=torch.finfo(torch.float32).max).float()
 
     def start(self) -> NonmemberCheck:
         """Scores the references and the forget set before unlearning (step 0)."""

@@ -142,3 +142,35 @@ def x0_from_prediction(
     raise ValueError(
         f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
     )
+
+
+def eps_error_scale(prediction_type: str, gamma: Tensor, sigma: Tensor) -> Tensor:
+    """``(d eps / d prediction)^2`` per row: a squared error against the ``prediction_type``'s
+    target times this is the squared error of the implied noise (``eps_from_prediction`` is
+    affine in the prediction), e.g. to compare a loss's ``l_a`` with a denoising error.
+
+    * ``epsilon``: 1; ``v_prediction``: ``(gamma / (gamma^2 + sigma^2))^2``;
+      ``sample``: ``(gamma / sigma)^2``; ``flow_prediction``: ``(gamma / (gamma + sigma))^2``.
+
+    Args:
+        gamma, sigma: ``(B,)`` (or any matching shape), the schedule at each row.
+
+    Examples:
+        >>> eps_error_scale("sample", torch.tensor([0.6]), torch.tensor([0.8]))
+        tensor([0.5625])
+    """
+    g, s = gamma.double(), sigma.double()
+    if prediction_type == "epsilon":
+        scale = torch.ones_like(g)
+    elif prediction_type == "v_prediction":
+        scale = (g / (g * g + s * s)).square()
+    elif prediction_type == "sample":
+        scale = (g / s).square()
+    elif prediction_type == "flow_prediction":
+        scale = (g / (g + s)).square()
+    else:
+        raise ValueError(
+            f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got "
+            f"{prediction_type!r}"
+        )
+    return scale.to(torch.promote_types(gamma.dtype, torch.float32))

@@ -797,17 +797,24 @@ def test_teacher_bias_at_its_weights_is_the_gradient_of_l_x(where):
         assert bias_z > 5 and l_x.abs().max() > 1e-3, bias_z
 
 
-def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
-    """``forget_timesteps``: rows drawn outside the window lose their forget term, nothing else
-    changes (same draw, same keep term; rows inside keep their forget term exactly)."""
+def _windowed_pair(seed: int, requires_grad: bool = False):
+    """A SISS loss over every t, one with the forget window (0, 400), a float64 draw of 64 rows
+    from the first and a random model output on it."""
     alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     whole = SISSLoss(alphas, superfactor=0.1, n=100, k=1, reduction="none")
     window = SISSLoss(alphas, superfactor=0.1, n=100, k=1, reduction="none",
                       forget_timesteps=(0, 400))  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     x0, a0 = torch.randn(64, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4).double()
     draw = whole.sample(x0, a0, generator=generator)
-    output = torch.randn_like(draw.noisy)
+    output = torch.randn_like(draw.noisy, requires_grad=requires_grad)
+    return whole, window, draw, output, generator
+
+
+def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
+    """``forget_timesteps``: rows drawn outside the window lose their forget term, nothing else
+    changes (same draw, same keep term; rows inside keep their forget term exactly)."""
+    whole, window, draw, output, _ = _windowed_pair(0)
     full, restricted = whole.terms(output, draw), window.terms(output, draw)
     inside = draw.indices <= 400
     assert 0 < int(inside.sum()) < 64
@@ -815,4 +822,51 @@ def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
     assert torch.equal(restricted.forget[inside], full.forget[inside])
     assert (restricted.forget[~inside] == 0).all()
     with pytest.raises(ValueError, match="forget_timesteps"):
-        SISSLoss(alphas, superfactor=0.1, forget_timesteps=(0, 1000))
+        SISSLoss(whole.schedule, superfactor=0.1, forget_timesteps=(0, 1000))
+
+
+def test_per_timestep_forget_weights_scale_each_row_s_forget_term():
+    """``restrict_forget``: row ``j``'s forget term is multiplied by ``weights[t_j]``, the keep
+    term and the draw unchanged; the window's indicator gives the window's terms exactly, and
+    ``None`` drops the window."""
+    whole, window, draw, output, generator = _windowed_pair(1)
+    full = whole.terms(output, draw)
+    weights = torch.rand(1000, generator=generator)
+    whole.restrict_forget(weights)
+    weighted = whole.terms(output, draw)
+    assert torch.equal(weighted.keep, full.keep)
+    torch.testing.assert_close(weighted.forget, full.forget * weights[draw.indices].double())
+    indicator = (torch.arange(1000) <= 400).float()
+    whole.restrict_forget(indicator)
+    assert torch.equal(whole.terms(output, draw).forget, window.terms(output, draw).forget)
+    window.restrict_forget(None)
+    assert torch.equal(window.terms(output, draw).forget, full.forget)
+    for bad in (torch.ones(999), -torch.ones(1000), torch.full((1000,), float("nan"))):
+        with pytest.raises(ValueError, match="one per grid index"):
+            whole.restrict_forget(bad)
+
+
+def test_the_forget_level_pushes_up_to_it_and_pulls_back_past_it():
+    """``set_forget_level``: the forget term is ``ρ w_a (l_a - l_a^2 / (2c[t]))``, the keep term
+    unchanged; a row below its level gets NegGrad's gradient direction scaled by
+    ``1 - l_a/c > 0``, a row above it the opposite direction."""
+    loss, _, draw, output, _ = _windowed_pair(2, requires_grad=True)
+    full = loss.terms(output, draw)
+    live = draw.weight_a > 0
+    error_a = (full.forget / (loss.forget_ratio * draw.weight_a.double())).detach()
+    level = float(error_a[live].median())
+    loss.set_forget_level(torch.full((1000,), level))
+    held = loss.terms(output, draw)
+    assert torch.equal(held.keep, full.keep)
+    expected = loss.forget_ratio * draw.weight_a.double() * (error_a - error_a**2 / (2 * level))
+    torch.testing.assert_close(held.forget[live], expected[live])
+    (plain,) = torch.autograd.grad(full.forget.sum(), output)
+    (pulled,) = torch.autograd.grad(held.forget.sum(), output)
+    slope = (1 - error_a / level).view(-1, 1, 1, 1)
+    torch.testing.assert_close(pulled[live], (slope * plain)[live])
+    assert (slope[live] > 0).any() and (slope[live] < 0).any()
+    loss.set_forget_level(None)
+    assert torch.equal(loss.terms(output, draw).forget, full.forget)
+    for bad in (torch.ones(10), torch.zeros(1000)):
+        with pytest.raises(ValueError, match="level"):
+            loss.set_forget_level(bad)

@@ -4,6 +4,7 @@ teacher and checkpoint state (tiny diffusers models from config, CPU)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -274,6 +275,30 @@ def test_back_off_scales_the_forget_weight_and_resumes_with_it():
     naive = UnlearningConfig(method="naive")
     with pytest.raises(ValueError, match="no forget weight"):
         Unlearner(tiny_unet(), scheduler(), naive, n=101, k=1).back_off(0.5)
+
+
+def test_restrict_and_cap_forget_reach_the_loss_and_resume_with_it():
+    """``restrict_forget``/``set_forget_level``: the loss's per-timestep forget weights and level
+    from the next step on, saved and restored with the recipe's state; refused for a method
+    without SISS's forget term."""
+    weights = (torch.arange(1000) < 300).float()
+    unlearner = Unlearner(tiny_unet(), scheduler(), UnlearningConfig(), n=101, k=1)
+    unlearner.restrict_forget(weights)
+    assert torch.equal(unlearner.loss_fn.forget_timestep_weights, weights)
+    again = Unlearner(tiny_unet(), scheduler(), UnlearningConfig(), n=101, k=1)
+    again.load_state_dict(json.loads(json.dumps(unlearner.state_dict(), default=str)) | {
+        "balancer": None, "ema": None})  # fmt: skip
+    assert torch.equal(again.loss_fn.forget_timestep_weights, weights)
+    unlearner.restrict_forget(None)
+    unlearner.set_forget_level(weights + 0.5)
+    again.load_state_dict(unlearner.state_dict())
+    assert again.loss_fn.forget_timestep_weights is None
+    assert torch.equal(again.loss_fn.forget_level, weights + 0.5)
+    naive = Unlearner(tiny_unet(), scheduler(), UnlearningConfig(method="naive"), n=101, k=1)
+    with pytest.raises(ValueError, match="SISS only"):
+        naive.restrict_forget(weights)
+    with pytest.raises(ValueError, match="SISS only"):
+        naive.set_forget_level(weights + 0.5)
 
 
 def test_calibrated_scale_is_the_median_naive_deletion_gradient_norm():

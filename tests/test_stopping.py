@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
-from siss.stopping import NonmemberStop
+from siss.stopping import NonmemberCheck, NonmemberStop
 
 SHAPE = (1, 4, 4)
 
@@ -190,3 +190,82 @@ def test_the_model_is_scored_in_eval_mode_and_left_training() -> None:
     NonmemberStop(unet, DDPMScheduler(), torch.zeros(1, *SHAPE), torch.randn(4, *SHAPE)).start()
     assert modes and not any(modes)
     assert unet.training
+
+
+def test_per_level_weights_follow_the_nearest_measured_level() -> None:
+    """``forget_timestep_weights``: 0 at the grid indices whose nearest level (in log noise
+    rank) has reached the target, 1 elsewhere; 1 everywhere before a check and at an unmeasured
+    level."""
+    scheduler = DDPMScheduler()  # ascending sigma: grid index = noise rank
+    generator = torch.Generator().manual_seed(4)
+    stop = NonmemberStop(
+        exact_denoiser(draw(8, generator), scheduler),
+        scheduler,
+        draw(1, generator),
+        draw(8, generator),
+        per_level=True,
+    )
+    assert torch.equal(stop.forget_timestep_weights(), torch.ones(1000))
+    check = NonmemberCheck(3, 0.5, (0.2, 0.6, float("nan"), 0.7), False, (0.0,) * 4)
+    weights = stop.forget_timestep_weights(check)
+    assert weights.shape == (1000,)
+    # levels 50, 100, 250, 500; log-rank midpoints at about 71, 158 and 354
+    expected = {0: 1, 50: 1, 70: 1, 72: 0, 100: 0, 157: 0, 159: 1, 250: 1, 353: 1, 355: 0, 999: 0}
+    assert {i: int(weights[i]) for i in expected} == expected
+
+
+def test_per_level_enters_only_when_every_level_has() -> None:
+    scheduler = DDPMScheduler()
+    generator = torch.Generator().manual_seed(5)
+    training, forget, references = draw(8, generator), draw(1, generator), draw(32, generator)
+    predict = exact_denoiser(training, scheduler)
+    levels = NonmemberStop(predict, scheduler, forget, references).start().per_timestep
+    mean = sum(levels) / len(levels)
+    assert min(levels) < mean  # the levels differ, so a target can sit between
+    target = (min(levels) + mean) / 2
+    by_mean = NonmemberStop(predict, scheduler, forget, references, target=target).start()
+    per_level = NonmemberStop(
+        predict, scheduler, forget, references, target=target, per_level=True
+    ).start()
+    assert by_mean.entered and not per_level.entered
+    low = NonmemberStop(
+        predict, scheduler, forget, references, target=min(levels) / 2, per_level=True
+    ).start()
+    assert low.entered
+
+
+def test_the_forget_level_is_the_references_median_error_between_levels() -> None:
+    """``forget_level``: at each measured level the references' median denoising error at the
+    last check; between levels a log-log interpolation (so between its neighbours); flat beyond
+    the least and most noisy; in the loss's own error (``eps_error_scale``) for v-prediction."""
+    generator = torch.Generator().manual_seed(6)
+    training, forget, references = draw(8, generator), draw(1, generator), draw(16, generator)
+    scheduler = DDPMScheduler()
+    stop = NonmemberStop(
+        exact_denoiser(training, scheduler), scheduler, forget, references, noise_draws=2
+    )
+    with pytest.raises(ValueError, match="check first"):
+        stop.forget_level()
+    stop.start()
+    level = stop.forget_level()
+    median = stop.reference_errors.median(1).values.float()
+    torch.testing.assert_close(level[[50, 100, 250, 500]], median)
+    assert (level[:50] == level[50]).all() and (level[500:] == level[500]).all()
+    low, high = sorted((median[0].item(), median[1].item()))
+    assert low <= level[75].item() <= high
+    v_scheduler = DDPMScheduler(prediction_type="v_prediction")
+    v_stop = NonmemberStop(
+        exact_denoiser(training, scheduler), v_scheduler, forget, references, noise_draws=2
+    )
+    v_stop.start()
+    from siss.adapters import schedule_from_scheduler
+    from siss.targets import eps_error_scale
+
+    schedule = schedule_from_scheduler(v_scheduler)
+    scale = eps_error_scale("v_prediction", schedule.gamma, schedule.sigma)
+    torch.testing.assert_close(
+        (v_stop.forget_level().double() * scale.double())[[50, 100, 250, 500]],
+        v_stop.reference_errors.median(1).values,
+        rtol=1e-5,
+        atol=0,
+    )

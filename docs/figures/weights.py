@@ -14,13 +14,15 @@ in the log-ratio), so ``x = 0`` and ``a`` a constant image of norm ``gap`` stand
 also prints, per gap, the largest deviation of the means from 1 in standard errors, and the share
 of rows that train both terms (both weights above 0.2) at t = 999 and over uniform t.
 
-    python docs/figures/weights.py            # writes docs/figures/weights.png (about 10 s)
+    python docs/figures/weights.py                     # writes outputs/figures/weights.png (~10 s)
+    python docs/figures/weights.py --docs docs/figures  # and the shipped docs/figures/weights.png
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +31,6 @@ from siss import NoiseSchedule
 from siss._files import atomic_path
 from siss.functional import importance_weights, mixture_sample
 
-HERE = Path(__file__).resolve().parent
 GAPS = (1.0, 10.0, 100.0, 400.0)
 
 
@@ -38,7 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=HERE / "weights.png", help="the PNG to write")
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/figures/weights.png"), help="the PNG to write"
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy the PNG into DIR as weights.png: `--docs docs/figures` regenerates the "
+        "shipped figure (default: none)",
+    )
     parser.add_argument("--lam", type=float, default=0.5, help="mixture weight λ, in (0, 1)")
     parser.add_argument("--gaps", type=float, nargs="+", default=list(GAPS), help="||x - a||")
     parser.add_argument("--rows", type=int, default=4000, help="noisy points per timestep")
@@ -181,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     results = draw(args)
     print(f"wrote {args.out}")
+    if args.docs is not None:
+        with atomic_path(args.docs / "weights.png") as temporary:
+            shutil.copyfile(args.out, temporary)
+        print(f"wrote {args.docs / 'weights.png'}")
     # Each mean is a Monte Carlo estimate: |z| > 2 at ~5% of the timesteps is what chance gives.
     print("gap     timesteps   largest |mean w_x - 1| / stderr   share of timesteps with |z| > 2")
     for gap, curves in results.items():

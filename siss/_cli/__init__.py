@@ -51,6 +51,7 @@ from siss._cli.recipe import (
     add_method_flags,
     add_nonmember_flags,
     recipe_config,
+    resolve_stop_rule,
 )
 from siss._cli.tracking import step_log
 
@@ -84,6 +85,7 @@ __all__ = [
     "range_check",
     "recipe_config",
     "resolve_device",
+    "resolve_stop_rule",
     "start_trackers",
     "step_log",
     "tracker_available",

@@ -160,6 +160,28 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
         raise ValueError(f"{name}: {message}") from None
 
 
+def resolve_stop_rule(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--stop_rule per_level|level`` here (``None``: nothing): they act
+    with ``--until nonmember`` only, on SISS's forget term, which other methods lack. With
+    ``level``, an unset ``--balance_every`` becomes ``--max_train_steps`` (the coefficient is
+    measured once: a refresh would scale the pull-back's gradient, small near the level, up)."""
+    if args.stop_rule == "mean":
+        return None
+    if args.until != "nonmember":
+        return (
+            f"--stop_rule {args.stop_rule} acts with --until nonmember only, not --until "
+            f"{args.until}"
+        )
+    if args.method != "siss":
+        return (
+            f"--stop_rule {args.stop_rule} acts on SISS's forget term per noise level: it needs "
+            f"--method siss, not {args.method}"
+        )
+    if args.stop_rule == "level" and args.balance_every is None:
+        args.balance_every = args.max_train_steps
+    return None
+
+
 def add_nonmember_flags(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     *,
@@ -179,6 +201,18 @@ def add_nonmember_flags(
         help="--until nonmember stops once the forget images' mean denoising-error percentile "
         "among the stop references reaches this (0.5: the non-members' median, where a "
         "retrained model puts them on average; siss.stopping.NonmemberStop)",
+    )
+    flag(
+        parser,
+        "--stop_rule",
+        choices=("mean", "per_level", "level"),
+        default="mean",
+        help="mean: stop once the mean over the noise levels reaches --stop_target; per_level: "
+        "turn the forget term off at each noise level that has reached it (on again if it "
+        "falls back) and stop once every level has; level: no early stop, but drive the forget "
+        "images' error at each noise level to the stop references' median (measured at every "
+        "check) and pull it back past it, with the forget coefficient measured once "
+        "(--balance_every defaults to --max_train_steps) (siss.stopping.NonmemberStop)",
     )
     flag(
         parser,

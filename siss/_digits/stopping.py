@@ -11,9 +11,14 @@ from typing import Any
 import torch
 
 from siss._cli.parser import flag
-from siss._cli.recipe import add_nonmember_flags
+from siss._cli.recipe import add_nonmember_flags, resolve_stop_rule
 from siss._digits.data import make_tshirt_variants
-from siss.stopping import NonmemberStop
+from siss.stopping import (
+    DEFAULT_STOP_TIMESTEPS,
+    LEVEL_TIMESTEPS,
+    NonmemberCheck,
+    NonmemberStop,
+)
 
 STOP_REFERENCE_SEED = 2
 """``make_tshirt_variants``' seed for the stop references: not the audit's (1)."""
@@ -46,6 +51,8 @@ def check_until(args: argparse.Namespace) -> None:
             "--until nonmember ranks the T-shirt among T-shirt variants: it needs the T-shirt "
             "(no --outlier_image)"
         )
+    if (message := resolve_stop_rule(args)) is not None:
+        raise ValueError(message)
 
 
 def nonmember_stop(
@@ -70,7 +77,26 @@ def nonmember_stop(
         every=args.stop_every,
         seed=args.seed,
         noise_draws=4,
+        per_level=args.stop_rule == "per_level",
+        timesteps=LEVEL_TIMESTEPS if args.stop_rule == "level" else DEFAULT_STOP_TIMESTEPS,
     )
+
+
+def act_on_check(
+    args: argparse.Namespace, stop: NonmemberStop, unlearner: Any, check: NonmemberCheck
+) -> NonmemberCheck:
+    """What ``--stop_rule`` does to the forget term after ``check``; returns the check as the
+    run should read it (``entered`` is never true with ``level``: the run goes on, held there)."""
+    if stop.per_level:
+        unlearner.restrict_forget(stop.forget_timestep_weights(check))
+    if args.stop_rule == "level":
+        unlearner.set_forget_level(stop.forget_level())
+    return check._replace(entered=stops(args, check))
+
+
+def stops(args: argparse.Namespace, check: NonmemberCheck) -> bool:
+    """Whether the run ends at ``check`` (never with ``--stop_rule level``, which holds it)."""
+    return check.entered and args.stop_rule != "level"
 
 
 def stop_state(stop: NonmemberStop | None) -> dict[str, Any] | None:
@@ -82,7 +108,7 @@ def stop_state(stop: NonmemberStop | None) -> dict[str, Any] | None:
     return {**state, "start_reference_errors": None if errors is None else errors.tolist()}
 
 
-def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None:
+def stop_summary(stop: NonmemberStop | None, step: int, rule: str) -> dict[str, Any] | None:
     """What metrics.json records of the rule: its settings, its checks (each with the
     percentile against the references scored then and against their scores at the start) and
     the step it stopped at (``entered_at``: ``None`` when it ran to ``--max_train_steps``)."""
@@ -90,10 +116,13 @@ def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None
         return None
     return {
         "target": stop.target,
+        "rule": rule,
         "timesteps": list(stop.timesteps),
         "references": len(stop.references),
         "noise_draws": stop.noise_draws,
-        "entered_at": next((c.step for c in stop.history if c.entered), None),
+        "entered_at": None
+        if rule == "level"  # held at the level, not stopped
+        else next((c.step for c in stop.history if c.entered), None),
         "final_step": step,
         "checks": [check.to_dict() for check in stop.history],
     }
@@ -106,11 +135,14 @@ def summary_line(summary: dict[str, Any] | None) -> str | None:
     last, start = summary["checks"][-1], summary["checks"][0]
     levels = ", ".join(str(t) for t in summary["timesteps"])
     values = ", ".join(f"{p:.2f}" for p in last["per_timestep"])
-    where = (
-        f"stopped at step {summary['entered_at']}"
-        if summary["entered_at"] is not None
-        else f"did not reach --stop_target {summary['target']:g} (last check: step {last['step']})"
-    )
+    if summary.get("rule") == "level":
+        where = f"held at the non-member level for {summary['final_step']} steps"
+    elif summary["entered_at"] is not None:
+        where = f"stopped at step {summary['entered_at']}"
+    else:
+        where = (
+            f"did not reach --stop_target {summary['target']:g} (last check: step {last['step']})"
+        )
     return (
         f"{where}: the T-shirt's denoising error ranks at percentile {last['percentile']:.2f} "
         f"among {summary['references']} T-shirt variants the model never saw (noise ranks "

@@ -57,6 +57,7 @@ from siss._cli import (
     add_nonmember_flags,
     flag,
     resolve_device,
+    resolve_stop_rule,
     tracker_options,
 )
 from siss._files import write_atomically
@@ -568,6 +569,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.until == "nonmember" and args.verify_every == 0:
         parser.error("--until nonmember measures at the checks: --verify_every must be >= 1")
+    if (message := resolve_stop_rule(args)) is not None:
+        parser.error(message)
     if args.batch_size is not None and (
         args.batch_size < 1 or args.batch_size % args.train_batch_size
     ):

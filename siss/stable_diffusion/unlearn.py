@@ -40,7 +40,7 @@ from siss.stable_diffusion.files import (
     save_checkpoint,
     training_config,
 )
-from siss.stable_diffusion.nonmember import hold_out_references, nonmember_rule
+from siss.stable_diffusion.nonmember import act_on_check, hold_out_references, nonmember_rule
 from siss.stable_diffusion.pipeline import add_lora, denoiser_of, guidance_conditioning
 from siss.stable_diffusion.watch import Watch, restore, snapshot
 
@@ -279,7 +279,9 @@ def _train(
         tracking.log(verification_log(history[0]), 0)
         watch.start(verifier.images.get("train"), verifier.copies.get("train"))
         if nonmember is not None:
-            history[0]["nonmember"] = nonmember.start().to_dict()
+            check = nonmember.start()
+            history[0]["nonmember"] = check.to_dict()
+            act_on_check(args, nonmember, unlearner, check)
         if accelerator.is_main_process:
             watch.save(before_path)
         accelerator.wait_for_everyone()
@@ -334,7 +336,9 @@ def _train(
         if args.verify_every and done % args.verify_every == 0 and done < args.max_train_steps:
             entry = watch.check(done, len(checks))
             if nonmember is not None:
-                entry["nonmember"] = nonmember.check(done).to_dict()
+                check = nonmember.check(done)
+                entry["nonmember"] = check.to_dict()
+                act_on_check(args, nonmember, unlearner, check)
             if entry["keep_outside"]:  # put back the last weights in band; weaker forgetting
                 restore(params, saved)
                 if sum("backed_off" in c for c in checks) < args.keep_backoffs:
@@ -418,6 +422,8 @@ def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[
         }
     if args.until == "nonmember":
         measured = newest.get("nonmember")
+        if args.stop_rule == "level":  # held at the level: the run goes on
+            return None
         if measured is None or not measured["entered"] or newest["keep_outside"]:
             return None
         return {

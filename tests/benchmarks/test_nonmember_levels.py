@@ -19,3 +19,20 @@ def test_one_percentile_per_level_the_same_on_a_second_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "model | rank 50 | rank 500"
     assert lines[1] == lines[2]  # the same folder twice: the same draws, the same row
+
+
+def test_repeats_print_a_mean_and_spread_per_level(tmp_path, capsys):
+    """``--repeats``: the first repeat is the table's row (draw seed 0, every reference); each
+    level's mean and standard deviation over the repeats are printed after the table."""
+    folder = tmp_path / "model"
+    tiny_unet(sample_size=16).save_pretrained(folder)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    argv = [str(folder), "--scheduler", str(folder), "--draws", "2", "--references", "16",
+            "--ranks", "50", "500"]  # fmt: skip
+    single = nonmember_levels.main(argv)
+    repeated = nonmember_levels.main([*argv, "--repeats", "4"])
+    assert single == repeated
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "mean ± standard deviation over 4 repeats (module docstring)"
+    cells = lines[-1].split(" | ")[1:]
+    assert len(cells) == 2 and all("±" in cell for cell in cells)

@@ -473,6 +473,30 @@ def test_until_nonmember_stops_when_the_percentile_reaches_the_target(checkpoint
     assert check["per_timestep"] == check["per_timestep_start_references"]  # nothing moved yet
 
 
+def test_the_level_rule_runs_every_step_holding_the_forget_term_at_the_level(checkpoint, tmp_path):
+    """``--stop_rule level``: even with a target reached before the first step the run takes all
+    its steps; the loss carries the references' level (10 noise levels measured), the balancer's
+    coefficient is measured once, and a resumed run ends with the uninterrupted one's weights."""
+    flags = ["--until", "nonmember", "--stop_rule", "level", "--stop_every", "2",
+             "--stop_references", "8", "--stop_target", "0.001"]  # fmt: skip
+    args = unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags))
+    assert args.balance_every == args.max_train_steps
+    whole = unlearn.run(args)
+    summary = whole["nonmember_stop"]
+    assert whole["steps"] == 4 and summary["entered_at"] is None and summary["rule"] == "level"
+    assert len(summary["timesteps"]) == 10 and [c["step"] for c in summary["checks"]] == [0, 2, 4]
+    assert stopping.summary_line(summary).startswith("held at the non-member level for 4 steps")
+    parts = tmp_path / "parts"
+    unlearn.run(unlearn.parse_args(argv(checkpoint, parts, *flags, "--stop_after", "3")))
+    unlearn.run(
+        unlearn.parse_args(argv(checkpoint, parts, *flags, "--resume_from_checkpoint", "latest"))
+    )
+    name = "diffusion_pytorch_model.safetensors"
+    first = load_file(str(tmp_path / "whole/model" / name))
+    second = load_file(str(parts / "model" / name))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_until_nonmember_resumes_where_an_uninterrupted_run_ends(checkpoint, tmp_path):
     flags = ["--until", "nonmember", "--stop_every", "1", "--stop_references", "8"]
     whole = unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags)))
@@ -499,6 +523,12 @@ def test_until_nonmember_flags_are_checked_before_any_model_loads(tmp_path, caps
         (["--stop_references", "1"], "--stop_references"),
         (["--stop_every", "0"], "--stop_every"),
         (["--until", "gone"], "--until"),
+        (["--stop_rule", "per_level"], "--stop_rule per_level acts with --until nonmember only"),
+        (
+            ["--until", "nonmember", "--stop_rule", "per_level", "--method", "naive"],
+            "it needs --method siss",
+        ),
+        (["--stop_rule", "median"], "--stop_rule"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             unlearn.parse_args([*flags, "--output_dir", str(tmp_path / "out")])

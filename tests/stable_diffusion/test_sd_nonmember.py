@@ -99,4 +99,10 @@ def test_bad_values_are_named_before_anything_loads(tmp_path, capsys):
     expect_exit(capsys, [*base, "--until", "nonmember", "--verify_every", "0"], "--verify_every")
     expect_exit(capsys, [*base, "--stop_target", "1"], "--stop_target")
     expect_exit(capsys, [*base, "--stop_references", "1"], "--stop_references")
+    expect_exit(capsys, [*base, "--stop_rule", "per_level"], "--until nonmember only")
+    expect_exit(
+        capsys,
+        [*base, "--until", "nonmember", "--stop_rule", "per_level", "--method", "naive"],
+        "it needs --method siss",
+    )
     assert not (tmp_path / "out").exists()
