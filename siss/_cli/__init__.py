@@ -5,8 +5,9 @@ training scripts, and the recipe's flags.
 - ``siss._cli.parser``: ``CommandParser``, ``DefaultsHelpFormatter``, ``flag``;
 - ``siss._cli.groups``: ``--pretrained_model_name_or_path``, ``--output_dir``, the training,
   checkpoint, logging and runtime groups, ``resolve_device``, ``start_trackers`` (or
-  ``tracker_options`` and ``tracker_config`` for a command's own Accelerator); the digits
-  commands' data, evaluation, tracking, audit and recipe groups;
+  ``tracker_options`` and ``tracker_config`` for a command's own Accelerator), ``release_run``
+  (what an Accelerator holds of a finished run); the digits commands' data, evaluation,
+  tracking, audit and recipe groups;
 - ``siss._cli.recipe``: ``--keep_target`` and its group, ``recipe_config``;
 - ``siss._cli.tracking``: ``step_log``, what ``--report_to`` logs of a training step.
 """
@@ -31,6 +32,7 @@ from siss._cli.groups import (
     add_tracking_flags,
     add_training_flags,
     check_timesteps,
+    release_run,
     resolve_device,
     start_trackers,
     tracker_available,
@@ -84,6 +86,7 @@ __all__ = [
     "old_spelling",
     "range_check",
     "recipe_config",
+    "release_run",
     "resolve_device",
     "resolve_stop_rule",
     "start_trackers",

@@ -354,6 +354,24 @@ def add_runtime_flags(
     return group
 
 
+def release_run(accelerator: Any) -> None:
+    """Drop everything ``accelerator`` holds of a finished run: what ``accelerator.prepare``
+    returned (models, optimizers, schedulers, data loaders: accelerate's ``free_memory``, which
+    also collects them) and the objects registered for checkpointing (an ``Unlearner`` with its
+    teacher, a ``NonmemberStop``; accelerate has no call to unregister them, so its list is
+    cleared).
+
+    Why: the next run of the same process (a ``--prompts`` list's next job) starts with none of
+    the last one's model, AdamW state or teacher in memory, and its checkpoints hold its own
+    state only; and before ``accelerator.end_training()``, the process group then ends while
+    nothing else holds it. A prepared DDP model collected only at interpreter exit takes gloo's
+    worker threads down with the interpreter: "terminate called without an active exception",
+    an intermittent SIGABRT after a run whose work was done (seen once in CI on two CPU
+    processes)."""
+    accelerator._custom_objects.clear()
+    accelerator.free_memory()
+
+
 def start_trackers(
     args: argparse.Namespace, project_dir: Path, project_name: str, config: dict[str, Any]
 ) -> Any | None:

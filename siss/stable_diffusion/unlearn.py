@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from siss._cli import recipe_config as config_from_flags
-from siss._cli import step_log, tracker_config
+from siss._cli import release_run, step_log, tracker_config
 from siss._files import atomic_folder
 from siss._optional import needs
 from siss.loop import BatchPlan
@@ -219,12 +219,15 @@ def unlearn(
 ) -> dict[str, Any] | None:
     """Fine-tune the denoiser; returns the history of verifications (main process), or ``None``
     when ``--stop_after`` stopped the run early (its checkpoint saved). With ``--report_to``,
-    logged as it goes (``Tracking``), the job's trackers finished however it ends."""
+    logged as it goes (``Tracking``), the job's trackers finished however it ends; and however it
+    ends, the accelerator lets go of the job's prepared model, optimizer and recipe
+    (``siss._cli.release_run``): a ``--prompts`` list's next job starts without them."""
     tracking = Tracking(args, job, accelerator)
     try:
         return _train(args, job, pipe, accelerator, latents, split, verifier, tracking)
     finally:
         tracking.close()
+        release_run(accelerator)
 
 
 def _train(

@@ -65,6 +65,8 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
+    from siss._cli import release_run
+
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
     assert accelerator.num_processes == 2, f"{accelerator.num_processes} process(es), not 2"
@@ -74,6 +76,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         print(json.dumps(report), flush=True)
+    release_run(accelerator)  # nothing left holding the process group that end_training ends
     accelerator.end_training()
 
 

@@ -159,7 +159,31 @@ def test_documented_full_unet_command_removes_the_planted_image(planted, tiny_cl
     assert all(changed[:3]) and sum(changed) > len(changed) // 2
 
 
-def test_prompt_list_runs_each_prompt_and_writes_one_table(planted, tmp_path):
+def test_prompt_list_runs_each_prompt_and_writes_one_table(planted, tmp_path, monkeypatch):
+    """Each prompt runs and has its row; the next prompt's pipeline loads with nothing of the
+    last job's recipe (its model, optimizer and teacher) left in memory."""
+    import gc
+    import weakref
+
+    import siss
+    from siss.stable_diffusion import cli
+
+    recipes = []
+
+    class Recorded(siss.Unlearner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            recipes.append(weakref.ref(self))
+
+    alive_at_loads = []
+
+    def load_and_count(*args, load=cli.load_pipeline, **kwargs):
+        gc.collect()
+        alive_at_loads.append(sum(recipe() is not None for recipe in recipes))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(siss, "Unlearner", Recorded)
+    monkeypatch.setattr(cli, "load_pipeline", load_and_count)
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": planted.prompt}, {"caption": planted.other_prompts[1], "index": 7}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -174,6 +198,7 @@ def test_prompt_list_runs_each_prompt_and_writes_one_table(planted, tmp_path):
     table = (out / "summary.md").read_text()
     assert table.count("\n") == 4 and "no memorization found" in table
     assert json.loads((out / "summary.json").read_text())[1]["metrics"] == {}
+    assert len(recipes) == 1 and alive_at_loads == [0, 0]
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
