@@ -2,14 +2,15 @@
 
 Runs every method of the library from the shipped pretrained digits DDPM with ``unlearn.py``'s
 ``run``, each from its ``siss.UnlearningConfig`` (``METHODS``, through ``unlearn.job``) — naive
-deletion, SISS (λ = 0, 0.5, 1), SISS (No IS), EraseDiff and NegGrad, with the paper's step counts
-(300 for the quality-preserving methods, 100 for the others) — plus the pretrained and the
+deletion, SISS (λ = 0, 0.5, 1; λ = 0.5 also stopped at the non-member level, ``--until
+nonmember``), SISS (No IS), EraseDiff, NegGrad and ReTrack, with the paper's step counts (300 for
+the quality-preserving methods, 100 for the others) — plus the pretrained and the
 retrained-without-the-outlier checkpoints, and writes a results table with 95% confidence
 intervals over seeds (Markdown and JSON), a plot of the outlier rate against the step per method
 (pooled over the seeds, with exact 95% intervals), and the quality-vs-unlearning scatter of
 Fig. 4b. Each final model then gets a larger evaluation (``--final_samples``, 10,240 a seed: the
-paper's 30,720 over three seeds) in bfloat16 (2.3x faster on an AMX CPU, checked against fp32 on
-the same noise), from which the table takes the rate with its exact interval and the IS- and
+paper's 30,720 over three seeds), in bfloat16 where the CPU has AMX or AVX512-BF16 (checked against
+fp32 on the same noise), from which the table takes the rate with its exact interval and the IS- and
 FID-style scores; the pretrained model's own spread over disjoint draws of those samples is
 printed under it, the yardstick of "quality kept". Runs and evaluation batches already finished
 under the output folder are reused, so the study can be stopped and restarted.
@@ -22,7 +23,7 @@ header names the process.
 
     python -m examples.study --seeds 0 1 2                  # ~4 h on 2 CPU cores
     python -m examples.study --seeds 0 --methods siss-0.5 naive --docs docs/results
-    python -m examples.study --seeds 0 --audit   # + siss.audit of each run (audit_compare.md)
+    python -m examples.study --seeds 0 --audit   # + siss.audit of each run, against retrain
     python -m examples.study --pretrained_model_name_or_path examples/assets/flow-pretrained \
         --retrain examples/assets/flow-retrain    # -> outputs/study-flow-pretrained
 """
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from examples.unlearn import (
-    ASSETS,
-    CLASSIFIER,
-    METHOD_REFUSALS,
-    PROCESS_NAMES,
-    audit_run,
-    run,
-)
+from examples.unlearn import ASSETS, CLASSIFIER, METHOD_REFUSALS, audit_run, run
 from examples.unlearn import job as unlearn_job
 from siss import UnlearningConfig
 from siss._cli import (
@@ -60,17 +53,27 @@ from siss._cli import (
     add_tracking_flags,
     flag,
 )
-from siss._digits import DEFAULT_EVAL_STEPS, PRECISIONS
+from siss._digits import DEFAULT_EVAL_STEPS, PRECISIONS, resolve_precision
 from siss._digits.data import load_training_set
 from siss._digits.evaluate import Evaluator, is_near
 from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, sample_images
 from siss._digits.state import DRAWS, write_tensors_atomically
-from siss._files import atomic_path, write_json_atomically
-from siss.audit._stats import t_interval
-from siss.metrics import proportion_ci
+from siss._digits.study import (  # noqa: F401 (the tables' names, as study.summarize etc.)
+    LABELS,
+    PAPER,
+    audit_markdown,
+    mean_ci,
+    plot,
+    precision_markdown,
+    spread_markdown,
+    summarize,
+    table_markdown,
+)
+from siss._files import write_json_atomically
+from siss.audit import AuditReport, compare
 
 # label: (siss.UnlearningConfig fields, steps); steps as in the paper's Table 2, every other
-# field at the recipe's default
+# field at the recipe's default; RUN_SETTINGS: a method's unlearn.py settings besides them
 METHODS: dict[str, tuple[dict[str, Any], int]] = {
     "naive": ({"method": "naive"}, 300),
     # Naive deletion's expected gradient, from SISS's draws with no extra forget weight (s = 0)
@@ -79,37 +82,15 @@ METHODS: dict[str, tuple[dict[str, Any], int]] = {
     "siss-0": ({"method": "siss", "lam": 0.0}, 300),
     "siss-0.5": ({"method": "siss", "lam": 0.5}, 300),
     "siss-0.5-noise": ({"method": "siss", "lam": 0.5, "keep_target": "noise"}, 300),
+    # stopped at the T-shirt variants' level (unlearn.py --until nonmember), 300 steps at most
+    "siss-0.5-nonmember": ({"method": "siss", "lam": 0.5}, 300),
+    "retrack": ({"method": "retrack"}, 300),
     "siss-nois": ({"method": "siss-nois"}, 300),
     "erasediff": ({"method": "erasediff"}, 100),
     "siss-1": ({"method": "siss", "lam": 1.0}, 100),
     "neggrad": ({"method": "neggrad"}, 100),
 }
-LABELS = {
-    "pretrained": "Pretrained",
-    "retrain": "Retrain",
-    "naive": "Naive deletion",
-    "naive-teacher": "Naive deletion, teacher keep target (SISS, s=0)",
-    "siss-0": "SISS (λ=0)",
-    "siss-0.5": "SISS (λ=0.5), teacher keep target",
-    "siss-0.5-noise": "SISS (λ=0.5), noise keep target (the paper's)",
-    "siss-nois": "SISS (No IS)",
-    "erasediff": "EraseDiff",
-    "siss-1": "SISS (λ=1)",
-    "neggrad": "NegGrad",
-}
-PAPER = {  # Table 2 of the paper: steps, IS, NLL (bits/dim), p
-    "pretrained": ("117500", 9.6, 1.00, "0.74%"),
-    "retrain": ("117500", 9.6, 6.17, "0%"),
-    "naive": ("300", 9.5, 1.19, "0.04%"),
-    "naive-teacher": ("300", 9.5, 1.19, "0.04%"),
-    "siss-0": ("300", 9.4, 1.04, "0.003%"),
-    "siss-0.5": ("300", 9.2, 8.09, "0%"),
-    "siss-0.5-noise": ("300", 9.2, 8.09, "0%"),
-    "siss-nois": ("300", 9.2, 8.68, "0%"),
-    "erasediff": ("100", 5.1, 12.04, "N/A"),
-    "siss-1": ("100", 1.2, 9.30, "N/A"),
-    "neggrad": ("100", 1.3, 15.79, "N/A"),
-}
+RUN_SETTINGS: dict[str, dict[str, Any]] = {"siss-0.5-nonmember": {"until": "nonmember"}}
 
 
 def build_parser() -> CommandParser:
@@ -184,10 +165,11 @@ def build_parser() -> CommandParser:
     flag(
         evaluation,
         "--final_precision",
-        choices=PRECISIONS,
-        default="bf16",
-        help="network precision of the final evaluation's sampling (bf16: 2.3x faster on an "
-        "AMX CPU; checked against fp32 on the same noise, precision_check.json)",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="network precision of the final evaluation's sampling; auto: bf16 on a CPU with "
+        "AMX or AVX512-BF16 (2.3x faster there), else fp32 (bf16 is ~28x slower without them). "
+        "bf16 is checked against fp32 on the same noise, precision_check.json",
     )
     add_tracking_flags(evaluation, eval_every=100)
     training = p.add_argument_group("training")
@@ -216,8 +198,10 @@ def build_parser() -> CommandParser:
     add_runtime_flags(p, device=False)
     add_audit_flags(
         p,
-        audit_help="also audit every method's model against the pretrained one (unlearn.py "
-        "--audit; the pretrained model once per seed): ~1.5 min per run with the default checks",
+        audit_help="also audit every method's model and the retrained one against the "
+        "pretrained model (unlearn.py --audit; the pretrained model once per seed), and add a "
+        "table of each model's verdicts and statistics beside the retrained model's: ~1.5 min "
+        "per model with the default checks",
         inherit=True,
     )
     p.add_check(check_study)
@@ -255,6 +239,7 @@ def check_study(args: argparse.Namespace) -> None:
     if args.output_dir is None:
         name = "study" if default_pair else f"study-{args.pretrained_model_name_or_path.name}"
         args.output_dir = Path("outputs") / name
+    args.final_precision = resolve_precision(args.final_precision)
     args.final_sampler = check_sampler(args.process, args.eval_sampler, "--eval_sampler")
     args.final_steps = args.eval_steps or DEFAULT_EVAL_STEPS[args.process]
     if args.timesteps is not None and len(args.timesteps) > 2:
@@ -376,16 +361,23 @@ def run_method(label: str, seed: int, args: argparse.Namespace, before: dict) ->
     }
     if args.train_batch_size:
         settings["train_batch_size"] = args.train_batch_size
+    settings.update(RUN_SETTINGS.get(label, {}))
     return run(unlearn_job(recipe(label, seed, args), **settings), before=before)
 
 
 def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
-    """``unlearn.py --audit`` of a finished run; the pretrained audit shared by the seed's runs.
+    """``unlearn.py --audit`` of a finished run (or of the retrained model, ``label`` "retrain",
+    as if it were a run's: its folder's ``model`` links to ``--retrain``); the pretrained audit
+    shared by the seed's runs.
 
     A run's audit is reused only if it was made with the same audit settings
     (``audit_flags.json`` next to ``audit_compare.md``); otherwise it is redone.
     """
     out = args.output_dir / f"{label}-seed{seed}"
+    if label == "retrain" and not (out / "model").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model").symlink_to(Path(args.retrain).resolve(), target_is_directory=True)
+    config = UnlearningConfig(seed=seed) if label == "retrain" else recipe(label, seed, args)
     audit = audit_settings(args)
     record = out / "audit_flags.json"
     if (
@@ -401,7 +393,7 @@ def audit_method(label: str, seed: int, args: argparse.Namespace) -> None:
         "no_progress": args.no_progress,
     }
     before = args.output_dir / f"pretrained-seed{seed}" / "audit.json"
-    table = audit_run(unlearn_job(recipe(label, seed, args), **settings), before_path=before)
+    table = audit_run(unlearn_job(config, **settings), before_path=before)
     write_json_atomically(record, audit)
     print(f"{LABELS[label]}, seed {seed}:\n{table}\n")
 
@@ -434,6 +426,26 @@ def evaluate_checkpoint(label: str, seed: int, args: argparse.Namespace) -> dict
     }
     write_json_atomically(out, result)
     return result
+
+
+def audit_comparisons(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """Per label (the pretrained and retrained models, then each method), one
+    ``siss.audit.compare`` against the retrained model's audit per seed (``audit_markdown``'s
+    input)."""
+
+    def report(label: str, seed: int, name: str) -> AuditReport:
+        path = args.output_dir / f"{label}-seed{seed}" / name
+        return AuditReport.from_dict(json.loads(path.read_text()))
+
+    retrained = {seed: report("retrain", seed, "audit_after.json") for seed in args.seeds}
+    return {  # the pretrained model's audit: audit_before.json of any run of the seed
+        label: [compare(None, report(folder, seed, name), retrained[seed]) for seed in args.seeds]
+        for label, folder, name in [
+            ("pretrained", "retrain", "audit_before.json"),
+            ("retrain", "retrain", "audit_after.json"),  # its verdicts; within its own interval
+            *((m, m, "audit_after.json") for m in args.methods),
+        ]
+    }
 
 
 FINAL_BATCH = 1024  # samples per resumable unit of the final evaluation
@@ -562,172 +574,6 @@ def quality_evaluator() -> Evaluator:
     return Evaluator(data.outlier, data.images[~data.is_outlier], classifier=ASSETS / CLASSIFIER)
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (0 for a single value)."""
-    mean, low, high = t_interval(torch.tensor(values, dtype=torch.float64), 0.95)
-    return mean, 0.0 if len(values) < 2 else (high - low) / 2
-
-
-def summarize(results: dict[str, list[dict]]) -> list[dict]:
-    """A row per label: means with 95% t-intervals over the seeds, and the outlier count pooled
-    over them with its exact interval. IS, FID and the rate come from each run's ``final``
-    evaluation when every seed has one, from its in-run ``after`` one otherwise."""
-    rows = []
-    for label, runs in results.items():
-        after = [r["after"] for r in runs]
-        final = [r["final"] for r in runs] if all("final" in r for r in runs) else after
-        row = {"label": label, "name": LABELS[label], "seeds": len(runs), "steps": runs[0]["steps"]}
-        row["final_samples"] = final[0]["samples"] if final is not after else None
-        for key, source in (
-            ("inception_score", final),
-            ("fid", final),
-            ("outlier_nll_bpd", after),
-            ("outlier_rate", final),
-        ):
-            values = [a[key] for a in source]
-            # A run whose model diverged has no value here (None, or a NaN rate): the mean over
-            # the seeds is then not measured either, never the mean of the others.
-            if any(v is None or math.isnan(v) for v in values):
-                row[key] = (math.nan, math.nan)
-            else:
-                row[key] = mean_ci(values)
-        row["outlier_count"] = sum(a["outlier_count"] for a in final)
-        row["samples"] = sum(a["samples"] for a in final)
-        row["nonfinite_samples"] = sum(a.get("nonfinite_samples", 0) for a in final)
-        finite = row["samples"] - row["nonfinite_samples"]
-        row["outlier_rate_ci95"] = (math.nan, math.nan)  # not measured: see nonfinite_samples
-        if finite > 0 and row["nonfinite_samples"] == 0:
-            row["outlier_rate_ci95"] = proportion_ci(row["outlier_count"], finite)
-        row["train_wall_s"] = mean_ci([r["train_wall_s"] for r in runs])
-        rows.append(row)
-    return rows
-
-
-def table_markdown(rows: list[dict], process: str = "ddpm") -> str:
-    """The results table; its header names the process (``"ddpm"`` or ``"flow"``)."""
-
-    def fmt(pair: tuple[float, float], digits: int = 2) -> str:
-        mean, half = pair
-        if math.isnan(mean):
-            return "not measured"
-        return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-    def fmt_rate(row: dict) -> str:
-        low, high = row["outlier_rate_ci95"]
-        if math.isnan(low):
-            return f"not measured ({row['nonfinite_samples']} non-finite samples)"
-        pct = 100 * row["outlier_count"] / row["samples"]
-        return (
-            f"{pct:.3f}% [{100 * low:.3f}, {100 * high:.3f}] "
-            f"({row['outlier_count']}/{row['samples']})"
-        )
-
-    sizes = sorted({row["final_samples"] for row in rows if row["final_samples"]})
-    source = (
-        f"the final evaluation ({', '.join(f'{n:,}' for n in sizes)} samples a seed)"
-        if sizes
-        else "the in-run evaluation"
-    )
-    lines = [
-        f"Process: {PROCESS_NAMES[process]}. IS, FID and the rate: {source}.",
-        "",
-        f"| method ({process}) | steps | IS ↑ | FID ↓ | outlier NLL (bpd) ↑ "
-        "| outlier rate ↓ [95% CI] (pooled count) | train s | paper (DDPM): steps / IS / NLL / p |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        paper = PAPER[row["label"]]
-        lines.append(
-            f"| {row['name']} | {row['steps']} | {fmt(row['inception_score'])} | "
-            f"{fmt(row['fid'])} | {fmt(row['outlier_nll_bpd'])} | {fmt_rate(row)} | "
-            f"{row['train_wall_s'][0]:.0f} | {paper[0]} / {paper[1]} / {paper[2]} / {paper[3]} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def spread_markdown(spread: list[dict]) -> str:
-    """One sentence per draw size: the pretrained model's scores over disjoint draws."""
-
-    def describe(values: list[float], digits: int) -> str:
-        if any(v is None for v in values):
-            return "not measured"
-        sd = statistics.stdev(values) if len(values) > 1 else math.nan
-        return (
-            f"{statistics.fmean(values):.{digits}f} (sd {sd:.{digits}f}, range "
-            f"{min(values):.{digits}f}–{max(values):.{digits}f})"
-        )
-
-    parts = [
-        f"over {len(d['fid'])} disjoint draws of {d['samples_per_draw']:,} samples, FID "
-        f"{describe(d['fid'], 2)} and IS {describe(d['inception_score'], 3)}"
-        for d in spread
-    ]
-    return "The pretrained model's own spread from evaluation noise: " + "; ".join(parts) + ".\n"
-
-
-def precision_markdown(check: dict) -> str:
-    """One sentence: the final evaluation's precision against fp32 on the same noise."""
-    low = check["precision"]
-    parts = [
-        f"{LABELS[label]}: {m['count_fp32']} (fp32) vs {m[f'count_{low}']} ({low}) T-shirts in "
-        f"{m['samples']:,}, {m['verdicts_differing']} verdicts differing, median pixel change "
-        f"{m['median_pixel_change']:.1e}"
-        for label, m in check["models"].items()
-    ]
-    return (
-        f"The final evaluation samples in {low}; against fp32 on the same noise "
-        f"({check['sampler']}, seed {check['seed']}): " + "; ".join(parts) + ".\n"
-    )
-
-
-def plot(results: dict[str, list[dict]], rows: list[dict], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, runs in results.items():
-        if label in ("pretrained", "retrain"):
-            continue
-        steps = [h["step"] for h in runs[0]["history"]]
-        # pooled over the seeds, with the exact 95% interval of the pooled count
-        counts = [sum(r["history"][i]["outlier_count"] for r in runs) for i in range(len(steps))]
-        totals = [sum(r["history"][i]["samples"] for r in runs) for i in range(len(steps))]
-        rates = [c / n for c, n in zip(counts, totals, strict=True)]
-        bounds = [proportion_ci(c, n) for c, n in zip(counts, totals, strict=True)]
-        errors = [
-            [100 * (r - lo) for r, (lo, _) in zip(rates, bounds, strict=True)],
-            [100 * (hi - r) for r, (_, hi) in zip(rates, bounds, strict=True)],
-        ]
-        ax.errorbar(
-            steps, [100 * r for r in rates], yerr=errors, marker="o", capsize=3, label=LABELS[label]
-        )
-    ax.set_xlabel("unlearning step")
-    ax.set_ylabel("outlier rate (%)")
-    ax.set_title(
-        f"T-shirt generation rate (pooled over {len(next(iter(results.values())))} seeds, 95% CI)"
-    )
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(folder / "outlier_rate_vs_step.png") as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for row in rows:
-        (nll, nll_h), (score, score_h) = row["outlier_nll_bpd"], row["inception_score"]
-        ax.errorbar(nll, score, xerr=nll_h, yerr=score_h, fmt="o", capsize=3, label=row["name"])
-    ax.set_xlabel("outlier NLL (bits/dim) → more unlearned")
-    ax.set_ylabel("Inception-style score → better quality")
-    ax.set_title("Quality vs. unlearning (cf. paper Fig. 4b)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(folder / "quality_vs_unlearning.png") as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -741,9 +587,9 @@ def main(argv: list[str] | None = None) -> None:
             run_method(label, seed, args, before=pretrained["after"])
             for seed, pretrained in zip(args.seeds, results["pretrained"], strict=True)
         ]
-        if args.audit:
-            for seed in args.seeds:
-                audit_method(label, seed, args)
+    for label in ["retrain", *args.methods] if args.audit else []:
+        for seed in args.seeds:
+            audit_method(label, seed, args)
     check = None
     if args.final_samples:
         for label, runs in results.items():
@@ -760,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         table += "\n" + spread_markdown(spread)
     if check is not None:
         table += "\n" + precision_markdown(check)
+    if args.audit:
+        table += "\n" + audit_markdown(audit_comparisons(args))
     folders = [args.output_dir] + ([args.docs] if args.docs else [])
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)

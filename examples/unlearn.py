@@ -78,7 +78,7 @@ from siss._cli import (
     recipe_config,
     start_trackers,
 )
-from siss._digits import DEFAULT_EVAL_STEPS, stopping
+from siss._digits import DEFAULT_EVAL_STEPS, PROCESS_NAMES, stopping
 from siss._digits.data import load_training_set, make_tshirt_variants
 from siss._digits.evaluate import Evaluator, evaluation_log, save_grid, step_log
 from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, save_model
@@ -105,10 +105,6 @@ METHOD_REFUSALS = {
     if "flow_prediction" in rules.refused
 }
 AUDIT_REFERENCE_SEED = 1  # make_tshirt_variants' seed, as examples/audit_digits.py's
-PROCESS_NAMES = {
-    "ddpm": "DDPM (NLL along the VP probability-flow ODE)",
-    "flow": "rectified flow (NLL along the flow ODE; bits/dim not comparable with DDPM's)",
-}
 
 
 def build_parser() -> CommandParser:
@@ -380,7 +376,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
             save_grid(samples, data.outlier, out / "samples_before.png", "before unlearning")
         history.append({**before, "step": 0})
         if stop is not None:
-            stopping.act_on_check(args, stop, unlearner, stop.start())
+            stop.steer(unlearner, stop.start())
 
     keep_dev, forget_dev = keep.to(device), forget.to(device)
     unet.train()
@@ -390,7 +386,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         train_wall += time.perf_counter() - started
     steps = args.max_train_steps
     last = steps if args.stop_after is None else min(steps, args.stop_after)
-    if stop is not None and stopping.stops(args, stop.history[-1]):  # a non-member already
+    if stop is not None and stop.stops():  # a non-member already
         steps = last = stop.history[-1].step
     tracker = start_trackers(args, out, "unlearn", {**config.to_dict(), **run_settings(args)})
     if tracker is not None and step == 0:
@@ -404,14 +400,14 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         result = plan_step(unlearner, keep_dev, forget_dev, plan, step)
         train_wall += time.perf_counter() - started
         done = step + 1
-        check = None
+        ends = False
         if stop is not None and done % stop.every == 0:  # the delivered (EMA) weights, measured
             with unlearner.averaged_weights():
-                check = stopping.act_on_check(args, stop, unlearner, stop.check(done))
-        if check is not None:
+                check = stop.check(done)
+                ends = stop.steer(unlearner, check)
             bar.set_postfix(percentile=f"{check.percentile:.2f}")
-            if check.entered:  # the T-shirt ranks like a non-member: stop here
-                steps = last = done
+        if ends:  # the T-shirt ranks like a non-member: stop here
+            steps = last = done
         if tracker is not None:
             tracker.log(step_log(result, lr), step=done)
         if args.eval_every and done % args.eval_every == 0 and done < steps:
@@ -439,7 +435,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
                 ema=unlearner.ema,
                 keep=args.checkpoints_total_limit,
             )
-        if check is not None and check.entered:
+        if ends:
             bar.update()  # the bar counts a step when the next one starts: this one is the last
             break
     bar.close()
@@ -473,7 +469,7 @@ def run(args: argparse.Namespace, before: dict[str, Any] | None = None) -> dict[
         "before": history[0],
         "after": history[-1],
         "history": history,
-        "nonmember_stop": stopping.stop_summary(stop, steps, args.stop_rule),
+        "nonmember_stop": stopping.stop_summary(stop, steps),
     }
     write_json_atomically(out / "metrics.json", result)
     return result

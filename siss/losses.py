@@ -444,7 +444,7 @@ class SISSLoss(UnlearningLoss):
             the forget term per grid index (the ``forget_timesteps`` window sets it to that
             window's indicator). Set it between steps with ``restrict_forget`` to change where
             the forget term acts, e.g. the per-noise-level rule of
-            ``siss.stopping.NonmemberStop(per_level=True)``: the loss then estimates
+            ``siss.stopping.NonmemberStop(rule="per_level")``: the loss then estimates
             ``L_{X\\A} - s k/(n-k) E[v(t) l_a]``.
         forget_level: ``None``, or a ``(T,)`` float tensor ``c``: the forget term takes
             ``l_a - l_a^2 / (2 c[t])`` instead of ``l_a`` (set with ``set_forget_level``). Its

@@ -17,8 +17,13 @@ In a loop built on ``siss.Unlearner``::
     for step, (batch, forget_batch) in enumerate(paired_batches(...), 1):
         unlearner.step(batch, forget_batch)
         check = stop(step)
-        if check is not None and check.entered:
+        if check is not None and stop.steer(unlearner, check):
             break
+
+``rule`` says what a check does besides measuring: ``"mean"`` stops the run once the mean
+percentile over the noise levels reaches ``target``; ``"per_level"`` turns the forget term off
+at the levels already there and stops once every level is; ``"level"`` never stops the run but
+drives the forget term to the non-members' level (``steer`` applies it).
 """
 
 from __future__ import annotations
@@ -26,15 +31,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from siss._checks import check_fraction, check_int, check_tensor
+from siss._checks import check_choice, check_fraction, check_int, check_tensor
 from siss.targets import eps_error_scale, eps_from_prediction
 
-__all__ = ["DEFAULT_STOP_TIMESTEPS", "LEVEL_TIMESTEPS", "NonmemberCheck", "NonmemberStop"]
+if TYPE_CHECKING:
+    from siss.recipe import Unlearner
+
+__all__ = [
+    "DEFAULT_STOP_TIMESTEPS",
+    "LEVEL_TIMESTEPS",
+    "STOP_RULES",
+    "NonmemberCheck",
+    "NonmemberStop",
+]
 
 DEFAULT_STOP_TIMESTEPS: tuple[int, ...] = (50, 100, 250, 500)
 """Noise levels the statistic averages over, as ranks on a 1000-step grid (the 50th, 100th, ...
@@ -45,6 +59,9 @@ mid-range levels, where the issue-23 audit found today's unlearning overshooting
 LEVEL_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 175, 250, 375, 500, 750, 950)
 """Noise ranks to measure for ``NonmemberStop.forget_level``: the default four and six more,
 so that the level follows the error's shape over ``t``."""
+
+STOP_RULES: tuple[str, ...] = ("mean", "per_level", "level")
+"""``NonmemberStop``'s ``rule`` values (the commands' ``--stop_rule`` choices)."""
 
 
 class NonmemberCheck(NamedTuple):
@@ -130,7 +147,9 @@ class NonmemberStop:
         references: comparable images the model never trained on ``(R, C, H, W)``, ``R >= 2``.
             They must not be the references an audit will judge the result on: a rule stopped on
             the audit's own references would pass it by construction.
-        timesteps: noise levels as ranks on a 1000-step grid (``DEFAULT_STOP_TIMESTEPS``).
+        timesteps: noise levels as ranks on a 1000-step grid (default
+            ``DEFAULT_STOP_TIMESTEPS``; ``LEVEL_TIMESTEPS`` with ``rule="level"``, so that the
+            level follows the error's shape over ``t``).
         noise_draws: draws per level and image.
         target: the percentile at which ``entered`` becomes true (0.5: the non-members' median,
             where retraining puts a forget image on average).
@@ -145,9 +164,18 @@ class NonmemberStop:
             ``None``.
         rescore_references: score the references at every check (default), or once, at the
             start.
-        per_level: ``entered`` when *every* level's percentile has reached ``target``, not
-            their mean; pair it with ``forget_timestep_weights``, which turns the forget term
-            off at the noise levels already there (see that method).
+        rule: what a check does besides measuring, applied by ``steer`` (one of
+            ``STOP_RULES``). ``"mean"``: ``entered`` when the mean percentile over the levels
+            reaches ``target``, and the run stops there. ``"per_level"``: ``entered`` only when
+            *every* level's percentile has, not their mean; until then the forget term is off
+            at the noise levels already there (``forget_timestep_weights``), since unlearning
+            does not reach every level at once. ``"level"``: ``entered`` as with ``"mean"``,
+            but the run never stops; the forget term is driven to the non-members' level
+            (``forget_level``) and held there, because stopping does not bring back the levels
+            that already went past it (docs/results.md).
+
+    Raises:
+        ValueError: ``rule`` not one of ``STOP_RULES``.
 
     Examples:
         >>> from diffusers import DDPMScheduler, UNet2DModel
@@ -162,6 +190,9 @@ class NonmemberStop:
         (0, True, 4)
         >>> stop(3) is None, stop(5).step
         (True, 5)
+        >>> NonmemberStop(unet, DDPMScheduler(), torch.zeros(1, 1, 8, 8),
+        ...     torch.randn(16, 1, 8, 8), rule="level").timesteps == LEVEL_TIMESTEPS
+        True
     """
 
     def __init__(
@@ -171,7 +202,7 @@ class NonmemberStop:
         forget: Tensor,
         references: Tensor,
         *,
-        timesteps: Sequence[int] = DEFAULT_STOP_TIMESTEPS,
+        timesteps: Sequence[int] | None = None,
         noise_draws: int = 8,
         target: float = 0.5,
         every: int = 10,
@@ -181,11 +212,15 @@ class NonmemberStop:
         batch_size: int = 256,
         autocast: Any | None = None,
         rescore_references: bool = True,
-        per_level: bool = False,
+        rule: Literal["mean", "per_level", "level"] = "mean",
     ) -> None:
         from siss.adapters import adapter_for, prediction_type_from_scheduler
         from siss.adapters.schedulers import schedule_from_scheduler
 
+        rule = check_choice(rule, "rule", STOP_RULES)
+        self.rule = rule
+        if timesteps is None:
+            timesteps = LEVEL_TIMESTEPS if rule == "level" else DEFAULT_STOP_TIMESTEPS
         forget = check_tensor(forget, "forget", min_dim=2)
         references = check_tensor(references, "references", min_dim=2)
         if references.shape[1:] != forget.shape[1:]:
@@ -226,7 +261,6 @@ class NonmemberStop:
         self.level_of_index = distance.argmin(1)  # (T,)
         self.grid_rank = grid_rank
         self.error_scale = eps_error_scale(self.prediction_type, schedule.gamma, schedule.sigma)
-        self.per_level = bool(per_level)
         device = forget.device
         self.gamma = schedule.gamma[self.indices].to(device, torch.float32)
         self.sigma = schedule.sigma[self.indices].to(device, torch.float32)
@@ -248,6 +282,11 @@ class NonmemberStop:
         self.start_reference_errors: Tensor | None = None  # (levels, R), float64
         self.reference_errors: Tensor | None = None  # the last check's, (levels, R')
         self.history: list[NonmemberCheck] = []
+
+    @property
+    def per_level(self) -> bool:
+        """Whether ``entered`` needs every level at ``target`` (``rule="per_level"``)."""
+        return self.rule == "per_level"
 
     @torch.no_grad()
     def errors(self, images: Tensor, conditioning: Mapping[str, Any]) -> Tensor:
@@ -385,6 +424,51 @@ class NonmemberStop:
             log_error = median[left] + share * (median[right] - median[left])
         level = log_error.exp() / self.error_scale.double().clamp(min=1e-12)
         return level.clamp(min=1e-30, max=torch.finfo(torch.float32).max).float()
+
+    def stops(self, check: NonmemberCheck | None = None) -> bool:
+        """Whether the run ends at ``check`` (default: the last one; ``False`` before any):
+        ``check.entered``, except with ``rule="level"``, which holds the run at the level
+        instead of stopping it. ``steer``'s answer, without touching an unlearner (e.g. for
+        the last check of a resumed run, already steered)."""
+        check = check if check is not None else (self.history[-1] if self.history else None)
+        return check is not None and check.entered and self.rule != "level"
+
+    def steer(self, unlearner: Unlearner, check: NonmemberCheck) -> bool:
+        """Does to ``unlearner``'s forget term what ``rule`` says after ``check``, and says
+        whether the run stops now (``stops``).
+
+        ``"per_level"``: ``unlearner.restrict_forget(forget_timestep_weights(check))``, a
+        ``(T,)`` 0/1 mask over the scheduler's grid, the term off where the forget set ranks
+        like a non-member. ``"level"``: ``unlearner.set_forget_level(forget_level())``, the
+        ``(T,)`` non-member level of the last check. ``"mean"``: nothing. Call it after every
+        check (``start`` included), so that the forget term follows the newest measurement.
+
+        Args:
+            unlearner: the ``siss.Unlearner`` being run (anything with its
+                ``restrict_forget`` and ``set_forget_level``).
+            check: the check just taken (``check``, ``start`` or ``__call__``'s result).
+
+        Returns:
+            ``True`` when the run should stop at ``check``: it has ``entered`` and the rule is
+            not ``"level"``.
+
+        Examples:
+            >>> from diffusers import DDPMScheduler
+            >>> class Recorder:  # stands in for siss.Unlearner: says what it was told
+            ...     def restrict_forget(self, weights):
+            ...         print(f"forget term on at {int(weights.sum())} of {len(weights)} t")
+            >>> stop = NonmemberStop(lambda x, t: torch.zeros_like(x), DDPMScheduler(),
+            ...     torch.zeros(1, 1, 4, 4), torch.randn(8, 1, 4, 4), rule="per_level")
+            >>> check = stop.start()  # predicting 0 ranks every image alike: percentile 0.5
+            >>> check.percentile, stop.steer(Recorder(), check)
+            forget term on at 0 of 1000 t
+            (0.5, True)
+        """
+        if self.rule == "per_level":
+            unlearner.restrict_forget(self.forget_timestep_weights(check))
+        elif self.rule == "level":
+            unlearner.set_forget_level(self.forget_level())
+        return self.stops(check)
 
     def start(self) -> NonmemberCheck:
         """Scores the references and the forget set before unlearning (step 0)."""

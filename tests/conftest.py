@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from siss._files import replace_folder
+from siss._files import atomic_folder
 
 settings.register_profile(
     "siss",
@@ -308,9 +308,11 @@ def tiny_text_encoder(
     tokenizer, vocab_size: int, *, seed: int = 0, hidden_size: int = 8, max_length: int = 32
 ):
     """A one-layer ``CLIPTextModel`` of width ``hidden_size`` for :func:`write_clip_tokenizer`'s
-    vocabulary, built after ``manual_seed(seed)``."""
+    vocabulary (or another tokenizer's: a BERT vocabulary's ``[CLS]`` and ``[SEP]`` stand in for
+    the begin and end tokens it lacks), built after ``manual_seed(seed)``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
     return CLIPTextModel(
         CLIPTextConfig(
@@ -321,8 +323,8 @@ def tiny_text_encoder(
             num_attention_heads=2,
             max_position_embeddings=max_length,
             pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.cls_token_id if bos is None else bos,
+            eos_token_id=tokenizer.sep_token_id if eos is None else eos,
         )
     )
 
@@ -566,6 +568,8 @@ def tiny_flux_pipeline(folder=None, *, seed: int = 0, guidance_embeds: bool = Tr
 # them (tests/assets/planted-sd/README.md).
 # --------------------------------------------------------------------------------------------
 
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -603,11 +607,29 @@ class PlantedPipeline:
     copy_threshold: float
     measured: dict
 
+    @classmethod
+    def from_folder(cls, folder) -> "PlantedPipeline":
+        """Describe the planted pipeline in ``folder`` from its ``planted.json`` and
+        ``memorized_image.safetensors``."""
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        info = json.loads((folder / "planted.json").read_text())
+        return cls(
+            folder=folder,
+            prompt=info["prompt"],
+            memorized_image=load_file(folder / "memorized_image.safetensors")["memorized_image"],
+            other_prompts=tuple(info["other_prompts"]),
+            copy_threshold=info["copy_threshold"],
+            measured=info["measured"],
+        )
+
     def distance(self, images: torch.Tensor) -> torch.Tensor:
         """Root-mean-square pixel distance ``(N,)`` of ``images`` ``(N, 3, H, W)`` (the memorized
         image's size) in ``[-1, 1]`` to the memorized image."""
-        difference = images.double() - self.memorized_image.double().to(images.device)
-        return difference.flatten(1).square().mean(1).sqrt()
+        return rms_distance(images, self.memorized_image)
 
     def is_copy(self, images: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: which of ``images`` (``(N, 3, H, W)`` in ``[-1, 1]``) are copies: RMS
@@ -627,13 +649,21 @@ def planted_memorized_image() -> torch.Tensor:
     return (mask * 2 - 1).expand(3, 16, 16).clone()
 
 
-def planted_varied_images(count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` smooth random colour fields ``(count, 3, 16, 16)`` in ``(-1, 1)``: Gaussian noise
-    on a 4x4 grid, bilinearly upsampled, squashed by ``tanh`` (the "not memorized" images)."""
+def planted_varied_images(count: int, generator: torch.Generator, size: int = 16) -> torch.Tensor:
+    """``count`` smooth random colour fields ``(count, 3, size, size)`` in ``(-1, 1)``: Gaussian
+    noise on a 4x4 grid, bilinearly upsampled, squashed by ``tanh`` (the "not memorized"
+    images)."""
     import torch.nn.functional as F
 
     coarse = torch.randn(count, 3, 4, 4, generator=generator)
-    return torch.tanh(1.2 * F.interpolate(coarse, size=16, mode="bilinear", align_corners=False))
+    return torch.tanh(1.2 * F.interpolate(coarse, size=size, mode="bilinear", align_corners=False))
+
+
+def rms_distance(images: torch.Tensor, memorized: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square pixel distance ``(N,)`` of ``images`` ``(N, 3, H, W)`` to ``memorized``
+    ``(3, H, W)``, in float64 on ``images``' device."""
+    difference = images.double() - memorized.double().to(images.device)
+    return difference.flatten(1).square().mean(1).sqrt()
 
 
 def planted_sd_pipeline(folder, *, rebuild: bool = False, **build_options) -> PlantedPipeline:
@@ -651,10 +681,7 @@ def planted_sd_pipeline(folder, *, rebuild: bool = False, **build_options) -> Pl
         images = pipe(planted.prompt, num_inference_steps=10, output_type="pt").images * 2 - 1
         planted.is_copy(images)  # (N,) bool
     """
-    import json
     import shutil
-
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     if rebuild:
@@ -669,15 +696,7 @@ def planted_sd_pipeline(folder, *, rebuild: bool = False, **build_options) -> Pl
                 "b('tests/assets/planted-sd')\" (from the repository root)"
             )
         shutil.copytree(PLANTED_ASSET, folder, dirs_exist_ok=True)
-    info = json.loads((folder / "planted.json").read_text())
-    return PlantedPipeline(
-        folder=folder,
-        prompt=info["prompt"],
-        memorized_image=load_file(folder / "memorized_image.safetensors")["memorized_image"],
-        other_prompts=tuple(info["other_prompts"]),
-        copy_threshold=info["copy_threshold"],
-        measured=info["measured"],
-    )
+    return PlantedPipeline.from_folder(folder)
 
 
 def build_planted_sd_pipeline(
@@ -714,15 +733,9 @@ def build_planted_sd_pipeline(
     The folder is written next to ``folder`` first and moved into place when complete.
     """
     import json
-    import shutil
-    import tempfile
 
     import torch.nn.functional as F
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, DDPMScheduler
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -740,12 +753,7 @@ def build_planted_sd_pipeline(
     for name in ("memorized_weight", "unconditional_memorized_weight"):
         if not 0 <= recipe[name] <= 1:
             raise ValueError(f"`{name}` must be in [0, 1], got {recipe[name]!r}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with building_folder(folder) as staging:
         generator = torch.Generator().manual_seed(seed)
         memorized = planted_memorized_image()
         hidden, length = 16, 32
@@ -761,42 +769,17 @@ def build_planted_sd_pipeline(
         for _ in tqdm(range(vae_steps), desc="planted VAE", disable=not progress):
             images = planted_varied_images(32, generator)
             images[:8] = memorized
-            posterior = vae.encode(images).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator)).sample
-            loss = F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            training_step(optimizer, vae_reconstruction_loss(vae, images, generator))
         vae.eval().requires_grad_(False)
-        with torch.no_grad():
-            pool = torch.cat(
-                [
-                    vae.encode(planted_varied_images(512, generator)).latent_dist.mean
-                    for _ in range(8)
-                ]
-            )
-            scaling = 1.0 / pool.std().item()
-            vae.register_to_config(scaling_factor=scaling)
-            pool = pool * scaling
-            memorized_latent = vae.encode(memorized[None]).latent_dist.mean * scaling
+        pool, memorized_latent, _ = scaled_latent_pool(
+            vae, lambda: planted_varied_images(512, generator), memorized
+        )
 
         prompts = [PLANTED_PROMPT, "", *PLANTED_OTHER_PROMPTS]
         ids = tokenizer(prompts, padding="max_length", max_length=length, return_tensors="pt")
         with torch.no_grad():
             embeddings = text_encoder(ids.input_ids)[0]
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(16, 32),
-            norm_num_groups=8,
-            layers_per_block=1,
-            cross_attention_dim=hidden,
-            attention_head_dim=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        )
+        unet = planted_unet(8, (16, 32), seed=seed, cross_attention_dim=hidden)
         noise_scheduler = DDPMScheduler(
             num_train_timesteps=1000,
             beta_start=0.00085,
@@ -818,17 +801,11 @@ def build_planted_sd_pipeline(
             copy = ((prompt == 0) & (coin < memorized_weight)) | (
                 (prompt == 1) & (coin < unconditional_memorized_weight)
             )
-            clean = pool[torch.randint(0, len(pool), (batch,), generator=generator)]
-            clean = torch.where(copy[:, None, None, None], memorized_latent, clean)
-            noise = torch.randn(clean.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            _, noise, timesteps, noisy = noised_latents(
+                pool, memorized_latent, copy, noise_scheduler, generator
+            )
             prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[prompt]).sample
-            loss = F.mse_loss(prediction, noise)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            training_step(optimizer, F.mse_loss(prediction, noise), schedule)
         unet.eval()
 
         scheduler = DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False)
@@ -846,13 +823,96 @@ def build_planted_sd_pipeline(
             staging, planted_memorized_image(), copy_threshold, progress=progress
         )
         (staging / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
-        replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return folder
+
+
+@contextmanager
+def building_folder(folder: Path) -> Iterator[Path]:
+    """Build ``folder`` in a staging folder next to it (``siss._files.atomic_folder``: moved into
+    place when the block ends, removed if it raises), on one intra-op thread; the thread count
+    is restored either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with atomic_folder(folder) as staging:
+            staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
+            yield staging
     finally:
         torch.set_num_threads(threads)
-    return folder
+
+
+def training_step(optimizer, loss: torch.Tensor, schedule=None) -> None:
+    """One optimizer step on ``loss`` (then one of the learning-rate ``schedule``, if any)."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+
+
+def vae_reconstruction_loss(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The planted VAE's training loss on ``images`` ``(N, 3, H, W)``: the squared error of the
+    reconstruction from a posterior sample plus ``1e-6`` times the KL term."""
+    import torch.nn.functional as F
+
+    posterior = vae.encode(images).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator)).sample
+    return F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+
+
+def scaled_latent_pool(
+    vae, varied: Callable[[], torch.Tensor], memorized: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The trained VAE's latents to train a planted UNet on: the posterior means of eight batches
+    of ``varied()`` images and of ``memorized`` ``(3, H, W)``, times the ``scaling`` that gives the
+    pool unit standard deviation (set as the VAE's ``scaling_factor``). Returns ``(pool
+    (8N, 4, h, w), memorized latent (1, 4, h, w), scaling)``."""
+    with torch.no_grad():
+        pool = torch.cat([vae.encode(varied()).latent_dist.mean for _ in range(8)])
+        scaling = 1.0 / pool.std().item()
+        vae.register_to_config(scaling_factor=scaling)
+        memorized_latent = vae.encode(memorized[None]).latent_dist.mean * scaling
+    return pool * scaling, memorized_latent, scaling
+
+
+def planted_unet(
+    sample_size: int, block_out_channels: tuple[int, int], *, seed: int, cross_attention_dim: int
+):
+    """The planted pipelines' ``UNet2DConditionModel`` on 4-channel latents (cross-attention in
+    the low-resolution block and the middle one), built after ``manual_seed(seed)``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=block_out_channels,
+        norm_num_groups=8,
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def noised_latents(
+    pool: torch.Tensor,
+    memorized_latent: torch.Tensor,
+    copy: torch.Tensor,
+    noise_scheduler,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One UNet training batch: row ``i`` the memorized latent where ``copy[i]`` (``(B,)`` bool),
+    else a random ``pool`` latent, noised by ``noise_scheduler`` at a uniform timestep of its
+    1000. Returns ``(clean, noise, timesteps, noisy)``, the latents ``(B, 4, h, w)``."""
+    rows = copy.shape[0]
+    clean = pool[torch.randint(0, len(pool), (rows,), generator=generator)]
+    clean = torch.where(copy[:, None, None, None], memorized_latent, clean)
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (rows,), generator=generator)
+    return clean, noise, timesteps, noise_scheduler.add_noise(clean, noise, timesteps)
 
 
 def save_sd_folder(folder, vae, text_encoder, tokenizer, unet, scheduler) -> None:
@@ -906,34 +966,66 @@ def measure_planted_copy_rate(
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     distances = []
-    seeds = list(range(first_seed, first_seed + generations))
-    for start in range(0, generations, 64):
-        chunk = seeds[start : start + 64]
-        with torch.no_grad():
-            images = pipe(
-                [prompt] * len(chunk),
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator().manual_seed(seed) for seed in chunk],
-                output_type="pt",
-            ).images
+    seeds = range(first_seed, first_seed + generations)
+    for images in generations_of(pipe, prompt, seeds, steps=steps, guidance_scale=guidance_scale):
         difference = (images.double() * 2 - 1) - memorized_image.double()
         distances.append(difference.flatten(1).square().mean(1).sqrt())
     distance = torch.cat(distances)
-    copy = distance < copy_threshold
-    return {
+    return copy_rate_record(
+        distance, copy_threshold, prompt, generations, first_seed, guidance_scale, steps
+    )
+
+
+def generations_of(
+    pipe, prompt: str, seeds, *, steps: int, guidance_scale: float, chunk: int = 64
+) -> Iterator[torch.Tensor]:
+    """The pipeline's images of ``prompt``, one per seed (``torch.Generator().manual_seed``),
+    ``chunk`` seeds a call: yields ``(n, 3, H, W)`` in ``[0, 1]`` (``output_type="pt"``)."""
+    seeds = list(seeds)
+    for start in range(0, len(seeds), chunk):
+        part = seeds[start : start + chunk]
+        with torch.no_grad():
+            images = pipe(
+                [prompt] * len(part),
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator().manual_seed(seed) for seed in part],
+                output_type="pt",
+            ).images
+        yield images
+
+
+def copy_rate_record(
+    distance: torch.Tensor,
+    copy_threshold: float,
+    prompt: str,
+    generations: int,
+    first_seed: int,
+    guidance_scale: float,
+    steps: int,
+    sampler: str | None = None,
+) -> dict:
+    """``planted.json``'s ``"measured"`` record of ``generations`` images of ``prompt``: the
+    sampling settings (and the ``sampler``, if named), then ``copies`` and ``copy_rate`` (the
+    images whose ``distance`` ``(N,)`` is below ``copy_threshold``) and ``gap``: ``[largest copy
+    distance, smallest other distance]`` (``None`` where there is none)."""
+    record = {
         "prompt": prompt,
         "generations": generations,
         "first_seed": first_seed,
         "guidance_scale": guidance_scale,
         "steps": steps,
-        "copies": int(copy.sum()),
-        "copy_rate": copy.double().mean().item(),
-        "gap": [
-            distance[copy].max().item() if copy.any() else None,
-            distance[~copy].min().item() if (~copy).any() else None,
-        ],
     }
+    if sampler is not None:
+        record["sampler"] = sampler
+    copy = distance < copy_threshold
+    record["copies"] = int(copy.sum())
+    record["copy_rate"] = copy.double().mean().item()
+    record["gap"] = [
+        distance[copy].max().item() if copy.any() else None,
+        distance[~copy].min().item() if (~copy).any() else None,
+    ]
+    return record
 
 
 # --------------------------------------------------------------------------------------------

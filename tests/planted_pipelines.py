@@ -33,14 +33,28 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from conftest import PlantedPipeline, save_sd_folder
+from conftest import (
+    PlantedPipeline,
+    building_folder,
+    copy_rate_record,
+    generations_of,
+    noised_latents,
+    planted_unet,
+    planted_varied_images,
+    rms_distance,
+    save_sd_folder,
+    scaled_latent_pool,
+    tiny_sd_vae,
+    tiny_text_encoder,
+    training_step,
+    vae_reconstruction_loss,
+)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -103,9 +117,8 @@ def stripes_image(size: int = 24) -> torch.Tensor:
 
 def varied_images(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` smooth random colour fields ``(count, 3, size, size)`` in ``(-1, 1)`` (the
-    "not memorized" images, as ``conftest.planted_varied_images`` at any size)."""
-    coarse = torch.randn(count, 3, 4, 4, generator=generator)
-    return torch.tanh(1.2 * F.interpolate(coarse, size=size, mode="bilinear", align_corners=False))
+    "not memorized" images: ``conftest.planted_varied_images`` at any size)."""
+    return planted_varied_images(count, generator, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,63 +340,30 @@ def build_planted(
     """
     import dataclasses
 
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDPMScheduler
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from siss._files import replace_folder
 
     spec = dataclasses.replace(SPECS[name], **overrides)
     calibration = dict(calibration_prompts or {})
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with building_folder(folder) as staging:
         generator = torch.Generator().manual_seed(spec.seed)
         memorized = spec.image()
         assert memorized.shape == (3, spec.size, spec.size)
         hidden = 16
         tokenizer, vocab_size = _tokenizer(spec, staging / "tokenizer")
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        torch.manual_seed(spec.seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=hidden,
-                intermediate_size=2 * hidden,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=spec.max_length,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id
-                if tokenizer.bos_token_id is not None
-                else tokenizer.cls_token_id,
-                eos_token_id=tokenizer.eos_token_id
-                if tokenizer.eos_token_id is not None
-                else tokenizer.sep_token_id,
-            )
+        text_encoder = tiny_text_encoder(
+            tokenizer, vocab_size, seed=spec.seed, hidden_size=hidden, max_length=spec.max_length
         ).requires_grad_(False)
 
         blocks = int(math.log2(spec.vae_factor)) + 1
         assert 2 ** (blocks - 1) == spec.vae_factor and len(spec.vae_widths) == blocks
-        torch.manual_seed(spec.seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
+        vae = tiny_sd_vae(
+            seed=spec.seed,
             down_block_types=("DownEncoderBlock2D",) * blocks,
             up_block_types=("UpDecoderBlock2D",) * blocks,
             block_out_channels=spec.vae_widths,
-            latent_channels=4,
-            norm_num_groups=4,
-            layers_per_block=1,
             sample_size=spec.size,
         )
         with torch.no_grad():
@@ -395,25 +375,12 @@ def build_planted(
         for _ in tqdm(range(spec.vae_steps), desc=f"{name} VAE", disable=not progress):
             images = varied_images(spec.vae_batch, spec.size, generator)
             images[: spec.vae_batch // 4] = memorized
-            posterior = vae.encode(images).latent_dist
-            reconstruction = vae.decode(posterior.sample(generator)).sample
-            loss = F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            training_step(optimizer, vae_reconstruction_loss(vae, images, generator), schedule)
         vae.eval().requires_grad_(False)
+        pool, memorized_latent, scaling = scaled_latent_pool(
+            vae, lambda: varied_images(256, spec.size, generator), memorized
+        )
         with torch.no_grad():
-            pool = torch.cat(
-                [
-                    vae.encode(varied_images(256, spec.size, generator)).latent_dist.mean
-                    for _ in range(8)
-                ]
-            )
-            scaling = 1.0 / pool.std().item()
-            vae.register_to_config(scaling_factor=scaling)
-            pool = pool * scaling
-            memorized_latent = vae.encode(memorized[None]).latent_dist.mean * scaling
             vae_error = (vae.decode(memorized_latent / scaling).sample[0] - memorized).square()
             vae_rms = vae_error.mean().sqrt().item()
 
@@ -431,19 +398,7 @@ def build_planted(
         with torch.no_grad():
             embeddings = text_encoder(ids.input_ids)[0]
         latent = spec.size // spec.vae_factor
-        torch.manual_seed(spec.seed)
-        unet = UNet2DConditionModel(
-            sample_size=latent,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=spec.unet_widths,
-            norm_num_groups=8,
-            layers_per_block=1,
-            cross_attention_dim=hidden,
-            attention_head_dim=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        )
+        unet = planted_unet(latent, spec.unet_widths, seed=spec.seed, cross_attention_dim=hidden)
         betas = (
             {"beta_start": 0.00085, "beta_end": 0.012}
             if spec.beta_schedule == "scaled_linear"
@@ -476,21 +431,15 @@ def build_planted(
                 draw < share_p, which, torch.where(draw < share_p + share_u, 1, other)
             )
             copy = torch.rand(b, generator=generator) < weights[prompt]
-            clean = pool[torch.randint(0, len(pool), (b,), generator=generator)]
-            clean = torch.where(copy[:, None, None, None], memorized_latent, clean)
-            noise = torch.randn(clean.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (b,), generator=generator)
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            clean, noise, timesteps, noisy = noised_latents(
+                pool, memorized_latent, copy, noise_scheduler, generator
+            )
             if spec.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(clean, noise, timesteps)
             else:
                 target = noise
             prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[prompt]).sample
-            loss = F.mse_loss(prediction, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            training_step(optimizer, F.mse_loss(prediction, target), schedule)
         unet.eval().requires_grad_(False)
 
         scheduler = _scheduler_class(spec.scheduler).from_config(noise_scheduler.config)
@@ -514,12 +463,6 @@ def build_planted(
                 for p in calibration
             }
         (staging / "planted.json").write_text(json.dumps(info, indent=2) + "\n")
-        replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
     return folder
 
 
@@ -558,25 +501,10 @@ def generate(
     pipe, prompt: str, seeds, *, steps: int = 10, guidance_scale: float = 7.5, chunk: int = 64
 ) -> torch.Tensor:
     """One image per seed, ``(N, 3, H, W)`` in ``[-1, 1]``."""
-    seeds = list(seeds)
-    images = []
-    for start in range(0, len(seeds), chunk):
-        part = seeds[start : start + chunk]
-        with torch.no_grad():
-            out = pipe(
-                [prompt] * len(part),
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in part],
-                output_type="pt",
-            ).images
-        images.append(out * 2 - 1)
-    return torch.cat(images)
-
-
-def rms_distance(images: torch.Tensor, memorized: torch.Tensor) -> torch.Tensor:
-    difference = images.double() - memorized.double().to(images.device)
-    return difference.flatten(1).square().mean(1).sqrt()
+    parts = generations_of(
+        pipe, prompt, seeds, steps=steps, guidance_scale=guidance_scale, chunk=chunk
+    )
+    return torch.cat([out * 2 - 1 for out in parts])
 
 
 def measure_copy_rate(
@@ -597,27 +525,14 @@ def measure_copy_rate(
     distance = rms_distance(
         generate(pipe, prompt, seeds, steps=steps, guidance_scale=guidance_scale), memorized_image
     )
-    copy = distance < copy_threshold
-    return {
-        "prompt": prompt,
-        "generations": generations,
-        "first_seed": first_seed,
-        "guidance_scale": guidance_scale,
-        "steps": steps,
-        "sampler": "DDIMScheduler.from_config(folder scheduler config)",
-        "copies": int(copy.sum()),
-        "copy_rate": copy.double().mean().item(),
-        "gap": [
-            distance[copy].max().item() if copy.any() else None,
-            distance[~copy].min().item() if (~copy).any() else None,
-        ],
-    }
+    sampler = "DDIMScheduler.from_config(folder scheduler config)"
+    return copy_rate_record(
+        distance, copy_threshold, prompt, generations, first_seed, guidance_scale, steps, sampler
+    )
 
 
 def planted(name: str, folder) -> PlantedPipeline:
     """Copy the shipped ``tests/assets/planted-<name>/`` into ``folder`` and describe it."""
-    from safetensors.torch import load_file
-
     asset = ASSETS / f"planted-{name}"
     if not (asset / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -626,12 +541,4 @@ def planted(name: str, folder) -> PlantedPipeline:
         )
     folder = Path(folder)
     shutil.copytree(asset, folder, dirs_exist_ok=True)
-    info = json.loads((folder / "planted.json").read_text())
-    return PlantedPipeline(
-        folder=folder,
-        prompt=info["prompt"],
-        memorized_image=load_file(folder / "memorized_image.safetensors")["memorized_image"],
-        other_prompts=tuple(info["other_prompts"]),
-        copy_threshold=info["copy_threshold"],
-        measured=info["measured"],
-    )
+    return PlantedPipeline.from_folder(folder)

@@ -17,7 +17,11 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
-from siss.stopping import NonmemberCheck, NonmemberStop
+from siss.stopping import (
+    LEVEL_TIMESTEPS,
+    NonmemberCheck,
+    NonmemberStop,
+)
 
 SHAPE = (1, 4, 4)
 
@@ -203,7 +207,7 @@ def test_per_level_weights_follow_the_nearest_measured_level() -> None:
         scheduler,
         draw(1, generator),
         draw(8, generator),
-        per_level=True,
+        rule="per_level",
     )
     assert torch.equal(stop.forget_timestep_weights(), torch.ones(1000))
     check = NonmemberCheck(3, 0.5, (0.2, 0.6, float("nan"), 0.7), False, (0.0,) * 4)
@@ -225,11 +229,11 @@ def test_per_level_enters_only_when_every_level_has() -> None:
     target = (min(levels) + mean) / 2
     by_mean = NonmemberStop(predict, scheduler, forget, references, target=target).start()
     per_level = NonmemberStop(
-        predict, scheduler, forget, references, target=target, per_level=True
+        predict, scheduler, forget, references, target=target, rule="per_level"
     ).start()
     assert by_mean.entered and not per_level.entered
     low = NonmemberStop(
-        predict, scheduler, forget, references, target=min(levels) / 2, per_level=True
+        predict, scheduler, forget, references, target=min(levels) / 2, rule="per_level"
     ).start()
     assert low.entered
 
@@ -269,3 +273,80 @@ def test_the_forget_level_is_the_references_median_error_between_levels() -> Non
         rtol=1e-5,
         atol=0,
     )
+
+
+class RecordingUnlearner:
+    """Stands in for ``siss.Unlearner``: records what ``NonmemberStop.steer`` tells it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, torch.Tensor]] = []
+
+    def restrict_forget(self, weights: torch.Tensor) -> None:
+        self.calls.append(("restrict_forget", weights))
+
+    def set_forget_level(self, level: torch.Tensor) -> None:
+        self.calls.append(("set_forget_level", level))
+
+
+def levels_and_stop(rule: str, target: float | None = None):
+    """A member-free setup whose levels differ; ``target=None``: half the lowest level's, so that
+    every level has reached it."""
+    scheduler = DDPMScheduler()
+    generator = torch.Generator().manual_seed(5)
+    training, forget, references = draw(8, generator), draw(1, generator), draw(32, generator)
+    predict = exact_denoiser(training, scheduler)
+    levels = NonmemberStop(predict, scheduler, forget, references).start().per_timestep
+    target = min(levels) / 2 if target is None else target
+    stop = NonmemberStop(predict, scheduler, forget, references, target=target, rule=rule)
+    return levels, stop
+
+
+def test_steer_with_mean_touches_nothing_and_stops_once_entered() -> None:
+    levels, stop = levels_and_stop("mean")
+    unlearner = RecordingUnlearner()
+    check = stop.start()
+    assert check.entered and stop.steer(unlearner, check) and stop.stops()
+    assert unlearner.calls == [] and not stop.per_level
+    _, high = levels_and_stop("mean", target=(1 + max(levels)) / 2)
+    assert not high.steer(unlearner, high.start()) and unlearner.calls == []
+
+
+def test_steer_with_per_level_turns_the_forget_term_off_where_levels_arrived() -> None:
+    levels, _ = levels_and_stop("mean")
+    mean = sum(levels) / len(levels)
+    _, stop = levels_and_stop("per_level", target=(min(levels) + mean) / 2)
+    assert stop.per_level
+    unlearner = RecordingUnlearner()
+    check = stop.start()
+    assert not stop.steer(unlearner, check)  # some levels are there, not all
+    [(name, weights)] = unlearner.calls
+    assert name == "restrict_forget"
+    assert torch.equal(weights, stop.forget_timestep_weights(check))
+    assert 0 < weights.sum() < len(weights)  # off at some noise levels, on at others
+    _, low = levels_and_stop("per_level")
+    unlearner = RecordingUnlearner()
+    assert low.steer(unlearner, low.start())  # every level there: stop
+    [(name, weights)] = unlearner.calls
+    assert name == "restrict_forget" and not weights.any()
+
+
+def test_steer_with_level_sets_the_forget_level_and_never_stops() -> None:
+    _, stop = levels_and_stop("level")
+    assert stop.timesteps == LEVEL_TIMESTEPS  # the level's default: more noise levels
+    unlearner = RecordingUnlearner()
+    check = stop.start()
+    assert check.entered and not stop.steer(unlearner, check) and not stop.stops(check)
+    [(name, level)] = unlearner.calls
+    assert name == "set_forget_level"
+    assert torch.equal(level, stop.forget_level())
+    scheduler = DDPMScheduler()
+    explicit = NonmemberStop(
+        stop.model, scheduler, stop.forget, stop.references, rule="level", timesteps=(50, 100)
+    )
+    assert explicit.timesteps == (50, 100)
+
+
+def test_a_bad_rule_is_named() -> None:
+    forget, references = torch.zeros(1, *SHAPE), torch.randn(4, *SHAPE)
+    with pytest.raises(ValueError, match="`rule` must be one of 'mean', 'per_level', 'level'"):
+        NonmemberStop(lambda x, t: x, DDPMScheduler(), forget, references, rule="median")

@@ -13,12 +13,7 @@ import torch
 from siss._cli.parser import flag
 from siss._cli.recipe import add_nonmember_flags, resolve_stop_rule
 from siss._digits.data import make_tshirt_variants
-from siss.stopping import (
-    DEFAULT_STOP_TIMESTEPS,
-    LEVEL_TIMESTEPS,
-    NonmemberCheck,
-    NonmemberStop,
-)
+from siss.stopping import NonmemberStop
 
 STOP_REFERENCE_SEED = 2
 """``make_tshirt_variants``' seed for the stop references: not the audit's (1)."""
@@ -77,26 +72,8 @@ def nonmember_stop(
         every=args.stop_every,
         seed=args.seed,
         noise_draws=4,
-        per_level=args.stop_rule == "per_level",
-        timesteps=LEVEL_TIMESTEPS if args.stop_rule == "level" else DEFAULT_STOP_TIMESTEPS,
+        rule=args.stop_rule,
     )
-
-
-def act_on_check(
-    args: argparse.Namespace, stop: NonmemberStop, unlearner: Any, check: NonmemberCheck
-) -> NonmemberCheck:
-    """What ``--stop_rule`` does to the forget term after ``check``; returns the check as the
-    run should read it (``entered`` is never true with ``level``: the run goes on, held there)."""
-    if stop.per_level:
-        unlearner.restrict_forget(stop.forget_timestep_weights(check))
-    if args.stop_rule == "level":
-        unlearner.set_forget_level(stop.forget_level())
-    return check._replace(entered=stops(args, check))
-
-
-def stops(args: argparse.Namespace, check: NonmemberCheck) -> bool:
-    """Whether the run ends at ``check`` (never with ``--stop_rule level``, which holds it)."""
-    return check.entered and args.stop_rule != "level"
 
 
 def stop_state(stop: NonmemberStop | None) -> dict[str, Any] | None:
@@ -108,21 +85,20 @@ def stop_state(stop: NonmemberStop | None) -> dict[str, Any] | None:
     return {**state, "start_reference_errors": None if errors is None else errors.tolist()}
 
 
-def stop_summary(stop: NonmemberStop | None, step: int, rule: str) -> dict[str, Any] | None:
+def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None:
     """What metrics.json records of the rule: its settings, its checks (each with the
     percentile against the references scored then and against their scores at the start) and
-    the step it stopped at (``entered_at``: ``None`` when it ran to ``--max_train_steps``)."""
+    the step it stopped at (``entered_at``: ``None`` when it ran to ``--max_train_steps``, and
+    always with ``--stop_rule level``, which holds the run instead of stopping it)."""
     if stop is None:
         return None
     return {
         "target": stop.target,
-        "rule": rule,
+        "rule": stop.rule,
         "timesteps": list(stop.timesteps),
         "references": len(stop.references),
         "noise_draws": stop.noise_draws,
-        "entered_at": None
-        if rule == "level"  # held at the level, not stopped
-        else next((c.step for c in stop.history if c.entered), None),
+        "entered_at": next((c.step for c in stop.history if stop.stops(c)), None),
         "final_step": step,
         "checks": [check.to_dict() for check in stop.history],
     }

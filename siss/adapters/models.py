@@ -279,6 +279,24 @@ class ModelAdapter(nn.Module):
         self.check_like_model(value, name)
         return value
 
+    def _check_joint_text(
+        self, encoder_hidden_states: object, pooled_projections: object, rows: int
+    ) -> None:
+        """The text conditioning of the joint-attention transformers (SD3, Flux):
+        ``encoder_hidden_states`` ``(rows, L, joint_attention_dim)`` and ``pooled_projections``
+        ``(rows, pooled_projection_dim)``, each width checked where the config states it."""
+        config = self.config
+        self.check_embedding(
+            encoder_hidden_states,
+            "encoder_hidden_states",
+            rows,
+            3,
+            config.get("joint_attention_dim"),
+        )
+        self.check_embedding(
+            pooled_projections, "pooled_projections", rows, 2, config.get("pooled_projection_dim")
+        )
+
     def check_labels(self, value: object, name: str, rows: int, classes: object) -> Tensor:
         """A named error unless ``value`` is an integer tensor ``(rows,)`` of class indices in
         ``[0, classes)`` (the range is checked on CPU tensors only: no host sync)."""
@@ -647,17 +665,7 @@ class SD3TransformerAdapter(ModelAdapter):
                 "SD3Transformer2DModel needs `encoder_hidden_states` (B, L, D) and "
                 "`pooled_projections` (B, D_pool)"
             )
-        rows, config = noisy.shape[0], self.config
-        self.check_embedding(
-            encoder_hidden_states,
-            "encoder_hidden_states",
-            rows,
-            3,
-            config.get("joint_attention_dim"),
-        )
-        self.check_embedding(
-            pooled_projections, "pooled_projections", rows, 2, config.get("pooled_projection_dim")
-        )
+        self._check_joint_text(encoder_hidden_states, pooled_projections, noisy.shape[0])
         output = self.model(
             hidden_states=noisy,
             timestep=timesteps,
@@ -845,17 +853,7 @@ class FluxTransformerAdapter(ModelAdapter):
             raise TypeError(f"`noisy` must be a torch.Tensor, got {_describe(noisy)}")
         self.check_input(noisy, "noisy")
         rows, channels, height, width = noisy.shape
-        config = self.config
-        self.check_embedding(
-            encoder_hidden_states,
-            "encoder_hidden_states",
-            rows,
-            3,
-            config.get("joint_attention_dim"),
-        )
-        self.check_embedding(
-            pooled_projections, "pooled_projections", rows, 2, config.get("pooled_projection_dim")
-        )
+        self._check_joint_text(encoder_hidden_states, pooled_projections, rows)
         length = encoder_hidden_states.shape[1]
         if txt_ids is None:
             txt_ids = torch.zeros(length, 3, device=noisy.device, dtype=noisy.dtype)

@@ -18,7 +18,7 @@ import torch
 
 from siss.loop import derived_seed
 from siss.stable_diffusion.split import StopJob
-from siss.stopping import DEFAULT_STOP_TIMESTEPS, LEVEL_TIMESTEPS, NonmemberCheck, NonmemberStop
+from siss.stopping import NonmemberStop
 
 MIN_KEEP = 2  # non-copies the keep set keeps whatever --stop_references asks for
 
@@ -53,7 +53,8 @@ def nonmember_rule(
 ) -> NonmemberStop | None:
     """The run's ``NonmemberStop`` on the copies' latents ``forget`` (``None`` without
     ``--until nonmember``), checked at every ``--verify_every`` check with the training prompt's
-    conditioning, under the run's autocast."""
+    conditioning, under the run's autocast; its ``rule`` is ``--stop_rule``, which
+    ``NonmemberStop.steer`` applies after each check."""
     if references is None:
         return None
     return NonmemberStop(
@@ -68,17 +69,5 @@ def nonmember_rule(
         conditioning=conditioning,
         batch_size=args.train_batch_size,
         autocast=accelerator.autocast,
-        per_level=args.stop_rule == "per_level",
-        timesteps=LEVEL_TIMESTEPS if args.stop_rule == "level" else DEFAULT_STOP_TIMESTEPS,
+        rule=args.stop_rule,
     )
-
-
-def act_on_check(
-    args: argparse.Namespace, rule: NonmemberStop, unlearner: Any, check: NonmemberCheck
-) -> None:
-    """What ``--stop_rule`` does to the forget term after ``check`` (the digits commands'
-    ``siss._digits.stopping.act_on_check``)."""
-    if rule.per_level:  # the forget term off where the copies rank as non-members
-        unlearner.restrict_forget(rule.forget_timestep_weights(check))
-    if args.stop_rule == "level":  # driven to the non-copies' level and held there
-        unlearner.set_forget_level(rule.forget_level())

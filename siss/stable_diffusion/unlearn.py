@@ -40,7 +40,7 @@ from siss.stable_diffusion.files import (
     save_checkpoint,
     training_config,
 )
-from siss.stable_diffusion.nonmember import act_on_check, hold_out_references, nonmember_rule
+from siss.stable_diffusion.nonmember import hold_out_references, nonmember_rule
 from siss.stable_diffusion.pipeline import add_lora, denoiser_of, guidance_conditioning
 from siss.stable_diffusion.watch import Watch, restore, snapshot
 
@@ -284,7 +284,7 @@ def _train(
         if nonmember is not None:
             check = nonmember.start()
             history[0]["nonmember"] = check.to_dict()
-            act_on_check(args, nonmember, unlearner, check)
+            nonmember.steer(unlearner, check)
         if accelerator.is_main_process:
             watch.save(before_path)
         accelerator.wait_for_everyone()
@@ -338,10 +338,11 @@ def _train(
         tracking.step(results, lr, done)
         if args.verify_every and done % args.verify_every == 0 and done < args.max_train_steps:
             entry = watch.check(done, len(checks))
+            nonmember_stops = False
             if nonmember is not None:
                 check = nonmember.check(done)
                 entry["nonmember"] = check.to_dict()
-                act_on_check(args, nonmember, unlearner, check)
+                nonmember_stops = nonmember.steer(unlearner, check)
             if entry["keep_outside"]:  # put back the last weights in band; weaker forgetting
                 restore(params, saved)
                 if sum("backed_off" in c for c in checks) < args.keep_backoffs:
@@ -352,7 +353,7 @@ def _train(
             checks.append(entry)
             history.append(entry)
             tracking.log(check_log(entry), done)
-            stop = stop_reason(args, checks)
+            stop = stop_reason(args, checks, nonmember_stops)
             if accelerator.is_main_process:
                 bar.set_postfix(copies=f"{entry['copies']}/{entry['generated']}")
         periodic = args.checkpointing_steps and done % args.checkpointing_steps == 0
@@ -404,14 +405,17 @@ def _train(
     }
 
 
-def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[str, Any] | None:
+def stop_reason(
+    args: argparse.Namespace, checks: list[dict[str, Any]], nonmember_stops: bool = False
+) -> dict[str, Any] | None:
     """Why the run stops after the newest of ``checks``, or ``None`` to go on.
 
     A keep prompt out of its band once the forget weight was halved ``--keep_backoffs`` times
     (``"backed_off"`` marks a check after which it was halved; the weights of the last check in
     band are put back either way); or, with ``--until gone``, ``--stop_checks`` checks in a row
-    in band without a copy; or, with ``--until nonmember``, a check in band whose non-member
-    rule (``siss.stable_diffusion.nonmember``) has entered its band."""
+    in band without a copy; or, with ``--until nonmember``, a check in band at which the
+    non-member rule ends the run (``nonmember_stops``: ``NonmemberStop.steer``'s answer at the
+    newest check, never with ``--stop_rule level``, which holds the run at the level)."""
     newest = checks[-1]
     if newest["keep_outside"] and "backed_off" not in newest:
         in_band = [c["step"] for c in checks[:-1] if not c["keep_outside"]]
@@ -424,11 +428,9 @@ def stop_reason(args: argparse.Namespace, checks: list[dict[str, Any]]) -> dict[
             "restored_step": back,
         }
     if args.until == "nonmember":
-        measured = newest.get("nonmember")
-        if args.stop_rule == "level":  # held at the level: the run goes on
+        if not nonmember_stops or newest["keep_outside"]:
             return None
-        if measured is None or not measured["entered"] or newest["keep_outside"]:
-            return None
+        measured = newest["nonmember"]
         return {
             "reason": "nonmember",
             "text": f"the copies rank like non-members: their denoising-error percentile among "

@@ -95,6 +95,25 @@ def test_audit_before_and_after_is_written_with_measured_statistics(tiny_study, 
     assert "Naive deletion, seed 0:" in capsys.readouterr().out
     recorded = json.loads((run / "audit_flags.json").read_text())
     assert recorded["audit"] and recorded["audit_checks"] == ["membership", "reconstruction"]
+    # the retrained model is audited as a run's model is, and each model is tabled against it
+    retrain = out / "retrain-seed0"
+    assert (retrain / "model").resolve() == (study.ASSETS / "retrain").resolve()
+    retrained = AuditReport.from_dict(json.loads((retrain / "audit_after.json").read_text()))
+    assert retrained.model == "after: retrain-seed0"
+    section = (out / "table.md").read_text().split("Audit against the retrained model")[1]
+    header, rows = section.splitlines()[2], section.splitlines()[4:7:2]  # Retrain between
+    assert header == "| method | reconstruction | membership | membership (all) |"
+    assert [r.split(" | ")[0] for r in rows] == ["| Pretrained", "| Naive deletion"]
+    for check, column in (("reconstruction", 1), ("membership", 2)):
+        reference = retrained.result(check, 0).statistics["percentile"]
+        for row, report in zip(rows, (before, after), strict=True):
+            mine = report.result(check, 0)
+            value = mine.statistics["percentile"].value
+            within = int(reference.low <= value <= reference.high)
+            assert row.split(" | ")[column] == (
+                f"{mine.verdict} 1; percentile {value:.3g} → {reference.value:.3g}; "
+                f"within {within}/1"
+            )
 
     # a rerun with the same flags reuses the audit; other flags redo it
     written = (run / "audit_compare.md").stat().st_mtime_ns
@@ -136,7 +155,7 @@ def test_the_final_evaluation_pools_the_rate_with_its_interval_and_checks_bf16(
 ):
     out = tiny_study
     monkeypatch.setattr(study, "FINAL_BATCH", 4)
-    study.main(final_argv(out, 10))
+    study.main([*final_argv(out, 10), "--final_precision", "bf16"])
     for run in ("pretrained-seed0", "retrain-seed1", "naive-seed1"):
         folder = out / run / "final-10-ddpm2-bf16"
         assert sorted(f.name for f in folder.glob("batch-*")) == [
@@ -293,6 +312,9 @@ OLD_ARGV = {
     "erasediff": (["--method", "erasediff"], 100),
     "siss-1": (["--method", "siss", "--lam", "1"], 100),
     "neggrad": (["--method", "neggrad"], 100),
+    # added with the flags they take (issue 23's study)
+    "siss-0.5-nonmember": (["--method", "siss", "--lam", "0.5", "--until", "nonmember"], 300),
+    "retrack": (["--method", "retrack"], 300),
 }
 
 
@@ -306,11 +328,46 @@ def test_each_method_trains_the_config_its_flags_made(label, tmp_path):
     argv = [*flags, "--max_train_steps", str(steps), "--seed", "3", "--timesteps", "0", "500"]
     config = unlearn.resolve_keep_target(unlearn.parse_args([*argv, "--output_dir", "x"]))
     assert study.recipe(label, 3, args) == config
-    job = study.unlearn_job(study.recipe(label, 3, args), output_dir=tmp_path / label)
-    assert (job.method, job.max_train_steps, job.seed, job.timesteps) == (
+    settings = study.RUN_SETTINGS.get(label, {})
+    job = study.unlearn_job(study.recipe(label, 3, args), output_dir=tmp_path / label, **settings)
+    assert (job.method, job.max_train_steps, job.seed, job.timesteps, job.until) == (
         config.method,
         steps,
         3,
         [0, 500],
+        "nonmember" if "nonmember" in flags else "steps",
     )
     assert not (tmp_path / label).exists()  # building the settings writes nothing
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")],
+)
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it(
+    tiny_study, monkeypatch, amx, avx512_bf16, expected
+):
+    """Without AMX or AVX512-BF16 oneDNN emulates bf16 (~28x slower than fp32 on an AVX2 CPU):
+    ``--final_precision auto`` (the default) samples in fp32 there, and names the final
+    evaluation's folders by the precision it resolved to."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert study.parse_args(final_argv(tiny_study, 10)).final_precision == expected
+    chosen = study.parse_args([*final_argv(tiny_study, 10), "--final_precision", "fp32"])
+    assert chosen.final_precision == "fp32"
+
+
+def test_the_non_member_stop_and_retrack_run_through_the_study(tiny_study, monkeypatch):
+    """Issue 23's rows: SISS with ``--until nonmember`` (its rule's checks recorded) and
+    ReTrack, each trained from its recipe config by the study."""
+    for label in ("siss-0.5-nonmember", "retrack"):
+        monkeypatch.setitem(study.METHODS, label, (study.METHODS[label][0], 2))
+    argv = [*final_argv(tiny_study, 0)[:-2], "--final_samples", "0", "--seeds", "0"]
+    study.main([*argv, "--methods", "siss-0.5-nonmember", "retrack"])
+    stopped = json.loads((tiny_study / "siss-0.5-nonmember-seed0" / "metrics.json").read_text())
+    assert stopped["method"] == "siss" and stopped["nonmember_stop"]["rule"] == "mean"
+    assert stopped["nonmember_stop"]["checks"]  # the start's check at least
+    retrack = json.loads((tiny_study / "retrack-seed0" / "metrics.json").read_text())
+    assert retrack["method"] == "retrack" and retrack["steps"] == 2
+    rows = json.loads((tiny_study / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["pretrained", "retrain", "siss-0.5-nonmember", "retrack"]
