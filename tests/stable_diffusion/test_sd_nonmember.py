@@ -1,7 +1,8 @@
 """``--until nonmember`` of the Stable Diffusion job on the random tiny pipeline (CPU): the
 copies' denoising-error percentile among held-out non-copies is measured at every check, the
-run stops at the first check that reaches ``--stop_target`` (and not before), a resumed run
-measures what an uninterrupted one does, and the flags are checked before anything loads."""
+run stops at the first check that reaches ``--stop_target`` (and not before), ``--stop_rule
+level`` sets the forget term's level at every check and never stops, a resumed run measures
+what an uninterrupted one does, and the flags are checked before anything loads."""
 
 from __future__ import annotations
 
@@ -76,6 +77,37 @@ def test_a_resumed_run_measures_what_an_uninterrupted_one_does(generated, never,
     finally:
         reset_accelerate()
     assert measured(resumed) == measured(never)
+
+
+def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
+    generated, tmp_path, monkeypatch
+):
+    """``--stop_rule level``: every check (the start's included) sets the forget term's level,
+    one finite positive value per training timestep, from the checks' ten noise levels; a
+    check that reached the target does not stop the run, which takes all its steps."""
+    import math
+
+    import siss
+    from siss.stopping import LEVEL_TIMESTEPS
+
+    levels = []
+    set_level = siss.Unlearner.set_forget_level
+
+    def recorded(self, level):
+        levels.append((level.clone(), len(self.loss_fn.schedule)))  # (T,): the grid
+        return set_level(self, level)
+
+    monkeypatch.setattr(siss.Unlearner, "set_forget_level", recorded)
+    metrics = job(generated, tmp_path / "level", "--stop_rule", "level", "--stop_target", "0.01")
+    checks = measured(metrics)
+    assert [check["step"] for check in checks] == [0, 1, 2, 3] and all(c["entered"] for c in checks)
+    assert all(len(check["per_timestep"]) == len(LEVEL_TIMESTEPS) for check in checks)
+    assert metrics["stop"]["reason"] == "cap" and metrics["stop"]["steps"] == 4
+    assert len(levels) == len(checks)
+    for level, timesteps in levels:
+        assert level.shape == (timesteps,) and torch.isfinite(level).all() and (level > 0).all()
+    assert not torch.equal(levels[0][0], levels[-1][0])  # measured again at every check
+    assert all(math.isfinite(loss) for loss in metrics["loss"])
 
 
 def test_the_references_are_held_out_of_the_keep_set():
