@@ -158,8 +158,10 @@ class ReTrackDraw(DenoisingDraw):
         >>> alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
         >>> loss_fn = ReTrackLoss(alphas_cumprod, num_neighbors=2)
         >>> draw = loss_fn.sample(torch.randn(3, 4), torch.randn(1, 4))
-        >>> draw.noisy.shape, draw.neighbors.shape, draw.neighbor_weights.sum(1).tolist()
-        (torch.Size([6, 4]), torch.Size([3, 2, 4]), [1.0, 1.0, 1.0])
+        >>> draw.noisy.shape, draw.neighbors.shape
+        (torch.Size([6, 4]), torch.Size([3, 2, 4]))
+        >>> torch.allclose(draw.neighbor_weights.sum(1), torch.ones(3))  # to float32 rounding
+        True
     """
 
     neighbors: Tensor

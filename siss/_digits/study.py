@@ -269,5 +269,6 @@ def _audit_cell(per_seed: list[Comparison], check: str, image: int | None) -> st
     if any(math.isnan(v) for pair in values for v in pair):
         return f"{counts}; {key} not measured on every seed"
     mine, retrain = (statistics.fmean(v) for v in zip(*values, strict=True))
-    within = sum(bool(r.within) for r in chosen)
-    return f"{counts}; {key} {mine:.3g} → {retrain:.3g}; within {within}/{len(chosen)}"
+    within = [r.within for r in chosen]  # None: the retrained model's has no interval
+    inside = "no interval" if None in within else f"{sum(within)}/{len(within)}"
+    return f"{counts}; {key} {mine:.3g} → {retrain:.3g}; within {inside}"

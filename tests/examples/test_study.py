@@ -371,3 +371,38 @@ def test_the_non_member_stop_and_retrack_run_through_the_study(tiny_study, monke
     assert retrack["method"] == "retrack" and retrack["steps"] == 2
     rows = json.loads((tiny_study / "results.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["pretrained", "retrain", "siss-0.5-nonmember", "retrack"]
+
+
+def test_the_audit_table_counts_verdicts_and_seeds_within_the_retrained_interval():
+    """Constructed audits of two seeds: the verdicts are counted, the key statistic (the
+    percentile, not the NLL) is averaged beside the retrained model's, "within" counts the seeds
+    whose value lies in the retrained model's interval, and a statistic the retrained model
+    could not measure says so instead of counting as outside."""
+    from siss._digits.study import audit_markdown
+    from siss.audit import AuditReport, CheckResult, Estimate, compare
+
+    def report(name, percentile, verdict, low=0.0, high=1.0):
+        stats = {
+            "nll_bpd": Estimate(8.0, 7.9, 8.1, 4, "lower"),
+            "percentile": Estimate(percentile, low, high, 128, "lower"),
+        }
+        held = {"held": True, "not held": False, "overshot": False}[verdict]
+        return AuditReport(name, [CheckResult("likelihood", 0, stats, held, "", verdict=verdict)])
+
+    retrained = [
+        report("retrain", 0.6, "not held", 0.5, 0.7),
+        report("retrain", 0.4, "not held", 0.3, 0.5),
+    ]
+    unlearned = [report("a", 0.65, "not held"), report("a", 0.98, "overshot")]
+    table = audit_markdown(
+        {"siss-0.5": [compare(None, u, r) for u, r in zip(unlearned, retrained, strict=True)]}
+    )
+    row = table.splitlines()[-1]
+    assert row == (
+        "| SISS (λ=0.5), teacher keep target | not held 1, overshot 1; "
+        "percentile 0.815 → 0.5; within 1/2 |"
+    )
+    missing = report("retrain", 0.6, "not held")
+    missing.results[0].statistics["percentile"] = Estimate.missing("diverged", "lower")
+    table = audit_markdown({"retrack": [compare(None, unlearned[0], missing)]})
+    assert table.splitlines()[-1].endswith("; percentile not measured on every seed |")
