@@ -58,11 +58,9 @@ from siss._digits.data import load_training_set
 from siss._digits.evaluate import Evaluator, is_near
 from siss._digits.models import check_sampler, checkpoint_process, load_scheduler, sample_images
 from siss._digits.state import DRAWS, write_tensors_atomically
-from siss._digits.study import (  # noqa: F401 (the tables' names, as study.summarize etc.)
+from siss._digits.study import (
     LABELS,
-    PAPER,
     audit_markdown,
-    mean_ci,
     plot,
     precision_markdown,
     spread_markdown,
