@@ -1,17 +1,18 @@
 """Cost of the unlearning methods and of the superfactor rule, measured side by side in one run.
 
 Times six training steps of one small diffusers ``UNet2DModel`` (``DDPMScheduler``, AdamW) on the
-same batch size ``B``, interleaved round by round in a rotating order so that machine noise hits
-all alike; every round runs ``--unit`` consecutive steps of each (so the amortized balancer with
-``K = --unit`` does exactly one refresh per round) and records the mean step time:
+same batch size ``B``, interleaved step by step in an order that rotates every round, so that
+machine noise hits all alike; every round runs ``--unit`` steps of each (so the amortized balancer
+with ``K = --unit`` does exactly one refresh per round) and records each one's mean step time:
 
 * ``plain``     plain diffusers fine-tuning step (MSE on B noisy rows, one backward)
 * ``siss``      SISS (λ = 0.5), fixed superfactor: one forward on B rows, one ``loss.backward()``
 * ``siss-nois`` SISS (No IS): one forward on 2B rows (x_t and a_t), one ``loss.backward()``
 * ``balanced``  SISS + ``NormBalancer`` (fix mode, ratio 0.1), exact every step: two backwards
 * ``amortized`` SISS + ``NormBalancer(every=K)``: two backwards once per K steps, one otherwise
-* ``teacher``   SISS with the teacher keep target (the scripts' default): one forward of a frozen
-  copy of the model without gradient, then as ``balanced`` (``NormBalancer`` in absolute mode)
+* ``teacher``   SISS with the teacher keep target: one forward of the recipe's frozen copy of the
+  model (``teacher_for``) without gradient, then as ``balanced`` (``NormBalancer`` in absolute
+  mode, exact every step)
 * ``recipe``    ``siss.Unlearner`` with its defaults (teacher keep target under
   ``inference_mode``, the calibrated absolute balancer refreshed every
   ``DEFAULT_BALANCE_EVERY`` steps): the default a user gets, through the library's own step
@@ -38,11 +39,11 @@ where gradient copies show.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ from benchmarks.step_time import make_model  # the same small UNet2DModel as the
 from siss import SISSLoss, Unlearner, UnlearningConfig
 from siss.balancer import NormBalancer
 from siss.baselines import SISSNoISLoss
+from siss.recipe import teacher_for
 
 METHODS = ("plain", "siss", "siss-nois", "balanced", "amortized", "authors", "teacher", "recipe")
 
@@ -126,7 +128,7 @@ def build_steps(
     exact = NormBalancer(params, ratio=args.ratio)
     amortized = NormBalancer(params, ratio=args.ratio, every=args.unit)
     absolute = NormBalancer(params, mode="absolute", target_norm=1e-2)
-    teacher_model = copy.deepcopy(model).requires_grad_(False).eval()
+    teacher = teacher_for(model, channels_last=device.type == "cpu")  # as the recipe's own
     # The library's default recipe on the same model and optimizer; one calibration batch, which
     # the warm-up steps spend. No clipping and a constant lr, as the other methods.
     recipe = Unlearner(
@@ -160,13 +162,13 @@ def build_steps(
 
         return step
 
-    def with_terms(combine, teacher: torch.nn.Module | None = None) -> Callable[[], None]:
+    def with_terms(combine, teacher: Any = None) -> Callable[[], None]:
         def step() -> None:
             draw = siss.sample(x0, a0, generator=generator)
             extra = {}
             if teacher is not None:
                 with torch.inference_mode():
-                    extra["teacher_output"] = teacher(draw.noisy, draw.timesteps).sample
+                    extra["teacher_output"] = teacher.predict(draw.noisy, draw.timesteps)
             terms = siss.terms(model(draw.noisy, draw.timesteps).sample, draw, **extra)
             combine(terms.keep, terms.forget)
             finish()
@@ -187,7 +189,7 @@ def build_steps(
         "balanced": with_terms(balanced_with(exact)),
         "amortized": with_terms(balanced_with(amortized)),
         "authors": with_terms(lambda k, f: authors_surgery(params, k, f, args.ratio)),
-        "teacher": with_terms(balanced_with(absolute), teacher_model),
+        "teacher": with_terms(balanced_with(absolute), teacher),
         "recipe": lambda: recipe.step(x0, a0),
     }
     return steps, model
@@ -239,13 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     for round_index in range(args.rounds):
         shift = round_index % len(METHODS)
-        for name in METHODS[shift:] + METHODS[:shift]:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.unit):
+        order = METHODS[shift:] + METHODS[:shift]
+        spent = dict.fromkeys(METHODS, 0.0)
+        for _ in range(args.unit):  # step by step: a shared host's drift hits every method alike
+            for name in order:
+                synchronize(device)
+                start = time.perf_counter()
                 steps[name]()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start) / args.unit)
+                synchronize(device)
+                spent[name] += time.perf_counter() - start
+        for name in METHODS:
+            times[name].append(spent[name] / args.unit)
 
     def ratio(top: str, bottom: str) -> dict:
         per_round = [t / b for t, b in zip(times[top], times[bottom], strict=True)]

@@ -474,7 +474,7 @@ class _Autocast:
             return self.teacher.predict(noisy, timesteps, **conditioning)
 
 
-def teacher_for(model: nn.Module) -> Any:
+def teacher_for(model: nn.Module, *, channels_last: bool = False) -> Any:
     """The frozen model before unlearning, as something with the adapters' ``predict``.
 
     A model carrying PEFT adapters (``unet.add_adapter(LoraConfig(...))``, or a ``PeftModel``)
@@ -497,6 +497,10 @@ def teacher_for(model: nn.Module) -> Any:
     Args:
         model: the diffusers model being unlearned (wrapped by DDP or not; sharded by FSDP only
             with PEFT adapters).
+        channels_last: store a copy's 4-D weights channels-last, whose forward oneDNN runs
+            faster on the CPU (the prediction changes by float rounding only). Not for a copy
+            you will shard: FSDP refuses non-contiguous parameters. ``Unlearner`` sets it for
+            the copy it makes itself on the CPU. No effect on a PEFT model's teacher.
 
     Examples:
         >>> from diffusers import UNet2DModel
@@ -530,6 +534,8 @@ def teacher_for(model: nn.Module) -> Any:
             "teacher.model the same way, and pass Unlearner(..., teacher=teacher)"
         )
     frozen = copy.deepcopy(inner).requires_grad_(False).eval()
+    if channels_last:  # 4-D weights only (docs/benchmarks.md: the recipe's step)
+        frozen.to(memory_format=torch.channels_last)
     return adapter_for(frozen)
 
 
@@ -560,7 +566,8 @@ class Unlearner:
             which each forget point's ``num_neighbors`` nearest are found
             (``ReTrackLoss(retain=)``); moved to the model's device. ``None``: the keep batch.
         teacher: the teacher keep target's frozen model, as ``teacher_for`` returns it;
-            ``None``: ``teacher_for(model)``. Needed under FSDP for a model without adapters:
+            ``None``: ``teacher_for(model)``, channels-last on the CPU. Needed under FSDP for a
+            model without adapters:
             ``teacher_for`` before sharding, then shard ``teacher.model`` (``teacher_for``).
 
     Attributes:
@@ -627,9 +634,13 @@ class Unlearner:
         if teacher is not None and config.keep_target != "teacher":
             raise ValueError(f"`teacher` is for keep_target='teacher', not {config.keep_target!r}")
         if config.keep_target == "teacher":
-            self.teacher = teacher_for(model) if teacher is None else teacher
-            if teacher is not None and _is_fsdp(getattr(teacher, "model", None)):
-                self.teacher = _OutsideInferenceMode(self.teacher)
+            if teacher is None:  # its own copy: channels-last where oneDNN runs it faster
+                on_cpu = all(p.device.type == "cpu" for p in _inner(model).parameters())
+                self.teacher = teacher_for(model, channels_last=on_cpu)
+            elif _is_fsdp(getattr(teacher, "model", None)):
+                self.teacher = _OutsideInferenceMode(teacher)
+            else:
+                self.teacher = teacher
             if accelerator is not None:  # a prepared model's autocast does not reach the teacher
                 self.teacher = _Autocast(self.teacher, accelerator)
         self._backward = Tensor.backward if accelerator is None else accelerator.backward
