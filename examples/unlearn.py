@@ -229,6 +229,7 @@ RECIPE_FIELDS = (
     "seed",
     "num_neighbors",
     "forget_timesteps",
+    "snr_gamma",
 )
 
 
@@ -236,8 +237,8 @@ def job(config: UnlearningConfig, **settings: Any) -> argparse.Namespace:
     """One run's settings built in code (study.py): the recipe ``config`` and the other
     settings by their flag's name without dashes (``output_dir=...``, ``eval_samples=...``),
     the rest at their defaults; checked as the flags are (a ``ValueError`` naming the flag).
-    ``config`` must be one these flags can express (``x_from``, ``snr_gamma`` and
-    ``adam_weight_decay`` at their defaults): the run trains exactly it, or refuses."""
+    ``config`` must be one these flags can express (``x_from`` and ``adam_weight_decay`` at
+    their defaults): the run trains exactly it, or refuses."""
     parser = build_parser()
     args = parser.defaults()
     unknown = sorted(set(settings) - set(vars(args)) | set(settings) & set(RECIPE_FIELDS))
@@ -251,8 +252,8 @@ def job(config: UnlearningConfig, **settings: Any) -> argparse.Namespace:
     parser.check(args)
     if resolve_keep_target(args) != config:
         raise ValueError(
-            "unlearn.py's flags cannot express this config (x_from, snr_gamma and "
-            f"adam_weight_decay stay at their defaults): {config}"
+            "unlearn.py's flags cannot express this config (x_from and adam_weight_decay "
+            f"stay at their defaults): {config}"
         )
     return args
 
@@ -276,12 +277,17 @@ def resolve_keep_target(args: argparse.Namespace) -> UnlearningConfig:
 def resolve_process(args: argparse.Namespace) -> str:
     """Sets ``args.process`` from ``--pretrained_model_name_or_path``'s scheduler config and
     the evaluation sampler and steps of that process where they were left at None;
-    ``ValueError`` naming the flag otherwise."""
+    ``ValueError`` naming the flag otherwise (also ``--snr_gamma`` on a flow model)."""
     try:
         args.process = checkpoint_process(args.pretrained_model_name_or_path)
     except ValueError as error:
         raise ValueError(f"--pretrained_model_name_or_path: {error}") from error
     args.eval_sampler = check_sampler(args.process, args.eval_sampler, "--eval_sampler")
+    if args.process == "flow" and getattr(args, "snr_gamma", None) is not None:
+        raise ValueError(
+            f"--snr_gamma {args.snr_gamma:g}: min-SNR-γ weighting is for DDPM checkpoints; "
+            f"{args.pretrained_model_name_or_path} is a rectified-flow model"
+        )
     if args.eval_steps is None:
         args.eval_steps = DEFAULT_EVAL_STEPS[args.process]
     return args.process

@@ -609,9 +609,9 @@ def add_recipe_flags(
     old: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """The recipe's flags (``siss.UnlearningConfig``: method, λ, superfactor or ratio, keep
-    target and balancer, timesteps, with ``ema`` the EMA) and the training group at the digits
-    commands' defaults (``helps`` and ``old``: the command's, as ``add_training_flags`` takes
-    them)."""
+    target and balancer, timesteps, min-SNR-γ, with ``ema`` the EMA) and the training group at
+    the digits commands' defaults (``helps`` and ``old``: the command's, as
+    ``add_training_flags`` takes them)."""
     from siss._cli.recipe import add_method_flags
     from siss.recipe import LR_SCHEDULERS
 
@@ -625,6 +625,16 @@ def add_recipe_flags(
         default=None,
         help="fixed t, or a 'low high' window of grid indices. Default: uniform over the "
         "schedule (flow: index 0 is the noisiest, as in diffusers)",
+    )
+    flag(
+        recipe,
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="min-SNR-γ weighting of each row's loss, min(SNR, γ)/SNR for epsilon prediction "
+        "(diffusers' --snr_gamma; 5 is its recommended value): tempers the least noisy rows, "
+        "whose targets grow as 1/σ in ReTrack's redirect term. Not with the teacher keep target "
+        "unless the model was pretrained with the same weighting (it warns). Default: no weighting",
     )
     if ema:
         flag(

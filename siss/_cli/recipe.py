@@ -122,7 +122,8 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
     """The ``siss.UnlearningConfig`` of a command's recipe flags (``--method``, ``--lam``,
     ``--keep_target``, ``--superfactor``, ``--ratio``, ``--balance_mode``, ``--balance_every``,
     ``--calibration_batches``, ``--timesteps``, ``--learning_rate``, ``--max_train_steps``,
-    ``--max_grad_norm``, ``--seed``; a namespace with the old ``lr``/``steps`` reads those);
+    ``--max_grad_norm``, ``--seed``, and ``--snr_gamma`` where the command has it; a namespace
+    with the old ``lr``/``steps`` reads those);
     ``fields`` set or override the others. A ``ValueError`` naming the flag of a bad value."""
     from siss.recipe import UnlearningConfig
 
@@ -145,6 +146,7 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
         "seed": args.seed,
         "num_neighbors": getattr(args, "num_neighbors", None),
         "forget_timesteps": getattr(args, "forget_timesteps", None),
+        "snr_gamma": getattr(args, "snr_gamma", None),
         **fields,
     }
     if values["max_train_steps"] is None:

@@ -199,6 +199,16 @@ def test_bad_recipe_flags_are_named_before_any_model_is_loaded(tmp_path, capsys)
         (["--method", "naive", "--keep_target", "teacher"], "--keep_target: 'teacher' needs"),
         (["--method", "naive", "--num_neighbors", "3"], "--num_neighbors: ReTrack's k"),
         (["--method", "retrack", "--num_neighbors", "0"], "--num_neighbors: must be >= 1"),
+        (["--snr_gamma", "0"], "--snr_gamma: must be in (0, inf], got 0.0"),
+        (
+            [
+                "--pretrained_model_name_or_path",
+                str(EXAMPLES / "assets" / "flow-pretrained"),
+                "--snr_gamma",
+                "5",
+            ],
+            "--snr_gamma 5: min-SNR-γ weighting is for DDPM checkpoints",
+        ),
         (["--device", "tpu"], "--device tpu: not a torch device"),
         *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
     ]:
@@ -207,6 +217,21 @@ def test_bad_recipe_flags_are_named_before_any_model_is_loaded(tmp_path, capsys)
         assert exit_info.value.code == 2
         assert named in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_snr_gamma_reaches_the_recipe_and_the_loss(tmp_path):
+    """--snr_gamma (diffusers' flag) is the config's min-SNR-γ, which the method's loss applies;
+    study.py's ``job`` can express it too."""
+    from siss import UnlearningConfig
+
+    args = unlearn.parse_args(["--method", "retrack", "--snr_gamma", "5", "--output_dir", "x"])
+    config = unlearn.resolve_keep_target(args)
+    assert config.snr_gamma == 5.0
+    unlearner = Unlearner(tiny_unet(), DDPMScheduler(num_train_timesteps=1000), config, n=12, k=2)
+    assert unlearner.loss_fn.snr_gamma == 5.0
+    assert unlearn.parse_args(["--output_dir", "x"]).snr_gamma is None
+    job = unlearn.job(UnlearningConfig(method="retrack", snr_gamma=5.0), output_dir=tmp_path)
+    assert job.snr_gamma == 5.0
 
 
 def test_the_ema_of_the_fine_tuned_weights_is_what_is_evaluated_and_saved(checkpoint, tmp_path):
