@@ -342,11 +342,13 @@ def test_calibrated_scale_is_the_median_naive_deletion_gradient_norm():
 
 
 def test_the_step_gives_the_loss_the_teachers_prediction_without_a_graph():
-    """At the starting weights the teacher (a frozen copy) predicts what the model does (up to
-    float32 rounding: on the CPU the copy runs channels-last), taken under inference mode; the
-    keep term is then ``teacher_siss_terms``' with no distillation to speak of."""
+    """At the starting weights the teacher (a frozen copy in the model's layout) predicts what
+    the model does, taken under inference mode; the keep term is then ``teacher_siss_terms``'
+    with zero distillation. (The Unlearner's own copy runs channels-last on the CPU, equal up to
+    float32 rounding: test_the_unlearners_own_teacher_on_the_cpu_is_a_channels_last_copy.)"""
     unet = tiny_unet()
-    unlearner = Unlearner(unet, scheduler(), UnlearningConfig(superfactor=0.1), n=101, k=1)
+    config = UnlearningConfig(superfactor=0.1)
+    unlearner = Unlearner(unet, scheduler(), config, n=101, k=1, teacher=teacher_for(unet))
     seen = {}
     terms = unlearner.loss_fn.terms
 
@@ -359,7 +361,7 @@ def test_the_step_gives_the_loss_the_teachers_prediction_without_a_graph():
     result = unlearner.step(x0, a0)
     assert result.optimizer_step and result.stats is None  # a fixed superfactor: no balancer
     assert seen["teacher"].is_inference() and not seen["teacher"].requires_grad
-    torch.testing.assert_close(seen["teacher"], seen["prediction"])
+    torch.testing.assert_close(seen["teacher"], seen["prediction"], rtol=0, atol=0)
     plain = terms(seen["prediction"], seen["draw"])  # the noise target, same draw
     assert plain.keep.item() > 0 and result.terms.keep.item() < plain.keep.item()
 
