@@ -516,22 +516,32 @@ def own_spread(label: str, args: argparse.Namespace, batches_per_draw: int) -> d
     """IS- and FID-style scores of disjoint draws of ``batches_per_draw * FINAL_BATCH`` samples
     cut from the row's final-evaluation batches over every seed: how far the scores of one
     model move from evaluation noise alone, the yardstick of "quality kept"."""
-    draws = []  # within a seed, so that every draw but a seed's last short one is full
-    for seed in args.seeds:
-        paths = sorted(final_folder(label, seed, args).glob("batch-*.safetensors"))
-        draws += [paths[i : i + batches_per_draw] for i in range(0, len(paths), batches_per_draw)]
-    evaluator = quality_evaluator()
-    samples = [
-        torch.cat([load_file(path)["samples"] for path in draw])
-        for draw in draws
-        if len(draw) == batches_per_draw
-    ]
-    scores = [evaluator.quality(draw) for draw in samples]
+    draws = [d for seed in args.seeds for d in seed_spread(label, seed, args, batches_per_draw)]
     return {
-        "samples_per_draw": min(len(draw) for draw in samples),
-        "fid": [m["fid"] for m in scores],
-        "inception_score": [m["inception_score"] for m in scores],
+        "samples_per_draw": min(draw["samples"] for draw in draws),
+        "fid": [draw["fid"] for draw in draws],
+        "inception_score": [draw["inception_score"] for draw in draws],
     }
+
+
+def seed_spread(label: str, seed: int, args: argparse.Namespace, batches_per_draw: int) -> list:
+    """``own_spread``'s draws of one seed's finished final evaluation, within the seed so that
+    every draw is full (a short last one is left out), kept beside its batches
+    (``spread-<batches_per_draw>.json``): the table can be made again without them."""
+    folder = final_folder(label, seed, args)
+    record = folder / f"spread-{batches_per_draw}.json"
+    if not record.exists():
+        if not (folder / "metrics.json").exists():
+            raise RuntimeError(f"{folder}: the final evaluation has not finished")
+        paths = sorted(folder.glob("batch-*.safetensors"))
+        scores, evaluator = [], quality_evaluator()
+        for i in range(0, len(paths) - batches_per_draw + 1, batches_per_draw):
+            samples = torch.cat(
+                [load_file(path)["samples"] for path in paths[i : i + batches_per_draw]]
+            )
+            scores.append({"samples": len(samples), **evaluator.quality(samples)})
+        write_json_atomically(record, scores)
+    return json.loads(record.read_text())
 
 
 def precision_check(args: argparse.Namespace, labels: list[str]) -> dict:

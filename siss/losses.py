@@ -442,8 +442,9 @@ class SISSLoss(UnlearningLoss):
     Attributes:
         forget_timestep_weights: ``None``, or a ``(T,)`` float tensor of non-negative weights of
             the forget term per grid index (the ``forget_timesteps`` window sets it to that
-            window's indicator). Set it between steps with ``restrict_forget`` to change where
-            the forget term acts, e.g. the per-noise-level rule of
+            window's indicator). Set it between steps with ``restrict_forget`` (which keeps the
+            window: its weights are multiplied by the indicator) to change where the forget term
+            acts within it, e.g. the per-noise-level rule of
             ``siss.stopping.NonmemberStop(rule="per_level")``: the loss then estimates
             ``L_{X\\A} - s k/(n-k) E[v(t) l_a]``.
         forget_level: ``None``, or a ``(T,)`` float tensor ``c``: the forget term takes
@@ -499,6 +500,7 @@ class SISSLoss(UnlearningLoss):
             low, high = self.forget_timesteps
             window = torch.zeros(len(self.schedule))
             window[low : high + 1] = 1.0
+        self.register_buffer("forget_window", window, persistent=False)
         self.register_buffer("forget_timestep_weights", window, persistent=False)
         self.register_buffer("forget_level", None, persistent=False)
 
@@ -517,14 +519,20 @@ class SISSLoss(UnlearningLoss):
         self.forget_level = level
 
     def restrict_forget(self, weights: Tensor | None) -> None:
-        """Weigh the forget term by ``weights[t]`` from the next draw on (``None``: every ``t``
-        fully, the window of ``forget_timesteps`` dropped too).
+        """Weigh the forget term by ``weights[t]`` within the ``forget_timesteps`` window from
+        the next draw on (``None``: the window alone, or every ``t`` fully without one).
+
+        The window stays: a rule that turns levels off (``NonmemberStop(rule="per_level")``)
+        restricts the term further, never widens it past what the configuration asked for.
 
         Args:
             weights: ``(T,)`` finite non-negative weights per grid index; copied, as float32,
                 onto the loss's device.
         """
-        self.forget_timestep_weights = self._per_timestep(weights, "weights")
+        weights = self._per_timestep(weights, "weights")
+        if weights is not None and self.forget_window is not None:
+            weights = weights * self.forget_window
+        self.forget_timestep_weights = weights if weights is not None else self.forget_window
 
     def _per_timestep(self, values: Tensor | None, name: str) -> Tensor | None:
         """``values`` checked as ``(T,)`` finite non-negative numbers, float32 on the device."""

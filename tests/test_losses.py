@@ -827,8 +827,8 @@ def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
 
 def test_per_timestep_forget_weights_scale_each_row_s_forget_term():
     """``restrict_forget``: row ``j``'s forget term is multiplied by ``weights[t_j]``, the keep
-    term and the draw unchanged; the window's indicator gives the window's terms exactly, and
-    ``None`` drops the window."""
+    term and the draw unchanged; the window's indicator gives the window's terms exactly, and a
+    windowed loss keeps its window (``None``: the window alone; weights: times its indicator)."""
     whole, window, draw, output, generator = _windowed_pair(1)
     full = whole.terms(output, draw)
     weights = torch.rand(1000, generator=generator)
@@ -839,8 +839,17 @@ def test_per_timestep_forget_weights_scale_each_row_s_forget_term():
     indicator = (torch.arange(1000) <= 400).float()
     whole.restrict_forget(indicator)
     assert torch.equal(whole.terms(output, draw).forget, window.terms(output, draw).forget)
-    window.restrict_forget(None)
-    assert torch.equal(window.terms(output, draw).forget, full.forget)
+    window.restrict_forget(None)  # the window alone again
+    assert torch.equal(window.terms(output, draw).forget, full.forget * indicator[draw.indices])
+    window.restrict_forget(weights)  # within the window: weights times its indicator
+    torch.testing.assert_close(
+        window.terms(output, draw).forget,
+        full.forget * (weights * indicator)[draw.indices].double(),
+        rtol=0,
+        atol=0,
+    )
+    whole.restrict_forget(None)
+    assert torch.equal(whole.terms(output, draw).forget, full.forget)
     for bad in (torch.ones(999), -torch.ones(1000), torch.full((1000,), float("nan"))):
         with pytest.raises(ValueError, match="one per grid index"):
             whole.restrict_forget(bad)

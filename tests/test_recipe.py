@@ -528,9 +528,10 @@ class _ScalingAccelerator:
 
 
 def test_fp16_loss_scaling_leaves_the_calibrated_update_unchanged_and_skips_overflows():
-    """The absolute rule's target carries the loss scale, so a scaled run moves the weights as
-    an unscaled one does; a step with non-finite gradients moves nothing, keeps the optimizer
-    state, and lowers the scale by the backoff factor, as GradScaler does on an overflow."""
+    """The absolute rule's target carries the loss scale, so a scaled run hands the optimizer
+    the gradient an unscaled one does; a step with non-finite gradients moves nothing, keeps the
+    optimizer state, and lowers the scale by the backoff factor, as GradScaler does on an
+    overflow."""
     config = UnlearningConfig(
         calibration_batches=2, balance_every=1, learning_rate=1e-3, lr_scheduler="constant"
     )
@@ -550,12 +551,24 @@ def test_fp16_loss_scaling_leaves_the_calibrated_update_unchanged_and_skips_over
         optimizer=accelerator.prepare(inner),
         lr_scheduler=torch.optim.lr_scheduler.LambdaLR(inner, lambda _: 1.0),
     )
-    for (x0, a0), generator in zip(data, generators, strict=True):
+    handed = {"plain": [], "scaled": []}  # the gradient each optimizer step is given
+    for name, optimizer in (("plain", plain.optimizer), ("scaled", inner)):
+        optimizer.register_step_pre_hook(
+            lambda opt, *_, name=name: handed[name].append(
+                torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]])
+            )
+        )
+    for index, ((x0, a0), generator) in enumerate(zip(data, generators, strict=True)):
         plain.step(x0, a0, generator=generator)
-    for index, (x0, a0) in enumerate(data):
         scaled.step(x0, a0, generator=torch.Generator().manual_seed(index))
-    assert scaled.scale == pytest.approx(plain.scale, rel=1e-6)
-    torch.testing.assert_close(flat(scaled_model), flat(plain_model), rtol=1e-5, atol=1e-7)
+        assert scaled.scale == pytest.approx(plain.scale, rel=1e-6)
+    # after the calibration steps, each update's unscaled gradient is the plain run's to float32
+    # rounding (the weights are not compared: Adam divides near-zero components by their own
+    # root mean square, which can amplify that rounding far past float32's)
+    assert len(handed["plain"]) == len(handed["scaled"]) == len(data) - 2
+    for scaled_gradient, gradient in zip(handed["scaled"], handed["plain"], strict=True):
+        atol = 1e-6 * float(gradient.abs().max())
+        torch.testing.assert_close(scaled_gradient, gradient, rtol=1e-5, atol=atol)
 
     before, state = flat(scaled_model), copy.deepcopy(scaled.optimizer.inner.state_dict())
     scale = accelerator.scaler.get_scale()

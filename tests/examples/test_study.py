@@ -179,6 +179,11 @@ def test_the_final_evaluation_pools_the_rate_with_its_interval_and_checks_bf16(
     draws = {d["samples_per_draw"]: d for d in results["pretrained_spread"]}
     assert sorted(draws) == [8, 10] and len(draws[10]["fid"]) == 2
     assert "over 2 disjoint draws of 10 samples" in table
+    # the spread is kept beside the batches: the table is made again without them
+    for batch in out.glob("*/final-10-ddpm2-bf16/batch-*.safetensors"):
+        batch.unlink()
+    study.main([*final_argv(out, 10), "--final_precision", "bf16"])
+    assert json.loads((out / "results.json").read_text()) == results
 
 
 def test_the_final_evaluation_resumes_at_the_first_missing_batch(tiny_study, monkeypatch):
