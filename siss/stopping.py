@@ -23,7 +23,9 @@ In a loop built on ``siss.Unlearner``::
 ``rule`` says what a check does besides measuring: ``"mean"`` stops the run once the mean
 percentile over the noise levels reaches ``target``; ``"per_level"`` turns the forget term off
 at the levels already there and stops once every level is; ``"level"`` never stops the run but
-drives the forget term to the non-members' level (``steer`` applies it).
+drives the forget term to the non-members' level (``steer`` applies it); ``"anneal"`` never stops
+the run either but turns the forget term off for good once the mean reaches ``target``, leaving
+the keep term alone (with the teacher target, naive deletion) for the remaining steps.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ LEVEL_TIMESTEPS: tuple[int, ...] = (10, 25, 50, 100, 175, 250, 375, 500, 750, 95
 """Noise ranks to measure for ``NonmemberStop.forget_level``: the default four and six more,
 so that the level follows the error's shape over ``t``."""
 
-STOP_RULES: tuple[str, ...] = ("mean", "per_level", "level")
+STOP_RULES: tuple[str, ...] = ("mean", "per_level", "level", "anneal")
 """``NonmemberStop``'s ``rule`` values (the commands' ``--stop_rule`` choices)."""
 
 
@@ -172,7 +174,10 @@ class NonmemberStop:
             does not reach every level at once. ``"level"``: ``entered`` as with ``"mean"``,
             but the run never stops; the forget term is driven to the non-members' level
             (``forget_level``) and held there, because stopping does not bring back the levels
-            that already went past it (docs/results.md).
+            that already went past it (docs/results.md). ``"anneal"``: ``entered`` as with
+            ``"mean"``; from then on the forget term is off at every ``t`` and the run goes on
+            to its last step with the keep term alone (issue 23 §2's alternative to stopping:
+            with the teacher target that is naive deletion, whose fixed point is retraining's).
 
     Raises:
         ValueError: ``rule`` not one of ``STOP_RULES``.
@@ -212,7 +217,7 @@ class NonmemberStop:
         batch_size: int = 256,
         autocast: Any | None = None,
         rescore_references: bool = True,
-        rule: Literal["mean", "per_level", "level"] = "mean",
+        rule: Literal["mean", "per_level", "level", "anneal"] = "mean",
     ) -> None:
         from siss.adapters import adapter_for, prediction_type_from_scheduler
         from siss.adapters.schedulers import schedule_from_scheduler
@@ -427,11 +432,17 @@ class NonmemberStop:
 
     def stops(self, check: NonmemberCheck | None = None) -> bool:
         """Whether the run ends at ``check`` (default: the last one; ``False`` before any):
-        ``check.entered``, except with ``rule="level"``, which holds the run at the level
-        instead of stopping it. ``steer``'s answer, without touching an unlearner (e.g. for
-        the last check of a resumed run, already steered)."""
+        ``check.entered``, except with ``rule="level"`` or ``"anneal"``, which go on to the last
+        step. ``steer``'s answer, without touching an unlearner (e.g. for the last check of a
+        resumed run, already steered)."""
         check = check if check is not None else (self.history[-1] if self.history else None)
-        return check is not None and check.entered and self.rule != "level"
+        return check is not None and check.entered and self.rule not in ("level", "anneal")
+
+    @property
+    def annealed(self) -> bool:
+        """Whether ``rule="anneal"`` has turned the forget term off: some check so far has
+        ``entered`` (it stays off if the forget set falls back below ``target``)."""
+        return self.rule == "anneal" and any(check.entered for check in self.history)
 
     def steer(self, unlearner: Unlearner, check: NonmemberCheck) -> bool:
         """Does to ``unlearner``'s forget term what ``rule`` says after ``check``, and says
@@ -440,7 +451,9 @@ class NonmemberStop:
         ``"per_level"``: ``unlearner.restrict_forget(forget_timestep_weights(check))``, a
         ``(T,)`` 0/1 mask over the scheduler's grid, the term off where the forget set ranks
         like a non-member. ``"level"``: ``unlearner.set_forget_level(forget_level())``, the
-        ``(T,)`` non-member level of the last check. ``"mean"``: nothing. Call it after every
+        ``(T,)`` non-member level of the last check. ``"anneal"``, once ``annealed``:
+        ``unlearner.restrict_forget`` with zeros, the forget term off at every ``t`` for the
+        rest of the run. ``"mean"``: nothing. Call it after every
         check (``start`` included), so that the forget term follows the newest measurement.
 
         Args:
@@ -468,6 +481,8 @@ class NonmemberStop:
             unlearner.restrict_forget(self.forget_timestep_weights(check))
         elif self.rule == "level":
             unlearner.set_forget_level(self.forget_level())
+        elif self.annealed:
+            unlearner.restrict_forget(torch.zeros(len(self.level_of_index)))
         return self.stops(check)
 
     def start(self) -> NonmemberCheck:

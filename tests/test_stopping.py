@@ -346,6 +346,24 @@ def test_steer_with_level_sets_the_forget_level_and_never_stops() -> None:
     assert explicit.timesteps == (50, 100)
 
 
+def test_steer_with_anneal_turns_the_forget_term_off_for_good_and_never_stops() -> None:
+    levels, _ = levels_and_stop("mean")
+    _, high = levels_and_stop("anneal", target=(1 + max(levels)) / 2)
+    unlearner = RecordingUnlearner()
+    check = high.start()
+    assert not check.entered and not high.steer(unlearner, check) and not high.annealed
+    assert unlearner.calls == []  # below the target: the forget term as configured
+    _, stop = levels_and_stop("anneal")
+    check = stop.start()
+    assert check.entered and not stop.steer(unlearner, check) and not stop.stops(check)
+    [(name, weights)] = unlearner.calls
+    assert name == "restrict_forget" and weights.shape == (1000,) and not weights.any()
+    stop.target = (1 + max(levels)) / 2  # the forget set falls back below the target
+    check = stop.check(10)
+    assert not check.entered and stop.annealed and not stop.steer(unlearner, check)
+    assert len(unlearner.calls) == 2 and not unlearner.calls[1][1].any()  # still off
+
+
 def test_a_bad_rule_is_named() -> None:
     forget, references = torch.zeros(1, *SHAPE), torch.randn(4, *SHAPE)
     with pytest.raises(ValueError, match="`rule` must be one of 'mean', 'per_level', 'level'"):

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from siss._cli.parser import flag
+from siss.stopping import STOP_RULES
 
 # The flag of each UnlearningConfig field, where it is not ``--<field>`` (diffusers' style).
 RECIPE_FLAGS: dict[str, str] = {}
@@ -163,7 +164,7 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
 
 
 def resolve_stop_rule(args: argparse.Namespace) -> str | None:
-    """What is wrong with ``--stop_rule per_level|level`` here (``None``: nothing): they act
+    """What is wrong with ``--stop_rule per_level|level|anneal`` here (``None``: nothing): they act
     with ``--until nonmember`` only, on SISS's forget term, which other methods lack. With
     ``level``, an unset ``--balance_every`` becomes ``--max_train_steps`` (the coefficient is
     measured once: a refresh would scale the pull-back's gradient, small near the level, up)."""
@@ -207,14 +208,16 @@ def add_nonmember_flags(
     flag(
         parser,
         "--stop_rule",
-        choices=("mean", "per_level", "level"),
+        choices=STOP_RULES,
         default="mean",
         help="mean: stop once the mean over the noise levels reaches --stop_target; per_level: "
         "turn the forget term off at each noise level that has reached it (on again if it "
         "falls back) and stop once every level has; level: no early stop, but drive the forget "
         "images' error at each noise level to the stop references' median (measured at every "
         "check) and pull it back past it, with the forget coefficient measured once "
-        "(--balance_every defaults to --max_train_steps) (siss.stopping.NonmemberStop)",
+        "(--balance_every defaults to --max_train_steps); anneal: no early stop, but the forget "
+        "term off for good once the mean reaches --stop_target, the keep term alone (naive "
+        "deletion with the teacher target) to the last step (siss.stopping.NonmemberStop)",
     )
     flag(
         parser,

@@ -89,7 +89,8 @@ def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None
     """What metrics.json records of the rule: its settings, its checks (each with the
     percentile against the references scored then and against their scores at the start) and
     the step it stopped at (``entered_at``: ``None`` when it ran to ``--max_train_steps``, and
-    always with ``--stop_rule level``, which holds the run instead of stopping it)."""
+    always with ``--stop_rule level`` or ``anneal``, which go on to the last step;
+    ``annealed_at``: the step ``anneal`` turned the forget term off, else ``None``)."""
     if stop is None:
         return None
     return {
@@ -99,6 +100,9 @@ def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None
         "references": len(stop.references),
         "noise_draws": stop.noise_draws,
         "entered_at": next((c.step for c in stop.history if stop.stops(c)), None),
+        "annealed_at": next(
+            (c.step for c in stop.history if stop.rule == "anneal" and c.entered), None
+        ),
         "final_step": step,
         "checks": [check.to_dict() for check in stop.history],
     }
@@ -113,6 +117,11 @@ def summary_line(summary: dict[str, Any] | None) -> str | None:
     values = ", ".join(f"{p:.2f}" for p in last["per_timestep"])
     if summary.get("rule") == "level":
         where = f"held at the non-member level for {summary['final_step']} steps"
+    elif summary.get("annealed_at") is not None:
+        where = (
+            f"forget term off from step {summary['annealed_at']}, the keep term alone to step "
+            f"{summary['final_step']}"
+        )
     elif summary["entered_at"] is not None:
         where = f"stopped at step {summary['entered_at']}"
     else:

@@ -219,36 +219,53 @@ def plot(results: dict[str, list[dict]], rows: list[dict], folder: Path) -> None
 
 KEY_STATISTICS = ("percentile", "rate")
 """The statistic of a check that the audit table shows, the first of these it has (else its
-first): the forget image's rank among the non-member references, or the generation rate."""
+first): the forget image's rank among the non-member references, or the generation rate. A
+check with a percentile per noise level (``reconstruction_sweep``'s ``percentile@t=50``, ...)
+gets a column per level instead."""
+
+
+def key_statistics(names: list[str]) -> list[str]:
+    """The statistics of a check that get a column of ``audit_markdown``: its per-level
+    percentiles (``percentile@...``) if it has them, else the first of ``KEY_STATISTICS`` it
+    has, else its first statistic (none for a check without statistics)."""
+    per_level = [name for name in names if name.startswith("percentile@")]
+    if per_level:
+        return per_level
+    key = next((s for s in KEY_STATISTICS if s in names), names[0] if names else None)
+    return [] if key is None else [key]
 
 
 def audit_markdown(comparisons: dict[str, list[Comparison]]) -> str:
-    """The audit against the retrained model: per method (a row) and check (a column), the
-    verdicts over the seeds, the key statistic's mean beside the retrained model's (same seeds)
-    and on how many seeds it lies within the retrained model's interval. ``comparisons``: per
-    method label, one ``siss.audit.compare(None, method_audit, retrain_audit)`` per seed."""
+    """The audit against the retrained model: per method (a row) and check (a column; one per
+    noise level for a check that ranks the image per level), the verdicts over the seeds, the
+    key statistic's mean beside the retrained model's (same seeds) and on how many seeds it
+    lies within the retrained model's interval. ``comparisons``: per method label, one
+    ``siss.audit.compare(None, method_audit, retrain_audit)`` per seed."""
     first = next(iter(comparisons.values()))[0]
-    checks = list(dict.fromkeys((row.check, row.image) for row in first.rows))
-    names = [
-        check if image == 0 else f"{check} ({'all' if image is None else f'image {image}'})"
-        for check, image in checks
-    ]
+    columns = []
+    for check, image in dict.fromkeys((row.check, row.image) for row in first.rows):
+        names = [r.statistic for r in first.rows if (r.check, r.image) == (check, image)]
+        name = check if image == 0 else f"{check} ({'all' if image is None else f'image {image}'})"
+        keys = key_statistics(names) or [None]
+        for key in keys:
+            suffix = f" {key.removeprefix('percentile')}" if key and len(keys) > 1 else ""
+            columns.append((check, image, key, name + suffix))
     lines = [
         "Audit against the retrained model, per check: the verdicts over the seeds; the key "
         "statistic's mean (the model's → the retrained model's, same seeds); on how many "
         "seeds it lies within the retrained model's interval.",
         "",
-        "| method | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        "| method | " + " | ".join(column[3] for column in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for label, per_seed in comparisons.items():
-        cells = [_audit_cell(per_seed, check, image) for check, image in checks]
+        cells = [_audit_cell(per_seed, check, image, key) for check, image, key, _ in columns]
         lines.append(f"| {LABELS.get(label, label)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _audit_cell(per_seed: list[Comparison], check: str, image: int | None) -> str:
-    """One method's cell of ``audit_markdown`` for ``check`` on ``image``."""
+def _audit_cell(per_seed: list[Comparison], check: str, image: int | None, key: str | None) -> str:
+    """One method's cell of ``audit_markdown`` for statistic ``key`` of ``check`` on ``image``."""
     verdicts = [
         after or "absent"
         for comparison in per_seed
@@ -260,8 +277,6 @@ def _audit_cell(per_seed: list[Comparison], check: str, image: int | None) -> st
         [r for r in comparison.rows if (r.check, r.image) == (check, image)]
         for comparison in per_seed
     ]
-    names = [r.statistic for r in rows[0]]
-    key = next((s for s in KEY_STATISTICS if s in names), names[0] if names else None)
     chosen = [next((r for r in seed_rows if r.statistic == key), None) for seed_rows in rows]
     if key is None or any(r is None or r.reference is None for r in chosen):
         return f"{counts}; {key or 'no statistic'} not compared"

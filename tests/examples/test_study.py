@@ -411,3 +411,29 @@ def test_the_audit_table_counts_verdicts_and_seeds_within_the_retrained_interval
     missing.results[0].statistics["percentile"] = Estimate.missing("diverged", "lower")
     table = audit_markdown({"retrack": [compare(None, unlearned[0], missing)]})
     assert table.splitlines()[-1].endswith("; percentile not measured on every seed |")
+
+
+def test_the_audit_table_gives_a_check_ranked_per_noise_level_a_column_per_level():
+    """``reconstruction_sweep`` ranks the image at each t: each level is a column of its own,
+    compared with the retrained model's at that level."""
+    from siss._digits.study import audit_markdown
+    from siss.audit import AuditReport, CheckResult, Estimate, compare
+
+    def report(name, low_t, high_t):
+        stats = {
+            "similarity@t=50": Estimate(0.9, 0.8, 1.0, 4, "higher"),
+            "percentile@t=50": Estimate(low_t, low_t - 0.1, low_t + 0.1, 128, "higher"),
+            "percentile@t=500": Estimate(high_t, high_t - 0.1, high_t + 0.1, 128, "higher"),
+        }
+        check = CheckResult("reconstruction_sweep", 0, stats, False, "", verdict="not held")
+        return AuditReport(name, [check])
+
+    table = audit_markdown(
+        {"siss-0.5": [compare(None, report("a", 0.8, 0.6), report("r", 0.5, 0.65))]}
+    )
+    header, _, row = table.splitlines()[-3:]
+    assert header == "| method | reconstruction_sweep @t=50 | reconstruction_sweep @t=500 |"
+    assert row == (
+        "| SISS (λ=0.5), teacher keep target | not held 1; percentile@t=50 0.8 → 0.5; within 0/1 "
+        "| not held 1; percentile@t=500 0.6 → 0.65; within 1/1 |"
+    )

@@ -498,6 +498,19 @@ def test_until_nonmember_stops_when_the_percentile_reaches_the_target(checkpoint
     assert check["per_timestep"] == check["per_timestep_start_references"]  # nothing moved yet
 
 
+def assert_resumed_run_ends_like(whole, checkpoint, parts, flags):
+    """A run of ``flags`` stopped after step 3 and resumed ends with the weights of the
+    uninterrupted run in ``whole``."""
+    unlearn.run(unlearn.parse_args(argv(checkpoint, parts, *flags, "--stop_after", "3")))
+    unlearn.run(
+        unlearn.parse_args(argv(checkpoint, parts, *flags, "--resume_from_checkpoint", "latest"))
+    )
+    name = "diffusion_pytorch_model.safetensors"
+    first = load_file(str(whole / "model" / name))
+    second = load_file(str(parts / "model" / name))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_the_level_rule_runs_every_step_holding_the_forget_term_at_the_level(checkpoint, tmp_path):
     """``--stop_rule level``: even with a target reached before the first step the run takes all
     its steps; the loss carries the references' level (10 noise levels measured), the balancer's
@@ -511,15 +524,24 @@ def test_the_level_rule_runs_every_step_holding_the_forget_term_at_the_level(che
     assert whole["steps"] == 4 and summary["entered_at"] is None and summary["rule"] == "level"
     assert len(summary["timesteps"]) == 10 and [c["step"] for c in summary["checks"]] == [0, 2, 4]
     assert stopping.summary_line(summary).startswith("held at the non-member level for 4 steps")
-    parts = tmp_path / "parts"
-    unlearn.run(unlearn.parse_args(argv(checkpoint, parts, *flags, "--stop_after", "3")))
-    unlearn.run(
-        unlearn.parse_args(argv(checkpoint, parts, *flags, "--resume_from_checkpoint", "latest"))
+    assert_resumed_run_ends_like(tmp_path / "whole", checkpoint, tmp_path / "parts", flags)
+
+
+def test_the_anneal_rule_turns_the_forget_term_off_and_runs_every_step(checkpoint, tmp_path):
+    """``--stop_rule anneal``: with the target reached before the first step the forget term is
+    off from step 0 and the run takes all its steps on the keep term alone (the summary says
+    so), and a resumed run ends with the uninterrupted one's weights (the forget term stays
+    off across the resume)."""
+    flags = ["--until", "nonmember", "--stop_rule", "anneal", "--stop_every", "2",
+             "--stop_references", "8", "--stop_target", "0.001"]  # fmt: skip
+    whole = unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags)))
+    summary = whole["nonmember_stop"]
+    assert whole["steps"] == 4 and summary["rule"] == "anneal"
+    assert summary["entered_at"] is None and summary["annealed_at"] == 0
+    assert stopping.summary_line(summary).startswith(
+        "forget term off from step 0, the keep term alone to step 4"
     )
-    name = "diffusion_pytorch_model.safetensors"
-    first = load_file(str(tmp_path / "whole/model" / name))
-    second = load_file(str(parts / "model" / name))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert_resumed_run_ends_like(tmp_path / "whole", checkpoint, tmp_path / "parts", flags)
 
 
 def test_until_nonmember_resumes_where_an_uninterrupted_run_ends(checkpoint, tmp_path):

@@ -110,6 +110,29 @@ def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
     assert all(math.isfinite(loss) for loss in metrics["loss"])
 
 
+def test_the_anneal_rule_turns_the_forget_term_off_and_runs_to_the_cap(
+    generated, tmp_path, monkeypatch
+):
+    """``--stop_rule anneal``: once a check reaches the target the forget term is off at every
+    training timestep (zeros to ``restrict_forget``) and the run takes all its steps."""
+    import siss
+
+    weights = []
+    restrict = siss.Unlearner.restrict_forget
+
+    def recorded(self, given):
+        weights.append((given.clone(), len(self.loss_fn.schedule)))
+        return restrict(self, given)
+
+    monkeypatch.setattr(siss.Unlearner, "restrict_forget", recorded)
+    metrics = job(generated, tmp_path / "anneal", "--stop_rule", "anneal", "--stop_target", "0.01")
+    checks = measured(metrics)
+    assert checks[0]["step"] == 0 and all(c["entered"] for c in checks)
+    assert metrics["stop"]["reason"] == "cap" and metrics["stop"]["steps"] == 4
+    assert len(weights) == len(checks)
+    assert all(w.shape == (timesteps,) and not w.any() for w, timesteps in weights)
+
+
 def test_the_references_are_held_out_of_the_keep_set():
     class Args:
         until, stop_references, seed = "nonmember", 32, 0
