@@ -25,6 +25,7 @@ One CPU thread; about a minute per model and repeat on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
@@ -52,7 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="repeats with other noise draws and bootstrap-resampled references (module docstring)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, value in (("--draws", args.draws), ("--references", args.references),
+                        ("--repeats", args.repeats)):  # fmt: skip
+        if value < 1:
+            p.error(f"{name} must be at least 1, got {value}")
+    if any(not 0 <= rank < 1000 for rank in args.ranks):
+        p.error(f"--ranks must be ranks in 0..999, got {args.ranks}")
+    for folder in args.models:
+        if not (Path(folder) / "config.json").is_file():
+            p.error(f"{folder}: no config.json there (a save_pretrained model folder)")
+    if not (Path(args.scheduler) / "scheduler_config.json").is_file():
+        p.error(f"--scheduler {args.scheduler}: no scheduler_config.json there")
+    return args
 
 
 def percentile(reference_errors: torch.Tensor, forget_error: torch.Tensor) -> float:

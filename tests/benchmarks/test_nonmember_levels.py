@@ -1,6 +1,7 @@
 """``benchmarks/nonmember_levels.py`` runs on a tiny model folder and prints one percentile per
 noise level, each in [0, 1]; the same model twice gives the same row (fixed draws)."""
 
+import pytest
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
@@ -36,3 +37,25 @@ def test_repeats_print_a_mean_and_spread_per_level(tmp_path, capsys):
     assert lines[-2] == "mean ± standard deviation over 4 repeats (module docstring)"
     cells = lines[-1].split(" | ")[1:]
     assert len(cells) == 2 and all("±" in cell for cell in cells)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["{missing}"], "{missing}: no config.json there"),
+        (["{model}", "--scheduler", "{missing}"], "--scheduler {missing}: no scheduler_config"),
+        (["{model}", "--draws", "0"], "--draws must be at least 1"),
+        (["{model}", "--ranks", "1000"], "--ranks must be ranks in 0..999"),
+    ],
+)
+def test_bad_flags_are_named_before_a_model_loads(tmp_path, capsys, flags, message):
+    folder = tmp_path / "model"
+    tiny_unet(sample_size=16).save_pretrained(folder)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    names = {"model": folder, "missing": tmp_path / "missing"}
+    argv = [flag.format(**names) for flag in flags]
+    if "--scheduler" not in argv:
+        argv += ["--scheduler", str(folder)]
+    with pytest.raises(SystemExit) as exit_:
+        nonmember_levels.main(argv)
+    assert exit_.value.code == 2 and message.format(**names) in capsys.readouterr().err
