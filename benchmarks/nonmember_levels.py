@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from siss._cli import CommandParser, flag
 from siss._digits.data import make_tshirt, make_tshirt_variants
 from siss._digits.models import load_scheduler
 from siss.adapters import schedule_from_scheduler
@@ -37,35 +38,38 @@ from siss.audit.membership import denoising_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The flags, each checked before any model loads (a bad one: its name, exit 2)."""
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="digits model folders (save_pretrained)")
-    p.add_argument(
+    flag(
+        p,
         "--scheduler",
         default="examples/assets/pretrained",
         help="folder whose scheduler_config.json all the models share",
     )
-    p.add_argument("--ranks", type=int, nargs="+", default=[50, 100, 250, 500])
-    p.add_argument("--draws", type=int, default=16, help="noise draws per image and level")
-    p.add_argument("--references", type=int, default=128, help="T-shirt variants (seed 1)")
-    p.add_argument(
+    flag(p, "--ranks", type=int, nargs="+", default=[50, 100, 250, 500], at_least=0, at_most=999,
+         help="noise ranks on a 1000-step grid by σ, the least noisy first")  # fmt: skip
+    flag(p, "--draws", type=int, default=16, at_least=1, help="noise draws per image and level")
+    flag(p, "--references", type=int, default=128, at_least=1, help="T-shirt variants (seed 1)")
+    flag(
+        p,
         "--repeats",
         type=int,
         default=1,
+        at_least=1,
         help="repeats with other noise draws and bootstrap-resampled references (module docstring)",
     )
-    args = p.parse_args(argv)
-    for name, value in (("--draws", args.draws), ("--references", args.references),
-                        ("--repeats", args.repeats)):  # fmt: skip
-        if value < 1:
-            p.error(f"{name} must be at least 1, got {value}")
-    if any(not 0 <= rank < 1000 for rank in args.ranks):
-        p.error(f"--ranks must be ranks in 0..999, got {args.ranks}")
+    p.add_check(_saved_folders)
+    return p.parse_args(argv)
+
+
+def _saved_folders(args: argparse.Namespace) -> None:
+    """Each model folder holds a config.json and the scheduler folder a scheduler_config.json."""
     for folder in args.models:
         if not (Path(folder) / "config.json").is_file():
-            p.error(f"{folder}: no config.json there (a save_pretrained model folder)")
+            raise ValueError(f"{folder}: no config.json there (a save_pretrained model folder)")
     if not (Path(args.scheduler) / "scheduler_config.json").is_file():
-        p.error(f"--scheduler {args.scheduler}: no scheduler_config.json there")
-    return args
+        raise ValueError(f"--scheduler {args.scheduler}: no scheduler_config.json there")
 
 
 def percentile(reference_errors: torch.Tensor, forget_error: torch.Tensor) -> float:

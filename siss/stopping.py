@@ -439,10 +439,18 @@ class NonmemberStop:
         return check is not None and check.entered and self.rule not in ("level", "anneal")
 
     @property
+    def annealed_at(self) -> int | None:
+        """The step at which ``rule="anneal"`` turned the forget term off: the first check that
+        ``entered`` (it stays off if the forget set falls back below ``target``); ``None``
+        before that, and with any other rule."""
+        if self.rule != "anneal":
+            return None
+        return next((check.step for check in self.history if check.entered), None)
+
+    @property
     def annealed(self) -> bool:
-        """Whether ``rule="anneal"`` has turned the forget term off: some check so far has
-        ``entered`` (it stays off if the forget set falls back below ``target``)."""
-        return self.rule == "anneal" and any(check.entered for check in self.history)
+        """Whether ``rule="anneal"`` has turned the forget term off (``annealed_at`` is set)."""
+        return self.annealed_at is not None
 
     def steer(self, unlearner: Unlearner, check: NonmemberCheck) -> bool:
         """Does to ``unlearner``'s forget term what ``rule`` says after ``check``, and says

@@ -352,6 +352,7 @@ def test_steer_with_anneal_turns_the_forget_term_off_for_good_and_never_stops() 
     unlearner = RecordingUnlearner()
     check = high.start()
     assert not check.entered and not high.steer(unlearner, check) and not high.annealed
+    assert high.annealed_at is None
     assert unlearner.calls == []  # below the target: the forget term as configured
     _, stop = levels_and_stop("anneal")
     check = stop.start()
@@ -360,7 +361,8 @@ def test_steer_with_anneal_turns_the_forget_term_off_for_good_and_never_stops() 
     assert name == "restrict_forget" and weights.shape == (1000,) and not weights.any()
     stop.target = (1 + max(levels)) / 2  # the forget set falls back below the target
     check = stop.check(10)
-    assert not check.entered and stop.annealed and not stop.steer(unlearner, check)
+    assert not check.entered and stop.annealed and stop.annealed_at == 0
+    assert not stop.steer(unlearner, check)
     assert len(unlearner.calls) == 2 and not unlearner.calls[1][1].any()  # still off
 
 

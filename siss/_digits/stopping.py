@@ -100,9 +100,7 @@ def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None
         "references": len(stop.references),
         "noise_draws": stop.noise_draws,
         "entered_at": next((c.step for c in stop.history if stop.stops(c)), None),
-        "annealed_at": next(
-            (c.step for c in stop.history if stop.rule == "anneal" and c.entered), None
-        ),
+        "annealed_at": stop.annealed_at,
         "final_step": step,
         "checks": [check.to_dict() for check in stop.history],
     }

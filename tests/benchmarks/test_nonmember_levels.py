@@ -44,8 +44,8 @@ def test_repeats_print_a_mean_and_spread_per_level(tmp_path, capsys):
     [
         (["{missing}"], "{missing}: no config.json there"),
         (["{model}", "--scheduler", "{missing}"], "--scheduler {missing}: no scheduler_config"),
-        (["{model}", "--draws", "0"], "--draws must be at least 1"),
-        (["{model}", "--ranks", "1000"], "--ranks must be ranks in 0..999"),
+        (["{model}", "--draws", "0"], "--draws: must be"),
+        (["{model}", "--ranks", "1000"], "--ranks: must be"),
     ],
 )
 def test_bad_flags_are_named_before_a_model_loads(tmp_path, capsys, flags, message):
