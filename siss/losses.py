@@ -440,13 +440,14 @@ class SISSLoss(UnlearningLoss):
             (Lemma 1 with the indicator in the forget term). ``None`` (default): every ``t``.
 
     Attributes:
-        forget_timestep_weights: ``None``, or a ``(T,)`` float tensor of non-negative weights of
-            the forget term per grid index (the ``forget_timesteps`` window sets it to that
-            window's indicator). Set it between steps with ``restrict_forget`` (which keeps the
-            window: its weights are multiplied by the indicator) to change where the forget term
-            acts within it, e.g. the per-noise-level rule of
-            ``siss.stopping.NonmemberStop(rule="per_level")``: the loss then estimates
-            ``L_{X\\A} - s k/(n-k) E[v(t) l_a]``.
+        forget_timestep_weights: ``None``, or a ``(T,)`` float tensor of weights of the forget
+            term per grid index (the ``forget_timesteps`` window sets it to that window's
+            indicator). Set it between steps with ``restrict_forget`` (which keeps the window:
+            its weights are multiplied by the indicator) to change where and how strongly the
+            forget term acts within it, e.g. the per-noise-level rules of
+            ``siss.stopping.NonmemberStop`` (``"per_level"``: 0 or 1; ``"track"``: in [-1, 1],
+            a negative weight reversing the term there, descent on ``l_a``): the loss then
+            estimates ``L_{X\\A} - s k/(n-k) E[v(t) l_a]``.
         forget_level: ``None``, or a ``(T,)`` float tensor ``c``: the forget term takes
             ``l_a - l_a^2 / (2 c[t])`` instead of ``l_a`` (set with ``set_forget_level``). Its
             slope in ``l_a`` is 1 at 0 (NegGrad), 0 at ``c[t]`` and negative past it, so the
@@ -526,25 +527,30 @@ class SISSLoss(UnlearningLoss):
         restricts the term further, never widens it past what the configuration asked for.
 
         Args:
-            weights: ``(T,)`` finite non-negative weights per grid index; copied, as float32,
+            weights: ``(T,)`` finite weights per grid index (negative: the forget term
+                reversed there, ``NonmemberStop(rule="track")``'s pull-back); copied, as float32,
                 onto the loss's device.
         """
-        weights = self._per_timestep(weights, "weights")
+        weights = self._per_timestep(weights, "weights", signed=True)
         if weights is not None and self.forget_window is not None:
             weights = weights * self.forget_window
         self.forget_timestep_weights = weights if weights is not None else self.forget_window
 
-    def _per_timestep(self, values: Tensor | None, name: str) -> Tensor | None:
-        """``values`` checked as ``(T,)`` finite non-negative numbers, float32 on the device."""
+    def _per_timestep(
+        self, values: Tensor | None, name: str, *, signed: bool = False
+    ) -> Tensor | None:
+        """``values`` checked as ``(T,)`` finite numbers (non-negative unless ``signed``),
+        float32 on the device."""
         if values is None:
             return None
         values = check_tensor(values, name, min_dim=1)
         if values.shape != (len(self.schedule),) or not bool(
-            (torch.isfinite(values) & (values >= 0)).all()
+            (torch.isfinite(values) & (signed | (values >= 0))).all()
         ):
+            kind = "finite" if signed else "finite non-negative"
             raise ValueError(
-                f"`{name}` must be {len(self.schedule)} finite non-negative numbers, one per "
-                f"grid index, got shape {tuple(values.shape)}"
+                f"`{name}` must be {len(self.schedule)} {kind} numbers, one per grid index, got "
+                f"shape {tuple(values.shape)}"
             )
         return values.detach().to(self.schedule.gamma.device, torch.float32).clone()
 

@@ -902,7 +902,8 @@ class Unlearner:
         non-member.
 
         Args:
-            weights: ``(T,)`` finite non-negative weights, one per grid index of the scheduler.
+            weights: ``(T,)`` finite weights, one per grid index of the scheduler (negative:
+                the forget term reversed there, descent on the forget set's error).
 
         Raises:
             ValueError: a method without SISS's time-restricted forget term, or weights of

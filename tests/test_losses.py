@@ -827,11 +827,14 @@ def test_the_time_restricted_forget_term_is_zero_outside_its_window_only():
 
 def test_per_timestep_forget_weights_scale_each_row_s_forget_term():
     """``restrict_forget``: row ``j``'s forget term is multiplied by ``weights[t_j]``, the keep
-    term and the draw unchanged; the window's indicator gives the window's terms exactly, and a
-    windowed loss keeps its window (``None``: the window alone; weights: times its indicator)."""
+    term and the draw unchanged (a negative weight reverses the row's forget term: descent on
+    its error there, ``NonmemberStop(rule="track")``'s pull-back); the window's indicator gives
+    the window's terms exactly, and a windowed loss keeps its window (``None``: the window
+    alone; weights: times its indicator)."""
     whole, window, draw, output, generator = _windowed_pair(1)
     full = whole.terms(output, draw)
-    weights = torch.rand(1000, generator=generator)
+    weights = 2 * torch.rand(1000, generator=generator) - 1
+    assert (weights[draw.indices] < 0).any() and (weights[draw.indices] > 0).any()
     whole.restrict_forget(weights)
     weighted = whole.terms(output, draw)
     assert torch.equal(weighted.keep, full.keep)
@@ -850,7 +853,7 @@ def test_per_timestep_forget_weights_scale_each_row_s_forget_term():
     )
     whole.restrict_forget(None)
     assert torch.equal(whole.terms(output, draw).forget, full.forget)
-    for bad in (torch.ones(999), -torch.ones(1000), torch.full((1000,), float("nan"))):
+    for bad in (torch.ones(999), torch.full((1000,), -math.inf), torch.full((1000,), math.nan)):
         with pytest.raises(ValueError, match="one per grid index"):
             whole.restrict_forget(bad)
 

@@ -19,6 +19,9 @@ from diffusers import DDPMScheduler
 
 from siss.stopping import (
     LEVEL_TIMESTEPS,
+    TRACK_GAIN,
+    TRACK_LIMIT,
+    TRACK_TIMESTEPS,
     NonmemberCheck,
     NonmemberStop,
 )
@@ -364,6 +367,43 @@ def test_steer_with_anneal_turns_the_forget_term_off_for_good_and_never_stops() 
     assert not check.entered and stop.annealed and stop.annealed_at == 0
     assert not stop.steer(unlearner, check)
     assert len(unlearner.calls) == 2 and not unlearner.calls[1][1].any()  # still off
+
+
+def test_track_weights_integrate_each_level_s_distance_from_the_target() -> None:
+    """``rule="track"``: each level's weight starts at 1 and every check adds
+    ``TRACK_GAIN * (target - percentile)``, clipped to [-1, 1]; an unmeasured level keeps its
+    weight; replayed from the history up to the check asked about."""
+    _, stop = levels_and_stop("track", target=0.5)
+    assert stop.timesteps == TRACK_TIMESTEPS == LEVEL_TIMESTEPS[1:]
+    assert TRACK_GAIN == 2.0 and TRACK_LIMIT == 1.0
+    count = len(TRACK_TIMESTEPS)
+
+    def check(step: int, values: list[float]) -> NonmemberCheck:
+        return NonmemberCheck(step, 0.5, tuple(values), True, (0.0,) * count)
+
+    stop.history = [
+        check(0, [0.0] * count),  # below the target: clipped at 1
+        check(10, [1.0] * (count - 1) + [math.nan]),  # past it: 1 + 2 * (0.5 - 1) = 0
+        check(20, [0.75] * (count - 1) + [math.nan]),  # 0 + 2 * (0.5 - 0.75) = -0.5
+        check(30, [1.0] * (count - 1) + [0.25]),  # -0.5 - 1 clipped at -1; 1 + 0.5 clipped at 1
+    ]
+    expected = [[1.0] * count, [0.0] * (count - 1) + [1.0], [-0.5] * (count - 1) + [1.0]]
+    for past, weights in zip(stop.history, expected, strict=False):
+        assert stop.tracking_weights(past).tolist() == weights
+    assert stop.tracking_weights(stop.history[-1]).tolist() == [-1.0] * (count - 1) + [1.0]
+    grid = stop.forget_timestep_weights(stop.history[2])
+    assert grid.shape == (1000,) and set(grid.tolist()) == {-0.5, 1.0}
+    assert grid[999] == 1.0 and grid[0] == -0.5  # the most noisy level is the last one
+
+
+def test_steer_with_track_restricts_the_forget_term_signed_and_never_stops() -> None:
+    _, stop = levels_and_stop("track")  # every level past the target at the start
+    unlearner = RecordingUnlearner()
+    check = stop.start()
+    assert check.entered and not stop.steer(unlearner, check) and not stop.stops(check)
+    [(name, weights)] = unlearner.calls
+    assert name == "restrict_forget" and torch.equal(weights, stop.forget_timestep_weights(check))
+    assert bool((weights < 1).all())  # past the target everywhere: every weight lowered
 
 
 def test_a_bad_rule_is_named() -> None:

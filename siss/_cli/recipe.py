@@ -164,10 +164,11 @@ def recipe_config(args: argparse.Namespace, **fields: Any) -> Any:
 
 
 def resolve_stop_rule(args: argparse.Namespace) -> str | None:
-    """What is wrong with ``--stop_rule per_level|level|anneal`` here (``None``: nothing): they act
-    with ``--until nonmember`` only, on SISS's forget term, which other methods lack. With
-    ``level``, an unset ``--balance_every`` becomes ``--max_train_steps`` (the coefficient is
-    measured once: a refresh would scale the pull-back's gradient, small near the level, up)."""
+    """What is wrong with ``--stop_rule per_level|level|anneal|track`` here (``None``: nothing):
+    they act with ``--until nonmember`` only, on SISS's forget term, which other methods lack.
+    With ``level`` or ``track``, an unset ``--balance_every`` becomes ``--max_train_steps`` (the
+    coefficient is measured once: a refresh would scale the pull-back's gradient, small near the
+    level, up)."""
     if args.stop_rule == "mean":
         return None
     if args.until != "nonmember":
@@ -180,7 +181,7 @@ def resolve_stop_rule(args: argparse.Namespace) -> str | None:
             f"--stop_rule {args.stop_rule} acts on SISS's forget term per noise level: it needs "
             f"--method siss, not {args.method}"
         )
-    if args.stop_rule == "level" and args.balance_every is None:
+    if args.stop_rule in ("level", "track") and args.balance_every is None:
         args.balance_every = args.max_train_steps
     return None
 
@@ -217,7 +218,10 @@ def add_nonmember_flags(
         "check) and pull it back past it, with the forget coefficient measured once "
         "(--balance_every defaults to --max_train_steps); anneal: no early stop, but the forget "
         "term off for good once the mean reaches --stop_target, the keep term alone (naive "
-        "deletion with the teacher target) to the last step (siss.stopping.NonmemberStop)",
+        "deletion with the teacher target) to the last step; track: no early stop, but the "
+        "forget term weighed at each noise level by how long that level has been below or past "
+        "--stop_target, reversed where it stays past, so that every level settles there "
+        "(--balance_every defaults to --max_train_steps; siss.stopping.NonmemberStop)",
     )
     flag(
         parser,

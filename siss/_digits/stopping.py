@@ -115,6 +115,8 @@ def summary_line(summary: dict[str, Any] | None) -> str | None:
     values = ", ".join(f"{p:.2f}" for p in last["per_timestep"])
     if summary.get("rule") == "level":
         where = f"held at the non-member level for {summary['final_step']} steps"
+    elif summary.get("rule") == "track":
+        where = f"each noise level steered to the target for {summary['final_step']} steps"
     elif summary.get("annealed_at") is not None:
         where = (
             f"forget term off from step {summary['annealed_at']}, the keep term alone to step "

@@ -280,9 +280,12 @@ def _audit_cell(per_seed: list[Comparison], check: str, image: int | None, key: 
     chosen = [next((r for r in seed_rows if r.statistic == key), None) for seed_rows in rows]
     if key is None or any(r is None or r.reference is None for r in chosen):
         return f"{counts}; {key or 'no statistic'} not compared"
+    missing = [[e for e in (r.second, r.reference) if not e.measured] for r in chosen]
+    if any(missing):
+        seeds = "any seed" if all(missing) else "every seed"
+        why = "; ".join(dict.fromkeys(e.note or e.status for seed in missing for e in seed))
+        return f"{counts}; {key} not measured on {seeds} ({why})"
     values = [(r.second.value, r.reference.value) for r in chosen]
-    if any(math.isnan(v) for pair in values for v in pair):
-        return f"{counts}; {key} not measured on every seed"
     mine, retrain = (statistics.fmean(v) for v in zip(*values, strict=True))
     within = [r.within for r in chosen]  # None: the retrained model's has no interval
     inside = "no interval" if None in within else f"{sum(within)}/{len(within)}"

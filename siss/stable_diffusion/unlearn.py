@@ -415,7 +415,8 @@ def stop_reason(
     band are put back either way); or, with ``--until gone``, ``--stop_checks`` checks in a row
     in band without a copy; or, with ``--until nonmember``, a check in band at which the
     non-member rule ends the run (``nonmember_stops``: ``NonmemberStop.steer``'s answer at the
-    newest check, never with ``--stop_rule level`` or ``anneal``, which go on to the cap)."""
+    newest check, never with ``--stop_rule level``, ``anneal`` or ``track``, which go on to the
+    cap)."""
     newest = checks[-1]
     if newest["keep_outside"] and "backed_off" not in newest:
         in_band = [c["step"] for c in checks[:-1] if not c["keep_outside"]]

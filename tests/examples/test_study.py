@@ -410,7 +410,11 @@ def test_the_audit_table_counts_verdicts_and_seeds_within_the_retrained_interval
     missing = report("retrain", 0.6, "not held")
     missing.results[0].statistics["percentile"] = Estimate.missing("diverged", "lower")
     table = audit_markdown({"retrack": [compare(None, unlearned[0], missing)]})
-    assert table.splitlines()[-1].endswith("; percentile not measured on every seed |")
+    assert table.splitlines()[-1].endswith("; percentile not measured on any seed (diverged) |")
+    table = audit_markdown(
+        {"retrack": [compare(None, unlearned[0], missing), compare(None, *retrained)]}
+    )
+    assert table.splitlines()[-1].endswith("; percentile not measured on every seed (diverged) |")
 
 
 def test_the_audit_table_gives_a_check_ranked_per_noise_level_a_column_per_level():

@@ -544,6 +544,36 @@ def test_the_anneal_rule_turns_the_forget_term_off_and_runs_every_step(checkpoin
     assert_resumed_run_ends_like(tmp_path / "whole", checkpoint, tmp_path / "parts", flags)
 
 
+def test_the_track_rule_weighs_the_forget_term_per_level_and_runs_every_step(checkpoint, tmp_path):
+    """``--stop_rule track``: the run takes all its steps (9 noise levels measured, the
+    balancer's coefficient measured once); the forget weights the run ends with are the checks'
+    integral (each level from 1, plus 2 * (target - percentile) per check, clipped to [-1, 1]),
+    and a resumed run ends with the uninterrupted one's weights (replayed from the checks)."""
+    flags = ["--until", "nonmember", "--stop_rule", "track", "--stop_every", "1",
+             "--stop_references", "8", "--stop_target", "0.9"]  # fmt: skip
+    args = unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags))
+    assert args.balance_every == args.max_train_steps
+    whole = unlearn.run(args)
+    summary = whole["nonmember_stop"]
+    assert whole["steps"] == 4 and summary["entered_at"] is None and summary["rule"] == "track"
+    assert len(summary["timesteps"]) == 9 and [c["step"] for c in summary["checks"]] == [
+        0, 1, 2, 3, 4
+    ]  # fmt: skip
+    assert stopping.summary_line(summary).startswith(
+        "each noise level steered to the target for 4 steps"
+    )
+    weights = [1.0] * 9
+    for check in summary["checks"]:
+        weights = [
+            min(1.0, max(-1.0, w + 2 * (0.9 - p)))
+            for w, p in zip(weights, check["per_timestep"], strict=True)
+        ]
+    state = json.loads((tmp_path / "whole/checkpoints/step-0000004/state.json").read_text())
+    applied = state["unlearner"]["forget_timestep_weights"]
+    assert len(applied) == 1000 and set(applied) <= {float(torch.tensor(w)) for w in weights}
+    assert_resumed_run_ends_like(tmp_path / "whole", checkpoint, tmp_path / "parts", flags)
+
+
 def test_until_nonmember_resumes_where_an_uninterrupted_run_ends(checkpoint, tmp_path):
     flags = ["--until", "nonmember", "--stop_every", "1", "--stop_references", "8"]
     whole = unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags)))

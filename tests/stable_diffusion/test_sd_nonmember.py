@@ -110,11 +110,9 @@ def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
     assert all(math.isfinite(loss) for loss in metrics["loss"])
 
 
-def test_the_anneal_rule_turns_the_forget_term_off_and_runs_to_the_cap(
-    generated, tmp_path, monkeypatch
-):
-    """``--stop_rule anneal``: once a check reaches the target the forget term is off at every
-    training timestep (zeros to ``restrict_forget``) and the run takes all its steps."""
+def record_restrict_forget(monkeypatch):
+    """``(weights, grid length)`` of every ``siss.Unlearner.restrict_forget`` call of the test,
+    in order (the calls still go through)."""
     import siss
 
     weights = []
@@ -125,12 +123,38 @@ def test_the_anneal_rule_turns_the_forget_term_off_and_runs_to_the_cap(
         return restrict(self, given)
 
     monkeypatch.setattr(siss.Unlearner, "restrict_forget", recorded)
+    return weights
+
+
+def test_the_anneal_rule_turns_the_forget_term_off_and_runs_to_the_cap(
+    generated, tmp_path, monkeypatch
+):
+    """``--stop_rule anneal``: once a check reaches the target the forget term is off at every
+    training timestep (zeros to ``restrict_forget``) and the run takes all its steps."""
+    weights = record_restrict_forget(monkeypatch)
     metrics = job(generated, tmp_path / "anneal", "--stop_rule", "anneal", "--stop_target", "0.01")
     checks = measured(metrics)
     assert checks[0]["step"] == 0 and all(c["entered"] for c in checks)
     assert metrics["stop"]["reason"] == "cap" and metrics["stop"]["steps"] == 4
     assert len(weights) == len(checks)
     assert all(w.shape == (timesteps,) and not w.any() for w, timesteps in weights)
+
+
+def test_the_track_rule_weighs_the_forget_term_per_level_and_runs_to_the_cap(
+    generated, tmp_path, monkeypatch
+):
+    """``--stop_rule track``: every check (the start's included) gives the forget term signed
+    weights in [-1, 1], one per training timestep, from the checks' nine noise levels; with every
+    level past a low target they fall below 1; the run takes all its steps."""
+    weights = record_restrict_forget(monkeypatch)
+    metrics = job(generated, tmp_path / "track", "--stop_rule", "track", "--stop_target", "0.01")
+    checks = measured(metrics)
+    assert len(checks[0]["per_timestep"]) == 9
+    assert metrics["stop"]["reason"] == "cap" and metrics["stop"]["steps"] == 4
+    assert len(weights) == len(checks)
+    for given, timesteps in weights:
+        assert given.shape == (timesteps,) and bool(((given >= -1) & (given <= 1)).all())
+    assert bool((weights[-1][0] < 1).all())
 
 
 def test_the_references_are_held_out_of_the_keep_set():
