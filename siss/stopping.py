@@ -50,6 +50,9 @@ __all__ = [
     "DEFAULT_STOP_TIMESTEPS",
     "LEVEL_TIMESTEPS",
     "STOP_RULES",
+    "TRACK_GAIN",
+    "TRACK_LIMIT",
+    "TRACK_TIMESTEPS",
     "NonmemberCheck",
     "NonmemberStop",
 ]
