@@ -170,8 +170,9 @@ class NonmemberStop:
             They must not be the references an audit will judge the result on: a rule stopped on
             the audit's own references would pass it by construction.
         timesteps: noise levels as ranks on a 1000-step grid (default
-            ``DEFAULT_STOP_TIMESTEPS``; ``LEVEL_TIMESTEPS`` with ``rule="level"`` or
-            ``"track"``, so that the rule follows the error's shape over ``t``).
+            ``DEFAULT_STOP_TIMESTEPS``; ``LEVEL_TIMESTEPS`` with ``rule="level"`` and
+            ``TRACK_TIMESTEPS`` with ``"track"``, so that the rule follows the error's shape
+            over ``t``).
         noise_draws: draws per level and image.
         target: the percentile at which ``entered`` becomes true (0.5: the non-members' median,
             where retraining puts a forget image on average).
@@ -402,7 +403,8 @@ class NonmemberStop:
         """Where the forget term should still act after ``check`` (default: the last one):
         ``(T,)`` float32 over the scheduler's grid, 0 at the grid indices whose nearest measured
         level (in log noise rank) has reached ``target``, 1 elsewhere (and everywhere before
-        the first check, or at a level that could not be measured).
+        the first check, or at a level that could not be measured). With ``rule="track"``:
+        each grid index takes its nearest level's ``tracking_weights``, in [-1, 1].
 
         Why: unlearning does not reach the non-member level at every noise level at once. On
         the digits pair SISS brought the mean percentile to 0.5 with the least noisy levels
@@ -511,8 +513,10 @@ class NonmemberStop:
         like a non-member. ``"level"``: ``unlearner.set_forget_level(forget_level())``, the
         ``(T,)`` non-member level of the last check. ``"anneal"``, once ``annealed``:
         ``unlearner.restrict_forget`` with zeros, the forget term off at every ``t`` for the
-        rest of the run. ``"mean"``: nothing. Call it after every
-        check (``start`` included), so that the forget term follows the newest measurement.
+        rest of the run. ``"track"``: ``unlearner.restrict_forget(forget_timestep_weights(check))``,
+        the ``(T,)`` signed weights of ``tracking_weights``. ``"mean"``: nothing. Call it after
+        every check (``start`` included), so that the forget term follows the newest
+        measurement.
 
         Args:
             unlearner: the ``siss.Unlearner`` being run (anything with its
@@ -521,7 +525,7 @@ class NonmemberStop:
 
         Returns:
             ``True`` when the run should stop at ``check``: it has ``entered`` and the rule is
-            not ``"level"``.
+            ``"mean"`` or ``"per_level"``.
 
         Examples:
             >>> from diffusers import DDPMScheduler
