@@ -3,9 +3,10 @@
 Runs every method of the library from the shipped pretrained digits DDPM with ``unlearn.py``'s
 ``run``, each from its ``siss.UnlearningConfig`` (``METHODS``, through ``unlearn.job``) — naive
 deletion, SISS (λ = 0, 0.5, 1; λ = 0.5 also stopped at the non-member level, ``--until
-nonmember``), SISS (No IS), EraseDiff, NegGrad and ReTrack, with the paper's step counts (300 for
-the quality-preserving methods, 100 for the others) — plus the pretrained and the
-retrained-without-the-outlier checkpoints, and writes a results table with 95% confidence
+nonmember``, and with each noise level steered to it, ``--stop_rule track``), SISS (No IS),
+EraseDiff, NegGrad and ReTrack, with the paper's step counts (300 for the quality-preserving
+methods, 100 for the others) — plus the pretrained and the retrained-without-the-outlier
+checkpoints, and writes a results table with 95% confidence
 intervals over seeds (Markdown and JSON), a plot of the outlier rate against the step per method
 (pooled over the seeds, with exact 95% intervals), and the quality-vs-unlearning scatter of
 Fig. 4b. Each final model then gets a larger evaluation (``--final_samples``, 10,240 a seed: the
@@ -82,13 +83,19 @@ METHODS: dict[str, tuple[dict[str, Any], int]] = {
     "siss-0.5-noise": ({"method": "siss", "lam": 0.5, "keep_target": "noise"}, 300),
     # stopped at the T-shirt variants' level (unlearn.py --until nonmember), 300 steps at most
     "siss-0.5-nonmember": ({"method": "siss", "lam": 0.5}, 300),
+    # each noise level steered to the variants' level (--until nonmember --stop_rule track), all
+    # 300 steps, the forget coefficient measured once (the rule's --balance_every default)
+    "siss-0.5-track": ({"method": "siss", "lam": 0.5, "balance_every": 300}, 300),
     "retrack": ({"method": "retrack"}, 300),
     "siss-nois": ({"method": "siss-nois"}, 300),
     "erasediff": ({"method": "erasediff"}, 100),
     "siss-1": ({"method": "siss", "lam": 1.0}, 100),
     "neggrad": ({"method": "neggrad"}, 100),
 }
-RUN_SETTINGS: dict[str, dict[str, Any]] = {"siss-0.5-nonmember": {"until": "nonmember"}}
+RUN_SETTINGS: dict[str, dict[str, Any]] = {
+    "siss-0.5-nonmember": {"until": "nonmember"},
+    "siss-0.5-track": {"until": "nonmember", "stop_rule": "track"},
+}
 
 
 def build_parser() -> CommandParser:

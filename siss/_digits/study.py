@@ -29,6 +29,8 @@ LABELS = {
     "siss-0.5": "SISS (λ=0.5), teacher keep target",
     "siss-0.5-noise": "SISS (λ=0.5), noise keep target (the paper's)",
     "siss-0.5-nonmember": "SISS (λ=0.5), teacher keep target, stopped at the non-member level",
+    "siss-0.5-track": "SISS (λ=0.5), teacher keep target, each noise level steered to the "
+    "non-member level",
     "retrack": "ReTrack (to the nearest keep images)",
     "siss-nois": "SISS (No IS)",
     "erasediff": "EraseDiff",

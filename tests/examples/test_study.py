@@ -320,6 +320,10 @@ OLD_ARGV = {
     # added with the flags they take (issue 23's study)
     "siss-0.5-nonmember": (["--method", "siss", "--lam", "0.5", "--until", "nonmember"], 300),
     "retrack": (["--method", "retrack"], 300),
+    "siss-0.5-track": (
+        ["--method", "siss", "--lam", "0.5", "--until", "nonmember", "--stop_rule", "track"],
+        300,
+    ),
 }
 
 
@@ -342,6 +346,7 @@ def test_each_method_trains_the_config_its_flags_made(label, tmp_path):
         [0, 500],
         "nonmember" if "nonmember" in flags else "steps",
     )
+    assert job.stop_rule == ("track" if "track" in flags else "mean")
     assert not (tmp_path / label).exists()  # building the settings writes nothing
 
 
