@@ -484,9 +484,9 @@ class NonmemberStop:
 
     def stops(self, check: NonmemberCheck | None = None) -> bool:
         """Whether the run ends at ``check`` (default: the last one; ``False`` before any):
-        ``check.entered``, except with ``rule="level"`` or ``"anneal"``, which go on to the last
-        step. ``steer``'s answer, without touching an unlearner (e.g. for the last check of a
-        resumed run, already steered)."""
+        ``check.entered``, except with ``rule="level"``, ``"anneal"`` or ``"track"``, which go
+        on to the last step. ``steer``'s answer, without touching an unlearner (e.g. for the
+        last check of a resumed run, already steered)."""
         check = check if check is not None else (self.history[-1] if self.history else None)
         return check is not None and check.entered and self.rule not in ("level", "anneal", "track")
 

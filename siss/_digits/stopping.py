@@ -89,7 +89,7 @@ def stop_summary(stop: NonmemberStop | None, step: int) -> dict[str, Any] | None
     """What metrics.json records of the rule: its settings, its checks (each with the
     percentile against the references scored then and against their scores at the start) and
     the step it stopped at (``entered_at``: ``None`` when it ran to ``--max_train_steps``, and
-    always with ``--stop_rule level`` or ``anneal``, which go on to the last step;
+    always with ``--stop_rule level``, ``anneal`` or ``track``, which go on to the last step;
     ``annealed_at``: the step ``anneal`` turned the forget term off, else ``None``)."""
     if stop is None:
         return None

@@ -79,6 +79,23 @@ def test_a_resumed_run_measures_what_an_uninterrupted_one_does(generated, never,
     assert measured(resumed) == measured(never)
 
 
+def record_calls(monkeypatch, name):
+    """``(argument, grid length)`` of every call of ``siss.Unlearner``'s per-timestep setter
+    ``name`` (``restrict_forget``, ``set_forget_level``) in the test, in order; the calls still
+    go through."""
+    import siss
+
+    calls = []
+    method = getattr(siss.Unlearner, name)
+
+    def recorded(self, given):
+        calls.append((given.clone(), len(self.loss_fn.schedule)))  # (T,): the grid
+        return method(self, given)
+
+    monkeypatch.setattr(siss.Unlearner, name, recorded)
+    return calls
+
+
 def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
     generated, tmp_path, monkeypatch
 ):
@@ -87,17 +104,9 @@ def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
     check that reached the target does not stop the run, which takes all its steps."""
     import math
 
-    import siss
     from siss.stopping import LEVEL_TIMESTEPS
 
-    levels = []
-    set_level = siss.Unlearner.set_forget_level
-
-    def recorded(self, level):
-        levels.append((level.clone(), len(self.loss_fn.schedule)))  # (T,): the grid
-        return set_level(self, level)
-
-    monkeypatch.setattr(siss.Unlearner, "set_forget_level", recorded)
+    levels = record_calls(monkeypatch, "set_forget_level")
     metrics = job(generated, tmp_path / "level", "--stop_rule", "level", "--stop_target", "0.01")
     checks = measured(metrics)
     assert [check["step"] for check in checks] == [0, 1, 2, 3] and all(c["entered"] for c in checks)
@@ -110,28 +119,12 @@ def test_the_level_rule_holds_the_run_at_the_level_instead_of_stopping(
     assert all(math.isfinite(loss) for loss in metrics["loss"])
 
 
-def record_restrict_forget(monkeypatch):
-    """``(weights, grid length)`` of every ``siss.Unlearner.restrict_forget`` call of the test,
-    in order (the calls still go through)."""
-    import siss
-
-    weights = []
-    restrict = siss.Unlearner.restrict_forget
-
-    def recorded(self, given):
-        weights.append((given.clone(), len(self.loss_fn.schedule)))
-        return restrict(self, given)
-
-    monkeypatch.setattr(siss.Unlearner, "restrict_forget", recorded)
-    return weights
-
-
 def test_the_anneal_rule_turns_the_forget_term_off_and_runs_to_the_cap(
     generated, tmp_path, monkeypatch
 ):
     """``--stop_rule anneal``: once a check reaches the target the forget term is off at every
     training timestep (zeros to ``restrict_forget``) and the run takes all its steps."""
-    weights = record_restrict_forget(monkeypatch)
+    weights = record_calls(monkeypatch, "restrict_forget")
     metrics = job(generated, tmp_path / "anneal", "--stop_rule", "anneal", "--stop_target", "0.01")
     checks = measured(metrics)
     assert checks[0]["step"] == 0 and all(c["entered"] for c in checks)
@@ -146,7 +139,7 @@ def test_the_track_rule_weighs_the_forget_term_per_level_and_runs_to_the_cap(
     """``--stop_rule track``: every check (the start's included) gives the forget term signed
     weights in [-1, 1], one per training timestep, from the checks' nine noise levels; with every
     level past a low target they fall below 1; the run takes all its steps."""
-    weights = record_restrict_forget(monkeypatch)
+    weights = record_calls(monkeypatch, "restrict_forget")
     metrics = job(generated, tmp_path / "track", "--stop_rule", "track", "--stop_target", "0.01")
     checks = measured(metrics)
     assert len(checks[0]["per_timestep"]) == 9
