@@ -423,12 +423,13 @@ UNLEARN_TINY = [
 def test_the_readme_demo_writes_what_the_readme_and_the_tutorial_list(
     tmp_path, monkeypatch, shipped_untouched
 ):
-    """README "Quickstart" (``python -m examples.unlearn --until nonmember``) and the digits
-    tutorial's demo: the top-level files and folders of the run's folder are the ones listed."""
+    """README "Quickstart" (``python -m examples.unlearn --until nonmember --stop_rule track``)
+    and the digits tutorial's demo: the top-level files and folders of the run's folder are the
+    ones listed."""
     from examples import unlearn
 
     demo = next(c for c in documented() if c.doc == "README.md" and c.program == "examples.unlearn")
-    assert demo.argv == ("--until", "nonmember")
+    assert demo.argv == ("--until", "nonmember", "--stop_rule", "track")
     monkeypatch.chdir(tmp_path)
     unlearn.main([*_absolute_inputs(demo.argv), *UNLEARN_TINY])
     folder = "outputs/unlearn/siss-lam0.5-seed0"
