@@ -511,17 +511,25 @@ def assert_resumed_run_ends_like(whole, checkpoint, parts, flags):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def run_rule(checkpoint, tmp_path, rule: str, every: int, target: float):
+    """The tiny digits run with ``--until nonmember --stop_rule RULE`` (8 stop references,
+    a check every ``every`` steps, ``target``), which takes all its 4 steps: its parsed
+    arguments, its flags (for a resumed twin) and its ``nonmember_stop`` summary."""
+    flags = ["--until", "nonmember", "--stop_rule", rule, "--stop_every", str(every),
+             "--stop_references", "8", "--stop_target", str(target)]  # fmt: skip
+    args = unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags))
+    whole = unlearn.run(args)
+    summary = whole["nonmember_stop"]
+    assert whole["steps"] == 4 and summary["rule"] == rule
+    return args, flags, summary
+
+
 def test_the_level_rule_runs_every_step_holding_the_forget_term_at_the_level(checkpoint, tmp_path):
     """``--stop_rule level``: even with a target reached before the first step the run takes all
     its steps; the loss carries the references' level (10 noise levels measured), the balancer's
     coefficient is measured once, and a resumed run ends with the uninterrupted one's weights."""
-    flags = ["--until", "nonmember", "--stop_rule", "level", "--stop_every", "2",
-             "--stop_references", "8", "--stop_target", "0.001"]  # fmt: skip
-    args = unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags))
-    assert args.balance_every == args.max_train_steps
-    whole = unlearn.run(args)
-    summary = whole["nonmember_stop"]
-    assert whole["steps"] == 4 and summary["entered_at"] is None and summary["rule"] == "level"
+    args, flags, summary = run_rule(checkpoint, tmp_path, "level", every=2, target=0.001)
+    assert args.balance_every == args.max_train_steps and summary["entered_at"] is None
     assert len(summary["timesteps"]) == 10 and [c["step"] for c in summary["checks"]] == [0, 2, 4]
     assert stopping.summary_line(summary).startswith("held at the non-member level for 4 steps")
     assert_resumed_run_ends_like(tmp_path / "whole", checkpoint, tmp_path / "parts", flags)
@@ -532,11 +540,7 @@ def test_the_anneal_rule_turns_the_forget_term_off_and_runs_every_step(checkpoin
     off from step 0 and the run takes all its steps on the keep term alone (the summary says
     so), and a resumed run ends with the uninterrupted one's weights (the forget term stays
     off across the resume)."""
-    flags = ["--until", "nonmember", "--stop_rule", "anneal", "--stop_every", "2",
-             "--stop_references", "8", "--stop_target", "0.001"]  # fmt: skip
-    whole = unlearn.run(unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags)))
-    summary = whole["nonmember_stop"]
-    assert whole["steps"] == 4 and summary["rule"] == "anneal"
+    _, flags, summary = run_rule(checkpoint, tmp_path, "anneal", every=2, target=0.001)
     assert summary["entered_at"] is None and summary["annealed_at"] == 0
     assert stopping.summary_line(summary).startswith(
         "forget term off from step 0, the keep term alone to step 4"
@@ -549,13 +553,8 @@ def test_the_track_rule_weighs_the_forget_term_per_level_and_runs_every_step(che
     balancer's coefficient measured once); the forget weights the run ends with are the checks'
     integral (each level from 1, plus 2 * (target - percentile) per check, clipped to [-1, 1]),
     and a resumed run ends with the uninterrupted one's weights (replayed from the checks)."""
-    flags = ["--until", "nonmember", "--stop_rule", "track", "--stop_every", "1",
-             "--stop_references", "8", "--stop_target", "0.9"]  # fmt: skip
-    args = unlearn.parse_args(argv(checkpoint, tmp_path / "whole", *flags))
-    assert args.balance_every == args.max_train_steps
-    whole = unlearn.run(args)
-    summary = whole["nonmember_stop"]
-    assert whole["steps"] == 4 and summary["entered_at"] is None and summary["rule"] == "track"
+    args, flags, summary = run_rule(checkpoint, tmp_path, "track", every=1, target=0.9)
+    assert args.balance_every == args.max_train_steps and summary["entered_at"] is None
     assert len(summary["timesteps"]) == 9 and [c["step"] for c in summary["checks"]] == [
         0, 1, 2, 3, 4
     ]  # fmt: skip
