@@ -102,11 +102,10 @@ def rank_generator(seed: int, device: torch.device | str | None = None) -> torch
         0
     """
     seed = check_index(seed, "seed")
-    if seed < 0:
-        raise ValueError(f"`seed` must be >= 0, got {seed}")
-    return torch.Generator(device if device is not None else "cpu").manual_seed(
-        seed + process_index()
-    )
+    rank = process_index()
+    if not 0 <= seed + rank < 2**64:  # manual_seed takes an unsigned 64-bit seed
+        raise ValueError(f"`seed` must be >= 0 and `seed` + rank ({rank}) < 2**64, got {seed}")
+    return torch.Generator(device if device is not None else "cpu").manual_seed(seed + rank)
 
 
 def derived_seed(*parts: Any) -> int:

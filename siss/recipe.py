@@ -429,6 +429,38 @@ def _has_peft_adapters(model: nn.Module) -> bool:
     )
 
 
+def _adapters_change_nothing(model: nn.Module) -> bool:
+    """Whether every PEFT adapter layer of ``model`` is a LoRA whose ``B`` is zero (peft's default
+    initialisation, what ``add_adapter(LoraConfig(...))`` makes), so that the model with its
+    adapters disabled is the model. ``False`` for a LoRA already trained or loaded
+    (``load_lora_weights``), another initialisation, DoRA's magnitude or another tuner, whose
+    contribution this cannot tell from their weights. One host sync, at build time."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    zero_when_fresh: list[Tensor] = []
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for name in module.adapter_layer_names:
+            held = getattr(module, name, None)
+            if held is None or len(held) == 0:
+                continue
+            if name in ("lora_B", "lora_embedding_B"):
+                for value in held.values():
+                    is_module = isinstance(value, nn.Module)
+                    zero_when_fresh += value.parameters() if is_module else [value]
+            elif name not in ("lora_A", "lora_embedding_A"):
+                return False
+    if not zero_when_fresh:
+        return True
+    local = [getattr(t, "to_local", lambda t=t: t)().detach() for t in zero_when_fresh]
+    largest = torch.stack(torch._foreach_norm(local)).amax()
+    sharded = any(hasattr(t, "to_local") for t in zero_when_fresh)
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    return bool(largest == 0)
+
+
 class _AdaptersDisabled:
     """A teacher that is the model itself with its PEFT adapters disabled: the base model of a
     LoRA, with no copy of its weights."""
@@ -477,15 +509,18 @@ class _Autocast:
 def teacher_for(model: nn.Module, *, channels_last: bool = False) -> Any:
     """The frozen model before unlearning, as something with the adapters' ``predict``.
 
-    A model carrying PEFT adapters (``unet.add_adapter(LoraConfig(...))``, or a ``PeftModel``)
-    is its own teacher with the adapters disabled: the base weights do not train, so they are
-    the model before unlearning, and no copy is made. Sharded by FSDP2, the teacher is sharded
-    with the model; it then runs under ``torch.no_grad`` rather than ``torch.inference_mode``,
-    and the root FSDP module is set to reshard after every forward (both for FSDP2's gathered
-    weight buffers, which the teacher's and the training forward share: docs/sharded.md). Any
-    other model is copied (``copy.deepcopy``), frozen and put in eval mode: build the teacher
-    before the first step, and before ``accelerator.load_state`` on a resume, so that it holds
-    the starting weights.
+    A model carrying fresh PEFT LoRA adapters (``unet.add_adapter(LoraConfig(...))``, whose
+    ``B`` is zero, or such a ``PeftModel``) is its own teacher with the adapters disabled: the
+    base weights do not train, so they are the model before unlearning, and no copy is made. A
+    model whose adapters already change its output (a LoRA trained or loaded with
+    ``load_lora_weights``, DoRA, another tuner) is copied as any other model is: disabling them
+    would give the base model, not the model before unlearning. Sharded by FSDP2, the teacher
+    of fresh adapters is sharded with the model; it then runs under ``torch.no_grad`` rather
+    than ``torch.inference_mode``, and the root FSDP module is set to reshard after every
+    forward (both for FSDP2's gathered weight buffers, which the teacher's and the training
+    forward share: docs/sharded.md). Any other model is copied (``copy.deepcopy``), frozen and
+    put in eval mode: build the teacher before the first step, and before
+    ``accelerator.load_state`` on a resume, so that it holds the starting weights.
 
     FSDP (a ``fully_shard``-ed model) forbids ``deepcopy``, and a gathered copy would undo the
     sharding, so a sharded model without adapters raises ``ValueError``: call ``teacher_for``
@@ -515,7 +550,7 @@ def teacher_for(model: nn.Module, *, channels_last: bool = False) -> Any:
     from siss.adapters import adapter_for
 
     inner = _inner(model)
-    if _has_peft_adapters(inner):
+    if _has_peft_adapters(inner) and _adapters_change_nothing(inner):
         teacher = _AdaptersDisabled(adapter_for(inner), inner)
         if not _is_fsdp(inner):
             return teacher
@@ -528,10 +563,12 @@ def teacher_for(model: nn.Module, *, channels_last: bool = False) -> Any:
             set_reshard(True, recurse=False)
         return _OutsideInferenceMode(teacher)
     if _is_fsdp(inner):
+        peft = _has_peft_adapters(inner)
+        trained = " and its PEFT adapters already change its output" if peft else ""
         raise ValueError(
-            "teacher_for: the model is sharded by FSDP, which cannot be copied: build the "
-            "teacher with teacher_for(model) before sharding (before accelerator.prepare), shard "
-            "teacher.model the same way, and pass Unlearner(..., teacher=teacher)"
+            f"teacher_for: the model is sharded by FSDP{trained}, which cannot be copied: build "
+            "the teacher with teacher_for(model) before sharding (before accelerator.prepare), "
+            "shard teacher.model the same way, and pass Unlearner(..., teacher=teacher)"
         )
     frozen = copy.deepcopy(inner).requires_grad_(False).eval()
     if channels_last:  # 4-D weights only (docs/benchmarks.md: the recipe's step)
@@ -613,6 +650,12 @@ class Unlearner:
         if not isinstance(config, UnlearningConfig):
             raise TypeError(f"`config` must be an UnlearningConfig, got {type(config).__name__}")
         config.check_prediction_type(prediction_type_from_scheduler(noise_scheduler))
+        if config.keep_target == "teacher" and (n is None or k is None):
+            raise ValueError(
+                "`n` and `k` (|X| and |A|) are needed with keep_target='teacher': its keep term "
+                "weighs the forget rows by the true k/(n-k); pass Unlearner(..., n=, k=) or "
+                "UnlearningConfig(keep_target='noise')"
+            )
         self.config = config
         self.model = model
         self.accelerator = accelerator
@@ -956,7 +999,19 @@ class Unlearner:
             self.ema.restore(self.params)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs beyond the model, optimizer and lr scheduler."""
+        """Everything a resume needs beyond the model, optimizer and lr scheduler.
+
+        Raises:
+            RuntimeError: between the micro-batches of one optimizer step (gradient
+                accumulation), whose gradient no checkpoint holds.
+        """
+        if not self._sync():
+            raise RuntimeError(
+                "Unlearner.state_dict() (accelerator.save_state) between the micro-batches of "
+                "one optimizer step, whose accumulated gradient a checkpoint does not hold: save "
+                "after a step whose result has optimizer_step=True (accelerator.sync_gradients), "
+                "as diffusers' training scripts do"
+            )
         return {
             "config": self.config.to_dict(),
             "draws": self.draws,

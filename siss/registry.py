@@ -85,6 +85,11 @@ RULES: Mapping[str, MethodRules] = MappingProxyType(
                     "flow_prediction": "EraseDiff fits the predicted noise to uniform [0, 1) "
                     "targets; a rectified-flow model predicts the velocity eps - x_0, for which "
                     "that target is not defined",
+                    "v_prediction": "EraseDiff fits the predicted noise to uniform [0, 1) "
+                    "targets; a v-prediction model predicts v = alpha_t eps - sigma_t x_0, for "
+                    "which that target is not defined",
+                    "sample": "EraseDiff fits the predicted noise to uniform [0, 1) targets; a "
+                    "sample-prediction model predicts x_0, for which that target is not defined",
                 }
             ),
         ),

@@ -328,6 +328,9 @@ class NonmemberStop:
         levels, draws = len(self.timesteps), self.noise_draws
         rows = len(images) * levels * draws
         out = torch.empty(rows, dtype=torch.float64, device=images.device)
+        parameters = self.model.parameters() if isinstance(self.model, nn.Module) else ()
+        floating = (p.dtype for p in parameters if p.is_floating_point())
+        dtype = next(floating, images.dtype)  # the model's input dtype: bf16 weights take bf16
         was_training = getattr(self.model, "training", False)
         if isinstance(self.model, nn.Module):
             self.model.eval()
@@ -340,7 +343,7 @@ class NonmemberStop:
                 noise = self.noise[draw]
                 shape = (-1,) + (1,) * (images.ndim - 1)
                 noisy = gamma.view(shape) * images[image].float() + sigma.view(shape) * noise
-                noisy = noisy.to(images.dtype)
+                noisy = noisy.to(dtype)
                 inputs = _rows(conditioning, image)
                 context = nullcontext() if self.autocast is None else self.autocast()
                 with context:

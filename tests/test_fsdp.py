@@ -174,9 +174,9 @@ def unlearner_results(rank: int) -> dict:
             unet = make_unet()
             if lora:
                 torch.manual_seed(3)
-                config_lora = LoraConfig(
-                    r=2, target_modules=["conv1", "conv2"], init_lora_weights=False
-                )
+                # peft's default init (B = 0): the adapters-disabled model is the model before
+                # unlearning, so the teacher is the base (a trained LoRA's would be a copy)
+                config_lora = LoraConfig(r=2, target_modules=["conv1", "conv2"])
                 unet = get_peft_model(unet, config_lora)
             teacher = None
             if sharded:

@@ -51,6 +51,10 @@ def test_rank_generator_differs_per_rank(monkeypatch):
         rank_generator(-1)
     with pytest.raises(TypeError, match="`seed`"):
         rank_generator(1.5)
+    assert rank_generator(2**64 - 1).initial_seed() == 2**64 - 1  # rank 0: manual_seed's largest
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match=r"`seed` \+ rank \(1\) < 2\*\*64"):
+        rank_generator(2**64 - 1)
 
 
 def test_an_accelerate_prepared_forget_loader_raises():

@@ -100,8 +100,9 @@ def test_a_teacher_needs_siss_and_erasediff_refuses_flow():
         if not RULES[method].teacher:
             with pytest.raises(ValueError, match="keep_target: 'teacher' needs SISS's keep term"):
                 UnlearningConfig(method=method, keep_target="teacher")
-    with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot train"):
-        UnlearningConfig(method="erasediff").check_prediction_type("flow_prediction")
+    for prediction_type in ("flow_prediction", "v_prediction", "sample"):  # EraseDiffLoss's too
+        with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot"):
+            UnlearningConfig(method="erasediff").check_prediction_type(prediction_type)
     UnlearningConfig(method="erasediff").check_prediction_type("epsilon")
 
 
@@ -184,20 +185,33 @@ def test_the_unlearners_own_teacher_on_the_cpu_is_a_channels_last_copy():
     torch.testing.assert_close(teacher.predict(noisy, t), unet(noisy, t).sample)
 
 
-def _check_base_model_teacher(model, call, lora_model) -> None:
-    with torch.no_grad():  # LoRA starts as the identity (B = 0): give it something to change
+def _train_lora(lora_model) -> None:
+    with torch.no_grad():  # LoRA starts as the identity (B = 0): what training changes
         for name, param in lora_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.1)
-    teacher = teacher_for(lora_model)
+
+
+def _check_base_model_teacher(model, call, lora_model) -> None:
+    teacher = teacher_for(lora_model)  # before the first step: the LoRA is still the identity
     assert teacher.model is lora_model  # no copy
+    _train_lora(lora_model)
     base = call(model).detach()
     assert not torch.equal(call(lora_model), base)  # the adapter changes the output...
     torch.testing.assert_close(call(teacher), base, rtol=0, atol=0)  # ...not the teacher's
     assert not torch.equal(call(lora_model), base)  # and is enabled again
 
+    # A LoRA that already changes the output (trained, or loaded with load_lora_weights) is part
+    # of the model before unlearning: the teacher is a frozen copy with it, not the base model.
+    before = call(lora_model).detach()
+    teacher = teacher_for(lora_model)
+    assert teacher.model is not lora_model and not teacher.model.training
+    _train_lora(lora_model)  # unlearning moves the LoRA on
+    assert not torch.equal(call(lora_model), before)
+    torch.testing.assert_close(call(teacher), before, rtol=0, atol=0)
 
-def test_teacher_of_a_diffusers_lora_is_the_base_model():
+
+def test_teacher_of_a_diffusers_lora_is_the_model_before_unlearning():
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -228,7 +242,7 @@ def test_teacher_of_a_diffusers_lora_is_the_base_model():
     _check_base_model_teacher(base, call, unet)
 
 
-def test_teacher_of_a_peft_model_is_the_base_model():
+def test_teacher_of_a_peft_model_is_the_model_before_unlearning():
     from peft import LoraConfig, get_peft_model
 
     unet = tiny_unet()
@@ -393,11 +407,22 @@ def test_every_method_trains(method):
     assert torch.isfinite(flat(unet)).all() and not torch.equal(flat(unet), start)
 
 
-def test_erasediff_is_refused_for_a_flow_model():
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def test_the_teacher_target_without_n_and_k_is_refused_when_built():
+    """Not at the first step after the calibration (the loss's error, about `teacher_output`)."""
+    with pytest.raises(ValueError, match=r"`n` and `k` \(\|X\| and \|A\|\) are needed"):
+        Unlearner(tiny_unet(), scheduler(), UnlearningConfig(), k=1)
+    Unlearner(tiny_unet(), scheduler(), UnlearningConfig(keep_target="noise"))  # needs neither
 
-    with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot train"):
-        Unlearner(tiny_unet(), FlowMatchEulerDiscreteScheduler(), UnlearningConfig("erasediff"))
+
+def test_erasediff_is_refused_for_a_flow_or_v_prediction_model():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    for noise_scheduler in (
+        FlowMatchEulerDiscreteScheduler(),
+        DDPMScheduler(prediction_type="v_prediction"),
+    ):
+        with pytest.raises(ValueError, match=r"UnlearningConfig\.method: 'erasediff' cannot"):
+            Unlearner(tiny_unet(), noise_scheduler, UnlearningConfig("erasediff"))
 
 
 def test_ema_weights_are_averaged_and_restored():
@@ -450,6 +475,19 @@ def test_resume_is_bit_identical(tmp_path):
     resumed, unlearner = _accelerated_run(tmp_path, stop=None, resume=True)
     assert unlearner.optimizer_steps == 8
     assert torch.equal(whole, resumed)
+
+
+def test_a_save_between_micro_batches_is_refused_naming_when_to_save(tmp_path):
+    """Accumulation 2: after 9 micro-batches (2 optimizer steps and half of the third) the
+    accumulated gradient is in no checkpoint, so the save is refused rather than resumed wrong."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        with pytest.raises(RuntimeError, match="between the micro-batches of one optimizer step"):
+            _accelerated_run(tmp_path, stop=9, resume=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -199,6 +199,19 @@ def test_the_model_is_scored_in_eval_mode_and_left_training() -> None:
     assert unet.training
 
 
+def test_a_bf16_model_scores_float32_images_in_its_own_dtype() -> None:
+    """Images in float32 (a data loader's), weights in bf16: the noisy rows go in as bf16 (they
+    went in as float32, which a bf16 convolution refuses) and every level is measured."""
+    forget = torch.zeros(1, *SHAPE)
+    references = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))
+    dtypes: list[torch.dtype] = []
+    low = tiny_unet(sample_size=4).to(torch.bfloat16)
+    low.register_forward_pre_hook(lambda module, args: dtypes.append(args[0].dtype))
+    check = NonmemberStop(low, DDPMScheduler(), forget, references, noise_draws=2).start()
+    assert set(dtypes) == {torch.bfloat16}
+    assert math.isfinite(check.percentile) and len(check.per_timestep) > 1
+
+
 def test_per_level_weights_follow_the_nearest_measured_level() -> None:
     """``forget_timestep_weights``: 0 at the grid indices whose nearest level (in log noise
     rank) has reached the target, 1 elsewhere; 1 everywhere before a check and at an unmeasured

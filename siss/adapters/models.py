@@ -217,6 +217,14 @@ class ModelAdapter(nn.Module):
     def forward(self, noisy: Tensor, timesteps: Tensor, **conditioning: Any) -> Tensor:
         return self.predict(noisy, timesteps, **conditioning)
 
+    def training_conditioning(
+        self, conditioning: dict[str, Any], generator: torch.Generator | None
+    ) -> dict[str, Any]:
+        """The conditioning ``loss`` trains on, drawn from ``conditioning`` (its rows matched to
+        the draw's) with ``generator``: unchanged here. ``DiTAdapter`` drops class labels as the
+        model's own training does, so that the model and the teacher see the same labels."""
+        return conditioning
+
     @property
     def config(self) -> Mapping[str, Any]:
         """The (unwrapped) model's diffusers config; empty for a model without one."""
@@ -372,7 +380,10 @@ class ModelAdapter(nn.Module):
             weights: per-row loss weights ``(B,)``, or a callable ``draw -> (B,)`` for weights
                 that depend on the draw's timesteps, e.g.
                 ``lambda draw: compute_snr(noise_scheduler, draw.timesteps)``; see
-                ``UnlearningLoss.terms`` (``snr_gamma`` in the loss needs neither).
+                ``UnlearningLoss.terms`` (``snr_gamma`` in the loss needs neither). On a ``2B``-row
+                draw (``"siss-nois"``, ``"erasediff"``, ``"retrack"``), whose keep row ``j`` and
+                forget row ``B + j`` share timestep ``j``, the callable may return ``(2B,)``
+                weights, one a row: the first ``B``, the pairs', are used.
             teacher: the frozen model before unlearning, as an adapter (``siss.recipe.teacher_for``
                 builds one): its prediction on the same noisy rows and conditioning, taken under
                 ``torch.inference_mode``, is the keep term's target
@@ -395,7 +406,7 @@ class ModelAdapter(nn.Module):
             ValueError, TypeError: naming the argument, for inputs the loss or the model cannot
                 take (see the module docstring); the model is not called then.
         """
-        if not (
+        if isinstance(loss_fn, type) or not (
             callable(getattr(loss_fn, "sample", None)) and callable(getattr(loss_fn, "terms", None))
         ):
             raise TypeError(
@@ -430,6 +441,7 @@ class ModelAdapter(nn.Module):
             k: v if k in self.shared_conditioning else _match_batch(v, k, batch, rows)
             for k, v in conditioning.items()
         }
+        conditioning = self.training_conditioning(conditioning, generator)
         if _checks.validate_values_enabled():
             for name, value in _tensors(conditioning):
                 _checks.check_finite_values(value, name)
@@ -444,6 +456,8 @@ class ModelAdapter(nn.Module):
             _check_finite_prediction(prediction)
         if callable(weights):
             weights = weights(draw)
+            if rows != batch and isinstance(weights, Tensor) and weights.shape == (rows,):
+                weights = weights[:batch]  # a paired draw: pair j's two rows share timestep j
         return loss_fn.terms(prediction, draw, weights=weights, **extra)
 
 
@@ -591,22 +605,73 @@ class DiTAdapter(ModelAdapter):
 
     model_classes = ("DiTTransformer2DModel", "Transformer2DModel")
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = self.config
+        if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or not isinstance(
+            config.get("patch_size"), int
+        ):
+            raise TypeError(
+                f"no adapter for this {type(_unwrap(model)).__name__} (`model`): DiTAdapter takes "
+                "the class-conditional, patched DiT configuration (norm_type='ada_norm_zero', "
+                f"patch_size set), got norm_type={config.get('norm_type')!r}, "
+                f"patch_size={config.get('patch_size')!r} (PixArt's 'ada_norm_single' or an "
+                "unpatched model: subclass `siss.adapters.ModelAdapter` and implement `predict`)"
+            )
+        # diffusers' CombinedTimestepLabelEmbeddings (one per block) drop labels in train mode
+        # with the global generator, each block on its own: siss draws the drop instead.
+        self._label_embeddings = [
+            module
+            for module in _unwrap(model).modules()
+            if type(module).__name__ == "LabelEmbedding" and module.dropout_prob > 0
+        ]
+
     def check_input(self, value: Tensor, name: str) -> None:
-        patch = self.config.get("patch_size")
-        self._check_image(value, name, patch if isinstance(patch, int) else 1)
+        self._check_image(value, name, self.config["patch_size"])
+        if value.ndim == 4 and value.shape[2] != value.shape[3]:
+            raise ValueError(
+                f"`{name}` has spatial size {value.shape[2]}x{value.shape[3]}; a DiT takes square "
+                "inputs only (diffusers unpatchifies its output as a square)"
+            )
+
+    def training_conditioning(
+        self, conditioning: dict[str, Any], generator: torch.Generator | None
+    ) -> dict[str, Any]:
+        """Classifier-free guidance's label dropout, drawn with ``generator``: in train mode, each
+        row's ``class_labels`` becomes the null class (``num_embeds_ada_norm``) with the model's
+        own probability (``class_dropout_prob``, 0.1 in diffusers' DiT), the same labels for the
+        model and the teacher (which, in eval mode, would drop none); ``predict`` itself drops
+        none, so that the draw is the generator's alone."""
+        labels = conditioning.get("class_labels")
+        if not (self._label_embeddings and self.model.training and isinstance(labels, Tensor)):
+            return conditioning
+        embedding = self._label_embeddings[0]
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device)
+        dropped = torch.where(drop < embedding.dropout_prob, embedding.num_classes, labels)
+        return {**conditioning, "class_labels": dropped}
 
     def predict(
         self, noisy: Tensor, timesteps: Tensor, class_labels: Tensor | None = None, **kwargs: Any
     ) -> Tensor:
-        """``model(noisy, timestep=timesteps, class_labels=class_labels)``."""
+        """``model(noisy, timestep=timesteps, class_labels=class_labels)``: the labels as given
+        (the null class ``num_embeds_ada_norm`` included, where the model has one), none dropped
+        by the model in train mode (``training_conditioning`` draws the dropout)."""
         if class_labels is None:
             raise ValueError("a DiT needs `class_labels` (B,): one class index per row")
-        self.check_labels(
-            class_labels, "class_labels", noisy.shape[0], self.config.get("num_embeds_ada_norm")
-        )
-        output = self.model(
-            noisy, timestep=timesteps, class_labels=class_labels, return_dict=False, **kwargs
-        )
+        classes = self.config.get("num_embeds_ada_norm")
+        if isinstance(classes, int) and self._label_embeddings:
+            classes += 1  # the null class of classifier-free guidance
+        self.check_labels(class_labels, "class_labels", noisy.shape[0], classes)
+        dropping = [module for module in self._label_embeddings if module.training]
+        for module in dropping:
+            module.training = False
+        try:
+            output = self.model(
+                noisy, timestep=timesteps, class_labels=class_labels, return_dict=False, **kwargs
+            )
+        finally:
+            for module in dropping:
+                module.training = True
         return _mean_prediction(output[0], noisy)
 
 

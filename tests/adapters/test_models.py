@@ -400,33 +400,133 @@ def test_encode_latents_applies_shift_and_scaling_factor():
     torch.testing.assert_close(unshifted, raw * 1.5)
 
 
-def test_loss_passes_row_weights_and_draw_dependent_weights():
-    """Per-row weights through the adapter: a tensor, or a callable of the draw (its timesteps)."""
+@pytest.mark.parametrize("method", ["siss", "siss-nois", "erasediff", "retrack"])
+def test_loss_passes_row_weights_and_draw_dependent_weights(method):
+    """Per-row weights through the adapter: a tensor, or a callable of the draw (its timesteps).
+    On a 2B-row draw the documented ``lambda draw: compute_snr(scheduler, draw.timesteps)``
+    returns one weight a row; pair j's two rows share timestep j, so pair j takes row j's."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from siss import SISSLoss
     from siss.adapters import adapter_for, loss_from_scheduler
 
-    unet = tiny_unet()
-    scheduler = DDPMScheduler()
-    loss_fn = loss_from_scheduler(SISSLoss, scheduler, superfactor=0.1, reduction="none")
+    unet, scheduler = tiny_unet(), DDPMScheduler()
+    loss_fn = loss_from_scheduler(method, scheduler, superfactor=0.1, reduction="none")
     adapter = adapter_for(unet)
     x0, a0 = torch.randn(4, 1, 8, 8), torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         plain = adapter.loss(x0, a0, loss_fn, generator=torch.Generator().manual_seed(1))
         draw = loss_fn.sample(x0, a0, generator=torch.Generator().manual_seed(1))
-        snr = compute_snr(scheduler, draw.timesteps)
+        rows = draw.timesteps.shape[0]
+        assert rows == 4 or torch.equal(draw.timesteps[:4], draw.timesteps[4:])
         weighted = adapter.loss(
             x0, a0, loss_fn, generator=torch.Generator().manual_seed(1),
             weights=lambda d: compute_snr(scheduler, d.timesteps),
         )  # fmt: skip
         fixed = adapter.loss(
-            x0,
-            a0,
-            loss_fn,
-            generator=torch.Generator().manual_seed(1),
+            x0, a0, loss_fn, generator=torch.Generator().manual_seed(1),
             weights=torch.full((4,), 2.0),
-        )
-    torch.testing.assert_close(weighted.loss, snr * plain.loss)
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="`weights` must have shape \\(4,\\)"):
+            adapter.loss(x0, a0, loss_fn, weights=lambda d: torch.ones(3))
+    pair_weights = compute_snr(scheduler, draw.timesteps[:4])
+    torch.testing.assert_close(weighted.loss, pair_weights * plain.loss)
     torch.testing.assert_close(fixed.loss, 2 * plain.loss)
+
+
+# --- DiT: classifier-free guidance's label dropout, square inputs, configurations ---------------
+
+
+def test_dit_label_dropout_is_drawn_by_the_generator_and_seen_by_the_teacher():
+    """diffusers' DiT drops 10% of the labels in train mode with the global generator, in each
+    block on its own; the adapter draws the drop with the loss's generator instead (the same
+    draw, the same loss) and gives the dropped labels to the teacher too, which in eval mode
+    would drop none: at the starting weights the teacher's prediction is the model's."""
+    from siss.recipe import teacher_for
+
+    torch.manual_seed(0)
+    dit = _dit().train()
+    adapter = DiTAdapter(dit)
+    labels = torch.full((4000,), 3)
+    seeded = [
+        adapter.training_conditioning({"class_labels": labels}, torch.Generator().manual_seed(1))
+        for _ in range(2)
+    ]
+    torch.testing.assert_close(seeded[0], seeded[1])
+    dropped = seeded[0]["class_labels"] == 10  # the null class: num_embeds_ada_norm
+    assert torch.equal(seeded[0]["class_labels"][~dropped], labels[~dropped])
+    assert abs(dropped.float().mean().item() - 0.1) < 4 * (0.1 * 0.9 / 4000) ** 0.5
+    dit.eval()
+    assert adapter.training_conditioning({"class_labels": labels}, None)["class_labels"] is labels
+    dit.train()
+
+    noisy, t = torch.randn(64, 4, 8, 8), torch.full((64,), 500)
+    null_and_three = torch.tensor([10, 3]).repeat(32)
+    with torch.no_grad():  # predict drops none in train mode, the null class is a label
+        first = adapter.predict(noisy, t, class_labels=null_and_three)
+        torch.testing.assert_close(adapter.predict(noisy, t, class_labels=null_and_three), first)
+        dit.eval()
+        torch.testing.assert_close(adapter.predict(noisy, t, class_labels=null_and_three), first)
+        dit.train()
+    assert all(module.training for module in dit.modules())
+
+    teacher = teacher_for(dit)  # a frozen copy in eval mode, which would drop no label
+    with torch.no_grad():  # at the starting weights the model predicts what its teacher does
+        torch.testing.assert_close(
+            adapter.predict(noisy, t, class_labels=null_and_three),
+            teacher.predict(noisy, t, class_labels=null_and_three),
+        )
+    seen = {}
+
+    class Recording:  # the teacher, recording the labels it is given
+        def predict(self, noisy, timesteps, **conditioning):
+            seen["teacher"] = conditioning["class_labels"]
+            return teacher.predict(noisy, timesteps, **conditioning)
+
+    def record(module, args, kwargs):
+        seen["model"] = kwargs["class_labels"]
+
+    handle = dit.register_forward_pre_hook(record, with_kwargs=True)
+    loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), superfactor=0.1, n=101, k=1)
+    x0, a0 = torch.randn(64, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    losses = []
+    for _ in range(2):
+        with torch.no_grad():
+            terms = adapter.loss(
+                x0, a0, loss_fn, generator=torch.Generator().manual_seed(0), teacher=Recording(),
+                class_labels=torch.full((64,), 3),
+            )  # fmt: skip
+        losses.append(terms.loss)
+        assert torch.equal(seen["teacher"], seen["model"]) and (seen["model"] == 10).any()
+    handle.remove()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)  # the draw fixes the loss
+
+
+def test_dit_takes_square_inputs_and_its_own_configuration_only():
+    adapter = DiTAdapter(_dit())
+    loss_fn = loss_from_scheduler(SISSLoss, DDPMScheduler(), superfactor=0.1)
+    x0, a0 = torch.randn(2, 4, 8, 16), torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="`x0` has spatial size 8x16; a DiT takes square"):
+        adapter.loss(x0, a0, loss_fn, class_labels=torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"`class_labels` must lie in \[0, 10\]"):
+        adapter.predict(torch.randn(1, 4, 8, 8), torch.tensor([5]), class_labels=torch.tensor([11]))
+    pixart = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8,
+        patch_size=2, norm_type="ada_norm_single", cross_attention_dim=8,
+    )  # fmt: skip
+    continuous = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, norm_num_groups=2
+    )
+    for model, norm_type in ((pixart, "ada_norm_single"), (continuous, "layer_norm")):
+        with pytest.raises(TypeError, match=f"got norm_type='{norm_type}'"):
+            adapter_for(model)
+
+
+def test_a_loss_class_instead_of_an_instance_is_named():
+    adapter = adapter_for(_unet2d())
+    x0, a0 = torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    for loss_fn in (SISSLoss, object()):
+        with pytest.raises(TypeError, match="`loss_fn` must be an unlearning loss"):
+            adapter.loss(x0, a0, loss_fn)
+    with pytest.raises(TypeError, match=r"got the class SISSLoss \(pass an instance\)"):
+        adapter.loss(x0, a0, SISSLoss)

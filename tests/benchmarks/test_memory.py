@@ -98,9 +98,10 @@ def test_lora_count_and_terms_match_peft_and_the_recipe():
     assert sum(p.numel() for p in base) == w and sum(p.numel() for p in params) == counted
     predicted = memory.memory("lora", denoiser=w, trainable=counted, encoders=0, frozen_bytes=4)
     assert nbytes(model.parameters()) == predicted.weights
+    # built before the first step, as the recipe builds it: the fresh LoRA disabled, no copy
+    assert teacher_for(model).model is model and predicted.teacher == 0
     gradients, adam, forget = refresh_step(model, params)
     assert (gradients, adam, forget) == (predicted.gradients, predicted.adam, predicted.balancer)
-    assert teacher_for(model).model is model and predicted.teacher == 0  # no copy
 
 
 @pytest.mark.parametrize("name", list(memory.FAMILIES))
