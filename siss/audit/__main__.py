@@ -482,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         _fail(parser, str(err))
     scheduler_path = Path(args.scheduler) if args.scheduler else None
     out = Path(args.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        _fail(parser, f"--out {out}: {blocking} is a file, not a folder")
+    if scheduler_path is not None and not scheduler_path.exists():
+        _fail(parser, f"--scheduler: no folder {scheduler_path}")
     paths = list(args.model) + ([args.reference_model] if args.reference_model else [])
     if args.roles is not None and len(args.roles) != len(paths):
         _fail(
@@ -490,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             f"names, got {len(args.roles)}",
         )
     roles = list(args.roles) if args.roles is not None else _names(paths)
+    if len(set(roles)) < len(roles):
+        _fail(parser, f"--roles: each model needs its own name, got {' '.join(roles)}")
 
     from siss.audit.report import compare
     from siss.audit.run import audit

@@ -82,6 +82,16 @@ def percentile_among(
     return estimate, count
 
 
+def references_to_decide(total: int, percentile: float, confidence: float) -> int:
+    """The fewest references ``R >= total`` with which a percentile can be "held": ``0`` out of
+    ``R`` has its exact upper bound below ``percentile`` (72 at 5% and 95%; 104 at the sweep's
+    Bonferroni confidence over five ``t``). ``total`` itself when it is enough."""
+    needed = max(total, 1)
+    while proportion_ci(0, needed, confidence=confidence, method="exact")[1] >= percentile:
+        needed += 1
+    return needed
+
+
 def rank_against_reference(
     value: float,
     reference: Tensor | None,
@@ -151,8 +161,15 @@ def rank_against_reference(
         else "undecided"
     )
     reason = f"{verdict}: percentile {count}/{total} [{low:.3g}, {high:.3g}]; {rule}"
+    needed = references_to_decide(total, percentile, confidence)
+    if needed > total:
+        reason += (
+            f"; with {total} references neither held nor overshot can be reached (each needs "
+            f"at least {needed}): this test can only say not held or undecided"
+        )
     details = {
         "reference_n": total,
+        "references_to_decide": needed,
         "reference_quantile": float(torch.quantile(reference, level)),
         "reference_median": float(reference.median()),
         "quantile_level": level,

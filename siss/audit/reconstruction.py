@@ -405,6 +405,13 @@ def reconstruction_sweep(
             f"{level:.4g} (overall {confidence:.0%}): held if held at some t, else overshot if "
             "overshot at some t, not held if not held at every t"
         )
+        first = per_t[ts[0]][i].details
+        needed, total = first.get("references_to_decide", 0), first.get("reference_n", 0)
+        if needed > total:
+            reason += (
+                f"; with {total} references no t can reach held or overshot at this level (each "
+                f"needs at least {needed}): this test can only say not held or undecided"
+            )
         results.append(
             CheckResult(
                 "reconstruction_sweep",

@@ -38,6 +38,7 @@ statistics and learning rate, each check's copies and keep drift, and the verifi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -538,6 +539,27 @@ def check_launcher(parser: argparse.ArgumentParser, environ: Mapping[str, str]) 
         )
 
 
+def check_timestep_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--timesteps`` and ``--forget_timesteps`` inside a local pipeline's training schedule
+    (``scheduler/scheduler_config.json``'s ``num_train_timesteps``), before its weights load."""
+    config = Path(args.pretrained_model_name_or_path).expanduser() / "scheduler"
+    try:
+        steps = json.loads((config / "scheduler_config.json").read_text())["num_train_timesteps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a hub id, or no such file: the loaded scheduler is checked later
+    for name in ("timesteps", "forget_timesteps"):
+        values = getattr(args, name, None)
+        if (
+            isinstance(steps, int)
+            and values is not None
+            and not all(0 <= v < steps for v in values)
+        ):
+            parser.error(
+                f"--{name} {' '.join(map(str, values))}: outside the pipeline's training "
+                f"schedule [0, {steps - 1}]"
+            )
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Errors naming the flag, before anything is loaded."""
     check_launcher(parser, os.environ)
@@ -557,6 +579,27 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.rank < 1:
             parser.error(f"--rank must be >= 1, got {args.rank}")
         args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
+        if not 0 < args.lora_alpha < math.inf:
+            parser.error(f"--lora_alpha must be a number > 0, got {args.lora_alpha}")
+    for name in ("prompt", "train_prompt"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            parser.error(f"--{name} is empty")
+    if args.num_images < 2:
+        parser.error(f"--num_images must be >= 2 (the split needs two), got {args.num_images}")
+    for name in ("threads", "stop_after"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.guidance_scale < math.inf:
+        parser.error(f"--guidance_scale must be a number >= 0, got {args.guidance_scale}")
+    if not 0 <= args.quality_floor <= 1:
+        parser.error(f"--quality_floor must be in [0, 1] (a CLIP-IQA), got {args.quality_floor}")
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    if args.dtype == "float16" and on_cpu:
+        parser.error("--dtype float16 does not run on the CPU: use float32 or bfloat16")
+    out = args.output_dir
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--output_dir {out}: {blocking} is a file, not a folder")
     at_least_one = (
         "num_images", "gen_batch_size", "sample_steps", "max_train_steps", "train_batch_size",
         "gradient_accumulation_steps", "verify_images", "stop_images", "stop_checks",
@@ -590,6 +633,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--noise_steps must be in [1, --sample_steps={args.sample_steps}]")
     if args.timesteps is not None and len(args.timesteps) not in (1, 2):
         parser.error("--timesteps takes one value (fixed) or two (a window)")
+    check_timestep_flags(parser, args)
     try:
         recipe_config(args)
         if args.device == "cuda":  # accelerate would fall back to the CPU without a word
@@ -869,6 +913,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The installed command ``siss-stable-diffusion`` (and ``python -m siss.stable_diffusion``):
     ``run_command``, then exit status 0; a bad flag exits with 2 (argparse), a job that cannot
     go on (an unusable model, an empty split, another experiment's ``--output_dir``) with its
-    message."""
-    run_command(argv)
+    message. A flag refused once the pipeline is read (``--resolution`` it cannot generate,
+    ``--lora_targets`` it lacks, a ``--reference_image`` of another size: messages that begin
+    with the flag) exits with 2 as well, as argparse's refusals do."""
+    try:
+        run_command(argv)
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and stop.code.startswith("--"):
+            print(f"siss-stable-diffusion: error: {stop.code}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
     return 0

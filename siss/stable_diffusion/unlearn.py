@@ -488,6 +488,11 @@ def save_weights(
         # (SD3, Flux) save PEFT's names as they are: converted, the attention projections would
         # be renamed and the other modules not, and load_lora_weights would drop the former.
         layers = convert_state_dict_to_diffusers(layers)
+    scale = args.lora_alpha / args.rank
+    if scale != 1:
+        # load_lora_weights rebuilds the adapter at alpha = rank (diffusers < 0.34 saves no
+        # adapter metadata): the trained delta (alpha / r) B A is saved with the scale in B.
+        layers = {k: v * scale if "lora_B" in k or "lora.up" in k else v for k, v in layers.items()}
     with atomic_folder(folder) as tmp:
         type(pipe).save_lora_weights(tmp, **{f"{name}_lora_layers": layers})
     return folder

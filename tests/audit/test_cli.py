@@ -244,8 +244,20 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
         (["--samples", "0"], "--samples must be >= 1, got 0"),
         (["--forget", "WRONG"], "--forget: images of 16x16; --model"),
         (["--reference", "WRONG"], "--reference: images of shape (1, 16, 16); --forget holds"),
+        (["--out", "/dev/null/audit"], "--out /dev/null/audit: /dev/null is a file"),
+        (["--scheduler", "/nonexistent/scheduler"], "--scheduler: no folder /nonexistent"),
+        (["--model", "FIRST", "--roles", "x", "x"], "--roles: each model needs its own name"),
     ],
-    ids=["no-cuda", "bad-device", "samples", "forget-size", "reference-size"],
+    ids=[
+        "no-cuda",
+        "bad-device",
+        "samples",
+        "forget-size",
+        "reference-size",
+        "out",
+        "scheduler",
+        "roles",
+    ],
 )
 def test_bad_input_is_named_with_exit_2_and_nothing_written(folders, capsys, flags, named):
     """Each bad value is refused naming its flag before an audit runs: exit code 2, and the
@@ -260,6 +272,7 @@ def test_bad_input_is_named_with_exit_2_and_nothing_written(folders, capsys, fla
         flags = ["--forget", str(tmp / "big.pt"), "--reference", str(tmp / "big.pt")]
     if flags == ["--reference", "WRONG"]:
         flags = ["--reference", str(tmp / "big.pt")]
+    flags = [str(first) if flag == "FIRST" else flag for flag in flags]  # a second --model
     out = tmp / "out"
     argv = ["--model", str(first), "--out", str(out), *(x for pair in images.items() for x in pair)]
     argv += [*CHEAP, *flags]  # the last value of a flag wins

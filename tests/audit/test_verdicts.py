@@ -254,3 +254,27 @@ def test_memorization_verdicts():
     assert results["overshot"].details["p_value_overshot"] == pytest.approx(1 / 41)
     assert results["pretrained"].details["p_value"] == pytest.approx(1 / 41)
     assert_verdicts_and_comparison(results, "percentile")
+
+
+def test_too_few_references_say_so_where_held_cannot_be_reached():
+    """With R = 5 references "held" (0 of R below 5%) needs R >= 72: a percentile check can still
+    say "not held" (its interval [0.053, 0.853] lies above 5%), and its reason says that the test
+    could not have said "held"; with 128 nothing is added. The sweep's Bonferroni confidence over
+    five t needs 104."""
+    from siss.audit._stats import rank_against_reference, references_to_decide
+    from siss.metrics import proportion_ci
+
+    assert references_to_decide(5, 0.05, 0.95) == 72 == references_to_decide(72, 0.05, 0.95)
+    assert proportion_ci(0, 71, confidence=0.95, method="exact")[1] >= 0.05
+    assert references_to_decide(80, 0.05, 1 - 0.05 / 5) == 104
+    few = torch.tensor([0.0, 1.0, 3.0, 4.0, 5.0])
+    kwargs = {"held_when": "lower", "percentile": 0.05, "confidence": 0.95, "statistic": "NLL"}
+    _, verdict, reason, details = rank_against_reference(2.0, few, **kwargs)
+    assert verdict == "not held" and details["references_to_decide"] == 72
+    assert "with 5 references neither held nor overshot can be reached" in reason
+    _, verdict, reason, _ = rank_against_reference(-1.0, few, **kwargs)  # below every reference
+    assert verdict == "undecided" and "at least 72" in reason
+    many = torch.linspace(0, 10, 128)
+    _, verdict, reason, details = rank_against_reference(5.0, many, **kwargs)
+    assert verdict == "not held" and "can be reached" not in reason
+    assert details["references_to_decide"] == 128

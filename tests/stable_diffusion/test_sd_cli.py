@@ -97,10 +97,23 @@ def test_missing_model_path_names_the_flag(tmp_path, capsys):
         (["--learning_rate", "0"], "--learning_rate: must be in (0, inf], got 0.0"),
         (["--method", "naive", "--keep_target", "teacher"], "--keep_target: 'teacher' needs"),
         (["--balance_every", "0"], "--balance_every: must be >= 1, got 0"),
+        (["--num_images", "1"], "--num_images must be >= 2 (the split needs two), got 1"),
+        (["--lora_alpha", "0"], "--lora_alpha must be a number > 0, got 0.0"),
+        (["--guidance_scale", "nan"], "--guidance_scale must be a number >= 0, got nan"),
+        (["--quality_floor", "2"], "--quality_floor must be in [0, 1]"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--stop_after", "-1"], "--stop_after must be >= 1, got -1"),
+        (["--train_prompt", " "], "--train_prompt is empty"),
+        (["--timesteps", "5000"], "--timesteps 5000: outside the pipeline's training schedule"),
+        (["--forget_timesteps", "0", "1000"], "--forget_timesteps 0 1000: outside the pipeline"),
+        (["--output_dir", "/dev/null/out"], "--output_dir /dev/null/out: /dev/null is a file"),
         *(
             []
             if torch.cuda.is_available()
-            else [(["--device", "cuda"], "--device cuda: CUDA is not available")]
+            else [
+                (["--device", "cuda"], "--device cuda: CUDA is not available"),
+                (["--dtype", "float16"], "--dtype float16 does not run on the CPU"),
+            ]
         ),
     ],
 )
@@ -169,6 +182,11 @@ def test_lora_on_a_model_without_attention_is_refused(tmp_path, capsys):
     argv = ["--pretrained_model_name_or_path", folder, "--prompt", "a", "--output_dir", out, *CHEAP]
     expect_exit(capsys, argv, "--rank 4", "--lora_targets", "--full")
     assert not (out / "images").exists()
+    with pytest.raises(SystemExit) as exited:  # the command: a flag's refusal is status 2
+        cli.main([str(arg) for arg in argv])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "siss-stable-diffusion: error: --rank 4" in error and "--lora_targets" in error
     expect_exit(capsys, [*argv, "--rank", "0"], "--rank")
     expect_exit(capsys, [*argv, "--full", "--rank", "8"], "--full", "--rank")
 

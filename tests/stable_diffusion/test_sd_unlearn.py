@@ -151,3 +151,40 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tiny_sd_folder
     assert moved > 1e-3
     # the same update up to the order of floating-point sums (DDP averages across ranks)
     assert largest_difference(lora_weights(two), lora_weights(one)) < 1e-4 * moved
+
+
+@pytest.mark.parametrize("lora_alpha", [4.0, 16.0])
+def test_the_saved_lora_loads_as_the_trained_model_whatever_its_alpha(
+    tiny_sd_folder, tmp_path, lora_alpha
+):
+    """``load_lora_weights`` rebuilds a LoRA at alpha = rank (no adapter metadata before diffusers
+    0.34): with ``--lora_alpha 16`` at rank 4 it loaded a quarter of the trained delta, and the
+    verify stage measured another model than the run's. The scale is saved in B."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from siss.stable_diffusion.pipeline import add_lora
+    from siss.stable_diffusion.unlearn import load_unlearned, save_weights
+
+    args = Namespace(full=False, rank=4, lora_alpha=lora_alpha, lora_targets=None, seed=0)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    add_lora(pipe.unet, args)
+    with torch.no_grad():  # what training leaves: a LoRA that changes the output
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(2, 3, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        trained = pipe.unet(noisy, t, encoder_hidden_states=text).sample
+    accelerator = SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True)
+    save_weights(args, pipe, pipe.unet, accelerator, tmp_path)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd_folder)
+    with torch.no_grad():
+        base = fresh.unet(noisy, t, encoder_hidden_states=text).sample
+        assert load_unlearned(args, fresh, tmp_path) == str(tmp_path / "lora")
+        loaded = fresh.unet(noisy, t, encoder_hidden_states=text).sample
+    assert not torch.allclose(trained, base, atol=1e-4)
+    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)
