@@ -26,9 +26,11 @@ Defaults, chosen for the 16x16 digits models on a CPU (each overridable per chec
 ``**options``): 1,000 samples (a rate of 0.5% is then missed with probability 0.7%), 50 DDIM
 steps, batch 64; the checks' own defaults otherwise (likelihood: 4 Hutchinson repeats of each
 forget image, ``rtol = atol = 1e-5``; reconstruction: 4 noise draws, SSIM; membership: loss at
-``t = 50, 100`` with 8 draws; percentile 5% and confidence 95% throughout). A verdict needs
-enough reference images: at least 72 for the likelihood and reconstruction percentiles (so that
-an interval can exclude 5%), 19 for the membership p-value, 100 for TPR@1%FPR.
+``t = 50, 100`` with 8 draws; percentile 5% and confidence 95% throughout). "Held" and
+"overshot" need enough reference images: at least 72 for the likelihood and reconstruction
+percentiles (so that an interval can exclude 5%; 104 for the sweep), 19 for the membership
+p-value, 100 for TPR@1%FPR. With fewer, a percentile check can only say "not held" or
+"undecided", and its reason says so.
 
 Seeds: each check draws from its own ``torch.Generator`` seeded from ``(seed, check)``
 (``numpy.random.SeedSequence``), so a check gives the same numbers whichever other checks run.
