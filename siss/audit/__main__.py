@@ -38,7 +38,7 @@ from siss._cli import DefaultsHelpFormatter, resolve_device
 from siss._files import write_atomically, write_json_atomically
 from siss._optional import needs
 from siss.audit._models import sample_channels
-from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, parse_options
+from siss.audit.run import ALL_CHECKS, DEFAULT_CHECKS, check_option_values, parse_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -504,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     # ---- everything loaded and checked before the first (long) audit
     try:
         models = [(raw, *load_model(Path(raw), scheduler_path)) for raw in paths]
+        for raw, _, scheduler in models:  # every model's, before the first audit is written
+            try:
+                check_option_values(options, scheduler)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"--option (--model {raw}): {err}") from None
         channels = int(sample_channels(models[0][1]) or 1)
         vae = load_vae(Path(args.model[0]))
         # image files are read with the VAE's pixel channels for a latent model

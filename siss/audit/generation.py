@@ -83,6 +83,16 @@ def _features(features: FeatureMap, images: Tensor, name: str) -> Tensor:
     return out.to(torch.float64)
 
 
+def check_threshold(threshold: object, name: str = "threshold") -> float:
+    """The copy threshold: a finite number ``> 0``, as a float."""
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"`{name}` must be a number, got {threshold!r}")
+    threshold = float(threshold)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"`{name}` must be finite and > 0, got {threshold!r}")
+    return threshold
+
+
 def generation_check(
     samples: Tensor,
     forget: Tensor,
@@ -153,11 +163,7 @@ def generation_check(
                 "`threshold` is required with a custom `features` map: the default (the paper's "
                 "L2 < 10 at 28x28 in [0, 1]) is on the pixel scale only"
             )
-    if isinstance(threshold, bool) or not isinstance(threshold, Real):
-        raise TypeError(f"`threshold` must be a number, got {threshold!r}")
-    threshold = float(threshold)
-    if not (math.isfinite(threshold) and threshold > 0):
-        raise ValueError(f"`threshold` must be finite and > 0, got {threshold!r}")
+    threshold = check_threshold(threshold)
 
     bad = ~torch.isfinite(samples).reshape(samples.shape[0], -1).all(dim=1)
     finite_idx = (~bad).nonzero().flatten()

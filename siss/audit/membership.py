@@ -78,6 +78,10 @@ DEFAULT_TIMESTEPS: tuple[int, int] = (50, 100)
 DEFAULT_PIA_TIMESTEP = 200
 
 
+MIN_BOOTSTRAP = 100
+"""The fewest bootstrap resamples ``membership_check`` takes for its AUC interval."""
+
+
 def _small_noise_indices(sigma: Tensor, ranks: Sequence[int]) -> list[int]:
     """Grid indices of the ``ranks``-th least noisy entries (rank ``r`` is index ``r`` on a
     DDPM grid, ``T - 1 - r`` on diffusers' descending flow-matching grid)."""
@@ -522,7 +526,7 @@ def membership_check(
     level = check_fraction(level, "level")
     fpr = check_fraction(fpr, "fpr")
     confidence = check_fraction(confidence, "confidence")
-    bootstrap = check_int(bootstrap, "bootstrap", 100)
+    bootstrap = check_int(bootstrap, "bootstrap", MIN_BOOTSTRAP)
     noise_draws = check_int(noise_draws, "noise_draws")
     batch_size = check_int(batch_size, "batch_size")
     generator = check_generator(generator)

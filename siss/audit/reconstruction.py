@@ -60,7 +60,7 @@ from siss.audit._inputs import (
     check_int,
     check_range,
 )
-from siss.audit._models import check_model_device, eval_mode, progress_bar
+from siss.audit._models import check_model_device, eval_mode, progress_bar, scheduler_kind
 from siss.audit._stats import rank_against_reference, t_interval
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.audit.sampling import (
@@ -160,6 +160,27 @@ def reconstruct(
     return ddim_denoise_from(predict, sampler, x_t, t)
 
 
+def check_timestep(t: object, scheduler: Any, name: str = "t") -> int:
+    """``t`` as an int in ``[1, T - 1]`` (``[1, T]`` on a flow grid) of ``scheduler``'s training
+    schedule; a ``ValueError`` naming ``name`` otherwise."""
+    kind, _ = scheduler_kind(scheduler)
+    total = int(scheduler.config.num_train_timesteps)
+    highest = total if kind == "flow" else total - 1
+    t = check_index(t, name)
+    if not 1 <= t <= highest:
+        raise ValueError(f"`{name}` must be in [1, {highest}] for this scheduler, got {t!r}")
+    return t
+
+
+def check_timesteps(ts: object, name: str = "ts") -> Sequence[Any]:
+    """The sweep's ``ts``: a non-empty sequence of distinct values (each checked as ``t``)."""
+    if isinstance(ts, (str, bytes)) or not isinstance(ts, Sequence) or not ts:
+        raise ValueError(f"`{name}` must be a non-empty sequence of int timesteps, got {ts!r}")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"`{name}` must be distinct, got {ts!r}")
+    return ts
+
+
 def reconstruction_check(
     model: object,
     scheduler: Any,
@@ -222,12 +243,9 @@ def reconstruction_check(
     percentile = check_fraction(percentile, "percentile")
     confidence = check_fraction(confidence, "confidence")
     check_generator(generator)
-    sampler, kind, _ = sampler_for(scheduler, num_inference_steps, clip_sample, forget.device)
+    sampler, _, _ = sampler_for(scheduler, num_inference_steps, clip_sample, forget.device)
     total = int(scheduler.config.num_train_timesteps)
-    highest = total if kind == "flow" else total - 1
-    t = check_index(t, "t")
-    if not 1 <= t <= highest:
-        raise ValueError(f"`t` must be in [1, {highest}] for this scheduler, got {t!r}")
+    t = check_timestep(t, scheduler)
     check_model_device(model, forget, "forget")
     conditioning = check_conditioning(conditioning, "conditioning", rows=None)
 
@@ -361,10 +379,7 @@ def reconstruction_sweep(
         forget image, statistics ``"similarity@t=<t>"`` and ``"percentile@t=<t>"`` for each
         ``t``, ``details["per_t"]`` the per-``t`` reasons and details.
     """
-    if isinstance(ts, (str, bytes)) or not isinstance(ts, Sequence) or not ts:
-        raise ValueError(f"`ts` must be a non-empty sequence of int timesteps, got {ts!r}")
-    if len(set(ts)) != len(ts):
-        raise ValueError(f"`ts` must be distinct, got {ts!r}")
+    check_timesteps(ts)
     confidence = check_fraction(confidence, "confidence")
     level = 1 - (1 - confidence) / len(ts)
     per_t = {

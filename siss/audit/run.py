@@ -55,10 +55,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from siss.audit._inputs import check_fraction, check_int
 from siss.audit._models import config_sample_shape, model_device_dtype, scheduler_kind
 from siss.audit.report import AuditReport, CheckResult, Estimate
 
-__all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "audit", "check_options", "check_seed", "parse_options"]
+__all__ = [
+    "ALL_CHECKS",
+    "DEFAULT_CHECKS",
+    "audit",
+    "check_option_values",
+    "check_options",
+    "check_seed",
+    "parse_options",
+]
 
 ALL_CHECKS = (
     "generation",
@@ -162,6 +171,49 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "membership": membership_check,
         "memorization": memorization_check,
     }
+
+
+_FRACTION_OPTIONS = frozenset({"percentile", "confidence", "level", "fpr"})
+
+
+def _count_options() -> dict[str, int]:
+    from siss.audit.membership import MIN_BOOTSTRAP
+
+    counts = ("repeats", "batch_size", "noise_draws", "num_inference_steps", "num_steps")
+    return {**dict.fromkeys(counts, 1), "num_probes": 1, "gallery": 0, "bootstrap": MIN_BOOTSTRAP}
+
+
+def check_option_values(
+    options: Mapping[str, Mapping[str, Any]], scheduler: Any | None = None
+) -> None:
+    """The values of ``audit``'s per-check options, checked before any check runs, each by the
+    rule its check applies (the same helpers): fractions in (0, 1), counts at their minimum,
+    ``membership.score``, ``generation.threshold``, and, with ``scheduler``, the given
+    ``reconstruction.t`` and sweep's ``ts`` inside its training schedule (their defaults are
+    scaled to it). A ``ValueError``/``TypeError`` naming ``check.option``; what needs the data
+    or the model (a ``threshold`` against a custom ``features``) is still checked by the check.
+    """
+    from siss.audit.generation import check_threshold
+    from siss.audit.reconstruction import check_timestep, check_timesteps
+
+    counts = _count_options()
+    for check, given in options.items():
+        for key, value in given.items():
+            name = f"{check}.{key}"
+            if key in _FRACTION_OPTIONS:
+                check_fraction(value, name)
+            elif key in counts:
+                check_int(value, name, counts[key])
+        if check == "generation" and given.get("threshold") is not None:
+            check_threshold(given["threshold"], "generation.threshold")
+        if check == "membership" and given.get("score", "loss") not in ("loss", "pia"):
+            raise ValueError(f"`membership.score` must be 'loss' or 'pia', got {given['score']!r}")
+        if check == "reconstruction" and "t" in given and scheduler is not None:
+            check_timestep(given["t"], scheduler, "reconstruction.t")
+        if check == "reconstruction_sweep" and "ts" in given:
+            ts = check_timesteps(given["ts"], "reconstruction_sweep.ts")
+            for t in ts if scheduler is not None else ():
+                check_timestep(t, scheduler, "reconstruction_sweep.ts")
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -646,6 +698,7 @@ def audit(
     text = bool(conditioning) and "encoder_hidden_states" in conditioning
     checks = _checked_checks(checks, text, bool(null_conditioning))
     per_check = check_options(options)
+    check_option_values(per_check, scheduler)
     for check in checks:
         if check in _INPUT_CHECKS:
             _INPUT_CHECKS[check](conditioning, null_conditioning)

@@ -247,6 +247,7 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
         (["--out", "/dev/null/audit"], "--out /dev/null/audit: /dev/null is a file"),
         (["--scheduler", "/nonexistent/scheduler"], "--scheduler: no folder /nonexistent"),
         (["--model", "FIRST", "--roles", "x", "x"], "--roles: each model needs its own name"),
+        (["--option", "generation.threshold=-1"], "--option (--model "),
     ],
     ids=[
         "no-cuda",
@@ -257,6 +258,7 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
         "out",
         "scheduler",
         "roles",
+        "option-value",
     ],
 )
 def test_bad_input_is_named_with_exit_2_and_nothing_written(folders, capsys, flags, named):

@@ -273,3 +273,32 @@ def test_every_check_has_exactly_one_runner():
 
     assert sorted(_RUNNERS) == sorted(ALL_CHECKS) and len(_RUNNERS) == len(ALL_CHECKS)
     assert set(_INPUT_CHECKS) <= set(_RUNNERS)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"generation": {"threshold": -1}}, "`generation.threshold` must be finite and > 0"),
+        ({"generation": {"percentile": 1.5}}, "`generation.percentile` must be a finite number"),
+        ({"likelihood": {"repeats": 0}}, "`likelihood.repeats` must be >= 1, got 0"),
+        ({"membership": {"bootstrap": 50}}, "`membership.bootstrap` must be >= 100, got 50"),
+        ({"membership": {"score": "foo"}}, "`membership.score` must be 'loss' or 'pia'"),
+        ({"reconstruction": {"t": 1000}}, r"`reconstruction.t` must be in \[1, 999\]"),
+        ({"reconstruction_sweep": {"ts": ()}}, "`reconstruction_sweep.ts` must be a non-empty"),
+        ({"reconstruction_sweep": {"ts": (50, 5000)}}, r"`reconstruction_sweep.ts` must be in"),
+    ],
+)
+def test_option_values_are_refused_before_any_check_runs(setup, monkeypatch, options, message):
+    """Each value by its check's own rule, naming ``check.option``, before the model is called
+    (it was refused when its check came, after the checks before it had run)."""
+    from siss.audit.run import check_option_values
+
+    model, scheduler, forget, reference = setup
+    with pytest.raises(ValueError, match=message):
+        check_option_values(options, scheduler)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        audit(model, scheduler, forget, reference, **{**SMALL, **options})
+    assert not calls
+    check_option_values({"reconstruction": {"t": 999}, "likelihood": {"repeats": 1}}, scheduler)
