@@ -214,6 +214,9 @@ def remove_checkpoints(out: Path, keep: int = 0) -> None:
     found = checkpoints(out)
     for old in found[: max(len(found) - keep, 0)]:
         shutil.rmtree(old)
+    root = out / "checkpoints"
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()  # none kept: no empty folder left behind
 
 
 def save_checkpoint(
@@ -235,6 +238,8 @@ def save_checkpoint(
         write_json(tmp / RUN_STATE_FILE, state)
         final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
         replace_folder(tmp, final)
+        for leftover in root.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed before its rename
+            shutil.rmtree(leftover)
         for stale in checkpoints(out):  # past this step: an abandoned run's, never resumed
             if int(stale.name[len(CHECKPOINT_PREFIX) :]) > step:
                 shutil.rmtree(stale)

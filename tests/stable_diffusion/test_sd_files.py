@@ -68,3 +68,27 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
         pq.write_table(table, tmp_path / "gt.parquet")
         jobs = read_prompt_list(tmp_path / "gt.parquet", tmp_path / "out")
         assert [j.prompt for j in jobs] == ["a"]
+
+
+def test_checkpoints_leave_no_half_written_or_empty_folder_behind(tmp_path):
+    """A save killed before its rename leaves ``checkpoints/.tmp-step-...``: the next save removes
+    it (resuming never reads it); removing every checkpoint removes their folder too."""
+    from types import SimpleNamespace
+
+    from siss.stable_diffusion.files import checkpoints, remove_checkpoints, save_checkpoint
+
+    def save_state(path, safe_serialization):
+        (tmp_path / "saved").write_text(path)
+
+    accelerator = SimpleNamespace(
+        is_main_process=True, wait_for_everyone=lambda: None, save_state=save_state
+    )
+    killed = tmp_path / "checkpoints" / ".tmp-step-000005"
+    killed.mkdir(parents=True)
+    assert checkpoints(tmp_path) == []
+    save_checkpoint(accelerator, tmp_path, 10, {"step": 10})
+    assert not killed.exists()
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000010"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010"]
+    remove_checkpoints(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
