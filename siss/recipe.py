@@ -453,9 +453,9 @@ def _adapters_change_nothing(model: nn.Module) -> bool:
                 return False
     if not zero_when_fresh:
         return True
-    local = [getattr(t, "to_local", lambda t=t: t)().detach() for t in zero_when_fresh]
+    sharded = any(hasattr(t, "to_local") for t in zero_when_fresh)  # DTensors under FSDP2
+    local = [(t.to_local() if hasattr(t, "to_local") else t).detach() for t in zero_when_fresh]
     largest = torch.stack(torch._foreach_norm(local)).amax()
-    sharded = any(hasattr(t, "to_local") for t in zero_when_fresh)
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
     return bool(largest == 0)

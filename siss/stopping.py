@@ -276,8 +276,10 @@ class NonmemberStop:
         self.model = model
         while isinstance(self.model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             self.model = self.model.module
+        self.adapter = None
         try:
-            self.predict = adapter_for(self.model).predict
+            self.adapter = adapter_for(self.model)
+            self.predict = self.adapter.predict
         except TypeError:  # a plain callable (x_t, t, **conditioning) -> prediction
             self.predict = _unwrapped(self.model)
         self.prediction_type = prediction_type_from_scheduler(noise_scheduler)
@@ -328,9 +330,8 @@ class NonmemberStop:
         levels, draws = len(self.timesteps), self.noise_draws
         rows = len(images) * levels * draws
         out = torch.empty(rows, dtype=torch.float64, device=images.device)
-        parameters = self.model.parameters() if isinstance(self.model, nn.Module) else ()
-        floating = (p.dtype for p in parameters if p.is_floating_point())
-        dtype = next(floating, images.dtype)  # the model's input dtype: bf16 weights take bf16
+        parameter = None if self.adapter is None else self.adapter._parameter()
+        dtype = images.dtype if parameter is None else parameter.dtype  # bf16 weights: bf16 rows
         was_training = getattr(self.model, "training", False)
         if isinstance(self.model, nn.Module):
             self.model.eval()

@@ -112,18 +112,37 @@ def add_model_flag(
     )
 
 
+def output_folder_error(name: str, folder: Path | str | None) -> str | None:
+    """Why the output folder ``folder`` (flag ``name``) cannot be made: something that is not a
+    folder already there or above it, which would stop ``mkdir`` after the work; ``None`` if
+    nothing is in the way (or no folder is given)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is None:
+        return None
+    where = "" if blocking == folder else f"{blocking} "
+    return f"{name} {folder}: {where}is a file, not a folder"
+
+
 def add_output_flag(
-    parser: CommandParser, *, default: Path | None, help: str, old: tuple[str, ...] = ()
+    parser: CommandParser | argparse._ArgumentGroup,
+    *,
+    default: Path | None,
+    help: str,
+    old: tuple[str, ...] = (),
 ) -> None:
     """``--output_dir``: the folder the command writes into (made when the run starts, not at
-    parsing); an existing file there is refused."""
+    parsing); a file there or above it is refused (``output_folder_error``). ``parser``: a
+    ``CommandParser`` or one of its groups."""
     flag(parser, "--output_dir", old=old, type=Path, default=default, metavar="DIR", help=help)
 
     def check(args: argparse.Namespace) -> None:
-        if args.output_dir is not None and Path(args.output_dir).is_file():
-            raise ValueError(f"--output_dir {args.output_dir}: is a file, not a folder")
+        if (error := output_folder_error("--output_dir", args.output_dir)) is not None:
+            raise ValueError(error)
 
-    parser.add_check(check)
+    parser.add_check(check)  # type: ignore[union-attr]
 
 
 # The flags of the training group with their generic help; a command's ``helps`` override it.

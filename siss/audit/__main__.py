@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from siss._cli import DefaultsHelpFormatter, resolve_device
+from siss._cli import DefaultsHelpFormatter, output_folder_error, resolve_device
 from siss._files import write_atomically, write_json_atomically
 from siss._optional import needs
 from siss.audit._models import sample_channels
@@ -482,9 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(parser, str(err))
     scheduler_path = Path(args.scheduler) if args.scheduler else None
     out = Path(args.out)
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        _fail(parser, f"--out {out}: {blocking} is a file, not a folder")
+    if (error := output_folder_error("--out", out)) is not None:
+        _fail(parser, error)
     if scheduler_path is not None and not scheduler_path.exists():
         _fail(parser, f"--scheduler: no folder {scheduler_path}")
     paths = list(args.model) + ([args.reference_model] if args.reference_model else [])

@@ -56,6 +56,7 @@ from siss._cli import (
     add_logging_flags,
     add_method_flags,
     add_nonmember_flags,
+    add_output_flag,
     flag,
     resolve_device,
     resolve_stop_rule,
@@ -181,14 +182,7 @@ def add_io_flags(io: argparse._ArgumentGroup) -> None:
         help="Webster parquet: the overfit_type rows to run (MV matching, RV retrieval, TV "
         "template verbatim; N, not memorized, only when named)",
     )
-    flag(
-        io,
-        "--output_dir",
-        old=("--out",),
-        type=Path,
-        metavar="DIR",
-        help="output folder (created). Required",
-    )
+    add_output_flag(io, default=None, help="output folder (created). Required", old=("--out",))
     flag(io, "--seed", type=int, default=0, help="seed of everything; image i: seed + i")
     flag(
         io,
@@ -205,16 +199,30 @@ def add_io_flags(io: argparse._ArgumentGroup) -> None:
         default=None,
         help="cpu forces the CPU; default: accelerate's device of each process",
     )
-    flag(io, "--threads", type=int, default=None, help="torch CPU threads")
+    flag(io, "--threads", type=int, default=None, at_least=1, help="torch CPU threads")
     flag(io, "--no_progress", action="store_true", help="no progress bars")
 
 
 def add_generate_flags(gen: argparse._ArgumentGroup) -> None:
     """Stage 1: how many images, and how they are sampled (the paper's 50-step DDIM)."""
-    flag(gen, "--num_images", type=int, default=128, help="images generated (paper: 128)")
+    flag(
+        gen,
+        "--num_images",
+        type=int,
+        default=128,
+        at_least=2,
+        help="images generated (paper: 128; the split needs two)",
+    )
     flag(gen, "--gen_batch_size", type=int, default=8, help="images per pipeline call")
     flag(gen, "--sample_steps", type=int, default=50, help="sampling steps (paper: 50-step DDIM)")
-    flag(gen, "--guidance_scale", type=float, default=7.5, help="classifier-free guidance")
+    flag(
+        gen,
+        "--guidance_scale",
+        type=float,
+        default=7.5,
+        at_least=0,
+        help="classifier-free guidance",
+    )
     flag(
         gen,
         "--resolution",
@@ -372,7 +380,14 @@ def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
         default=None,
         help="LoRA rank (default 4); see --full",
     )
-    flag(train, "--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    flag(
+        train,
+        "--lora_alpha",
+        type=float,
+        default=None,
+        above=0,
+        help="LoRA alpha (default: the rank)",
+    )
     flag(
         train,
         "--lora_targets",
@@ -419,6 +434,7 @@ def add_unlearn_flags(train: argparse._ArgumentGroup) -> None:
         "--stop_after",
         type=int,
         default=None,
+        at_least=1,
         help="stop (as if interrupted) after this many steps; for testing a resume",
     )
 
@@ -516,6 +532,8 @@ def add_verify_flags(check: argparse._ArgumentGroup) -> None:
         "--quality_floor",
         type=float,
         default=0.35,
+        at_least=0,
+        at_most=1,
         help="success needs CLIP-IQA at least this at every verification (paper: 0.35)",
     )
 
@@ -547,13 +565,11 @@ def check_timestep_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
         steps = json.loads((config / "scheduler_config.json").read_text())["num_train_timesteps"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a hub id, or no such file: the loaded scheduler is checked later
+    if not isinstance(steps, int):
+        return
     for name in ("timesteps", "forget_timesteps"):
         values = getattr(args, name, None)
-        if (
-            isinstance(steps, int)
-            and values is not None
-            and not all(0 <= v < steps for v in values)
-        ):
+        if values is not None and not all(0 <= v < steps for v in values):
             parser.error(
                 f"--{name} {' '.join(map(str, values))}: outside the pipeline's training "
                 f"schedule [0, {steps - 1}]"
@@ -579,29 +595,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.rank < 1:
             parser.error(f"--rank must be >= 1, got {args.rank}")
         args.lora_alpha = float(args.rank if args.lora_alpha is None else args.lora_alpha)
-        if not 0 < args.lora_alpha < math.inf:
-            parser.error(f"--lora_alpha must be a number > 0, got {args.lora_alpha}")
     for name in ("prompt", "train_prompt"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             parser.error(f"--{name} is empty")
-    if args.num_images < 2:
-        parser.error(f"--num_images must be >= 2 (the split needs two), got {args.num_images}")
-    for name in ("threads", "stop_after"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.guidance_scale < math.inf:
-        parser.error(f"--guidance_scale must be a number >= 0, got {args.guidance_scale}")
-    if not 0 <= args.quality_floor <= 1:
-        parser.error(f"--quality_floor must be in [0, 1] (a CLIP-IQA), got {args.quality_floor}")
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     if args.dtype == "float16" and on_cpu:
         parser.error("--dtype float16 does not run on the CPU: use float32 or bfloat16")
-    out = args.output_dir
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        parser.error(f"--output_dir {out}: {blocking} is a file, not a folder")
     at_least_one = (
-        "num_images", "gen_batch_size", "sample_steps", "max_train_steps", "train_batch_size",
+        "gen_batch_size", "sample_steps", "max_train_steps", "train_batch_size",
         "gradient_accumulation_steps", "verify_images", "stop_images", "stop_checks",
     )  # fmt: skip
     for name in at_least_one:
