@@ -46,11 +46,12 @@ K optimizer steps and held in between, where a step is a single backward of ``ke
 Without a balancer, a fixed superfactor is the loss's own: ``loss_fn(output, draw).backward()``.
 
 A forget gradient too small to measure (``||g_forget|| <= floor * ||g_keep||``, or ``<= eps``
-without a keep gradient) counts as zero. It is common: with SISS at low ``t`` the rows drawn
-from ``x`` have ``w_a ≈ 0``, so a batch with no forget row has a forget gradient of exact zero or of
-rounding noise, and ``ratio ||g_keep|| / ||g_forget||`` would rescale that noise to 10% of the keep
-gradient. On such a refresh, in every mode, ``c = 0`` is used (the step is the keep gradient, as
-the forget term contributes nothing measurable), ``BalanceStats.measured`` is ``False``, the
+without a keep gradient, or in ``"absolute"`` mode ``<= forget_floor``) counts as zero. It is
+common: with SISS at low ``t`` the rows drawn from ``x`` have ``w_a ≈ 0``, so a batch with no
+forget row has a forget gradient of exact zero, of rounding noise or of 1e-6 of its usual size,
+and ``ratio ||g_keep|| / ||g_forget||`` would rescale that to 10% of the keep gradient. On
+such a refresh, in every mode, ``c = 0`` is used (the step is the keep gradient, as the forget
+term contributes nothing measurable), ``BalanceStats.measured`` is ``False``, the
 coefficient held for amortized steps stays the last *measured* one, and the next step refreshes
 again: a coefficient is never held from a step that could not measure it.
 
@@ -357,6 +358,15 @@ class NormBalancer:
             the module docstring): ``c = 0`` on that step, nothing held from it. The default,
             ``1e-7``, is float32's resolution: added to the keep gradient, such a forget gradient
             would not change a single float32 value of the plain ``keep - s * forget`` gradient.
+        forget_floor: ``"absolute"`` only: a forget gradient with ``||g_forget|| <=
+            forget_floor`` counts as zero too (default 0: none). With a teacher the keep
+            gradient starts at about 0, so ``floor`` sets no floor there, and a batch whose rows
+            all drew the keep point (``w_a ≈ 0`` at low ``t``; common with a few rows per
+            step) gives a forget gradient of 1e-6 to 1e-8 of its usual size, whose ``c`` held
+            for ``every - 1`` steps multiplies the next batches' forget gradients by 1e5 to 1e7.
+            ``siss.Unlearner`` sets it to ``ABSOLUTE_FORGET_FLOOR`` times ``ρ`` times the
+            calibrated naive-deletion gradient norm, the size a forget gradient has when its
+            batch holds forget rows.
         sync: all-reduce the forget gradient across the default (or ``process_group``) group;
             ``None`` (default) does so when ``torch.distributed`` is initialised with more than one
             process. With sharded (FSDP2 ``DTensor``) parameters: all-reduce the norms' partial
@@ -398,6 +408,7 @@ class NormBalancer:
         every: int = 1,
         eps: float = 1e-12,
         floor: float = 1e-7,
+        forget_floor: float | Tensor = 0.0,
         sync: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
         backward: Callable[..., object] | None = None,
@@ -421,6 +432,11 @@ class NormBalancer:
             raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
         self.eps = float(eps)
         self.floor = check_nonnegative(floor, "floor")
+        if forget_floor and mode != "absolute":
+            raise ValueError(f"`forget_floor` is used by mode='absolute' only, not {mode!r}")
+        if not isinstance(forget_floor, Tensor):
+            check_nonnegative(forget_floor, "forget_floor")
+        self.forget_floor = forget_floor
         self.sync = sync
         self.process_group = process_group
         self._backward = backward if backward is not None else Tensor.backward
@@ -572,6 +588,8 @@ class NormBalancer:
             keep_norm = _global_norm(keep_grads, device)
             forget_norm = _global_norm(forget_grads, device)
         floor = torch.clamp(self.floor * keep_norm, min=self.eps)
+        if self.mode == "absolute" and self.forget_floor is not None:
+            floor = torch.maximum(floor, torch.as_tensor(self.forget_floor, device=floor.device))
         measurable = forget_norm > floor
         coefficient = torch.where(
             measurable, self._rule(keep_norm, forget_norm, both, device, dot), 0.0

@@ -63,6 +63,14 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "cosine_with_restarts",
     "polynomial",
 )
+CALIBRATION_FLOOR = 1e-3
+"""A calibration batch whose naive-deletion gradient norm is below this fraction of the largest
+measured is not a measurement (its rows all drew the forget point, ``w_x ≈ 0``); measured
+norms spanned a factor of 50 at one row a batch (docs/numerics.md, "Small batches")."""
+ABSOLUTE_FORGET_FLOOR = 1e-3
+"""``NormBalancer``'s ``forget_floor`` in ``"absolute"`` mode, as a fraction of ``ρ`` times the
+calibrated naive-deletion gradient norm: a forget gradient below it comes from a batch whose rows
+all drew the keep point (``w_a ≈ 0``), and its coefficient would be 1e3 times too large or more."""
 DEFAULT_BALANCE_EVERY = 10
 """``balance_every`` of the calibrated ('absolute') rule: the forget-gradient norm is measured
 (a second backward) once every 10 optimizer steps; docs/benchmarks.md gives the cost and
@@ -385,8 +393,9 @@ class StepResult(NamedTuple):
         calibrating: the batch measured the naive-deletion gradient norm; no weight moved.
         optimizer_step: an optimizer step ended with this micro-batch (``sync_gradients``,
             after calibration); the weights moved unless ``skipped``.
-        skipped: the step's gradient norms were not finite (fp16 overflow): nothing moved, the
-            fp16 loss scale was lowered.
+        skipped: the step's gradient norms were not finite (an fp16 overflow, a NaN in a
+            batch or in the model's output), with or without a balancer: nothing moved (weights,
+            optimizer state, EMA, the held coefficient), the fp16 loss scale was lowered.
 
     Examples:
         >>> result = StepResult(LossTerms(*torch.zeros(3)), None, True, False, False)
@@ -596,7 +605,8 @@ class Unlearner:
         accelerator: an ``accelerate.Accelerator``; ``None``: one process, no accumulation,
             plain ``backward``.
         optimizer: the (prepared) optimizer; ``None``: AdamW over the trainable parameters at
-            ``config.learning_rate`` (prepared with ``accelerator``).
+            ``config.learning_rate`` (prepared with ``accelerator``), refused for float16
+            trainable parameters (``ValueError``: train float32 weights under mixed precision).
         lr_scheduler: the (prepared) learning-rate scheduler; ``None``: diffusers'
             ``get_scheduler(config.lr_scheduler, ...)`` over ``config.max_train_steps``.
         retain: ReTrack only: the kept points ``X \\ A`` (or a subset), ``(N, C, H, W)``, among
@@ -663,6 +673,15 @@ class Unlearner:
         self.params = trainable_parameters(model)
         if not self.params:
             raise ValueError("`model` has no trainable parameter (requires_grad=True)")
+        if optimizer is None and any(p.dtype == torch.float16 for p in self.params):
+            raise ValueError(
+                "`model` has float16 trainable parameters: the AdamW that Unlearner builds "
+                "would overflow and underflow in float16 (its eps=1e-8 is 0 there) and write "
+                "inf into the weights. Train float32 weights under mixed precision (accelerate's "
+                "mixed_precision='fp16'; diffusers.training_utils.cast_training_params(model, "
+                "torch.float32) for a LoRA), as diffusers' training scripts do, or pass your "
+                "own `optimizer`"
+            )
         device = self.params[0].device
         self.loss_fn = loss_from_scheduler(
             config.method, noise_scheduler, **config.loss_kwargs(n, k)
@@ -749,10 +768,23 @@ class Unlearner:
             return None
         kwargs: dict[str, Any] = {"every": config.balance_every, "backward": self._backward}
         if mode == "absolute":
-            kwargs["target_norm"] = config.ratio * self.scale * self.forget_weight
+            kwargs["target_norm"] = self._target_norm()
+            kwargs["forget_floor"] = self._forget_floor()
         elif mode != "bilevel":
             kwargs["ratio"] = config.ratio * self.forget_weight
         return NormBalancer(self.params, mode=mode, **kwargs)
+
+    def _target_norm(self) -> float:
+        """``"absolute"``'s ``||c g_forget||``: ``ratio`` times the calibrated naive-deletion
+        gradient norm, times ``back_off``'s factors."""
+        return self.config.ratio * self.scale * self.forget_weight
+
+    def _forget_floor(self) -> float:
+        """``"absolute"``'s ``forget_floor``: ``ABSOLUTE_FORGET_FLOOR`` times the size of a
+        forget gradient whose batch holds forget rows, ``ρ = k/(n-k)`` times the calibrated
+        naive-deletion gradient norm (0 for a loss without ``ρ``)."""
+        forget_ratio = getattr(self.loss_fn, "forget_ratio", None)
+        return 0.0 if forget_ratio is None else ABSOLUTE_FORGET_FLOOR * forget_ratio * self.scale
 
     def _generator(self) -> torch.Generator:
         """Draw ``draws``'s generator: a function of (seed, draw, process), no state to save."""
@@ -825,15 +857,24 @@ class Unlearner:
             if not self._sync():
                 return StepResult(terms, None, False, False, False)
             if self.balancer is not None and self.balancer.mode == "absolute":
-                # fp16: both gradients carry the loss scale, so the target norm must too
-                self.balancer.target_norm = self.config.ratio * self.scale * self._loss_scale()
-            stats = None if self.balancer is None else self.balancer.step()
-            skipped = stats is not None and stats.skipped
+                # fp16: both gradients carry the loss scale, so the target and the floor must too
+                loss_scale = self._loss_scale()
+                self.balancer.target_norm = self._target_norm() * loss_scale
+                self.balancer.forget_floor = self._forget_floor() * loss_scale
+            if self.balancer is not None:
+                stats = self.balancer.step()
+                skipped = stats.skipped  # non-finite norms: .grad already None
+                if not skipped and self.config.max_grad_norm > 0:
+                    self._clip()
+            else:  # a fixed superfactor, or a method with nothing to balance
+                stats = None
+                norm = self._clip() if self.config.max_grad_norm > 0 else self._grad_norm()
+                skipped = not bool(torch.isfinite(norm))  # host sync: the skip decision
+                if skipped:
+                    self.optimizer.zero_grad(set_to_none=True)
             if skipped:
                 self._skip()
             else:
-                if self.config.max_grad_norm > 0:
-                    self._clip()
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 if self.ema is not None:
@@ -887,25 +928,44 @@ class Unlearner:
         )
 
     def _finish_calibration(self) -> None:
+        """The scale once ``calibration_batches`` batches measured it: the median of their
+        norms. Not measured, and made up by more batches (at most 4x as many in all): a
+        non-finite norm (fp16 overflow), and one below ``CALIBRATION_FLOOR`` times the largest,
+        a batch whose rows all drew the forget point, where ``w_x ≈ 0`` (common with a row or
+        two per step: with one, the median of 8 such norms was about 0 for 5 runs of 8)."""
         norms = torch.stack(self._norms)
         finite = norms[torch.isfinite(norms)]
-        if finite.numel() < len(norms):  # fp16 overflow: measure more batches
-            if finite.numel() == 0 and len(norms) >= 4 * self.config.calibration_batches:
+        if finite.numel():
+            finite = finite[finite > CALIBRATION_FLOOR * finite.max()]
+        if finite.numel() < self.config.calibration_batches:
+            if len(norms) < 4 * self.config.calibration_batches:
+                return  # measure more batches
+            if finite.numel() == 0:
                 raise ValueError(
-                    f"calibration: no finite naive-deletion gradient norm in {len(norms)} "
-                    "batches: the model or the data gives non-finite losses"
+                    f"calibration: no finite, non-zero naive-deletion gradient norm in "
+                    f"{len(norms)} batches: the model or the data gives non-finite losses, or "
+                    "every batch's rows drew the forget point (raise the batch size or lower "
+                    "lam)"
                 )
-            if finite.numel() < self.config.calibration_batches:
-                return
         self.scale = finite.median().item()
         self._norms = []
         self.balancer = self._build_balancer()
 
-    def _clip(self) -> None:
+    def _clip(self) -> Tensor:
+        """Clip to ``max_grad_norm``; the total norm before clipping."""
         if self.accelerator is not None:
-            self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if norm is None:  # a backend whose clipping reports no norm
+            return self._grad_norm()
+        if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            norm = norm.full_tensor()
+        return torch.as_tensor(norm)
+
+    def _grad_norm(self) -> Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return _global_norm(grads, self.params[0].device)
 
     def _skip(self) -> None:
         """A step whose norms were not finite: ``.grad`` is already ``None``; lower the fp16

@@ -453,10 +453,10 @@ class NonmemberStop:
         ``(T,)`` float32, for ``siss.Unlearner.set_forget_level``.
 
         At each measured level, the references' median denoising error at the last check
-        (under the model as it was then); between levels, interpolated linearly in log error
-        against log noise rank, and held flat beyond the least and the most noisy level; then
-        divided by ``siss.targets.eps_error_scale``, which turns a noise error into the error
-        against the model's own target (what the loss's ``l_a`` is).
+        (under the model as it was then), divided by ``siss.targets.eps_error_scale`` there,
+        which turns a noise error into the error against the model's own target (what the
+        loss's ``l_a`` is); between levels, interpolated linearly in log error against log noise
+        rank, and held flat beyond the least and the most noisy level.
 
         Why: SISS's forget term is gradient *ascent*, which does not stop where retraining
         would have left the forget set: on the digits pair its error went past the non-members'
@@ -472,7 +472,12 @@ class NonmemberStop:
         if self.reference_errors is None:
             raise ValueError("`forget_level` needs a check first (`start()`)")
         ranks = torch.tensor(self.timesteps, dtype=torch.float64).clamp(max=999).log1p()
-        median = self.reference_errors.median(1).values.clamp(min=1e-30).log()
+        # in the loss's own units at each measured level, so that what is held flat beyond the
+        # measured levels is an error the loss can reach (a noise error held flat and divided by
+        # a scale that vanishes with the signal at the noisiest indices of a v or flow schedule
+        # was 30 to 1e8 times the references' error there)
+        scale = self.error_scale[self.indices].double().clamp(min=1e-12)
+        median = (self.reference_errors.median(1).values / scale).clamp(min=1e-30).log()
         order = ranks.argsort()
         ranks, median = ranks[order], median[order]
         where = self.grid_rank.log1p().clamp(ranks[0], ranks[-1])
@@ -483,7 +488,7 @@ class NonmemberStop:
             left = right - 1
             share = (where - ranks[left]) / (ranks[right] - ranks[left]).clamp(min=1e-12)
             log_error = median[left] + share * (median[right] - median[left])
-        level = log_error.exp() / self.error_scale.double().clamp(min=1e-12)
+        level = log_error.exp()
         return level.clamp(min=1e-30, max=torch.finfo(torch.float32).max).float()
 
     def stops(self, check: NonmemberCheck | None = None) -> bool:

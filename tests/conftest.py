@@ -1085,7 +1085,7 @@ CHEAP_AUDIT_FLAGS = [
     "likelihood.rtol=1e-2",
     "--option",
     "likelihood.atol=1e-2",
-    "--no-progress",
+    "--no_progress",
     "--device",
     "cpu",
 ]

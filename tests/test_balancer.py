@@ -136,6 +136,36 @@ def test_absolute_fixes_the_forget_norm():
     assert (stats.coefficient * stats.forget_norm).item() == pytest.approx(5.0, rel=1e-9)
 
 
+def test_absolute_holds_no_coefficient_from_a_forget_gradient_below_its_floor():
+    """``forget_floor``: with a teacher's ~0 keep gradient, ``floor`` sets none, and a forget
+    gradient of 1e-7 of its usual size gave a ``c`` 1e7 times too large, held for ``every - 1``
+    steps. At or below the floor: ``c = 0`` on that step, the held ``c`` unchanged, the next step
+    refreshes; above it: measured."""
+    net, x, a = make()
+    _, forget = terms(net, x, a)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(forget, params, allow_unused=True)
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads if g is not None]))
+    norm = norm.item()
+    balancer = NormBalancer(net.parameters(), mode="absolute", target_norm=5.0, every=4)
+    balancer.forget_floor = 0.5 * norm
+    balancer.backward(*terms(net, x, a))
+    held = balancer.step()
+    assert held.measured and balancer.coefficient.item() == pytest.approx(5.0 / norm, rel=1e-9)
+    for scale, measured in ((0.4, False), (0.6, True)):  # 0.4 x the forget norm: below
+        balancer.forget_floor = 0.5 * norm
+        balancer._since_refresh = balancer.every  # the next step refreshes
+        balancer.backward(*terms(net, x, a, forget_scale=scale))
+        stats = balancer.step()
+        assert stats.refreshed and stats.measured is measured
+        if not measured:
+            assert stats.coefficient.item() == 0.0
+            assert balancer.coefficient.item() == pytest.approx(5.0 / norm, rel=1e-9)
+            assert balancer.state_dict()["since_refresh"] == balancer.every
+    with pytest.raises(ValueError, match="`forget_floor` is used by mode='absolute' only"):
+        NormBalancer(net.parameters(), forget_floor=1.0)
+
+
 def test_bilevel_guarantees_progress_on_the_forget_term():
     """EraseDiff's rule: <g, -g_forget> >= eta ||g_forget||² for the combined g."""
     net, x, a = make(seed=3)

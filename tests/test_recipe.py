@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_unet
 
 from siss import RULES, NormBalancer, Unlearner, UnlearningConfig, teacher_for
+from siss.recipe import CALIBRATION_FLOOR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -380,17 +381,39 @@ def test_the_step_gives_the_loss_the_teachers_prediction_without_a_graph():
     assert plain.keep.item() > 0 and result.terms.keep.item() < plain.keep.item()
 
 
-def test_non_finite_gradients_skip_the_step():
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"keep_target": "noise"},  # the balancer skips
+        # no balancer: a fixed superfactor (clipped, or not), a method with nothing to balance
+        {"superfactor": 0.1, "keep_target": "noise"},
+        {"superfactor": 0.1, "max_grad_norm": 0.0},
+        {"method": "naive"},
+        {"method": "neggrad"},
+    ],
+)
+def test_non_finite_gradients_skip_the_step(settings):
+    """A NaN in one batch moves nothing, with a balancer or without (without, it made every
+    weight and the EMA NaN for the rest of the run, and said ``skipped=False``)."""
     unet = tiny_unet()
-    config = UnlearningConfig(keep_target="noise")
+    config = UnlearningConfig(ema_decay=0.9, **settings)
     unlearner = Unlearner(unet, scheduler(), config, n=101, k=1)
+    while unlearner.calibrating:
+        unlearner.step(*batches(1)[0])
     start = flat(unet)
     x0, a0 = batches(1)[0]
-    result = unlearner.step(x0 * float("nan"), a0)
+    if config.method == "neggrad":
+        x0, a0 = None, a0 * float("nan")
+    else:
+        x0 = x0 * float("nan")
+    result = unlearner.step(x0, a0)
     assert result.skipped and result.optimizer_step
     assert torch.equal(flat(unet), start)
     assert all(p.grad is None for p in unet.parameters())
     assert all(not state for state in unlearner.optimizer.state.values())
+    assert all(torch.isfinite(p).all() for p in unlearner.ema.shadow_params)
+    result = unlearner.step(*batches(2)[1])  # and the run goes on
+    assert not result.skipped and torch.isfinite(flat(unet)).all()
 
 
 @pytest.mark.parametrize(
@@ -630,3 +653,78 @@ def test_the_forget_window_reaches_the_loss_and_is_siss_only():
         UnlearningConfig(method="naive", forget_timesteps=(0, 300))
     with pytest.raises(ValueError, match=r"forget_timesteps.*low > high"):
         UnlearningConfig(forget_timesteps=(300, 0))
+
+
+def test_float16_weights_are_refused_for_the_unlearner_s_own_optimizer():
+    """Its AdamW in float16 wrote inf into every weight at the first step (eps=1e-8 is 0 in
+    float16), and every later step was skipped; with the caller's own optimizer it is theirs."""
+    unet = tiny_unet().half()
+    with pytest.raises(ValueError, match=r"float16 trainable parameters.*mixed precision"):
+        Unlearner(unet, scheduler(), UnlearningConfig(), n=101, k=1)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=1e-3)
+    assert Unlearner(unet, scheduler(), UnlearningConfig(), n=101, k=1, optimizer=optimizer)
+
+
+def one_row_run(seed: int, steps: int) -> tuple[Unlearner, list[float], list[float]]:
+    """SISS with the teacher at one row a step (3x16x16, n = 1001, k = 1): the run, its
+    calibration norms and each optimizer step's gradient norm before clipping."""
+    unet = tiny_unet(in_channels=3, out_channels=3, sample_size=16)
+    config = UnlearningConfig(seed=seed, max_train_steps=steps)
+    unlearner = Unlearner(unet, scheduler(), config, n=1001, k=1)
+    calibration, before_clipping = [], []
+    finish, clip = unlearner._finish_calibration, unlearner._clip
+
+    def recorded_finish():
+        calibration[:] = [norm.item() for norm in unlearner._norms]
+        finish()
+
+    def recorded_clip():
+        grads = [p.grad for p in unlearner.params if p.grad is not None]
+        before_clipping.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+        return clip()
+
+    unlearner._finish_calibration, unlearner._clip = recorded_finish, recorded_clip
+    generator = torch.Generator().manual_seed(100 + seed)
+    forget = torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1
+    while unlearner.calibrating or unlearner.optimizer_steps < steps:
+        unlearner.step(torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1, forget)
+    return unlearner, calibration, [norm.item() for norm in before_clipping]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_row_a_step_calibrates_on_the_batches_that_measured_the_gradient(seed):
+    """A row that drew the forget point has ``w_x ≈ 0``: its keep gradient is ~0, and the median
+    of 8 such one-row norms was ~0 on about 5 runs of 8, which scaled the forget term to 0 for
+    the whole run. Now those batches are measured again."""
+    unlearner, calibration, _ = one_row_run(seed, steps=1)
+    assert len(calibration) >= 8
+    measured = [n for n in calibration if n > CALIBRATION_FLOOR * max(calibration)]
+    assert len(measured) >= 8
+    assert unlearner.scale == pytest.approx(torch.tensor(measured).median().item())
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_one_row_a_step_holds_no_coefficient_from_a_batch_without_forget_rows(seed):
+    """A refresh whose row drew the keep point has ``||g_forget||`` 1e-6 to 1e-8 of its usual
+    size; its coefficient (1e5 to 1e7 times the usual) was held for 9 steps, whose gradients then
+    were 2,000 to 150,000 times the target before clipping (seeds 0 and 2, steps 41-59)."""
+    unlearner, _, before_clipping = one_row_run(seed, steps=60)
+    target = unlearner.balancer.target_norm
+    assert max(before_clipping) < 100 * target, (max(before_clipping), target)
+
+
+def test_back_off_holds_after_the_next_step():
+    """The calibrated target was set again from ``ratio x scale`` at every step, so a
+    ``back_off`` lasted until the next step only."""
+    unlearner = Unlearner(
+        tiny_unet(), scheduler(), UnlearningConfig(calibration_batches=2), n=101, k=1
+    )
+    for x0, a0 in batches(3):
+        unlearner.step(x0, a0)
+    full = unlearner.balancer.target_norm
+    unlearner.back_off(0.25)
+    result = unlearner.step(*batches(4)[3])
+    assert unlearner.balancer.target_norm == pytest.approx(full / 4)
+    assert result.stats.refreshed
+    achieved = (result.stats.coefficient * result.stats.forget_norm).item()
+    assert achieved == pytest.approx(full / 4, rel=1e-5)

@@ -289,6 +289,14 @@ def test_the_forget_level_is_the_references_median_error_between_levels() -> Non
         rtol=1e-5,
         atol=0,
     )
+    # held flat in the loss's own units beyond the noisiest level, up to a zero terminal SNR,
+    # where a noise error divided by the vanishing scale was 1e7 times the level at t = 500
+    zero_snr = DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    for held in (v_stop, NonmemberStop(exact_denoiser(training, scheduler), zero_snr, forget,
+                                       references, noise_draws=2)):  # fmt: skip
+        held.start()
+        level = held.forget_level()
+        assert torch.isfinite(level).all() and (level[500:] == level[500]).all()
 
 
 class RecordingUnlearner:

@@ -2,7 +2,8 @@
 after parsing, old spellings accepted for one release), the flag groups named as in diffusers'
 training scripts, and the recipe's flags.
 
-- ``siss._cli.parser``: ``CommandParser``, ``DefaultsHelpFormatter``, ``flag``;
+- ``siss._cli.parser``: ``CommandParser``, ``DefaultsHelpFormatter``, ``flag``, ``FlagError`` (a
+  flag refused once what it names is read: exit 2 through ``exit_on_flag_error``);
 - ``siss._cli.groups``: ``--pretrained_model_name_or_path``, ``--output_dir``, the training,
   checkpoint, logging and runtime groups, ``resolve_device``, ``start_trackers`` (or
   ``tracker_options`` and ``tracker_config`` for a command's own Accelerator), ``release_run``
@@ -44,6 +45,8 @@ from siss._cli.parser import (
     REMOVED_IN,
     CommandParser,
     DefaultsHelpFormatter,
+    FlagError,
+    exit_on_flag_error,
     flag,
     old_spelling,
     range_check,
@@ -67,6 +70,7 @@ __all__ = [
     "TRACKERS",
     "CommandParser",
     "DefaultsHelpFormatter",
+    "FlagError",
     "add_audit_flags",
     "add_checkpoint_flags",
     "add_checkpoints_total_limit_flag",
@@ -83,6 +87,7 @@ __all__ = [
     "add_tracking_flags",
     "add_training_flags",
     "check_timesteps",
+    "exit_on_flag_error",
     "flag",
     "old_spelling",
     "output_folder_error",

@@ -39,6 +39,24 @@ def _shown(value: Any) -> str:
     return text.replace("%", "%%")
 
 
+class FlagError(SystemExit):
+    """A flag's value refused once what it names has been read (a ``--resolution`` the loaded
+    pipeline cannot generate, a ``--reference_image`` of another size, an ``--output_dir`` that
+    holds another run): the message begins with the flag. A ``SystemExit`` whose ``code`` is the
+    message, so it stops a command called from Python like any refusal; a command's ``main``
+    catches it with :func:`exit_on_flag_error` and exits with status 2, as argparse's refusals."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+def exit_on_flag_error(prog: str, error: FlagError) -> SystemExit:
+    """``error`` printed as argparse prints a refused flag (``prog: error: message`` on stderr),
+    and the ``SystemExit(2)`` to raise in its place."""
+    print(f"{prog}: error: {error.code}", file=sys.stderr)
+    return SystemExit(2)
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``ArgumentDefaultsHelpFormatter`` that adds ``(default: X)`` only where it says something:
     not for ``None`` (the help text states what ``None`` resolves to), flags without a value,

@@ -192,13 +192,9 @@ def _mnist(root: str | Path, size: int, train: bool) -> tuple[torch.Tensor, torc
 
 
 def _read_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
-    from PIL import Image
+    from siss._images import read_image  # 8 or 16 bits a channel
 
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(path) as img:
-        array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array)
-    tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
+    tensor = read_image(path, channels)
     return _resize(tensor.unsqueeze(0), size)[0].clamp(0, 1) * 2 - 1
 
 

@@ -37,6 +37,7 @@ from siss.adapters.prompts import PromptConditioning, prompt_conditioning
 from siss.adapters.schedulers import (
     SUPPORTED_SCHEDULERS,
     loss_from_scheduler,
+    model_timesteps,
     prediction_type_from_scheduler,
     schedule_from_scheduler,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "encode_latents",
     "lora_state_dict",
     "loss_from_scheduler",
+    "model_timesteps",
     "prediction_type_from_scheduler",
     "prompt_conditioning",
     "register_lora_checkpoint_hooks",

@@ -490,8 +490,17 @@ class UNet2DAdapter(ModelAdapter):
     ) -> Tensor:
         """``model(noisy, timesteps, class_labels)``; ``class_labels`` shape ``(R,)`` if used."""
         config = self.config
+        conditional = (
+            config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None
+        )
+        if class_labels is None and conditional:  # diffusers' own error comes after a call
+            raise ValueError(
+                "a class-conditional UNet2DModel (num_class_embeds="
+                f"{config.get('num_class_embeds')}, class_embed_type="
+                f"{config.get('class_embed_type')!r}) needs `class_labels` (B,): one class per row"
+            )
         if class_labels is not None:
-            if config.get("class_embed_type") is None and config.get("num_class_embeds") is None:
+            if not conditional:
                 raise ValueError(
                     "`class_labels` given to an unconditional UNet2DModel (no `class_embed_type` "
                     "or `num_class_embeds` in its config): leave them out"

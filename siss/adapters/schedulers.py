@@ -32,10 +32,12 @@ so index ``i`` is the scheduler's training-grid entry ``i``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from siss._optional import needs
 from siss.losses import UnlearningLoss
@@ -210,15 +212,51 @@ def _training_schedule(
             "rounds to 0 at the first timestep (no noise, no density to importance-weight)"
         )
     gamma, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
-    timesteps = None
-    if (
+    to_model = model_timesteps(scheduler)
+    timesteps = None if to_model is None else to_model(torch.arange(len(betas)))
+    return NoiseSchedule(gamma, sigma, timesteps)
+
+
+def model_timesteps(scheduler: Any) -> Callable[[Tensor], Tensor] | None:
+    """The timesteps a model takes at grid indices, when they are not the indices themselves:
+    ``None`` for every discrete diffusers scheduler and flow matching; for an
+    ``EulerDiscreteScheduler`` with ``timestep_type="continuous"`` and v-prediction (EDM-style
+    preconditioning), ``index (any shape, fractional too) -> 0.25 log σ(index)``, float32, with
+    ``σ = sqrt((1 - ᾱ) / ᾱ)`` from the scheduler's own ``alphas_cumprod`` and, between grid
+    indices, interpolated linearly in the index as the scheduler interpolates its sigmas.
+
+    Why: the audit's samplers and its likelihood ODE step through grid indices; a model trained
+    on ``0.25 log σ`` given an index (0 ... 999 instead of about -3 ... 3) is far outside what it
+    learned (``schedule_from_scheduler`` uses the same map).
+
+    Examples:
+        >>> from diffusers import DDPMScheduler, EulerDiscreteScheduler
+        >>> model_timesteps(DDPMScheduler()) is None
+        True
+        >>> edm = EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
+        >>> [round(v, 3) for v in model_timesteps(edm)(torch.tensor([0.0, 500.5, 999.0])).tolist()]
+        [-1.151, 0.31, 1.265]
+    """
+    config = _config(scheduler)
+    if not (
         config.get("timestep_type", "discrete") == "continuous"
         and config.get("prediction_type") == "v_prediction"
     ):
-        # EulerDiscreteScheduler's continuous (EDM-style) timesteps, from its own alphas_cumprod.
-        scheduler_ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
-        timesteps = 0.25 * (((1 - scheduler_ac) / scheduler_ac) ** 0.5).log()
-    return NoiseSchedule(gamma, sigma, timesteps)
+        return None
+    alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    last = len(sigmas) - 1
+
+    def to_model(index: Tensor) -> Tensor:
+        where = torch.as_tensor(index).detach().to("cpu", torch.float64).clamp(0, last)
+        low = where.floor().long()
+        high = (low + 1).clamp(max=last)
+        share = (where - low).float()
+        between = sigmas[low] * (1 - share) + sigmas[high] * share
+        sigma = torch.where(share == 0, sigmas[low], between)  # exact (and finite) on the grid
+        return (0.25 * sigma.log()).to(torch.as_tensor(index).device)
+
+    return to_model
 
 
 def prediction_type_from_scheduler(scheduler: Any) -> str:

@@ -3,14 +3,14 @@
 Example (the shipped digits models, see docs/audit.md)::
 
     python -m siss.audit --model examples/assets/pretrained --model examples/assets/retrain \\
-        --forget tshirt.pt --reference tshirt_variants.pt --out outputs/audit
+        --forget tshirt.pt --reference tshirt_variants.pt --output_dir outputs/audit
 
-writes, per model, ``OUT/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.md`` (the
-table) and ``audit.png`` (the figure), and with two or more models ``OUT/compare.md`` (the first
-model against each other one). With ``--reference-model`` (a retrained model, or any model) that
-model is audited too and ``compare.md`` says, per statistic, whether each other model's value lies
-within its interval and which of the first model and the other is closer to it
-(``siss.audit.compare``). The columns are the models' roles (``--roles``, default their folder
+writes, per model, ``OUTPUT_DIR/<name>/audit.json`` (``AuditReport.to_dict``), ``audit.md``
+(the table) and ``audit.png`` (the figure), and with two or more models ``OUTPUT_DIR/compare.md``
+(the first model against each other one). With ``--reference_model`` (a retrained model, or any
+model) that model is audited too and ``compare.md`` says, per statistic, whether each other
+model's value lies within its interval and which of the first model and the other is closer to
+it (``siss.audit.compare``). The columns are the models' roles (``--roles``, default their folder
 names). Every file is written to a temporary name and moved into place.
 
 A text-conditional pipeline folder (``model_index.json``, ``unet/`` or ``transformer/``,
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from siss._cli import DefaultsHelpFormatter, output_folder_error, resolve_device
+from siss._cli import CommandParser, add_output_flag, add_runtime_flags, flag
 from siss._files import write_atomically, write_json_atomically
 from siss._optional import needs
 from siss.audit._models import sample_channels
@@ -44,10 +44,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
+    """The flags, named as the other commands' (diffusers' underscore style; the old hyphenated
+    spellings and ``--out`` warn until ``siss._cli.REMOVED_IN``), each checked right after
+    parsing: a bad value exits 2 naming it, before any model loads or any file is written."""
     # The installed command (`siss-audit`) or `python -m siss.audit`, whichever was run.
     command = Path(sys.argv[0]).name
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=command if command == "siss-audit" else "python -m siss.audit",
         description=(
             "Audit diffusion models for data unlearning: does each model still hold the forget "
@@ -55,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             "membership checks (and Wen et al.'s memorization score with --prompt) and writes "
             "audit.json, audit.md and audit.png per model, and compare.md for two or more."
         ),
-        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument(
+    flag(
+        p,
         "--model",
         action="append",
         required=True,
@@ -66,47 +69,53 @@ def build_parser() -> argparse.ArgumentParser:
         "a pipeline folder with unet/ (or transformer/) and scheduler/ subfolders; repeat for "
         "several models (compare.md puts the first against each other one)",
     )
-    p.add_argument(
-        "--reference-model",
+    flag(
+        p,
+        "--reference_model",
         metavar="PATH",
         default=None,
         help="a model to compare the others with (e.g. the retrained model), audited with the "
         "same settings; compare.md then says per statistic whether each --model's value lies "
         "within its interval and which of the first --model and the other is closer to it",
     )
-    p.add_argument(
+    flag(
+        p,
         "--roles",
         nargs="+",
         default=None,
         metavar="NAME",
         help="the models' roles as compare.md's column names, one per --model and then one for "
-        "--reference-model (e.g. pretrained unlearned retrained); default: the folder names",
+        "--reference_model (e.g. pretrained unlearned retrained); default: the folder names",
     )
-    p.add_argument(
+    flag(
+        p,
         "--scheduler",
         metavar="PATH",
         default=None,
         help="scheduler folder (scheduler_config.json) for a model folder that has none, e.g. "
         "the SISS demo's outputs/.../model; a model's own scheduler is used when present",
     )
-    p.add_argument(
+    flag(
+        p,
         "--forget",
         nargs="+",
         required=True,
         metavar="FILE",
         help="the images to forget: .pt/.pth (a tensor, or a dict with one tensor or an "
         "'images' key) or .safetensors tensors (N, C, H, W) or (C, H, W) already in the model's "
-        "data range; image files (PNG, JPEG, ...; pixel values 0..255 mapped linearly to "
-        "--data-range, converted to the model's channels, never resized); or folders of them",
+        "data range; image files (PNG, JPEG, ...; 8 or 16 bits a channel, mapped linearly to "
+        "--data_range, converted to the model's channels, never resized); or folders of them",
     )
-    p.add_argument(
+    flag(
+        p,
         "--reference",
         nargs="+",
         required=True,
         metavar="FILE",
         help="comparable images the models never trained on (non-members), same formats",
     )
-    p.add_argument(
+    flag(
+        p,
         "--members",
         nargs="+",
         default=None,
@@ -114,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="training images of the reference's distribution, for the membership AUC and "
         "TPR@1%%FPR (default: the forget images when there are at least 2)",
     )
-    p.add_argument(
+    flag(
+        p,
         "--prompt",
         default=None,
         metavar="TEXT",
@@ -124,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "folder, pixel images are encoded to latents (tensors with the model's channel count are "
         "taken as latents)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument(
+    add_output_flag(p, default=None, help="output folder (required)", old=("--out",))
+    p.add_check(_output_given)
+    flag(
+        p,
         "--checks",
         nargs="+",
         choices=ALL_CHECKS,
@@ -133,28 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"checks to run (default: {' '.join(DEFAULT_CHECKS)}, plus memorization with "
         "--prompt)",
     )
-    p.add_argument(
-        "--samples", type=int, default=1000, metavar="N", help="samples of the generation check"
-    )
-    p.add_argument(
-        "--steps", type=int, default=50, help="DDIM steps of sampling and of every denoising"
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="rows per model call")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    p.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda if available, else cpu)",
-    )
-    p.add_argument(
-        "--data-range",
+    flag(p, "--samples", type=int, default=1000, at_least=1, metavar="N",
+         help="samples of the generation check")  # fmt: skip
+    flag(p, "--steps", type=int, default=50, at_least=1,
+         help="DDIM steps of sampling and of every denoising")  # fmt: skip
+    flag(p, "--batch_size", type=int, default=64, at_least=1, help="rows per model call")
+    flag(p, "--seed", type=int, default=0, at_least=0, help="seed of every random draw")
+    flag(
+        p,
+        "--data_range",
         nargs=2,
         type=float,
         default=(-1.0, 1.0),
         metavar=("LO", "HI"),
         help="the models' data range; tensors must lie in it, image files are mapped to it",
     )
-    p.add_argument(
+    p.add_check(_data_range_ordered)
+    flag(
+        p,
         "--option",
         action="append",
         default=[],
@@ -162,9 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a per-check option, VALUE as JSON (e.g. likelihood.repeats=8, "
         "reconstruction_sweep.ts=[100,500], generation.threshold=4.0, sampling.clip_sample=false)",
     )
-    p.add_argument("--no-figure", action="store_true", help="skip audit.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flag(p, "--no_figure", action="store_true", help="skip audit.png")
+    add_runtime_flags(p)  # --device, --threads, --no_progress
     return p
+
+
+def _output_given(args: argparse.Namespace) -> None:
+    if args.output_dir is None:
+        raise ValueError("--output_dir: required (the folder the audit writes into)")
+
+
+def _data_range_ordered(args: argparse.Namespace) -> None:
+    lo, hi = args.data_range
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"--data_range: must have HI > LO, got {lo:g} {hi:g}")
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
@@ -217,16 +236,9 @@ def load_model(path: Path, scheduler_path: Path | None) -> tuple[Any, Any]:
 
 
 def _read_image(path: Path, channels: int, lo: float, hi: float) -> torch.Tensor:
-    import numpy as np
+    from siss._images import read_image
 
-    with needs("siss.audit"):
-        from PIL import Image
-
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-    tensor = torch.from_numpy(array)
-    tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
-    return lo + (hi - lo) * tensor / 255.0
+    return lo + (hi - lo) * read_image(path, channels, package="siss.audit")
 
 
 def _read_tensor(path: Path) -> torch.Tensor:
@@ -311,9 +323,7 @@ def to_latents(
     with the model's ``in_channels`` are taken as latents already; anything else is an error."""
     from siss.adapters import encode_latents
 
-    pixel_channels = int(getattr(vae.config, "in_channels", 3))
-    channels = int(images.shape[1])
-    if channels == pixel_channels and channels != in_channels:
+    if pixels(images, flag, vae, in_channels):
         generator = torch.Generator(device=device).manual_seed(seed)
         parts = []
         with torch.inference_mode():
@@ -321,12 +331,36 @@ def to_latents(
                 batch = images[start : start + 16].to(device)
                 parts.append(encode_latents(vae, batch, generator).float().cpu())
         return torch.cat(parts)
+    return images
+
+
+def pixels(images: torch.Tensor, flag: str, vae: Any, in_channels: int) -> bool:
+    """Whether a latent model's ``images`` are pixels (the VAE's channel count) rather than
+    latents (the model's ``in_channels``); a ``ValueError`` naming ``flag`` for neither."""
+    pixel_channels = int(getattr(vae.config, "in_channels", 3))
+    channels = int(images.shape[1])
+    if channels == pixel_channels and channels != in_channels:
+        return True
     if channels == in_channels:
-        return images
+        return False
     raise ValueError(
         f"{flag}: images with {channels} channels; this latent model takes {pixel_channels}-"
         f"channel pixels (encoded with its vae/) or {in_channels}-channel latents"
     )
+
+
+def check_same_shapes(images: dict[str, torch.Tensor | None]) -> None:
+    """A ``ValueError`` naming the two flags whose images differ in shape, each with its shape
+    (the files as read: pixels, before a latent model's VAE encodes them)."""
+    given = {name: tuple(t.shape[1:]) for name, t in images.items() if t is not None}
+    (first_name, first), *others = given.items()
+    for name, shape in others:
+        if shape != first:
+            raise ValueError(
+                f"{first_name} holds images of {'x'.join(map(str, first))} (channels x height "
+                f"x width) and {name} of {'x'.join(map(str, shape))}: every set must have one "
+                "shape, the one the model takes"
+            )
 
 
 def check_image_shapes(
@@ -335,11 +369,8 @@ def check_image_shapes(
     """A ``ValueError`` naming the flag whose images the models cannot take: every set must have
     ``--forget``'s shape, the models' ``in_channels``, and (for the checks that compare the
     models' samples with them) the spatial size the models generate (``sample_size``)."""
-    given = {flag: tuple(t.shape[1:]) for flag, t in images.items() if t is not None}
-    first = given["--forget"]
-    for flag, shape in given.items():
-        if shape != first:
-            raise ValueError(f"{flag}: images of shape {shape}; --forget holds {first}")
+    check_same_shapes(images)
+    first = tuple(images["--forget"].shape[1:])
     for raw, model, _ in models:
         config = model.config
         channels = sample_channels(model)
@@ -461,36 +492,23 @@ def _names(paths: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value, minimum in (
-        ("--samples", args.samples, 1),
-        ("--steps", args.steps, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--seed", args.seed, 0),
-    ):
-        if value < minimum:
-            _fail(parser, f"{flag} must be >= {minimum}, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lo, hi = args.data_range
-    if not hi > lo:
-        _fail(parser, f"--data-range must have HI > LO, got {lo} {hi}")
     try:
         options = parse_options(args.option)
     except ValueError as err:
         _fail(parser, str(err))
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        _fail(parser, str(err))
+    device = torch.device(args.device)  # resolved by the --device check
     scheduler_path = Path(args.scheduler) if args.scheduler else None
-    out = Path(args.out)
-    if (error := output_folder_error("--out", out)) is not None:
-        _fail(parser, error)
+    out = Path(args.output_dir)
     if scheduler_path is not None and not scheduler_path.exists():
         _fail(parser, f"--scheduler: no folder {scheduler_path}")
     paths = list(args.model) + ([args.reference_model] if args.reference_model else [])
     if args.roles is not None and len(args.roles) != len(paths):
         _fail(
             parser,
-            f"--roles: give one per --model (and one for --reference-model): {len(paths)} "
+            f"--roles: give one per --model (and one for --reference_model): {len(paths)} "
             f"names, got {len(args.roles)}",
         )
     roles = list(args.roles) if args.roles is not None else _names(paths)
@@ -519,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.members
             else None
         )
+        given = {"--forget": forget, "--reference": reference, "--members": members}
+        if vae is not None:  # each set's channels first: the message says what they can be
+            for name, images in given.items():
+                if images is not None:
+                    pixels(images, name, vae, channels)
+        check_same_shapes(given)  # before a VAE encodes them
         audit_range = (lo, hi)
         latent = vae is not None
         if vae is not None:

@@ -80,6 +80,12 @@ __all__ = [
 ]
 
 _DIVERGED = ("NaN or inf", "overflow", "underflow")
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+"""The last ``alphas_cumprod`` of a zero-terminal-SNR schedule in the likelihood ODE, whose
+continuous VP-SDE needs it inside (0, 1): diffusers' Euler sampler's value for such schedules, or
+half the one before it where that is smaller (diffusers' own rescaled 1000-step linear schedule
+has 4.2e-9 there), so that the schedule stays decreasing; the prior term then differs from the
+standard normal's by that value times ``||x||^2``."""
 
 
 def _check_ode_images(x: object, name: str, rows: int = 1) -> Tensor:
@@ -94,7 +100,9 @@ def _nll_function(
     model: object, scheduler: Any, conditioning: dict[str, Any], options: dict[str, Any]
 ) -> tuple[Callable[[Tensor, torch.Generator | None], Tensor], str]:
     """``nll(x, generator) -> (B,)`` bits/dim for the scheduler's kind, and a description."""
-    predict = prediction_fn(model, conditioning)
+    predict = prediction_fn(
+        model, conditioning, None if isinstance(scheduler, Tensor) else scheduler
+    )
     if isinstance(scheduler, Tensor):
         alphas_cumprod, prediction_type, kind = scheduler.detach(), "epsilon", "vp"
     else:
@@ -113,6 +121,12 @@ def _nll_function(
 
         return flow_nll, "flow-matching probability-flow ODE (Hutchinson, torchdiffeq)"
 
+    described = "VP probability-flow ODE (siss.metrics.bits_per_dim)"
+    if alphas_cumprod[-1] == 0:  # a zero terminal SNR (rescale_betas_zero_snr)
+        alphas_cumprod = alphas_cumprod.clone()
+        last = min(ZERO_SNR_ALPHA_CUMPROD, float(alphas_cumprod[-2]) / 2)
+        alphas_cumprod[-1] = last
+        described += f"; the zero terminal SNR's last alphas_cumprod taken as {last:.3g}"
     vp = VPSchedule(alphas_cumprod)
     scale = vp.num_train_timesteps - 1
 
@@ -128,7 +142,7 @@ def _nll_function(
     def vp_nll(x: Tensor, generator: torch.Generator | None) -> Tensor:
         return bits_per_dim(eps_model, x, alphas_cumprod, generator=generator, **options)
 
-    return vp_nll, "VP probability-flow ODE (siss.metrics.bits_per_dim)"
+    return vp_nll, described
 
 
 def likelihood_check(

@@ -59,7 +59,7 @@ from siss.audit._models import (
     progress_bar,
     resolve_schedule,
 )
-from siss.audit._stats import conformal_verdict, percentile_among, t_interval
+from siss.audit._stats import at_or_above, conformal_verdict, percentile_among, t_interval
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.schedule import NoiseSchedule  # noqa: F401  (the doctests' namespace)
 from siss.targets import eps_from_prediction
@@ -73,7 +73,9 @@ __all__ = [
 ]
 
 # Carlini et al. (2023) found the loss attack strongest at small t (t = 50 .. 300 of 1000 on
-# CIFAR-10 DDPMs); the defaults take two small noise levels and several noise draws.
+# CIFAR-10 DDPMs); the defaults take two small noise levels and several noise draws. They are
+# noise ranks on a 1000-step grid, the same fraction of a grid of another length
+# (``_small_noise_indices``), as the reconstruction checks' t are.
 DEFAULT_TIMESTEPS: tuple[int, int] = (50, 100)
 DEFAULT_PIA_TIMESTEP = 200
 
@@ -83,10 +85,14 @@ MIN_BOOTSTRAP = 100
 
 
 def _small_noise_indices(sigma: Tensor, ranks: Sequence[int]) -> list[int]:
-    """Grid indices of the ``ranks``-th least noisy entries (rank ``r`` is index ``r`` on a
-    DDPM grid, ``T - 1 - r`` on diffusers' descending flow-matching grid)."""
+    """Grid indices of the entries at noise ``ranks`` of a 1000-step grid, the least noisy
+    first: rank ``r`` is position ``round(r T / 1000)`` in order of noise, so index ``r`` on a
+    1000-step DDPM grid, ``T - 1 - r`` on diffusers' descending flow-matching grid, and the same
+    fraction of the way on a grid of another length (at ``T = 100``, ranks 50 and 100 were
+    clamped to the noisiest index, 99, and became one)."""
     order = torch.sort(sigma.cpu(), stable=True).indices
-    return [int(order[min(r, len(order) - 1)]) for r in ranks]
+    length = len(order)
+    return [int(order[min(round(r * length / 1000), length - 1)]) for r in ranks]
 
 
 def _check_timesteps(timesteps: object, length: int, name: str) -> list[int]:
@@ -639,7 +645,7 @@ def _per_image(
                 error.value, reference, "lower", confidence, "reference (non-member) scores"
             )
             if percentile.measured:
-                mirror = int((reference >= error.value).sum())
+                mirror = at_or_above(reference, error.value)
                 details["p_value"], verdict, reason, details["p_value_overshot"] = (
                     conformal_verdict(count, r, level, rule, "reference images", mirror)
                 )

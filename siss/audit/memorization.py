@@ -54,7 +54,13 @@ from siss.audit._models import (
     progress_bar,
     resolve_schedule,
 )
-from siss.audit._stats import conformal_verdict, percentile_among, t_interval
+from siss.audit._stats import (
+    at_or_above,
+    at_or_below,
+    conformal_verdict,
+    percentile_among,
+    t_interval,
+)
 from siss.audit.report import CheckResult, Estimate, Verdict, held_of
 from siss.targets import eps_from_prediction, x0_from_prediction
 
@@ -542,12 +548,12 @@ def memorization_check(
             reference = reference_scores.detach().to("cpu", torch.float64)
             rule = f"held if the conformal p-value (1 + #reference >= score) / (P + 1) <= {level:g}"
             details["p_value"], verdict, reason, details["p_value_overshot"] = conformal_verdict(
-                int((reference >= value).sum()),
+                at_or_above(reference, value),
                 reference.numel(),
                 level,
                 rule,
                 "reference prompts",
-                int((reference <= value).sum()),
+                at_or_below(reference, value),
             )
     elif threshold is not None:
         verdict = "held" if value > float(threshold) else "not held"

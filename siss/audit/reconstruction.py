@@ -149,7 +149,7 @@ def reconstruct(
     if seeds is None:
         seeds = sample_seeds(images.shape[0], generator)
     noise = initial_noise(seeds, tuple(images.shape[1:]), images.device, images.dtype)
-    predict = prediction_fn(model, conditioning)
+    predict = prediction_fn(model, conditioning, scheduler)
     stride = total // sampler.num_inference_steps
     if kind == "flow":
         sigma = t / total

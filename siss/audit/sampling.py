@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from siss._optional import needs
+from siss.adapters.schedulers import model_timesteps
 from siss.audit._inputs import (
     broadcast_rows,
     check_conditioning,
@@ -57,8 +58,11 @@ __all__ = ["PredictionFn", "generate", "prediction_fn", "to_epsilon"]
 PredictionFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) -> PredictionFn:
-    """``fn(x_t, timesteps) -> prediction`` for a diffusers model or a plain callable.
+def prediction_fn(
+    model: object, conditioning: Mapping[str, Any] | None = None, scheduler: Any = None
+) -> PredictionFn:
+    """``fn(x_t, timesteps) -> prediction`` for a diffusers model or a plain callable, with
+    ``timesteps`` grid indices of ``scheduler`` (fractional ones too, for the likelihood ODE).
 
     Args:
         model: a diffusers model that ``siss.adapters.adapter_for`` handles (``UNet2DModel``,
@@ -68,6 +72,9 @@ def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) 
             handles is called this way too; a diffusers output's ``.sample`` is taken).
         conditioning: keyword inputs of the model (``class_labels``, ``encoder_hidden_states``,
             ...), each with the batch's rows or 1 row (broadcast), passed on every call.
+        scheduler: the model's diffusers scheduler: a model that takes other timesteps than the
+            grid indices (an ``EulerDiscreteScheduler`` with ``timestep_type="continuous"``,
+            ``siss.adapters.model_timesteps``) gets those; ``None``: the indices as they are.
 
     Returns:
         A callable ``(x_t (B, *S), timesteps (B,)) -> (B, *S)`` that checks the output's type
@@ -75,8 +82,11 @@ def prediction_fn(model: object, conditioning: Mapping[str, Any] | None = None) 
     """
     conditioning = dict(conditioning or {})
     predict = predictor(model)
+    to_model = None if scheduler is None else model_timesteps(scheduler)
 
     def fn(x: Tensor, timesteps: Tensor) -> Tensor:
+        if to_model is not None:
+            timesteps = to_model(timesteps).to(x.device)
         return predict(x, timesteps, **broadcast_rows(conditioning, x.shape[0], "conditioning"))
 
     return fn
@@ -234,7 +244,7 @@ def generate(
             stop = min(start + batch_size, num_samples)
             cond = take_rows(conditioning, torch.arange(start, stop))
             x = initial_noise(seeds[start:stop], shape, device, dtype)
-            out.append(_denoise(prediction_fn(model, cond), sampler, x, kind))
+            out.append(_denoise(prediction_fn(model, cond, scheduler), sampler, x, kind))
             bar.update(stop - start)
     return torch.cat(out)
 

@@ -130,7 +130,17 @@ class VPSchedule:
         if ac.dim() != 1 or ac.numel() < 2:
             raise ValueError(f"`alphas_cumprod` must be (T,) with T >= 2, got {tuple(ac.shape)}")
         if not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()):
-            raise ValueError("`alphas_cumprod` must be non-increasing and inside (0, 1)")
+            zero_snr = bool(ac[-1] == 0)
+            raise ValueError(
+                "`alphas_cumprod` must be non-increasing and inside (0, 1)"
+                + (
+                    "; its last value is 0, a zero terminal SNR (rescale_betas_zero_snr): "
+                    "replace it by a small positive value below the one before it (the audit's "
+                    "likelihood check takes min(2**-24, half the one before))"
+                    if zero_snr
+                    else ""
+                )
+            )
         prev = torch.cat([ac.new_ones(1), ac[:-1]])
         self.num_train_timesteps = ac.numel()
         self.h = 1.0 / (self.num_train_timesteps - 1)

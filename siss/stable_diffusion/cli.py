@@ -52,11 +52,13 @@ import torch
 from siss._cli import (
     CommandParser,
     DefaultsHelpFormatter,
+    FlagError,
     add_checkpoints_total_limit_flag,
     add_logging_flags,
     add_method_flags,
     add_nonmember_flags,
     add_output_flag,
+    exit_on_flag_error,
     flag,
     resolve_device,
     resolve_stop_rule,
@@ -87,6 +89,7 @@ from siss.stable_diffusion.pipeline import (
 from siss.stable_diffusion.split import (
     StopJob,
     load_reference,
+    read_reference,
     split_stage,
 )
 from siss.stable_diffusion.unlearn import load_unlearned, recipe_config, unlearn
@@ -793,7 +796,13 @@ def jobs_of(args: argparse.Namespace) -> list[Job]:
     """One job per prompt: the ``--prompts`` list's (a subfolder of ``--output_dir`` each), or the
     one of ``--prompt``."""
     if args.prompts is not None:
-        return read_prompt_list(args.prompts, args.output_dir, args.overfit_types)
+        try:
+            return read_prompt_list(args.prompts, args.output_dir, args.overfit_types)
+        except (ValueError, OSError) as error:  # an unreadable list: the flag's refusal
+            message = str(error)
+            if not message.startswith("--prompts"):
+                message = f"--prompts {args.prompts}: {message}"
+            raise FlagError(message) from None
     train_prompt = args.train_prompt or args.prompt
     return [Job(args.prompt, train_prompt, args.reference_image, args.output_dir, {})]
 
@@ -837,7 +846,7 @@ def convert_global_batch(args: argparse.Namespace, processes: int) -> None:
 
     rows = args.train_batch_size * processes
     if args.batch_size % rows:
-        raise SystemExit(
+        raise FlagError(
             f"--batch-size {args.batch_size} must be a multiple of --train_batch_size "
             f"{args.train_batch_size} x {processes} processes"
         )
@@ -891,6 +900,9 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
         torch.set_num_threads(args.threads)
     resolve_lora_targets(args)  # the family's default, recorded in config.json before loading
     jobs = jobs_of(args)
+    for job in jobs:  # each reference image readable before the pipeline loads
+        if job.reference is not None:
+            read_reference(job.reference)
     accelerator, dtype = start_accelerator(args, jobs)
     pipe = load_pipeline(args, accelerator.device, dtype)
     check_pipeline(args, pipe, jobs)
@@ -913,15 +925,14 @@ def run_command(argv: Sequence[str] | None = None) -> dict[str, Any] | list[dict
 def main(argv: Sequence[str] | None = None) -> int:
     """The installed command ``siss-stable-diffusion`` (and ``python -m siss.stable_diffusion``):
     ``run_command``, then exit status 0; a bad flag exits with 2 (argparse), a job that cannot
-    go on (an unusable model, an empty split, another experiment's ``--output_dir``) with its
-    message. A flag refused once the pipeline is read (``--resolution`` it cannot generate,
-    ``--lora_targets`` it lacks, a ``--reference_image`` of another size: messages that begin
-    with the flag) exits with 2 as well, as argparse's refusals do."""
+    go on (no memorization found, no image to keep, too few non-copies for ``--until
+    nonmember``) with its message and status 1. A flag refused once what it names is read
+    (``FlagError``: a ``--resolution`` the pipeline cannot generate, ``--lora_targets`` it
+    lacks, a ``--reference_image`` of another size, an ``--output_dir`` holding another run, a
+    ``--pretrained_model_name_or_path`` that is no text-to-image pipeline) exits with 2, as
+    argparse's refusals do."""
     try:
         run_command(argv)
-    except SystemExit as stop:
-        if isinstance(stop.code, str) and stop.code.startswith("--"):
-            print(f"siss-stable-diffusion: error: {stop.code}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+    except FlagError as error:
+        raise exit_on_flag_error("siss-stable-diffusion", error) from None
     return 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from siss._cli import FlagError
 from siss._files import atomic_path, replace_folder, write_json_atomically
 from siss._optional import needs
 
@@ -76,6 +77,12 @@ TRAINING_FLAGS = (
     "keep_band",
     "keep_backoffs",
 )
+
+
+class StopJob(Exception):
+    """A prompt that cannot be unlearned as asked (no memorization, an empty side of the split,
+    generations that are not finite): the message says why and which flag would change it. The
+    prompt-list mode records it in the summary and goes on with the next prompt."""
 
 
 @dataclass
@@ -164,14 +171,14 @@ def check_out(args: argparse.Namespace, job: Job) -> None:
         has_images = (job.out / "images").is_dir() and any((job.out / "images").iterdir())
         changed = differing(saved, config, GENERATION_FLAGS)
         if changed and has_images:
-            raise SystemExit(
+            raise FlagError(
                 f"--output_dir {job.out} holds images generated with other settings: "
                 f"{'; '.join(changed)}. Use another --output_dir"
             )
         has_run = bool(checkpoints(job.out)) or (job.out / "metrics.json").is_file()
         changed = differing(saved, config, GENERATION_FLAGS + SPLIT_FLAGS + TRAINING_FLAGS)
         if has_run and changed and args.stage in ("run", "unlearn"):
-            raise SystemExit(
+            raise FlagError(
                 f"--output_dir {job.out} holds a run with another configuration: "
                 f"{'; '.join(changed)}. Resume with the saved flags, or use another --output_dir"
             )
@@ -181,7 +188,7 @@ def check_out(args: argparse.Namespace, job: Job) -> None:
         and args.stage in ("run", "unlearn")
     ):
         if not (job.out / "metrics.json").is_file():
-            raise SystemExit(
+            raise FlagError(
                 f"--output_dir {job.out} holds checkpoints of an unfinished run: pass "
                 "--resume_from_checkpoint latest to continue it, or use another --output_dir"
             )
@@ -284,13 +291,20 @@ def prompt_rows(path: Path, overfit_types: Sequence[str]) -> list[dict[str, Any]
         try:
             import pyarrow.parquet as parquet
         except ImportError:
-            raise SystemExit(
+            raise FlagError(
                 f"--prompts {path}: reading a parquet file needs pyarrow (pip install pyarrow)"
             ) from None
         return records_from_columns(parquet.read_table(path).to_pydict(), str(path), overfit_types)
+    try:  # utf-8-sig: a byte-order mark is not part of the first prompt
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"--prompts {path}: not UTF-8 text ({error.reason} at byte {error.start}); save it "
+            "as UTF-8"
+        ) from None
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -301,7 +315,7 @@ def prompt_rows(path: Path, overfit_types: Sequence[str]) -> list[dict[str, Any]
                 if not isinstance(rows[-1], dict):
                     raise ValueError(f"--prompts {path} line {number}: not a JSON object")
         return rows
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in text.splitlines()]
     return [{"prompt": line} for line in lines if line and not line.startswith("#")]
 
 

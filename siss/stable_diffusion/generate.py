@@ -11,6 +11,7 @@ generates with the same function, on seeds never used for training.
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from siss._files import atomic_path
 from siss._optional import needs
-from siss.stable_diffusion.files import save_png
+from siss.stable_diffusion.files import StopJob, save_png
 from siss.stable_diffusion.pipeline import (
     autocast_for,
     denoiser_of,
@@ -121,7 +122,8 @@ def generate(
                 pipe, prompt, [seeds[i] for i in part], args, accelerator.device
             )
             mine = [(i, images[n].numpy(), latents[n].numpy()) for n, i in enumerate(part)]
-        gathered = gather_object(mine) if world > 1 else mine
+        gathered = gather_object(mine) if world > 1 else mine  # on every process
+        check_finite(gathered, len(seeds), prompt, desc)
         if accelerator.is_main_process:
             for i, image, latent in gathered:
                 image, latent = torch.from_numpy(image), torch.from_numpy(latent)
@@ -130,7 +132,8 @@ def generate(
                     continue
                 save_png(image.permute(1, 2, 0).numpy(), store / "images" / f"{i:05d}.png")
                 with atomic_path(store / "latents" / f"{i:05d}.safetensors") as tmp:
-                    metadata = {"seed": str(seeds[i]), "prompt": prompt}
+                    # one key: safetensors writes several in a per-process hash order
+                    metadata = {"generation": json.dumps({"prompt": prompt, "seed": int(seeds[i])})}
                     save_file({"latent": latent.contiguous()}, str(tmp), metadata=metadata)
             bar.update(len(gathered))
     bar.close()
@@ -142,6 +145,23 @@ def generate(
         torch.stack([results[i][0] for i in order]),
         torch.stack([results[i][1] for i in order]),
     )
+
+
+def check_finite(rows: Sequence[tuple[int, Any, Any]], total: int, prompt: str, desc: str) -> None:
+    """``StopJob`` when a generation's final latent is not finite: its image would be decoded to
+    black (NaN becomes 0 in uint8) and counted as no copy, a measurement of nothing. Every
+    process sees the same gathered ``rows`` ``(index, image, latent)``, so all stop together."""
+    import numpy as np
+
+    bad = sum(not np.isfinite(latent).all() for _, _, latent in rows)
+    if bad:
+        raise StopJob(
+            f"{desc}: {bad} of the {len(rows)} generations of {prompt!r} in this batch (of "
+            f"{total}) have non-finite latents (NaN or inf), so nothing can be counted on "
+            "them: the model's weights or its precision give non-finite outputs (a float16 "
+            "overflow: --dtype float32 or bfloat16; a run that diverged: lower "
+            "--learning_rate, keep --max_grad_norm)"
+        )
 
 
 def image_files_exist(store: Path, index: int) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from siss._cli import FlagError
 from siss._optional import needs
 from siss.loop import derived_seed
 from siss.stable_diffusion.files import read_json
@@ -144,7 +145,7 @@ def check_model_index(model: str) -> None:
     components = read_json(index)
     entry = components.get("text_encoder") or components.get("text_encoder_2")
     if not entry or entry[0] is None:
-        raise SystemExit(
+        raise FlagError(
             f"--pretrained_model_name_or_path {model}: a "
             f"{components.get('_class_name', 'pipeline')} without a text encoder; this job needs "
             "a text-to-image pipeline (the prompt is its conditioning)"
@@ -157,7 +158,7 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return name, module
-    raise SystemExit(
+    raise FlagError(
         f"--pretrained_model_name_or_path: {type(pipe).__name__} has neither a unet nor a "
         "transformer"
     )
@@ -187,14 +188,14 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
             absent["requires_safety_checker"] = False
         pipe = DiffusionPipeline.from_pretrained(model, **{key: dtype}, **absent)
     except (OSError, ValueError) as error:
-        raise SystemExit(
+        raise FlagError(
             f"--pretrained_model_name_or_path {model}: could not load the pipeline ({error})"
         ) from None
     if (
         getattr(pipe, "text_encoder", None) is None
         and getattr(pipe, "text_encoder_2", None) is None
     ):
-        raise SystemExit(
+        raise FlagError(
             f"--pretrained_model_name_or_path {model}: {type(pipe).__name__} has no text "
             "encoder; this job needs a text-to-image pipeline"
         )
@@ -227,7 +228,7 @@ def check_resolution(pipe: Any, resolution: list[int]) -> tuple[int, int]:
         _, denoiser = denoiser_of(pipe)
         factor *= int(denoiser.config.get("patch_size", 1) or 1)
     if height % factor or width % factor:
-        raise SystemExit(
+        raise FlagError(
             f"--resolution {height} {width}: {type(pipe).__name__} generates heights and widths "
             f"that are multiples of {factor}"
         )
@@ -280,7 +281,7 @@ def check_lora_targets(denoiser: torch.nn.Module, args: argparse.Namespace) -> N
     if args.full:
         return
     if not callable(getattr(denoiser, "add_adapter", None)):
-        raise SystemExit(
+        raise FlagError(
             f"--rank {args.rank}: {type(denoiser).__name__} does not take a PEFT "
             "adapter (no add_adapter); use --full"
         )
@@ -288,7 +289,7 @@ def check_lora_targets(denoiser: torch.nn.Module, args: argparse.Namespace) -> N
     targets = lora_targets(denoiser, args)
     found = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
     if not found:
-        raise SystemExit(
+        raise FlagError(
             f"--rank {args.rank}: none of the --lora_targets {targets} is a "
             f"module of {type(denoiser).__name__} (it has no attention projections to wrap); "
             "name its layers with --lora_targets, or use --full"
@@ -315,7 +316,7 @@ def add_lora(denoiser: torch.nn.Module, args: argparse.Namespace) -> None:
             torch.manual_seed(derived_seed(args.seed, "lora"))
             denoiser.add_adapter(config)
     except ValueError as error:  # PEFT's "Target modules ... not found"
-        raise SystemExit(f"--rank {args.rank} / --lora_targets: {error}") from None
+        raise FlagError(f"--rank {args.rank} / --lora_targets: {error}") from None
     for parameter in denoiser.parameters():  # LoRA weights in float32 under mixed precision
         if parameter.requires_grad:
             parameter.data = parameter.data.float()

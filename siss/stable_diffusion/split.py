@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from siss._optional import needs
+from siss._cli import FlagError
 from siss.stable_diffusion.files import (
     SPLIT_FLAGS,
     Job,
+    StopJob,
     image_grid,
     read_json,
     save_png,
@@ -30,27 +31,27 @@ from siss.stable_diffusion.files import (
 from siss.stable_diffusion.pipeline import to_signed
 
 
-class StopJob(Exception):
-    """A prompt that cannot be unlearned as asked (no memorization, an empty side of the split):
-    the message says why and which flag would change it. The prompt-list mode records it in the
-    summary and goes on with the next prompt."""
-
-
 def load_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """``(1, 3, H, W)`` in [-1, 1]; a named error when it is not the generated size."""
-    import numpy as np
+    image = read_reference(path)
+    height, width = image.shape[-2:]
+    if (height, width) != size:
+        raise FlagError(
+            f"--reference_image {path} is {width}x{height} but the pipeline "
+            f"generates {size[1]}x{size[0]} images: resize or crop it to {size[1]}x{size[0]}"
+        )
+    return image[None] * 2 - 1
 
-    with needs("siss-stable-diffusion"):
-        from PIL import Image
 
-    with Image.open(path) as image:
-        if (image.height, image.width) != size:
-            raise SystemExit(
-                f"--reference_image {path} is {image.width}x{image.height} but the pipeline "
-                f"generates {size[1]}x{size[0]} images: resize or crop it to {size[1]}x{size[0]}"
-            )
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return to_signed(torch.from_numpy(array.copy()).permute(2, 0, 1)[None])
+def read_reference(path: Path) -> torch.Tensor:
+    """``--reference_image`` as ``(3, H, W)`` in [0, 1] (``siss._images.read_image``, 8 or 16
+    bits); ``FlagError`` naming the flag for a file that is no image."""
+    from siss._images import read_image
+
+    try:
+        return read_image(path, 3, package="siss-stable-diffusion")
+    except (ValueError, OSError) as error:
+        raise FlagError(f"--reference_image {path}: {error}") from None
 
 
 def feature_map(args: argparse.Namespace, pipe: Any) -> Any:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from siss._cli import FlagError, release_run, step_log, tracker_config
 from siss._cli import recipe_config as config_from_flags
-from siss._cli import release_run, step_log, tracker_config
 from siss._files import atomic_folder
 from siss._optional import needs
 from siss.loop import BatchPlan
@@ -200,7 +200,7 @@ def resume_state(
     try:
         accelerator.load_state(str(saved[-1]))
     except (ValueError, FileNotFoundError) as error:  # the LoRA checkpoint hooks' checks
-        raise SystemExit(f"--resume_from_checkpoint {saved[-1]}: {error}") from None
+        raise FlagError(f"--resume_from_checkpoint {saved[-1]}: {error}") from None
     state = read_json(saved[-1] / RUN_STATE_FILE)
     step = state["step"]
     if accelerator.is_main_process:

@@ -193,7 +193,10 @@ class Watch:
 
         names = list(self.before)
         tensors = {f"prompt{i}": self.before[name].contiguous() for i, name in enumerate(names)}
-        metadata = {"prompts": json.dumps(names), "train_seeds": json.dumps(self.train_seeds)}
+        # one key: safetensors writes several in a per-process hash order (files of two runs
+        # with the same seed differed in their bytes)
+        watched = {"prompts": names, "train_seeds": self.train_seeds}
+        metadata = {"watch": json.dumps(watched)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
@@ -206,8 +209,11 @@ class Watch:
 
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata()
-            names = json.loads(metadata["prompts"])
-            self.train_seeds = json.loads(metadata["train_seeds"])
+            if "watch" in metadata:
+                watched = json.loads(metadata["watch"])
+            else:  # written by 0.2.0.dev0 before 2026-12-08
+                watched = {key: json.loads(metadata[key]) for key in ("prompts", "train_seeds")}
+            names, self.train_seeds = watched["prompts"], watched["train_seeds"]
             if self.accelerator.is_main_process:
                 self.before = {name: file.get_tensor(f"prompt{i}") for i, name in enumerate(names)}
         self._find_copies()

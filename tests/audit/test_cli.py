@@ -1,5 +1,6 @@
 """python -m siss.audit on tiny models saved with save_pretrained: files written, --help."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ CHEAP = [
     "membership.noise_draws=1",
     "--option",
     "membership.bootstrap=100",
-    "--no-progress",
+    "--no_progress",
     "--device",
     "cpu",
 ]
@@ -70,7 +71,7 @@ def test_command_writes_json_markdown_figure_and_comparison(folders, capsys):
             str(tmp / "forget.pt"),
             "--reference",
             str(tmp / "ref.safetensors"),
-            "--out",
+            "--output_dir",
             str(out),
             *CHEAP,
         ]
@@ -107,9 +108,9 @@ def test_reference_model_is_audited_and_compared_by_role(folders, capsys):
     out = tmp / "out"
     images = ["--forget", str(tmp / "forget.pt"), "--reference", str(tmp / "ref.safetensors")]
     code = main(
-        ["--model", str(first), "--model", str(second), "--reference-model", str(first),
-         "--roles", "pretrained", "unlearned", "retrained", *images, "--out", str(out), *CHEAP,
-         "--no-figure"]
+        ["--model", str(first), "--model", str(second), "--reference_model", str(first),
+         "--roles", "pretrained", "unlearned", "retrained", *images, "--output_dir", str(out),
+         *CHEAP, "--no_figure"]
     )  # fmt: skip
     assert code == 0
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"first", "second", "first-2"}
@@ -122,13 +123,14 @@ def test_reference_model_is_audited_and_compared_by_role(folders, capsys):
     assert compare.strip() in capsys.readouterr().out
     # one --model: that model against the reference alone
     code = main(
-        ["--model", str(second), "--reference-model", str(first), *images, "--out",
-         str(tmp / "alone"), *CHEAP, "--no-figure"]
+        ["--model", str(second), "--reference_model", str(first), *images, "--output_dir",
+         str(tmp / "alone"), *CHEAP, "--no_figure"]
     )  # fmt: skip
     alone = (tmp / "alone" / "compare.md").read_text()
     assert code == 0 and "| check | image | statistic | second | first |" in alone
     with pytest.raises(SystemExit):
-        main(["--model", str(first), "--roles", "a", "b", *images, "--out", str(out), *CHEAP])
+        main(["--model", str(first), "--roles", "a", "b", *images, "--output_dir", str(out),
+              *CHEAP])  # fmt: skip
     assert "--roles" in capsys.readouterr().err
 
 
@@ -138,11 +140,13 @@ def test_help_explains_every_flag():
     )
     text = result.stdout
     for action in build_parser()._actions:
+        if action.help == argparse.SUPPRESS:  # an old spelling, hidden
+            continue
         for flag in action.option_strings:
             assert flag in text
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest
-    for flag in ("--model", "--forget", "--reference", "--members", "--prompt", "--out"):
+    for flag in ("--model", "--forget", "--reference", "--members", "--prompt", "--output_dir"):
         assert flag in text
 
 
@@ -159,7 +163,7 @@ def test_help_explains_every_flag():
 def test_errors_name_the_flag(folders, capsys, extra, match):
     tmp, first, _ = folders
     args = ["--model", str(first), "--forget", str(tmp / "forget.pt")]
-    args += ["--reference", str(tmp / "ref.safetensors"), "--out", str(tmp / "o"), *extra]
+    args += ["--reference", str(tmp / "ref.safetensors"), "--output_dir", str(tmp / "o"), *extra]
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 2
@@ -172,11 +176,11 @@ def test_model_without_scheduler_needs_the_scheduler_flag(folders, capsys, audit
     bare = tmp / "bare" / "model"
     audit_models.tiny_unet().save_pretrained(bare)
     args = ["--model", str(bare), "--forget", str(tmp / "forget.pt")]
-    args += ["--reference", str(tmp / "ref.safetensors"), "--out", str(tmp / "o")]
+    args += ["--reference", str(tmp / "ref.safetensors"), "--output_dir", str(tmp / "o")]
     with pytest.raises(SystemExit):
         main(args)
     assert "--scheduler" in capsys.readouterr().err
-    assert main([*args, "--scheduler", str(first), *CHEAP, "--no-figure"]) == 0
+    assert main([*args, "--scheduler", str(first), *CHEAP, "--no_figure"]) == 0
     assert (tmp / "o" / "bare-model" / "audit.json").exists()
 
 
@@ -241,10 +245,19 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
     [
         (["--device", "cuda"], "--device cuda: CUDA is not available"),
         (["--device", "tpu"], "--device tpu: not a torch device"),
-        (["--samples", "0"], "--samples must be >= 1, got 0"),
+        (["--samples", "0"], "--samples: must be >= 1, got 0"),
         (["--forget", "WRONG"], "--forget: images of 16x16; --model"),
-        (["--reference", "WRONG"], "--reference: images of shape (1, 16, 16); --forget holds"),
-        (["--out", "/dev/null/audit"], "--out /dev/null/audit: /dev/null is a file"),
+        (
+            ["--reference", "WRONG"],
+            "--forget holds images of 1x8x8 (channels x height x width) "
+            "and --reference of 1x16x16: every set must have one shape",
+        ),
+        # --forget the odd one out: named first, not --reference
+        (
+            ["--forget", "BIG"],
+            "--forget holds images of 1x16x16 (channels x height x width) and --reference of 1x8x8",
+        ),
+        (["--output_dir", "/dev/null/audit"], "--output_dir /dev/null/audit: /dev/null is a file"),
         (["--scheduler", "/nonexistent/scheduler"], "--scheduler: no folder /nonexistent"),
         (["--model", "FIRST", "--roles", "x", "x"], "--roles: each model needs its own name"),
         (["--option", "generation.threshold=-1"], "--option (--model "),
@@ -255,6 +268,7 @@ def test_figure_draws_reference_histograms_with_the_forget_value(folders):
         "samples",
         "forget-size",
         "reference-size",
+        "forget-odd-size",
         "out",
         "scheduler",
         "roles",
@@ -274,9 +288,12 @@ def test_bad_input_is_named_with_exit_2_and_nothing_written(folders, capsys, fla
         flags = ["--forget", str(tmp / "big.pt"), "--reference", str(tmp / "big.pt")]
     if flags == ["--reference", "WRONG"]:
         flags = ["--reference", str(tmp / "big.pt")]
+    if flags == ["--forget", "BIG"]:
+        flags = ["--forget", str(tmp / "big.pt")]
     flags = [str(first) if flag == "FIRST" else flag for flag in flags]  # a second --model
     out = tmp / "out"
-    argv = ["--model", str(first), "--out", str(out), *(x for pair in images.items() for x in pair)]
+    argv = ["--model", str(first), "--output_dir", str(out)]
+    argv += [x for pair in images.items() for x in pair]
     argv += [*CHEAP, *flags]  # the last value of a flag wins
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -291,3 +308,23 @@ def test_help_states_real_defaults_only(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text
     assert "(default: 1000)" in text  # --samples
+
+
+def test_the_old_spellings_still_work_with_a_warning(folders, capsys):
+    """0.2.0.dev0's ``--out``, ``--reference-model``, ``--batch-size``, ``--data-range``,
+    ``--no-progress`` and ``--no-figure``: accepted until ``REMOVED_IN``, each named with its
+    new spelling on stderr."""
+    tmp, first, second = folders
+    out = tmp / "old"
+    argv = ["--model", str(first), "--reference-model", str(second), "--forget",
+            str(tmp / "forget.pt"), "--reference", str(tmp / "ref.safetensors"), "--out", str(out),
+            *CHEAP, "--batch-size", "16", "--data-range", "-1", "1", "--no-progress",
+            "--no-figure"]  # fmt: skip
+    assert main(argv) == 0
+    error = capsys.readouterr().err
+    renamed = [("--out", "--output_dir"), ("--reference-model", "--reference_model"),
+               ("--batch-size", "--batch_size"), ("--data-range", "--data_range"),
+               ("--no-progress", "--no_progress"), ("--no-figure", "--no_figure")]  # fmt: skip
+    for old, new in renamed:
+        assert f"{old} is the old spelling of {new}" in error
+    assert (out / "compare.md").is_file() and not (out / "first" / "audit.png").exists()

@@ -1,5 +1,6 @@
 """likelihood_check: exact NLLs of Gaussian models (VP and flow), percentiles, verdicts."""
 
+import json
 import math
 import types
 
@@ -199,3 +200,20 @@ def test_bad_arguments_are_named_before_any_solve(kwargs, error, name):
     with pytest.raises(error, match=name):
         likelihood_check(**arguments)
     assert not calls
+
+
+def test_a_zero_terminal_snr_schedule_is_measured():
+    """``rescale_betas_zero_snr`` ends ``alphas_cumprod`` at 0, which the continuous VP-SDE
+    cannot take: the default audit stopped at its likelihood check, after the cheaper checks
+    had run, with an error naming an argument the user never passed."""
+    scheduler = DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                              timestep_spacing="trailing")  # fmt: skip
+
+    def model(x, timesteps):  # any finite v-prediction
+        return torch.zeros_like(x)
+
+    (result,) = likelihood_check(model, scheduler, gaussian_images(1, 7), gaussian_images(5, 8),
+                                 repeats=1, rtol=1e-3, atol=1e-3, progress=False)  # fmt: skip
+    assert result.statistics["nll_bpd"].measured
+    assert math.isfinite(result.statistics["nll_bpd"].value)
+    assert "zero terminal SNR" in json.dumps(result.details)

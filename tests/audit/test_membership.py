@@ -504,3 +504,28 @@ def test_text_conditional_unet_with_a_shared_prompt_and_a_progress_bar():
     )
     assert [r.image for r in results] == [0, 1, None]
     assert all(r.statistics["error"].measured for r in results[:2])
+
+
+@pytest.mark.parametrize(
+    ("steps", "loss", "pia"),
+    [(1000, [50, 100], [0, 200]), (100, [5, 10], [0, 20]), (40, [2, 4], [0, 8])],
+)
+def test_the_default_timesteps_are_the_same_fraction_of_any_schedule(steps, loss, pia):
+    """The defaults (loss at t = 50, 100; PIA at 200, of 1000) were clamped to the noisiest
+    index on shorter schedules: at T = 100 the loss attack ran at 50 and 99, at T = 40 at 39
+    alone, the opposite of the small noise they are there for."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=steps)
+    seen: list[int] = []
+
+    def spy(x, t):
+        seen.extend(t.flatten().tolist())
+        return torch.zeros_like(x)
+
+    images = torch.zeros(4, 1, 4, 4)
+    for score, expected in (("loss", loss), ("pia", pia)):
+        seen.clear()
+        membership_check(spy, scheduler, images[:1], images[1:], score=score, noise_draws=1,
+                         bootstrap=100)  # fmt: skip
+        assert sorted({int(t) for t in seen}) == expected

@@ -25,7 +25,7 @@ from siss.audit.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CHEAP = [*CHEAP_AUDIT_FLAGS, "--no-figure"]
+CHEAP = [*CHEAP_AUDIT_FLAGS, "--no_figure"]
 
 
 def fixed_shift_flux_pipeline(folder):
@@ -80,7 +80,7 @@ def test_prompt_on_a_pooled_pipeline_runs_every_check(family, data, monkeypatch)
 
     monkeypatch.setattr(siss.audit.run, "audit", recording_audit)
     out = data / f"out-{family}"
-    args = ["--model", str(folder), "--prompt", "a photo of a cat", "--out", str(out)]
+    args = ["--model", str(folder), "--prompt", "a photo of a cat", "--output_dir", str(out)]
     args += ["--forget", str(data / "forget.pt"), "--reference", str(data / "reference.pt")]
     checks = ["memorization", "membership", "reconstruction", "likelihood", "generation"]
     assert main([*args, "--checks", *checks, "--samples", "4", *CHEAP]) == 0
@@ -124,7 +124,7 @@ def test_prompt_needs_a_pipeline_folder(tmp_path, capsys):
     tiny_conditional_unet().save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
     torch.save(torch.randn(2, 4, 8, 8), tmp_path / "x.pt")
-    args = ["--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    args = ["--model", str(folder), "--prompt", "a cat", "--output_dir", str(tmp_path / "o")]
     args += ["--forget", str(tmp_path / "x.pt"), "--reference", str(tmp_path / "x.pt")]
     with pytest.raises(SystemExit) as info:
         main(args)

@@ -138,6 +138,11 @@ def test_class_conditional_unet_takes_per_sample_or_shared_labels(audit_models):
     torch.testing.assert_close(per_sample, shared)
     with pytest.raises(ValueError, match="class_labels"):
         generate(unet, scheduler, 4, conditioning={"class_labels": torch.tensor([0, 1])}, **kwargs)
+    calls = []
+    unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"class-conditional UNet2DModel .* needs `class_labels`"):
+        generate(unet, scheduler, 4, **kwargs)  # no labels: refused before the model is called
+    assert calls == []
 
 
 def test_progress_bar_is_shown_on_request(audit_models, capfd):
@@ -201,3 +206,34 @@ def test_to_epsilon_inverts_each_parameterisation():
     s = torch.tensor(0.3)
     x_s = (1 - s) * x0 + s * eps
     torch.testing.assert_close(to_epsilon(eps - x0, x_s, 1 - s, s, "flow_prediction"), eps)
+
+
+def test_a_continuous_timestep_model_gets_its_own_timesteps():
+    """``EulerDiscreteScheduler(timestep_type="continuous")`` models take ``0.25 log σ`` (about
+    -3 ... 3), as its pipelines feed them; generation, reconstruction and the likelihood ODE
+    gave them the grid indices (0 ... 999), far outside what they learned."""
+    from diffusers import EulerDiscreteScheduler
+
+    from siss.adapters import model_timesteps, schedule_from_scheduler
+    from siss.audit.likelihood import likelihood_check
+    from siss.audit.reconstruction import reconstruct
+
+    scheduler = EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
+    seen = []
+
+    def model(x, timesteps):
+        seen.append(timesteps.detach().double().flatten())
+        return torch.zeros_like(x)
+
+    images = torch.zeros(2, 1, 4, 4)
+    generate(model, scheduler, 2, sample_shape=(1, 4, 4), num_inference_steps=3, progress=False)
+    reconstruct(model, scheduler, images, t=250, num_inference_steps=5, generator=seeded())
+    likelihood_check(model, scheduler, images[:1], images, repeats=1, rtol=1e-2, atol=1e-2,
+                     generator=seeded(), progress=False)  # fmt: skip
+    grid = schedule_from_scheduler(scheduler).timesteps.double()
+    low, high = float(grid.min()), float(grid.max())
+    values = torch.cat(seen)
+    assert values.numel() > 0 and bool(((values >= low - 1e-6) & (values <= high + 1e-6)).all())
+    to_model = model_timesteps(scheduler)
+    torch.testing.assert_close(to_model(torch.arange(1000)).double(), grid, rtol=0, atol=0)
+    assert model_timesteps(DDPMScheduler()) is None

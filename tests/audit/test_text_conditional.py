@@ -37,7 +37,7 @@ def pipeline(tmp_path_factory):
 def test_prompt_on_a_latent_pipeline_measures_every_statistic(pipeline, capsys):
     root, folder = pipeline
     out = root / "out"
-    args = ["--model", str(folder), "--prompt", "a photo of a tshirt", "--out", str(out)]
+    args = ["--model", str(folder), "--prompt", "a photo of a tshirt", "--output_dir", str(out)]
     args += ["--forget", str(root / "forget.pt"), "--reference", str(root / "reference.pt")]
     assert main([*args, "--checks", *CHECKS, *CHEAP]) == 0
     written = out / "tiny-sd"
@@ -84,7 +84,7 @@ def test_prompt_on_a_latent_pipeline_measures_every_statistic(pipeline, capsys):
 def test_latents_are_taken_as_given(pipeline):
     root, folder = pipeline
     out = root / "out-latents"
-    args = ["--model", str(folder), "--prompt", "a cat", "--out", str(out), "--no-figure"]
+    args = ["--model", str(folder), "--prompt", "a cat", "--output_dir", str(out), "--no_figure"]
     args += ["--forget", str(root / "latents.pt"), "--reference", str(root / "latents.pt")]
     assert main([*args, "--checks", "membership", *CHEAP]) == 0
     data = json.loads((out / "tiny-sd" / "audit.json").read_text())
@@ -93,7 +93,7 @@ def test_latents_are_taken_as_given(pipeline):
 
 def test_images_of_neither_pixel_nor_latent_channels_are_named(pipeline, capsys):
     root, folder = pipeline
-    args = ["--model", str(folder), "--prompt", "a cat", "--out", str(root / "o")]
+    args = ["--model", str(folder), "--prompt", "a cat", "--output_dir", str(root / "o")]
     args += ["--forget", str(root / "gray.pt"), "--reference", str(root / "reference.pt")]
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -104,7 +104,7 @@ def test_images_of_neither_pixel_nor_latent_channels_are_named(pipeline, capsys)
 
 def test_text_conditional_model_without_prompt_is_named(pipeline, capsys):
     root, folder = pipeline
-    args = ["--model", str(folder), "--out", str(root / "o")]
+    args = ["--model", str(folder), "--output_dir", str(root / "o")]
     args += ["--forget", str(root / "forget.pt"), "--reference", str(root / "reference.pt")]
     with pytest.raises(SystemExit):
         main(args)
@@ -118,7 +118,7 @@ def test_prompt_for_an_unconditional_model_is_named(tmp_path, capsys):
     tiny_unet().save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
     torch.save(torch.rand(2, 1, 8, 8) * 2 - 1, tmp_path / "x.pt")
-    args = ["--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    args = ["--model", str(folder), "--prompt", "a cat", "--output_dir", str(tmp_path / "o")]
     args += ["--forget", str(tmp_path / "x.pt"), "--reference", str(tmp_path / "x.pt")]
     with pytest.raises(SystemExit) as info:
         main(args)

@@ -278,3 +278,18 @@ def test_too_few_references_say_so_where_held_cannot_be_reached():
     _, verdict, reason, details = rank_against_reference(5.0, many, **kwargs)
     assert verdict == "not held" and "can be reached" not in reason
     assert details["references_to_decide"] == 128
+
+
+@pytest.mark.parametrize(("relative", "verdict"), [(3.5e-6, "not held"), (1e-3, "overshot")])
+def test_references_equal_up_to_round_off_are_ties(relative, verdict):
+    """72 copies of the forget image scored in another batch differ from it by float32
+    round-off (3.5e-6 relative, PIA scores): they ranked it beyond every one, "overshot".
+    Within ``TIE_RTOL`` they are ties, counted against each claim; a real gap still counts."""
+    from siss.audit._stats import rank_against_reference
+
+    value = 0.0013593754
+    reference = torch.full((72,), value * (1 - relative), dtype=torch.float64)
+    _, got, _, details = rank_against_reference(
+        value, reference, held_when="lower", percentile=0.05, confidence=0.95, statistic="score"
+    )
+    assert got == verdict, (got, details)

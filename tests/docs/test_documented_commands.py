@@ -167,7 +167,7 @@ OUTPUT_FLAGS = {
     "examples.train_classifier": ("--output_dir", "--output"),
     "examples.audit_digits": ("--output_dir", "--out", "--figure", "--train_membership"),
     "docs/figures/weights.py": ("--out", "--docs"),
-    "siss.audit": ("--out",),
+    "siss.audit": ("--output_dir", "--out"),
     "siss.stable_diffusion": ("--output_dir", "--out"),
     "benchmarks.gpu": ("--out",),
     "benchmarks.sd_sweep": ("--out",),
@@ -345,15 +345,16 @@ def test_the_extraction_sees_fences_inline_code_comments_and_continuations():
     text = (
         "Run `python -m examples.unlearn --seed 1\n--output_dir outputs/x` or\n\n"
         "```bash\nexport OMP_NUM_THREADS=1\n"
-        "OMP_NUM_THREADS=1 python -m siss.audit --model m \\\n    --out docs/here  # a.json\n"
+        "OMP_NUM_THREADS=1 python -m siss.audit --model m \\\n"
+        "    --output_dir docs/here  # a.json\n"
         "cp outputs/a.png docs/a.png\n```\n"
     )
     found = commands_in("x.md", text)
     assert [(c.line, c.program, c.argv, c.comment) for c in found] == [
-        (6, "siss.audit", ("--model", "m", "--out", "docs/here"), "a.json"),
+        (6, "siss.audit", ("--model", "m", "--output_dir", "docs/here"), "a.json"),
         (1, "examples.unlearn", ("--seed", "1", "--output_dir", "outputs/x"), ""),
     ]
-    assert explicit_outputs(found[0]) == [("--out", "docs/here")]
+    assert explicit_outputs(found[0]) == [("--output_dir", "docs/here")]
 
 
 # ----------------------------------------------------------------- the commands, run as documented
@@ -467,8 +468,8 @@ def test_the_audit_commands_write_what_the_docs_list(tmp_path, monkeypatch, ship
     assert _files(tmp_path) == expected, f"docs/audit.md lists {sorted(expected)}"
 
     audit_main([*_absolute_inputs(readme.argv), "--checks", "generation", "--samples", "8",
-                "--steps", "2", "--no-progress"])  # fmt: skip
-    out = dict(explicit_outputs(readme))["--out"]
+                "--steps", "2", "--no_progress"])  # fmt: skip
+    out = dict(explicit_outputs(readme))["--output_dir"]
     written = _files(tmp_path / out) - {n[len(out) + 1 :] for n in expected}
     names = [Path(v).name for k, v in itertools.pairwise(readme.argv) if k == "--model"]
     listed = [n.strip() for n in readme.comment.split(",")]  # "audit.json/.md/.png, compare.md"

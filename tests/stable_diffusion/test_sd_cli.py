@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_conditional_unet, tiny_sd_pipeline
 
+from siss._cli import FlagError
 from siss.stable_diffusion import cli
 from tests.stable_diffusion.sd_harness import CHEAP, MODULE, ROOT, expect_exit
 
@@ -71,6 +72,30 @@ def test_a_bad_flag_exits_with_status_2(tmp_path, capsys):
         )
     assert stopped.value.code == 2
     assert "give --prompt or --prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("empty.txt", "# nothing\n\n", "no prompt in it"),
+        ("array.jsonl", '["a photo"]\n', "line 1: not a JSON object"),
+        ("latin1.txt", "caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+        ("utf16.txt", "a photo\n".encode("utf-16"), "not UTF-8 text"),
+    ],
+)
+def test_an_unreadable_prompt_list_exits_2_naming_the_flag(tiny_sd_folder, tmp_path, capsys,
+                                                           name, content, named):  # fmt: skip
+    """Each was a traceback with status 1 (a ``ValueError``, a bare ``UnicodeDecodeError``)."""
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--pretrained_model_name_or_path", str(tiny_sd_folder), "--prompts",
+                  str(path), "--output_dir", str(out)])  # fmt: skip
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"siss-stable-diffusion: error: --prompts {path}" in error and named in error, error
+    assert not out.exists()
 
 
 def test_missing_model_path_names_the_flag(tmp_path, capsys):
@@ -171,6 +196,23 @@ def test_reference_image_of_the_wrong_size_stops_before_generating(
     assert not (out / "images").exists()
 
 
+def test_a_reference_image_that_is_no_image_exits_2_before_loading(tmp_path, capsys, monkeypatch):
+    """It was a PIL traceback (status 1) once the pipeline had loaded and generated."""
+    reference = tmp_path / "text.png"
+    reference.write_text("not an image")
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pytest.fail("the pipeline was loaded"))
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--prompt", "a", "--output_dir",
+            str(out), "--reference_image", str(reference), *CHEAP]  # fmt: skip
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"error: --reference_image {reference}: not an image that PIL can read" in error, error
+    assert not out.exists()
+
+
 def test_lora_on_a_model_without_attention_is_refused(tmp_path, capsys):
     unet = tiny_conditional_unet(
         down_block_types=("DownBlock2D", "DownBlock2D"),
@@ -189,6 +231,27 @@ def test_lora_on_a_model_without_attention_is_refused(tmp_path, capsys):
     assert "siss-stable-diffusion: error: --rank 4" in error and "--lora_targets" in error
     expect_exit(capsys, [*argv, "--rank", "0"], "--rank")
     expect_exit(capsys, [*argv, "--full", "--rank", "8"], "--full", "--rank")
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "printed"),
+    [
+        # a flag refused once the pipeline is read: status 2, argparse's wording
+        (FlagError("--resolution 30 30: multiples of 8"), 2, "siss-stable-diffusion: error: "),
+        # a job that cannot go on, whatever its message begins with: its message, not status 2
+        (SystemExit("--until nonmember needs at least 6 non-copies"), "--until nonmember", ""),
+    ],
+)
+def test_only_a_flag_error_exits_with_status_2(monkeypatch, capsys, raised, status, printed):
+    def run_command(argv):
+        raise raised
+
+    monkeypatch.setattr(cli, "run_command", run_command)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([])
+    code = stopped.value.code
+    assert code == status if isinstance(status, int) else code.startswith(status)
+    assert capsys.readouterr().err.startswith(printed)
 
 
 def test_batch_sizes_that_do_not_divide_are_refused(tiny_sd_folder, tmp_path, capsys):

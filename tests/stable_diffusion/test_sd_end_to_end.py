@@ -127,6 +127,13 @@ def test_documented_lora_command_removes_the_planted_image(planted, tmp_path, ca
         "keep_before.safetensors",
     ):
         assert (out / name).stat().st_size > 0, name  # fmt: skip
+    # one metadata key a file: safetensors writes several in a per-process hash order, so two
+    # runs with the same seed wrote files that differed in their bytes
+    from safetensors import safe_open
+
+    for path in (out / "keep_before.safetensors", out / "latents" / "00000.safetensors"):
+        with safe_open(str(path), framework="pt") as file:
+            assert len(file.metadata()) == 1, (path, file.metadata())
 
 
 def test_documented_full_unet_command_removes_the_planted_image(planted, tiny_clip, tmp_path):

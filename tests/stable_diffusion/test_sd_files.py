@@ -92,3 +92,10 @@ def test_checkpoints_leave_no_half_written_or_empty_folder_behind(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000010"]
     remove_checkpoints(tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    (tmp_path / "list.txt").write_text("\ufeffa photo of a tshirt\nsecond\n", encoding="utf-8")
+    (tmp_path / "list.jsonl").write_text('\ufeff{"prompt": "a photo"}\n', encoding="utf-8")
+    assert read_prompt_list(tmp_path / "list.txt", tmp_path)[0].prompt == "a photo of a tshirt"
+    assert read_prompt_list(tmp_path / "list.jsonl", tmp_path)[0].prompt == "a photo"

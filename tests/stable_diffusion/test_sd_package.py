@@ -28,6 +28,7 @@ BELOW = {
     "siss.audit",
     "siss.metrics",
     "siss._files",
+    "siss._images",
     "siss._checks",
     "siss._cli",
     "siss._optional",

@@ -55,3 +55,22 @@ def test_random_model_has_no_memorization_by_2_means(tiny_sd_folder, tmp_path, c
     split = json.loads((out / "split.json").read_text())
     assert split["rule"] == "2-means" and split["found"] is False
     assert split["statistics"]["ratio"] > 0.25
+
+
+def test_generations_that_are_not_finite_stop_the_job_uncounted(tmp_path, capsys):
+    """A UNet that outputs NaN: its images were decoded to black (NaN is 0 in uint8), split as
+    "no memorization found" and, after unlearning, counted as 0 copies of 4, a measurement of
+    nothing. The job now stops at the first such generation and writes no image."""
+    import torch
+    from conftest import tiny_conditional_unet, tiny_sd_pipeline
+
+    unet = tiny_conditional_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    folder = tiny_sd_pipeline(tmp_path / "pipe", unet=unet)
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", folder, "--prompt", "a photo",
+            "--output_dir", out, "--num_images", "4", *CHEAP]  # fmt: skip
+    expect_exit(capsys, ["generate", *argv], "4 of the 4 generations", "non-finite latents",
+                "--dtype")  # fmt: skip
+    assert not (out / "images").exists() or not any((out / "images").iterdir())
