@@ -358,19 +358,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         row = evaluator.shapes(unet, scheduler, data, args.eval_samples)
         save_model(out / "requests" / f"{index + 1:02d}-{name}", unet)
-        queue.complete({"train_wall_s": round(seconds, 1), "evaluation": row})
-        processed += 1
         scores = {"FID": row["fid"], "IS": row["inception_score"]}
         outside = [band for band in bands if not band.contains(scores[band.metric])]
+        stop = None
         if outside:
             reasons = "; ".join(
                 f"{band.metric} {scores[band.metric]:.4g} outside {band.describe()}"
                 for band in outside
             )
-            queue.stop(
+            left = ", ".join(queue.pending[1:]) or "none"
+            stop = (
                 f"quality left its band after request {index + 1} ({name}): {reasons}. "
-                f"Requests not processed: {', '.join(queue.pending) or 'none'}"
+                f"Requests not processed: {left}"
             )
+        # the record and the stop in one write: a kill between them resumed past the band
+        queue.complete({"train_wall_s": round(seconds, 1), "evaluation": row}, stop=stop)
+        processed += 1
     text = table(queue, baseline, bands)
     write_atomically(out / "table.md", text)
     plot(queue, baseline, bands, out / "sequential.png")

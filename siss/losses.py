@@ -162,6 +162,11 @@ def siss_terms(
         >>> siss_terms(error_x, error_a, weight_x, weight_a, 0.25, "all")  # Eq. 8: keep - forget
         (tensor([ 2.5000, -2.0000]), tensor([0., 2.]))
     """
+    forget_ratio, x_from = _check_terms(
+        {"error_x": error_x, "error_a": error_a, "weight_x": weight_x, "weight_a": weight_a},
+        forget_ratio,
+        x_from,
+    )
     forget = forget_ratio * weight_a * error_a
     keep = weight_x * error_x
     if x_from == "all":
@@ -233,12 +238,35 @@ def teacher_siss_terms(
         >>> teacher_siss_terms(distill, error_a, weight_x, weight_a, 0.25, "retain")
         (tensor([ 0.0000, -1.7500]), tensor([0., 2.]))
     """
+    forget_ratio, x_from = _check_terms(
+        {"distill": distill, "error_a": error_a, "weight_x": weight_x, "weight_a": weight_a},
+        forget_ratio,
+        x_from,
+    )
     forget = forget_ratio * weight_a * error_a
     if x_from == "all":
         keep = (1 + forget_ratio) * weight_x * distill - forget
     else:
         keep = (weight_x + forget_ratio * weight_a) * distill - forget
     return keep, forget
+
+
+def _check_terms(rows: dict[str, Tensor], forget_ratio: float, x_from: str) -> tuple[float, str]:
+    """The per-row terms' inputs: ``(B,)`` tensors of one shape and device (a ``(B, 1)`` weight
+    broadcast to ``(B, B)`` terms), ``ρ >= 0`` finite, ``x_from`` one of the two sampling
+    schemes (any other string used Eq. 15's formula). Shapes and choices only: no host sync."""
+    (first_name, first), *others = rows.items()
+    check_tensor(first, first_name, dims="of shape (B,)", ndim=1, meta=True)
+    for name, values in others:
+        check_tensor(values, name, dims="of shape (B,)", meta=True)
+        if values.shape != first.shape or values.device != first.device:
+            raise ValueError(
+                f"`{name}` must have the shape {tuple(first.shape)} and device {first.device} "
+                f"of `{first_name}`, got {tuple(values.shape)} on {values.device}"
+            )
+    return check_nonnegative(forget_ratio, "forget_ratio"), check_choice(
+        x_from, "x_from", ("retain", "all")
+    )
 
 
 def required_superfactor(superfactor: float | None, owner: str) -> float:

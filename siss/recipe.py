@@ -932,7 +932,7 @@ class Unlearner:
         norms. Not measured, and made up by more batches (at most 4x as many in all): a
         non-finite norm (fp16 overflow), and one below ``CALIBRATION_FLOOR`` times the largest,
         a batch whose rows all drew the forget point, where ``w_x ≈ 0`` (common with a row or
-        two per step: with one, the median of 8 such norms was about 0 for 5 runs of 8)."""
+        two per step: at one, the scale was below 1e-3 in 4 runs of 16 at 3x16x16, 5 at 3x32x32)."""
         norms = torch.stack(self._norms)
         finite = norms[torch.isfinite(norms)]
         if finite.numel():

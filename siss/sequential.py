@@ -24,6 +24,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ class QualityBand:
     evaluations: int
     factor: float
     higher_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        # a band built by hand is held to what from_evaluations gives: an infinite center or
+        # spread made a bound that every score passed
+        for name in ("center", "spread", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"`{name}` must be a number, got {value!r}")
+            if not math.isfinite(value) or (name != "center" and value < 0):
+                rule = "finite" if name == "center" else "finite and >= 0"
+                raise ValueError(f"`{name}` must be {rule}, got {value!r}")
+        count = self.evaluations
+        if isinstance(count, bool) or not isinstance(count, Integral) or count < 2:
+            raise ValueError(f"`evaluations` must be an int >= 2 (a spread needs 2), got {count!r}")
 
     @classmethod
     def from_evaluations(
@@ -193,7 +208,9 @@ class RequestQueue:
                 f"{queue.path} holds the requests {saved['requests']}, not {queue.requests}"
             )
         keys = sorted(set(saved["config"]) | set(queue.config))
-        differ = [k for k in keys if saved["config"].get(k) != queue.config.get(k)]
+        differ = [  # as JSON text: a NaN setting equals itself
+            k for k in keys if _text(saved["config"].get(k)) != _text(queue.config.get(k))
+        ]
         if differ:
             pairs = ", ".join(
                 f"{k} ({saved['config'].get(k)!r} there, {queue.config.get(k)!r} now)"
@@ -226,29 +243,44 @@ class RequestQueue:
         """All requests done, or the queue stopped."""
         return self.stopped is not None or not self.pending
 
-    def complete(self, metrics: Mapping[str, Any]) -> None:
-        """Records ``next_request`` as done with ``metrics`` (JSON-serialisable) and saves."""
+    def complete(self, metrics: Mapping[str, Any], *, stop: str | None = None) -> None:
+        """Records ``next_request`` as done with ``metrics`` (JSON-serialisable) and saves;
+        with ``stop``, the queue stops after it, in the same write (a run killed between a
+        ``complete`` and a ``stop`` resumed past a request whose quality had left its band).
+
+        Nothing changes, in memory or on disk, when the record cannot be saved (a numpy or
+        torch number among ``metrics``: ``TypeError``).
+
+        Raises:
+            ValueError: the queue is finished, or ``metrics`` has a ``"request"`` key (the
+                record's own).
+        """
         if self.finished:
             raise ValueError(f"the queue is finished ({self.stopped or 'all requests done'})")
-        self.records.append({"request": self.pending[0], **metrics})
-        self.save()
+        if "request" in metrics:
+            raise ValueError("`metrics` has a 'request' key: the record's own (the request name)")
+        records = [*self.records, {"request": self.pending[0], **metrics}]
+        stopped = self.stopped if stop is None else str(stop)
+        self._write(records, stopped)
+        self.records, self.stopped = records, stopped
 
     def stop(self, reason: str) -> None:
         """Stops the queue (its pending requests stay unprocessed) and saves."""
+        self._write(self.records, str(reason))
         self.stopped = str(reason)
-        self.save()
 
     def save(self) -> None:
         """Writes the state file atomically (a temporary file and ``os.replace``)."""
-        write_json_atomically(
-            self.path,
-            {
-                "requests": self.requests,
-                "config": self.config,
-                "records": self.records,
-                "stopped": self.stopped,
-            },
-        )
+        self._write(self.records, self.stopped)
+
+    def _write(self, records: list[dict[str, Any]], stopped: str | None) -> None:
+        state = {
+            "requests": self.requests,
+            "config": self.config,
+            "records": records,
+            "stopped": stopped,
+        }
+        write_json_atomically(self.path, state)
 
 
 def forgetting_flags(
@@ -265,9 +297,12 @@ def forgetting_flags(
 
     * ``"rate"`` when its generation rate's interval excludes 0 (``low > 0``: the model
       generates it again, or still does);
+    * ``"rate not measured"`` when that interval is missing or NaN: nothing says the request
+      stayed forgotten, so it is never counted as kept;
     * ``"nll"`` for ``i < j`` when its NLL fell below its NLL right after its own request by
-      more than ``z`` standard errors of the difference (``sqrt(se_j^2 + se_i^2)``; an NLL that
-      was not measured is not compared, and never flagged as kept).
+      more than ``z`` standard errors of the difference (``sqrt(se_j^2 + se_i^2)``, a missing
+      or NaN standard error taken as 0; an NLL that was not measured, ``None`` or NaN, is not
+      compared).
 
     Args:
         history: one mapping per processed request, in order.
@@ -275,7 +310,8 @@ def forgetting_flags(
         z: standard errors of the NLL drop that count as falling back (1.96: two-sided 95%).
 
     Returns:
-        ``flags[j] = {name: ["rate", "nll"]-subset}`` for the flagged requests after request ``j``.
+        ``flags[j] = {name: marks}`` for the flagged requests after request ``j``, ``marks`` a
+        subset of ``["rate" or "rate not measured", "nll"]``.
 
     Examples:
         >>> kept = {"rate_ci95": [0.0, 0.01], "nll_bpd": 9.0, "nll_bpd_se": 0.1}
@@ -293,14 +329,30 @@ def forgetting_flags(
             name = requests[i]
             now, own = metrics[name], history[i][name]
             marks = []
-            if now["rate_ci95"][0] > 0:
+            low = _measured((now.get("rate_ci95") or [None])[0])
+            if low is None:
+                marks.append("rate not measured")
+            elif low > 0:
                 marks.append("rate")
-            nll, nll_own = now.get("nll_bpd"), own.get("nll_bpd")
+            nll, nll_own = _measured(now.get("nll_bpd")), _measured(own.get("nll_bpd"))
             if i < j and nll is not None and nll_own is not None:
-                se = math.hypot(now.get("nll_bpd_se") or 0.0, own.get("nll_bpd_se") or 0.0)
-                if nll < nll_own - z * se:
+                se_now = _measured(now.get("nll_bpd_se")) or 0.0
+                se_own = _measured(own.get("nll_bpd_se")) or 0.0
+                if nll < nll_own - z * math.hypot(se_now, se_own):
                     marks.append("nll")
             if marks:
                 found[name] = marks
         flags.append(found)
     return flags
+
+
+def _measured(value: Any) -> float | None:
+    """``value`` as a float, ``None`` when it was not measured (``None`` or NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

@@ -154,3 +154,27 @@ def test_derived_seed_fits_manual_seed_and_separates_parts():
     assert len(seeds) == 100
     assert all(0 <= seed < 2**63 for seed in seeds)
     torch.Generator().manual_seed(max(seeds))
+
+
+def test_paired_batches_draws_what_a_hand_written_loop_draws():
+    """Its re-iterability check built and dropped an iterator of ``forget``: a shuffling
+    DataLoader's one draw of the global RNG, so a seeded run's batches differed."""
+    from torch.utils.data import DataLoader
+
+    def batches(paired: bool) -> list:
+        torch.manual_seed(0)
+        keep = DataLoader(torch.arange(8.0), batch_size=2, shuffle=True)
+        forget = DataLoader(torch.arange(3.0), batch_size=1, shuffle=True)
+        if paired:
+            return [(k.tolist(), f.tolist()) for k, f in paired_batches(keep, forget)]
+        out, forget_batches = [], iter(forget)
+        for keep_batch in keep:
+            try:
+                forget_batch = next(forget_batches)
+            except StopIteration:
+                forget_batches = iter(forget)
+                forget_batch = next(forget_batches)
+            out.append((keep_batch.tolist(), forget_batch.tolist()))
+        return out
+
+    assert batches(paired=True) == batches(paired=False)

@@ -12,6 +12,7 @@ standard error.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -882,3 +883,24 @@ def test_the_forget_level_pushes_up_to_it_and_pulls_back_past_it():
     for bad in (torch.ones(10), torch.zeros(1000)):
         with pytest.raises(ValueError, match="level"):
             loss.set_forget_level(bad)
+
+
+@pytest.mark.parametrize("terms", ["siss_terms", "teacher_siss_terms"])
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"weight_x": torch.ones(3, 1)}, "`weight_x` must have the shape (3,)"),  # was (3, 3)
+        ({"x_from": "All"}, "x_from"),  # was Eq. 15's formula
+        ({"forget_ratio": float("nan")}, "forget_ratio"),
+        ({"forget_ratio": -0.5}, "forget_ratio"),
+    ],
+)
+def test_the_functional_terms_refuse_what_they_would_misread(terms, change, error):
+    import siss.losses
+
+    rows = torch.ones(3)
+    first = "error_x" if terms == "siss_terms" else "distill"
+    kwargs = {first: rows, "error_a": rows, "weight_x": rows, "weight_a": rows,
+              "forget_ratio": 0.25, "x_from": "retain", **change}  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(error)):
+        getattr(siss.losses, terms)(**kwargs)

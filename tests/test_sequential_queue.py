@@ -86,3 +86,64 @@ def test_forgetting_flags():
     assert forgetting_flags([{"a": _shape(0.001, 9.0)}], ["a"]) == [{"a": ["rate"]}]
     with pytest.raises(ValueError, match="history"):
         forgetting_flags(history, ["a", "b"])
+
+
+def test_a_record_that_cannot_be_saved_changes_nothing(tmp_path):
+    """A numpy number among the metrics: the save failed after the record was appended, so
+    memory was ahead of the file and every later save (``stop`` included) failed too."""
+    import numpy as np
+
+    queue = RequestQueue.open(tmp_path / "q.json", ["a", "b"], {}, resume=False)
+    with pytest.raises(TypeError):
+        queue.complete({"fid": np.float32(20.0)})
+    assert queue.done == [] and not (tmp_path / "q.json").exists()
+    queue.stop("by hand")
+    assert json.loads((tmp_path / "q.json").read_text())["stopped"] == "by hand"
+    with pytest.raises(ValueError, match="'request' key"):
+        RequestQueue.open(tmp_path / "r.json", ["a"], {}, resume=False).complete({"request": "x"})
+
+
+def test_a_stop_saved_with_its_record_survives_a_kill(tmp_path):
+    """``complete`` then ``stop`` were two writes: a run killed between them resumed at the
+    next request from a model whose quality had left the band."""
+    path = tmp_path / "q.json"
+    queue = RequestQueue.open(path, ["a", "b"], {"lr": 1e-4}, resume=False)
+    queue.complete({"fid": 1000.0}, stop="FID outside its band")
+    again = RequestQueue.open(path, ["a", "b"], {"lr": 1e-4}, resume=True)
+    assert again.finished and again.next_request is None and again.pending == ["b"]
+    assert again.stopped == "FID outside its band"
+
+
+def test_a_nan_setting_resumes():
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "q.json"
+    RequestQueue.open(path, ["a"], {"max_grad_norm": math.nan}, resume=False).save()
+    assert RequestQueue.open(path, ["a"], {"max_grad_norm": math.nan}, resume=True).pending == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("center", math.inf, "`center`"),
+        ("spread", math.inf, "`spread`"),
+        ("spread", -5.0, "`spread`"),
+        ("factor", math.nan, "`factor`"),
+        ("evaluations", 0, "`evaluations`"),
+    ],
+)
+def test_a_band_built_by_hand_is_checked(field, value, error):
+    """An infinite center or spread made a bound every score passed."""
+    fields = {"center": 20.0, "spread": 2.0, "evaluations": 5, "factor": 3.0, field: value}
+    with pytest.raises(ValueError, match=error):
+        QualityBand("FID", **fields)
+
+
+def test_an_unmeasured_rate_is_flagged_and_a_nan_error_is_no_error():
+    kept = {"rate_ci95": [0.0, 0.01], "nll_bpd": 9.0, "nll_bpd_se": 0.1}
+    unmeasured = {"rate_ci95": [math.nan, math.nan], "nll_bpd": 9.0, "nll_bpd_se": 0.1}
+    fell = {"rate_ci95": [0.0, 0.01], "nll_bpd": 8.5, "nll_bpd_se": math.nan}
+    flags = forgetting_flags([{"a": kept, "b": kept}, {"a": fell, "b": unmeasured}], ["a", "b"])
+    # a NaN standard error is taken as the missing one (0), not as "never flagged"
+    assert flags == [{}, {"a": ["nll"], "b": ["rate not measured"]}]
