@@ -58,7 +58,7 @@ def paired_batches(
             "set across processes; keep the forget loader unprepared and move its batches with "
             "`.to(accelerator.device)`"
         )
-    if isinstance(forget, Iterator):  # not iter(forget): a DataLoader's draws its sampler's seed
+    if isinstance(forget, Iterator):  # not iter(forget), which draws a DataLoader sampler seed
         raise TypeError(
             "`forget` must be re-iterable (a DataLoader, a list), not a one-shot iterator: it is "
             "started again each time it runs out"
