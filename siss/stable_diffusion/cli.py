@@ -796,13 +796,12 @@ def jobs_of(args: argparse.Namespace) -> list[Job]:
     """One job per prompt: the ``--prompts`` list's (a subfolder of ``--output_dir`` each), or the
     one of ``--prompt``."""
     if args.prompts is not None:
-        try:
+        try:  # an unreadable list is the flag's refusal
             return read_prompt_list(args.prompts, args.output_dir, args.overfit_types)
-        except (ValueError, OSError) as error:  # an unreadable list: the flag's refusal
-            message = str(error)
-            if not message.startswith("--prompts"):
-                message = f"--prompts {args.prompts}: {message}"
-            raise FlagError(message) from None
+        except ValueError as error:  # its messages name --prompts
+            raise FlagError(str(error)) from None
+        except OSError as error:
+            raise FlagError(f"--prompts {args.prompts}: {error}") from None
     train_prompt = args.train_prompt or args.prompt
     return [Job(args.prompt, train_prompt, args.reference_image, args.output_dir, {})]
 
